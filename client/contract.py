@@ -1,0 +1,173 @@
+"""The public contract of fluxserve: model names, tensor names, dtypes, labels and limits.
+
+This module is the one source of truth for these facts. Triton configs (export/), the facade's
+validation (api/), the Python client, the benchmarks and the README tables are all derived from
+it, so a change here changes every door at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TritonDType = Literal["TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32", "TYPE_INT64", "TYPE_UINT8", "TYPE_BOOL"]
+
+# KServe v2 datatype names as tritonclient spells them, keyed by the config.pbtxt enum name.
+WIRE_DTYPE: dict[str, str] = {
+    "TYPE_STRING": "BYTES",
+    "TYPE_FP32": "FP32",
+    "TYPE_FP16": "FP16",
+    "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64",
+    "TYPE_UINT8": "UINT8",
+    "TYPE_BOOL": "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor of a Triton model. `dims` excludes the batch dimension."""
+
+    name: str
+    dtype: TritonDType
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def wire_dtype(self) -> str:
+        return WIRE_DTYPE[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The public face of a Triton model: what a client sends and receives."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+# ----------------------------------------------------------------------------- classification
+
+LABELS: tuple[str, ...] = ("conversation", "image_request")
+"""Classifier labels in logit order: index i of `scores` is the probability of LABELS[i]."""
+
+IMAGE_REQUEST = "image_request"
+CONVERSATION = "conversation"
+
+
+@dataclass(frozen=True)
+class ClassifyLimits:
+    max_texts_per_request: int = 64
+    """A /classify batch larger than this is refused (422): it would monopolise the batcher."""
+    max_text_chars: int = 2000
+    """Longer texts are refused (422). Chat messages are short; this bounds tokenizer work."""
+    max_tokens: int = 128
+    """Texts are truncated to this many tokens (incl. special tokens) before the encoder."""
+
+
+CLASSIFY_LIMITS = ClassifyLimits()
+
+CLASSIFY = ModelSpec(
+    name="classify",
+    inputs=(TensorSpec("text", "TYPE_STRING", (1,)),),
+    outputs=(
+        TensorSpec("label", "TYPE_STRING", (1,)),
+        TensorSpec("scores", "TYPE_FP32", (len(LABELS),)),
+    ),
+    max_batch_size=CLASSIFY_LIMITS.max_texts_per_request,
+)
+
+# The ONNX encoder behind `classify` (called by BLS; not part of the public contract).
+CLASSIFIER_ONNX = ModelSpec(
+    name="classifier_onnx",
+    inputs=(
+        TensorSpec("input_ids", "TYPE_INT64", (-1,)),
+        TensorSpec("attention_mask", "TYPE_INT64", (-1,)),
+    ),
+    outputs=(TensorSpec("logits", "TYPE_FP32", (len(LABELS),)),),
+    max_batch_size=CLASSIFY_LIMITS.max_texts_per_request,
+)
+
+
+# ----------------------------------------------------------------------------- generation
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+@dataclass(frozen=True)
+class GenerateLimits:
+    min_side: int = 64
+    max_side: int = 2048
+    side_multiple: int = 16
+    """FLUX packs 2x2 latent patches of an 8x-downsampled VAE latent: sides must divide by 16."""
+    min_steps: int = 1
+    max_steps: int = 100
+    min_guidance: float = 0.0
+    max_guidance: float = 20.0
+    max_num_images: int = 4
+    max_prompt_chars: int = 2000
+    output_formats: tuple[str, ...] = ("png", "jpeg", "webp")
+
+
+GENERATE_LIMITS = GenerateLimits()
+
+
+@dataclass(frozen=True)
+class GenerateDefaults:
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    num_images: int = 1
+    output_format: str = "png"
+
+
+GENERATE_DEFAULTS = GenerateDefaults()
+
+GENERATE = ModelSpec(
+    name="generate",
+    inputs=(
+        TensorSpec("prompt", "TYPE_STRING", (1,)),
+        TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
+        TensorSpec("steps", "TYPE_INT32", (1,), optional=True),
+        TensorSpec("guidance", "TYPE_FP32", (1,), optional=True),
+        TensorSpec("width", "TYPE_INT32", (1,), optional=True),
+        TensorSpec("height", "TYPE_INT32", (1,), optional=True),
+    ),
+    outputs=(TensorSpec("image", "TYPE_UINT8", (-1, -1, 3)),),
+    max_batch_size=0,
+)
+
+# Transformer input names as NVIDIA's FLUX ONNX export spells them.
+FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Default addresses. Everything binds loopback; only the facade is meant to be exposed."""
+
+    host: str = "127.0.0.1"
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    api_port: int = 8080
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+ENDPOINTS = Endpoints()
