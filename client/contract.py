@@ -171,3 +171,22 @@ class Endpoints:
 
 
 ENDPOINTS = Endpoints()
+
+
+# ----------------------------------------------------------------------------- FLUX components
+# Internal models that `generate` calls over BLS. Names are part of the repository layout (and of
+# any TensorRT engine built from the ONNX files), so they live here with the public ones.
+# Every tensor is batch-major so that Triton's dynamic batcher can merge requests along dim 0;
+# requests only merge when their other dims (image size, text length) are equal.
+
+FLUX_TEXT_ENCODER = "flux_text_encoder"  # CLIP: input_ids (B, 77) -> pooled_embeds (B, D)
+FLUX_TEXT_ENCODER_2 = "flux_text_encoder_2"  # T5: input_ids (B, L) -> text_embeds (B, L, D)
+FLUX_TRANSFORMER = "flux_transformer"  # FLUX_TRANSFORMER_INPUTS -> latent (B, N, C)
+FLUX_VAE_DECODER = "flux_vae_decoder"  # latent (B, 16, h, w) -> images (B, 3, H, W) in [-1, 1]
+
+FLUX_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    FLUX_TEXT_ENCODER: (("input_ids",), ("pooled_embeds",)),
+    FLUX_TEXT_ENCODER_2: (("input_ids",), ("text_embeds",)),
+    FLUX_TRANSFORMER: (FLUX_TRANSFORMER_INPUTS, ("latent",)),
+    FLUX_VAE_DECODER: (("latent",), ("images",)),
+}
