@@ -1,0 +1,115 @@
+"""Export the fine-tuned classifier to ONNX (with a parity check) and publish it to Triton.
+
+Two models come out: `classifier_onnx` (the encoder + head, token ids in, logits out) and
+`classify` (python BLS: tokenizer, call to `classifier_onnx`, softmax, label). BLS rather than an
+ensemble because the tokenizer pads each merged batch to its own longest text, which an
+ensemble's fixed tensor plumbing cannot express without padding every text to 128 tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS
+from export.deployments import classifier_deployments
+from export.repository import Published, fingerprint, publish, tree_hashes
+from export.triton_config import Target
+
+log = logging.getLogger(__name__)
+
+PARITY_SENTENCES = [
+    "can I see you in the kitchen?",
+    "see you tomorrow",
+    "make an image of you in Paris at night, wearing a red coat",
+    "lol",
+    "I took a nice picture yesterday of the sunset over the lake near my house",
+]
+MAX_PARITY_ERROR = 1e-3
+"""Bound on |ONNX - PyTorch| logits; fp32 reorderings give ~1e-6, a broken export gives >1e-1."""
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: Path
+    max_abs_error: float
+    export_seconds: float
+
+
+def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 18) -> OnnxExport:
+    """torch.onnx (dynamo) export with dynamic batch and sequence, then an ORT parity check."""
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    wrapped = _LogitsOnly(model).eval()
+    # Sample with batch 2 and a non-trivial length: a size-1 axis would be specialised.
+    sample = tokenizer(PARITY_SENTENCES[:2], padding="max_length", max_length=16, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch", max=CLASSIFIER_ONNX.max_batch_size * 4), torch.export.Dim("sequence", max=CLASSIFY_LIMITS.max_tokens)
+    names = [t.name for t in CLASSIFIER_ONNX.inputs]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapped,
+            (sample["input_ids"], sample["attention_mask"]),
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=[CLASSIFIER_ONNX.outputs[0].name],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            optimize=True,
+        )
+    program.save(str(out_path))
+    err = classifier_parity(model, tokenizer, out_path)
+    if err > MAX_PARITY_ERROR:
+        raise RuntimeError(f"ONNX classifier differs from PyTorch by {err:.3g} (> {MAX_PARITY_ERROR})")
+    took = time.monotonic() - started
+    log.info("classifier ONNX: %s, max |logit diff| = %.3g, %.1fs", out_path, err, took)
+    return OnnxExport(out_path, err, took)
+
+
+def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path) -> float:
+    """Max abs logit difference on a batch of a size and length the export did not see."""
+    enc = tokenizer(PARITY_SENTENCES, padding=True, truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": enc["input_ids"].numpy().astype(np.int64), "attention_mask": enc["attention_mask"].numpy().astype(np.int64)})[0]
+    return float(np.abs(got - ref).max())
+
+
+def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False) -> dict[str, Published | float]:
+    """Export (when the model changed) and write both Triton models; returns versions and error."""
+    deps = classifier_deployments()
+    provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir)}
+    work_dir = work_dir or model_dir.parent / "onnx"
+    onnx_path = work_dir / "model.onnx"
+    marker = work_dir / "source.fingerprint"
+    fp = fingerprint(provenance)
+    parity = float("nan")
+    if force or not onnx_path.exists() or not marker.exists() or marker.read_text() != fp:
+        result = export_classifier_onnx(model_dir, onnx_path)
+        parity = result.max_abs_error
+        marker.write_text(fp)
+    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": onnx_path}, provenance, force=force, report={"parity_max_abs_logit_error": parity})
+    tok_dir = work_dir / "tokenizer"
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
+    cls_pub = publish(repo, deps["classify"], target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
+    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}

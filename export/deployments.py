@@ -1,0 +1,57 @@
+"""The one deployment spec per Triton model: instances, batching, runtime parameters.
+
+Knobs come from ExportSettings (env prefix FLUXSERVE_EXPORT_); dynamic batching for the
+classifier defaults to the recommendation measured by `fluxserve-bench sweep`
+(benchmarks/recommended_batching.json) when that file exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from export.triton_config import Deployment, DynamicBatching
+
+RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
+
+
+class ExportSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_EXPORT_")
+
+    classify_instances: int = 2
+    classify_max_queue_delay_us: int | None = None
+    classify_preferred_batch_sizes: tuple[int, ...] | None = None
+    classifier_onnx_instances: int = 1
+    classifier_onnx_threads: int = 2
+    classifier_onnx_max_queue_delay_us: int = 500
+
+
+def _recommended() -> dict:
+    if RECOMMENDATION_FILE.exists():
+        return json.loads(RECOMMENDATION_FILE.read_text()).get("classify", {})
+    return {}
+
+
+def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
+    s = settings or ExportSettings()
+    rec = _recommended()
+    delay = s.classify_max_queue_delay_us if s.classify_max_queue_delay_us is not None else rec.get("max_queue_delay_us", 2000)
+    preferred = s.classify_preferred_batch_sizes or tuple(rec.get("preferred_batch_sizes", ()))
+    return {
+        CLASSIFY.name: Deployment(
+            spec=CLASSIFY,
+            kind="python",
+            instance_count=s.classify_instances,
+            dynamic_batching=DynamicBatching(preferred, delay),
+        ),
+        CLASSIFIER_ONNX.name: Deployment(
+            spec=CLASSIFIER_ONNX,
+            kind="onnx",
+            instance_count=s.classifier_onnx_instances,
+            dynamic_batching=DynamicBatching((), s.classifier_onnx_max_queue_delay_us),
+            parameters={"intra_op_threads": str(s.classifier_onnx_threads), "pad_axis1": "input_ids,attention_mask"},
+        ),
+    }

@@ -1,0 +1,167 @@
+"""Write versioned models into a Triton model repository, with provenance manifests.
+
+Layout of one model:
+
+    <repo>/<name>/config.pbtxt            generated from its Deployment (export/triton_config.py)
+    <repo>/<name>/model.py                committed source of a python model (ignored by Triton)
+    <repo>/<name>/<version>/model.py      copied from the source above
+    <repo>/<name>/<version>/...           artifacts (model.onnx, tokenizer/, ...)
+    <repo>/<name>/<version>/fluxserve_manifest.json
+
+A version is assembled in a hidden staging folder and renamed into place, so Triton never sees a
+half-written version. Publishing is idempotent: when the newest version already has the same
+fingerprint (same inputs and settings), nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.triton_config import Deployment, Target, config_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+MANIFEST = "fluxserve_manifest.json"
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: int
+    path: Path
+    created: bool
+
+
+def versions(repo: Path, name: str) -> list[int]:
+    model_dir = repo / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_manifest(repo: Path, name: str) -> dict[str, Any] | None:
+    vs = versions(repo, name)
+    if not vs:
+        return None
+    path = repo / name / str(vs[-1]) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file below root, keyed by its relative path (manifest excluded)."""
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def fingerprint(provenance: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)  # ONNX files can be GBs: share the inode when on one filesystem
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_config(repo: Path, dep: Deployment, target: Target) -> Path:
+    path = repo / dep.spec.name / "config.pbtxt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config_text(dep, target))
+    tmp.replace(path)
+    return path
+
+
+def needs_model_py(dep: Deployment, target: Target) -> bool:
+    return dep.kind == "python" or target == "cpu"
+
+
+def publish(
+    repo: Path,
+    dep: Deployment,
+    target: Target,
+    files: Mapping[str, Path],
+    provenance: Mapping[str, Any],
+    force: bool = False,
+    report: Mapping[str, Any] | None = None,
+) -> Published:
+    """Write `files` (relative name -> source path) as a new version of `dep`'s model.
+
+    `provenance` describes what the version was built from (checkpoint, LoRA, scale, settings);
+    its fingerprint decides idempotency, and it is stored in the manifest with file hashes.
+    `report` holds measured facts (parity errors, timings) stored in the manifest but not
+    fingerprinted, so re-running an export does not create a new version.
+    """
+    name = dep.spec.name
+    fp = fingerprint({**provenance, "target": target, "config": config_text(dep, target)})
+    current = latest_manifest(repo, name)
+    write_config(repo, dep, target)
+    if current is not None and current.get("fingerprint") == fp and not force:
+        version = versions(repo, name)[-1]
+        log.info("%s: version %d is up to date (fingerprint %s)", name, version, fp)
+        return Published(name, version, repo / name / str(version), created=False)
+
+    version = (versions(repo, name) or [0])[-1] + 1
+    staging = repo / name / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if needs_model_py(dep, target):
+            source = SOURCE_REPOSITORY / name / "model.py"
+            shutil.copy2(source, staging / "model.py")
+        for rel, src in files.items():
+            _place(Path(src), staging / rel)
+        manifest = {
+            "model": name,
+            "version": version,
+            "fingerprint": fp,
+            "target": target,
+            "created_unix": time.time(),
+            "provenance": dict(provenance),
+            "report": dict(report or {}),
+            "files": tree_hashes(staging),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        final = repo / name / str(version)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("%s: wrote version %d (%s)", name, version, final)
+    return Published(name, version, final, created=True)
+
+
+def prune(repo: Path, name: str, keep: int = 2) -> list[int]:
+    """Delete all but the newest `keep` versions (call after Triton has loaded the newest)."""
+    removed = []
+    for v in versions(repo, name)[:-keep] if keep > 0 else []:
+        shutil.rmtree(repo / name / str(v), ignore_errors=True)
+        removed.append(v)
+    return removed

@@ -1,0 +1,1 @@
+from serving.triton_classify import TritonPythonModel  # noqa: F401  (logic lives in serving/)

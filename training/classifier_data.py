@@ -1,0 +1,71 @@
+"""The labeled chat-message dataset: loading, de-duplication and a stratified split."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.contract import LABELS
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+    tag: str = ""
+
+    @property
+    def label_id(self) -> int:
+        return LABELS.index(self.label)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def load_examples(data_dir: Path = DATA_DIR) -> list[Example]:
+    """Every `*.jsonl` file under data_dir; duplicate texts (case/space-insensitive) dropped."""
+    seen: set[str] = set()
+    out: list[Example] = []
+    for path in sorted(data_dir.glob("*.jsonl")):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row["label"] not in LABELS:
+                raise ValueError(f"{path.name}:{lineno}: unknown label {row['label']!r}")
+            key = " ".join(row["text"].lower().split())
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(Example(row["text"], row["label"], row.get("tag", "")))
+    return out
+
+
+def stratified_split(
+    examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0
+) -> Splits:
+    """Split per (label, tag) stratum so hard cases appear in every split, not just in train."""
+    rng = random.Random(seed)
+    strata: dict[tuple[str, str], list[Example]] = {}
+    for ex in examples:
+        strata.setdefault((ex.label, ex.tag), []).append(ex)
+    train, val, tst = [], [], []
+    for key in sorted(strata):
+        items = strata[key][:]
+        rng.shuffle(items)
+        n_test = round(len(items) * test)
+        n_val = round(len(items) * validation)
+        tst += items[:n_test]
+        val += items[n_test : n_test + n_val]
+        train += items[n_test + n_val :]
+    for part in (train, val, tst):
+        rng.shuffle(part)
+    return Splits(train, val, tst)
