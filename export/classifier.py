@@ -8,10 +8,11 @@ ensemble's fixed tensor plumbing cannot express without padding every text to 12
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS
+from client.triton_client import THRESHOLD_PARAMETER
 from export.deployments import classifier_deployments
 from export.repository import Published, fingerprint, publish, tree_hashes
 from export.triton_config import Target
@@ -111,5 +113,8 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
     tok_dir = work_dir / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
-    cls_pub = publish(repo, deps["classify"], target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
+    # The facade reads the uncertainty threshold from the deployed model's config: one source.
+    threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
+    cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
+    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
     return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}

@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 and make):
+#   make up    build what is needed, then run Triton + the facade on 127.0.0.1 until Ctrl-C
+#   make test  build what is needed, then run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install models up test test-fast bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['fluxserve']['no-deps']))")
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train the classifier (if not trained), build the local FLUX (if not built) and export both
+# into model_repository/. Idempotent: unchanged models keep their version.
+models: install
+	$(BIN)/fluxserve-export defaults
+
+up: models
+	$(BIN)/python -m serving.stack
+
+test: models
+	$(BIN)/python -m pytest -ra --timeout=900 $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
+
+bench: models
+	$(BIN)/fluxserve-bench run
+
+clean:
+	rm -rf build model_repository/*/[0-9]* model_repository/*/config.pbtxt

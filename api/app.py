@@ -1,0 +1,68 @@
+"""The FastAPI facade: validate, translate to Triton gRPC, map errors.
+
+`create_app` is the factory; long-lived objects (the one async gRPC client, metrics, settings)
+live on `app.state` and are opened/closed by the lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.metrics import ApiMetrics
+from api.routes import classify, health
+from api.settings import ApiSettings
+from client.triton_client import AsyncTritonClient
+
+log = logging.getLogger(__name__)
+DEFAULT_THRESHOLD = 0.5
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.triton = AsyncTritonClient(settings.triton_grpc_url, settings.classify_timeout_s)
+        log.info("facade talking to Triton at %s", settings.triton_grpc_url)
+        try:
+            yield
+        finally:
+            await app.state.triton.close()
+
+    app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,
+                  description="FLUX.1-dev image generation and an image-request classifier, served by Triton.")
+    app.state.settings = settings
+    app.state.metrics = ApiMetrics()
+    app.state.threshold_cache = None
+
+    async def classify_threshold() -> float:
+        """Override from settings, else what the deployed classifier was published with."""
+        if settings.classify_threshold is not None:
+            return settings.classify_threshold
+        if app.state.threshold_cache is None:
+            app.state.threshold_cache = await app.state.triton.classify_threshold() or DEFAULT_THRESHOLD
+        return app.state.threshold_cache
+
+    app.state.classify_threshold = classify_threshold
+    app.middleware("http")(app.state.metrics.middleware)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ApiSettings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""One error envelope for every failure: {"error": {"type": ..., "message": ...}}.
+
+Messages are built from validation details or our own exception text; stack traces and paths
+never reach the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.errors import (
+    FluxServeError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotReadyError,
+    RequestTimeoutError,
+    ServerUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[FluxServeError], int] = {
+    InvalidInputError: 422,
+    ServerUnavailableError: 503,
+    ModelNotReadyError: 503,
+    RequestTimeoutError: 504,
+    InferenceError: 502,
+}
+
+
+def envelope(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+
+
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = []
+        for err in exc.errors():
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            msgs.append(f"{_loc(tuple(err.get('loc', ())))}: {msg}")
+        return envelope(422, "invalid_request", "; ".join(msgs))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return envelope(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(FluxServeError)
+    async def _flux(_: Request, exc: FluxServeError) -> JSONResponse:
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}.get(status, "error")
+        return envelope(status, kind, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return envelope(500, "internal_error", "internal error; see the server log")

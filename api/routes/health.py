@@ -1,0 +1,29 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The facade process is alive (says nothing about Triton)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """200 only when Triton is up and every required model is ready."""
+    state = request.app.state
+    ready = await state.triton.is_ready(state.settings.required_models)
+    body = {"ready": ready, "models": list(state.settings.required_models), "triton": state.settings.triton_grpc_url}
+    return JSONResponse(status_code=200 if ready else 503, content=body)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,26 @@
+"""Facade settings. Environment prefix: FLUXSERVE_API_ (read when the app is created)."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from client.contract import ENDPOINTS
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_API_")
+
+    host: str = ENDPOINTS.host
+    port: int = ENDPOINTS.api_port
+    triton_grpc_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
+    classify_timeout_s: float = 10.0
+    generate_timeout_s: float = 600.0
+    required_models: tuple[str, ...] = ("classify",)
+    """Models that must be ready for /readyz to answer 200."""
+    classify_threshold: float | None = None
+    """Overrides the uncertainty threshold the deployed classifier was published with."""
+    trigger_word: str = "Super Realism"
+    add_trigger_word: bool = True
+    """Prepend the LoRA's trigger words to prompts that lack them (case-insensitive check)."""
+    max_concurrent_generations: int = 16
+    """Generations in flight through this facade; beyond it requests wait, bounding memory."""

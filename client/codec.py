@@ -1,0 +1,107 @@
+"""Encoding requests to and decoding responses from Triton tensors, shared by both clients.
+
+Inputs are checked against client.contract before anything is sent, so a bad request fails
+fast with InvalidInputError and never costs a network round trip.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from client.contract import CLASSIFY, CLASSIFY_LIMITS, GENERATE, GENERATE_LIMITS, LABELS
+from client.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    image: np.ndarray  # uint8 (H, W, 3)
+    seed: int
+    model_version: str
+
+
+def check_texts(texts: list[str]) -> None:
+    if not isinstance(texts, list | tuple) or not texts:
+        raise InvalidInputError("texts must be a non-empty list of strings")
+    if len(texts) > CLASSIFY_LIMITS.max_texts_per_request:
+        raise InvalidInputError(f"at most {CLASSIFY_LIMITS.max_texts_per_request} texts per request, got {len(texts)}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidInputError(f"texts[{i}] must be a string")
+        if not t.strip():
+            raise InvalidInputError(f"texts[{i}] must not be empty")
+        if len(t) > CLASSIFY_LIMITS.max_text_chars:
+            raise InvalidInputError(f"texts[{i}] is longer than {CLASSIFY_LIMITS.max_text_chars} characters")
+
+
+def classify_inputs(texts: list[str]) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
+    check_texts(texts)
+    spec = CLASSIFY.inputs[0]
+    data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+    inp = grpcclient.InferInput(spec.name, list(data.shape), spec.wire_dtype)
+    inp.set_data_from_numpy(data)
+    return [inp], [grpcclient.InferRequestedOutput(t.name) for t in CLASSIFY.outputs]
+
+
+def decode_classify(result: grpcclient.InferResult) -> list[ClassifyResult]:
+    labels = result.as_numpy(CLASSIFY.outputs[0].name).reshape(-1)
+    scores = result.as_numpy(CLASSIFY.outputs[1].name)
+    out = []
+    for lab, row in zip(labels, scores):
+        label = lab.decode() if isinstance(lab, bytes) else str(lab)
+        probs = {name: float(p) for name, p in zip(LABELS, row)}
+        out.append(ClassifyResult(label=label, score=probs[label], scores=probs))
+    return out
+
+
+def check_generate(prompt: str, width: int, height: int, steps: int, guidance: float) -> None:
+    lim = GENERATE_LIMITS
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInputError("prompt must be a non-empty string")
+    if len(prompt) > lim.max_prompt_chars:
+        raise InvalidInputError(f"prompt is longer than {lim.max_prompt_chars} characters")
+    for name, side in (("width", width), ("height", height)):
+        if not lim.min_side <= side <= lim.max_side or side % lim.side_multiple:
+            raise InvalidInputError(
+                f"{name} must be a multiple of {lim.side_multiple} in [{lim.min_side}, {lim.max_side}], got {side}"
+            )
+    if not lim.min_steps <= steps <= lim.max_steps:
+        raise InvalidInputError(f"steps must be in [{lim.min_steps}, {lim.max_steps}], got {steps}")
+    if not math.isfinite(guidance) or not lim.min_guidance <= guidance <= lim.max_guidance:
+        raise InvalidInputError(f"guidance must be in [{lim.min_guidance}, {lim.max_guidance}], got {guidance}")
+
+
+def generate_inputs(
+    prompt: str, seed: int, width: int, height: int, steps: int, guidance: float
+) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
+    check_generate(prompt, width, height, steps, guidance)
+    values = {
+        "prompt": np.array([prompt.encode("utf-8")], dtype=np.object_),
+        "seed": np.array([seed], dtype=np.int64),
+        "steps": np.array([steps], dtype=np.int32),
+        "guidance": np.array([guidance], dtype=np.float32),
+        "width": np.array([width], dtype=np.int32),
+        "height": np.array([height], dtype=np.int32),
+    }
+    inputs = []
+    for spec in GENERATE.inputs:
+        inp = grpcclient.InferInput(spec.name, list(values[spec.name].shape), spec.wire_dtype)
+        inp.set_data_from_numpy(values[spec.name])
+        inputs.append(inp)
+    return inputs, [grpcclient.InferRequestedOutput(GENERATE.outputs[0].name)]
+
+
+def decode_generate(result: grpcclient.InferResult, seed: int) -> GenerateResult:
+    image = result.as_numpy(GENERATE.outputs[0].name)
+    version = result.get_response().model_version
+    return GenerateResult(image=image, seed=seed, model_version=version)

@@ -1,0 +1,37 @@
+"""`make up`: run Triton and the facade in the foreground until Ctrl-C, then stop both cleanly."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from api.app import create_app
+from api.settings import ApiSettings
+from serving.launcher import TritonServer, TritonStartError
+
+log = logging.getLogger("fluxserve.stack")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    triton = TritonServer()
+    try:
+        triton.start()
+    except TritonStartError as e:
+        log.error("%s", e)
+        return 1
+    api_settings = ApiSettings(triton_grpc_url=triton.grpc_url)
+    try:
+        log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
+        # uvicorn handles SIGINT/SIGTERM itself and returns; then Triton is stopped in order.
+        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info")
+    finally:
+        log.info("stopping Triton")
+        triton.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Every generated config parses with Triton's own schema, on both targets."""
+
+from __future__ import annotations
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from export.deployments import classifier_deployments
+from export.triton_config import config_text, parse_config
+from tests.conftest import MODEL_REPOSITORY
+
+DEPLOYMENTS = classifier_deployments()
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_generated_config_parses(name: str, target: str) -> None:
+    cfg = parse_config(config_text(DEPLOYMENTS[name], target))
+    spec = DEPLOYMENTS[name].spec
+    assert cfg.name == spec.name
+    assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
+    assert [o.name for o in cfg.output] == [t.name for t in spec.outputs]
+    assert cfg.max_batch_size == spec.max_batch_size
+
+
+def test_targets_differ_only_where_they_should() -> None:
+    cpu = parse_config(config_text(DEPLOYMENTS[CLASSIFIER_ONNX.name], "cpu"))
+    gpu = parse_config(config_text(DEPLOYMENTS[CLASSIFIER_ONNX.name], "gpu"))
+    assert cpu.backend == "python" and gpu.platform == "onnxruntime_onnx"
+    assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert gpu.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    assert cpu.input == gpu.input and cpu.output == gpu.output and cpu.dynamic_batching == gpu.dynamic_batching
+    # The python orchestration model is the same code on both targets.
+    assert parse_config(config_text(DEPLOYMENTS[CLASSIFY.name], "gpu")).backend == "python"
+
+
+def test_dynamic_batching_enabled() -> None:
+    for dep in DEPLOYMENTS.values():
+        assert parse_config(config_text(dep, "cpu")).HasField("dynamic_batching")
+
+
+def test_written_repository_configs_parse() -> None:
+    written = sorted(MODEL_REPOSITORY.glob("*/config.pbtxt"))
+    if not written:
+        pytest.skip("model repository not built (make models)")
+    for path in written:
+        cfg = parse_config(path.read_text())
+        assert cfg.name == path.parent.name
+
+
+def test_unknown_field_is_rejected() -> None:
+    with pytest.raises(Exception):
+        parse_config('name: "x"\nnot_a_field: 1\n')
