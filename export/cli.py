@@ -45,10 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "classifier":
         export_classifier(args.model_dir, args.repo, args.target, args.force)
     elif args.cmd == "defaults":
-        from training.classifier import train_classifier
+        from training.classifier import is_up_to_date, train_classifier
 
         settings = ClassifierTrainSettings()
-        if not (settings.output_dir / "metrics.json").exists():
+        if not is_up_to_date(settings):
             train_classifier(settings)
         export_classifier(settings.output_dir, args.repo, args.target, args.force)
     return 0

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from client.contract import CLASSIFY_LIMITS, LABELS
-from training.classifier_data import DATA_DIR, Example, Splits, load_examples, stratified_split
+from training.classifier_data import DATA_DIR, Example, Splits, dataset_sha256, load_examples, stratified_split
 from training.metrics import recommend_threshold, score
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class ClassifierTrainSettings(BaseSettings):
     base_model: str = MINILM
     data_dir: Path = DATA_DIR
     output_dir: Path = PROJECT_ROOT / "build" / "classifier" / "model"
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 16
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
@@ -160,6 +160,8 @@ def train_classifier(
     ]
     metrics = {
         "base_model": settings.base_model,
+        "data_sha256": dataset_sha256(settings.data_dir),
+        "settings": settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"}),
         "best_epoch": best_epoch,
         "sizes": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
         "validation": val,
@@ -171,3 +173,13 @@ def train_classifier(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("test accuracy=%.4f f1(image_request)=%.4f; saved to %s", test["accuracy"], test["f1_image_request"], out)
     return metrics
+
+
+def is_up_to_date(settings: ClassifierTrainSettings) -> bool:
+    """True when output_dir holds a model trained on the current data with the same settings."""
+    path = settings.output_dir / "metrics.json"
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text())
+    current = settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"})
+    return old.get("data_sha256") == dataset_sha256(settings.data_dir) and old.get("settings") == current

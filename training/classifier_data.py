@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -69,3 +70,11 @@ def stratified_split(
     for part in (train, val, tst):
         rng.shuffle(part)
     return Splits(train, val, tst)
+
+
+def dataset_sha256(data_dir: Path = DATA_DIR) -> str:
+    h = hashlib.sha256()
+    for path in sorted(data_dir.glob("*.jsonl")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.classifier import ClassifierTrainSettings, train_classifier
+from training.classifier import ClassifierTrainSettings, is_up_to_date, train_classifier
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,13 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls.add_argument("--base-model", help="all-minilm-l6-v2 (offline default), facebook/bart-large-mnli, or a path")
     cls.add_argument("--output-dir", type=Path)
     cls.add_argument("--epochs", type=int)
-    cls.add_argument("--if-missing", action="store_true", help="skip when the output already has metrics.json")
+    cls.add_argument("--if-stale", action="store_true", help="skip when the output was trained on the current data and settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "classifier":
         overrides = {k: v for k, v in {"base_model": args.base_model, "output_dir": args.output_dir, "epochs": args.epochs}.items() if v is not None}
         settings = ClassifierTrainSettings(**overrides)
-        if args.if_missing and (settings.output_dir / "metrics.json").exists():
+        if args.if_stale and is_up_to_date(settings):
             logging.getLogger(__name__).info("classifier already trained at %s", settings.output_dir)
             return 0
         metrics = train_classifier(settings)

@@ -19,9 +19,9 @@ def test_dataset_is_large_varied_and_balanced() -> None:
     tags = Counter(e.tag for e in examples)
     for tag in HARD_TAGS:
         assert tags[tag] >= 30, f"too few {tag!r} examples: {tags[tag]}"
-    # Not template-generated: first three words repeat rarely.
+    # Not template-generated: no three-word opening accounts for more than 2.5% of messages.
     openings = Counter(" ".join(e.text.lower().split()[:3]) for e in examples)
-    assert openings.most_common(1)[0][1] <= 8
+    assert openings.most_common(1)[0][1] <= 0.025 * len(examples), openings.most_common(3)
 
 
 def test_labels_of_known_hard_cases_if_present() -> None:
