@@ -6,7 +6,9 @@ live on `app.state` and are opened/closed by the lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,12 +16,13 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics
-from api.routes import classify, health
+from api.routes import classify, generate, health
 from api.settings import ApiSettings
 from client.triton_client import AsyncTritonClient
 
 log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
+TRIGGER_TTL_S = 5.0
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -28,11 +31,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.triton = AsyncTritonClient(settings.triton_grpc_url, settings.classify_timeout_s)
+        app.state.triton_generate = AsyncTritonClient(settings.triton_grpc_url, settings.generate_timeout_s)
+        app.state.generate_slots = asyncio.Semaphore(settings.max_concurrent_generations)
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
         try:
             yield
         finally:
             await app.state.triton.close()
+            await app.state.triton_generate.close()
 
     app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,
                   description="FLUX.1-dev image generation and an image-request classifier, served by Triton.")
@@ -49,10 +55,23 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return app.state.threshold_cache
 
     app.state.classify_threshold = classify_threshold
+    trigger_cache: dict[str, tuple[float, str]] = {}
+
+    async def trigger_word() -> str:
+        """The deployed LoRA's trigger words (re-read every few seconds: a re-export changes them)."""
+        cached = trigger_cache.get("value")
+        if cached and time.monotonic() - cached[0] < TRIGGER_TTL_S:
+            return cached[1]
+        value = await app.state.triton.trigger_word() or settings.trigger_word
+        trigger_cache["value"] = (time.monotonic(), value)
+        return value
+
+    app.state.trigger_word = trigger_word
     app.middleware("http")(app.state.metrics.middleware)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(generate.router)
     return app
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from client.contract import CLASSIFY_LIMITS, LABELS
+from client.contract import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
 
 
 def _not_blank(value: str) -> str:
@@ -51,3 +51,25 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]})
+
+    prompt: Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
+    width: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.width
+    height: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.height
+    steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
+    guidance: Annotated[float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)] = GENERATE_DEFAULTS.guidance
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    num_images: Annotated[int, Field(ge=1, le=GENERATE_LIMITS.max_num_images)] = GENERATE_DEFAULTS.num_images
+    output_format: OutputFormat = "png"
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64-encoded images, one per num_images (seeds seed, seed+1, ...)")
+    seed: int
+    model_version: str
+    prompt: str = Field(description="the prompt as sent to the model (trigger words added when configured)")
+    output_format: str
+    timings: dict[str, float]

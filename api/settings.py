@@ -20,6 +20,7 @@ class ApiSettings(BaseSettings):
     classify_threshold: float | None = None
     """Overrides the uncertainty threshold the deployed classifier was published with."""
     trigger_word: str = "Super Realism"
+    """Used when the deployed generate model does not say which trigger words its LoRA has."""
     add_trigger_word: bool = True
     """Prepend the LoRA's trigger words to prompts that lack them (case-insensitive check)."""
     max_concurrent_generations: int = 16

@@ -114,7 +114,6 @@ class GenerateLimits:
     max_guidance: float = 20.0
     max_num_images: int = 4
     max_prompt_chars: int = 2000
-    output_formats: tuple[str, ...] = ("png", "jpeg", "webp")
 
 
 GENERATE_LIMITS = GenerateLimits()
@@ -190,3 +189,37 @@ FLUX_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     FLUX_TRANSFORMER: (FLUX_TRANSFORMER_INPUTS, ("latent",)),
     FLUX_VAE_DECODER: (("latent",), ("images",)),
 }
+
+FLUX_MAX_BATCH = 8
+"""Largest merged batch a FLUX component accepts (concurrent generations sharing a step)."""
+
+# Dims (excluding batch) per tensor, by rank; -1 is dynamic. Scalars per item travel as [1] and
+# are flattened to [B] for the model (see export.triton_config.Deployment.flatten_inputs).
+_FLUX_DIMS: dict[str, dict[str, tuple[int, ...]]] = {
+    FLUX_TEXT_ENCODER: {"input_ids": (-1,), "pooled_embeds": (-1,)},
+    FLUX_TEXT_ENCODER_2: {"input_ids": (-1,), "text_embeds": (-1, -1)},
+    FLUX_TRANSFORMER: {
+        "hidden_states": (-1, -1), "encoder_hidden_states": (-1, -1), "pooled_projections": (-1,),
+        "timestep": (1,), "img_ids": (-1, 3), "txt_ids": (-1, 3), "guidance": (1,), "latent": (-1, -1),
+    },
+    FLUX_VAE_DECODER: {"latent": (-1, -1, -1), "images": (3, -1, -1)},
+}
+FLUX_SCALAR_INPUTS: tuple[str, ...] = ("timestep", "guidance")
+
+
+def _flux_spec(name: str) -> ModelSpec:
+    ins, outs = FLUX_IO_NAMES[name]
+    dims = _FLUX_DIMS[name]
+
+    def dtype(t: str) -> TritonDType:
+        return "TYPE_INT64" if t == "input_ids" else "TYPE_FP32"
+
+    return ModelSpec(
+        name=name,
+        inputs=tuple(TensorSpec(t, dtype(t), dims[t]) for t in ins),
+        outputs=tuple(TensorSpec(t, dtype(t), dims[t]) for t in outs),
+        max_batch_size=FLUX_MAX_BATCH,
+    )
+
+
+FLUX_COMPONENTS: dict[str, ModelSpec] = {n: _flux_spec(n) for n in FLUX_IO_NAMES}

@@ -26,15 +26,15 @@ from client.errors import FluxServeError, translate
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
 THRESHOLD_PARAMETER = "recommended_threshold"
+TRIGGER_PARAMETER = "trigger_word"
 
 
 def random_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def _threshold_from_config(config: dict) -> float | None:
-    value = config.get("config", config).get("parameters", {}).get(THRESHOLD_PARAMETER, {}).get("string_value")
-    return float(value) if value else None
+def _config_parameter(config: dict, key: str) -> str | None:
+    return config.get("config", config).get("parameters", {}).get(key, {}).get("string_value")
 
 
 class TritonClient:
@@ -106,13 +106,22 @@ class AsyncTritonClient:
         except InferenceServerException:
             return False
 
-    async def classify_threshold(self) -> float | None:
-        """The uncertainty threshold the deployed classifier was published with."""
+    async def model_parameter(self, model: str, key: str) -> str | None:
+        """A parameter the deployed model was published with (its config.pbtxt `parameters`)."""
         try:
-            cfg = await self._client.get_model_config(CLASSIFY.name, as_json=True, client_timeout=5.0)
+            cfg = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
         except InferenceServerException as e:
             raise translate(e) from e
-        return _threshold_from_config(cfg)
+        return _config_parameter(cfg, key)
+
+    async def classify_threshold(self) -> float | None:
+        """The uncertainty threshold the deployed classifier was published with."""
+        value = await self.model_parameter(CLASSIFY.name, THRESHOLD_PARAMETER)
+        return float(value) if value else None
+
+    async def trigger_word(self) -> str | None:
+        """The trigger words of the LoRA fused into the deployed `generate` model."""
+        return await self.model_parameter(GENERATE.name, TRIGGER_PARAMETER)
 
     async def classify(self, texts: list[str]) -> list[ClassifyResult]:
         inputs, outputs = classify_inputs(list(texts))

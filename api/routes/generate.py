@@ -1,0 +1,80 @@
+"""POST /generate: FLUX images as base64 JSON, or raw bytes with `Accept: image/png` etc."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import get_args
+
+from fastapi import APIRouter, Request, Response
+from PIL import Image
+
+from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from client.contract import OutputFormat
+from client.errors import InvalidInputError
+from client.triton_client import random_seed
+
+router = APIRouter(tags=["generate"])
+
+MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
+ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+
+
+def encode_image(pixels, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt.upper(), **({"quality": 95} if fmt != "png" else {}))
+    return buf.getvalue()
+
+
+def with_trigger(prompt: str, trigger: str, enabled: bool) -> str:
+    if not enabled or not trigger or trigger.lower() in prompt.lower():
+        return prompt
+    return f"{trigger}, {prompt}"
+
+
+def raw_format(accept: str) -> str | None:
+    """The image format a client asked for by Accept header, if it asked for raw bytes."""
+    for fmt, media in MEDIA_TYPES.items():
+        if media in accept:
+            return fmt
+    return None
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={**ERRORS, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
+)
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
+    state = request.app.state
+    settings = state.settings
+    seed = body.seed if body.seed is not None else random_seed()
+    trigger = await state.trigger_word()
+    prompt = with_trigger(body.prompt, trigger, settings.add_trigger_word)
+    raw = raw_format(request.headers.get("accept", ""))
+    if raw and body.num_images != 1:
+        raise InvalidInputError("raw image responses carry one image: use num_images=1 or Accept: application/json")
+    started = time.perf_counter()
+    async with state.generate_slots:
+        # Images of one request run concurrently, so they share transformer steps in Triton.
+        results = await asyncio.gather(
+            *(state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance) for i in range(body.num_images))
+        )
+    infer_s = time.perf_counter() - started
+    state.metrics.items.labels("generate").inc(len(results))
+    fmt = raw or body.output_format
+    encoded = [encode_image(r.image, fmt) for r in results]
+    timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
+    if raw:
+        headers = {"X-Seed": str(seed), "X-Model-Version": results[0].model_version, "X-Inference-Seconds": str(timings["inference_s"])}
+        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
+    return GenerateResponse(
+        images=[base64.b64encode(b).decode() for b in encoded],
+        seed=seed,
+        model_version=results[0].model_version,
+        prompt=prompt,
+        output_format=fmt,
+        timings=timings,
+    )

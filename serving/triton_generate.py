@@ -1,0 +1,87 @@
+"""Triton python-backend model `generate`: tokenize, encode, denoise, decode, over BLS.
+
+Each instance runs one request's flow-matching loop (serving/flux_loop.py, diffusers' scheduler).
+Every component call is a BLS request to its own Triton model; because several `generate`
+instances run at once, their per-step `flux_transformer` calls meet in that model's dynamic
+batcher and share forward passes (step-level batching).
+
+The version folder holds the pipeline's configs and tokenizers (no weights) and
+`components.json`: the component model versions this version was exported with. Calls pin those
+versions, so a request that started before a hot swap finishes on the weights it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
+from serving.flux_loop import FluxLoop, GenerationRequest
+from serving.generate_request import read_request
+
+log = logging.getLogger(__name__)
+
+
+class ComponentError(RuntimeError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        components = json.loads((version_dir / "components.json").read_text())
+        self.loop = FluxLoop(
+            version_dir / "pipeline",
+            encode_clip=self._caller(FLUX_TEXT_ENCODER, components),
+            encode_t5=self._caller(FLUX_TEXT_ENCODER_2, components),
+            transformer=self._caller(FLUX_TRANSFORMER, components),
+            decode_vae=self._caller(FLUX_VAE_DECODER, components),
+        )
+
+    @staticmethod
+    def _caller(model: str, components: dict[str, int]):
+        input_names, (output_name,) = FLUX_IO_NAMES[model]
+        version = int(components.get(model, -1))
+
+        def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+            feeds = dict(zip(input_names, args)) | kwargs
+            request = pb_utils.InferenceRequest(
+                model_name=model,
+                model_version=version,
+                requested_output_names=[output_name],
+                inputs=[pb_utils.Tensor(name, np.ascontiguousarray(feeds[name])) for name in input_names],
+            )
+            response = request.exec()
+            if response.has_error():
+                raise ComponentError(f"{model}: {response.error().message()}")
+            return pb_utils.get_output_tensor_by_name(response, output_name).as_numpy()
+
+        return call
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:  # max_batch_size 0: one request per loop, instances run in parallel
+            def get(name: str) -> np.ndarray | None:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            try:
+                req: GenerationRequest = read_request(get, GENERATE_DEFAULTS)
+            except ValueError as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            try:
+                image = self.loop(req)
+            except ComponentError as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}", pb_utils.TritonError.UNAVAILABLE)))
+                continue
+            except Exception as e:  # never crash the instance: fail this request only
+                log.exception("generate failed")
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(GENERATE.outputs[0].name, image)]))
+        return responses
