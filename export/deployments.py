@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER, GENERATE
 from export.triton_config import Deployment, DynamicBatching
 
 RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
@@ -27,6 +27,12 @@ class ExportSettings(BaseSettings):
     classifier_onnx_instances: int = 1
     classifier_onnx_threads: int = 2
     classifier_onnx_max_queue_delay_us: int = 500
+    generate_instances: int = 4
+    """Concurrent generations in Triton; their per-step transformer calls are batched together."""
+    flux_transformer_threads: int = 2
+    flux_transformer_max_queue_delay_us: int = 20000
+    """How long a step waits for others to join its batch: small next to one forward pass."""
+    flux_component_threads: int = 1
 
 
 def _recommended() -> dict:
@@ -55,3 +61,30 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
             parameters={"intra_op_threads": str(s.classifier_onnx_threads), "pad_axis1": "input_ids,attention_mask"},
         ),
     }
+
+
+def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
+    """`generate` (python BLS) and the four FLUX components it calls."""
+    s = settings or ExportSettings()
+    deps = {
+        GENERATE.name: Deployment(spec=GENERATE, kind="python", instance_count=s.generate_instances),
+    }
+    for name, spec in FLUX_COMPONENTS.items():
+        is_transformer = name == FLUX_TRANSFORMER
+        deps[name] = Deployment(
+            spec=spec,
+            kind="onnx",
+            instance_count=1,
+            dynamic_batching=DynamicBatching(
+                (), s.flux_transformer_max_queue_delay_us if is_transformer else 1000
+            ),
+            parameters={"intra_op_threads": str(s.flux_transformer_threads if is_transformer else s.flux_component_threads)},
+            flatten_inputs=tuple(t.name for t in spec.inputs if t.name in FLUX_SCALAR_INPUTS),
+            # A request that began before a hot swap pins the component version it started with.
+            versions_live=2,
+        )
+    return deps
+
+
+def all_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
+    return {**classifier_deployments(settings), **flux_deployments(settings)}

@@ -42,6 +42,8 @@ class Deployment:
     gpu_engine: Literal["onnxruntime_trt", "tensorrt_plan"] = "onnxruntime_trt"
     # Tensors whose per-request shape is [1] but that the model consumes as a flat [B] vector.
     flatten_inputs: tuple[str, ...] = ()
+    versions_live: int = 1
+    """Newest versions kept loaded; 2 keeps the previous one serving in-flight pinned calls."""
 
 
 _DTYPE = {name: getattr(mc, name) for name in ("TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32",
@@ -81,8 +83,8 @@ def render_config(dep: Deployment, target: Target) -> mc.ModelConfig:
         cfg.dynamic_batching.max_queue_delay_microseconds = dep.dynamic_batching.max_queue_delay_us
     for key, value in dep.parameters.items():
         cfg.parameters[key].string_value = value
-    # Keep only the newest version live: a re-export adds version N+1 and Triton swaps to it.
-    cfg.version_policy.latest.num_versions = 1
+    # A re-export adds version N+1 and Triton swaps to it; older ones unload after in-flight work.
+    cfg.version_policy.latest.num_versions = dep.versions_live
     return cfg
 
 

@@ -6,11 +6,11 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY
-from export.deployments import classifier_deployments
+from export.deployments import all_deployments
 from export.triton_config import config_text, parse_config
 from tests.conftest import MODEL_REPOSITORY
 
-DEPLOYMENTS = classifier_deployments()
+DEPLOYMENTS = all_deployments()
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -35,8 +35,10 @@ def test_targets_differ_only_where_they_should() -> None:
     assert parse_config(config_text(DEPLOYMENTS[CLASSIFY.name], "gpu")).backend == "python"
 
 
-def test_dynamic_batching_enabled() -> None:
-    for dep in DEPLOYMENTS.values():
+def test_dynamic_batching_enabled_on_every_batchable_model() -> None:
+    batchable = [d for d in DEPLOYMENTS.values() if d.spec.max_batch_size > 0]
+    assert {d.spec.name for d in batchable} >= {"classify", "classifier_onnx", "flux_transformer"}
+    for dep in batchable:
         assert parse_config(config_text(dep, "cpu")).HasField("dynamic_batching")
 
 
