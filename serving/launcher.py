@@ -103,6 +103,12 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def exported_models(repo: Path) -> list[str]:
+    """Models with a generated config. A folder holding only its committed model.py source has
+    not been exported yet, and asking Triton to load it would abort start-up."""
+    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+
+
 def build_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
     binary = _pytriton_server_dir() / "bin" / "tritonserver"
     cmd = [
@@ -122,7 +128,10 @@ def build_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         "--strict-readiness=true",
         f"--log-verbose={settings.log_verbose}",
     ]
-    cmd += [f"--load-model={m}" for m in settings.models]
+    models = exported_models(settings.model_repository) if settings.models == ("*",) else list(settings.models)
+    if not models:
+        raise TritonStartError(f"no exported models in {settings.model_repository}: run `make models`")
+    cmd += [f"--load-model={m}" for m in models]
     return cmd
 
 

@@ -1,0 +1,65 @@
+"""Where FLUX comes from: the real FLUX.1-dev + Super-Realism LoRA, or a local random-weight build.
+
+Environment prefix: FLUXSERVE_FLUX_ (read only when `FluxSettings()` is instantiated, never at
+import). The default is the local build because there are no hub downloads in CI; the production
+configuration sets `base_model` / `lora` to the hub ids below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+REAL_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
+"""The production base model (12B-parameter transformer, guidance-distilled)."""
+REAL_LORA = "strangerzonehf/Flux-Super-Realism-LoRA"
+REAL_LORA_WEIGHT_NAME = "super-realism.safetensors"
+"""The file inside REAL_LORA; the repository also holds images, so name it explicitly."""
+TRIGGER_WORD = "Super Realism"
+"""The real LoRA's trigger phrase; the local LoRA uses the same one."""
+
+REAL_T5_MAX_SEQUENCE_LENGTH = 512
+"""FLUX.1-dev's T5 context (FluxPipeline's default and maximum)."""
+LOCAL_T5_MAX_SEQUENCE_LENGTH = 64
+"""The local models' T5 context: short, because text tokens join every attention call."""
+
+LocalSize = Literal["tiny", "small"]
+
+
+class FluxSettings(BaseSettings):
+    """Sources and build locations for the FLUX pipeline."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_FLUX_")
+
+    base_model: str | None = None
+    """Hub id or local directory of a diffusers FLUX pipeline; None = the local random build."""
+    lora: str | None = None
+    """Hub id, directory or .safetensors file of a LoRA; None = the local random LoRA."""
+    lora_weight_name: str | None = None
+    """File inside a hub/directory LoRA (REAL_LORA_WEIGHT_NAME for the real one)."""
+    lora_scale: float = 1.0
+    trigger_word: str = TRIGGER_WORD
+    local_size: LocalSize = "small"
+    local_seed: int = 0
+    build_dir: Path = PROJECT_ROOT / "build" / "flux"
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt; None = what the checkpoint's marker says (512 for hub models)."""
+    onnx_opset: int = 18
+
+    @property
+    def local_checkpoint_dir(self) -> Path:
+        return self.build_dir / f"checkpoint-{self.local_size}-{self.local_seed}"
+
+    @property
+    def local_lora_dir(self) -> Path:
+        return self.build_dir / f"lora-{self.local_size}-{self.local_seed}"
+
+    @classmethod
+    def real(cls) -> FluxSettings:
+        """The production configuration: FLUX.1-dev with the Super-Realism LoRA fused in."""
+        return cls(base_model=REAL_BASE_MODEL, lora=REAL_LORA, lora_weight_name=REAL_LORA_WEIGHT_NAME,
+                   max_sequence_length=REAL_T5_MAX_SEQUENCE_LENGTH)

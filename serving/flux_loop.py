@@ -1,0 +1,271 @@
+"""FLUX text-to-image as numpy around four component callables: diffusers' FluxPipeline, unrolled.
+
+In Triton the `generate` python model runs this loop and every component call is a BLS request
+(serving/triton_generate.py); in-process it runs on ONNX Runtime sessions (`ort_callables`) or on
+the PyTorch modules (`torch_callables`). The numerics follow `FluxPipeline.__call__` step for
+step and reuse its pieces wherever they are static (tokenizer calls, `randn_tensor` noise,
+`_pack_latents` / `_unpack_latents` / `_prepare_latent_image_ids`, `calculate_shift`,
+`retrieve_timesteps`, the FlowMatchEulerDiscreteScheduler from the checkpoint's config,
+VaeImageProcessor), so a seed gives the image `FluxPipeline(..., generator=torch.Generator("cpu")
+.manual_seed(seed))` gives, up to the components' own numeric differences.
+
+FLUX.1-dev is guidance-distilled: one transformer call per step with a `guidance` input, no
+classifier-free guidance. Component callables take and return numpy arrays named as in
+`client.contract.FLUX_IO_NAMES`, all batch-major; this loop always sends batch 1 (Triton merges
+concurrent loops' calls into larger batches).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+
+log = logging.getLogger(__name__)
+
+ComponentFn = Callable[..., np.ndarray]
+"""Called as fn(*arrays in input order) or fn(**{input name: array}); returns the one output."""
+
+CHECKPOINT_MARKER = "fluxserve_checkpoint.json"
+"""Written by export.flux.checkpoint for local builds; holds the T5 max_sequence_length."""
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+"""FLUX.1-dev's T5 context, used when the checkpoint does not say otherwise."""
+
+LOOP_ASSETS: tuple[str, ...] = (
+    "model_index.json", "scheduler", "tokenizer", "tokenizer_2", "transformer/config.json", "vae/config.json",
+    CHECKPOINT_MARKER,
+)
+"""What FluxLoop reads from a checkpoint: configs and tokenizers, never weights."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+
+
+def copy_loop_assets(checkpoint_dir: Path, dst: Path) -> Path:
+    """Copy the configs and tokenizers FluxLoop needs (no weights) into dst; returns dst."""
+    checkpoint_dir, dst = Path(checkpoint_dir), Path(dst)
+    for rel in LOOP_ASSETS:
+        src = checkpoint_dir / rel
+        if not src.exists():
+            if rel == CHECKPOINT_MARKER:  # hub checkpoints have none: the loop falls back to 512
+                continue
+            raise FileNotFoundError(f"{src} is missing: not a diffusers FLUX checkpoint")
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, target)
+    return dst
+
+
+def read_max_sequence_length(checkpoint_dir: Path) -> int:
+    """T5 tokens per prompt: the local build's marker value, else FLUX.1-dev's 512."""
+    marker = Path(checkpoint_dir) / CHECKPOINT_MARKER
+    if marker.exists():
+        return int(json.loads(marker.read_text())["max_sequence_length"])
+    return DEFAULT_MAX_SEQUENCE_LENGTH
+
+
+def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
+    out = fn(*args)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} returned {type(out).__name__}, expected a numpy array")
+    return out
+
+
+class FluxLoop:
+    """Tokenize, encode, denoise and decode one prompt; returns uint8 (H, W, 3)."""
+
+    def __init__(self, checkpoint_dir: Path, encode_clip: ComponentFn, encode_t5: ComponentFn,
+                 transformer: ComponentFn, decode_vae: ComponentFn, max_sequence_length: int | None = None) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.image_processor import VaeImageProcessor
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = checkpoint_dir
+        self.encode_clip, self.encode_t5 = encode_clip, encode_t5
+        self.transformer, self.decode_vae = transformer, decode_vae
+        # The classes FluxPipeline declares for these slots, so tokenization is identical.
+        self.tokenizer = CLIPTokenizer.from_pretrained(checkpoint_dir / "tokenizer")
+        self.tokenizer_2 = T5TokenizerFast.from_pretrained(checkpoint_dir / "tokenizer_2")
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(checkpoint_dir / "scheduler")
+        self._scheduler_cls = FlowMatchEulerDiscreteScheduler
+        vae_cfg = json.loads((checkpoint_dir / "vae" / "config.json").read_text())
+        tr_cfg = json.loads((checkpoint_dir / "transformer" / "config.json").read_text())
+        self.vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.scaling_factor = float(vae_cfg["scaling_factor"])
+        self.shift_factor = float(vae_cfg.get("shift_factor") or 0.0)
+        self.num_channels_latents = int(tr_cfg["in_channels"]) // 4
+        self.guidance_embeds = bool(tr_cfg.get("guidance_embeds", False))
+        self.clip_max_length = int(self.tokenizer.model_max_length)
+        self.max_sequence_length = int(max_sequence_length or read_max_sequence_length(checkpoint_dir))
+        if self.max_sequence_length > 512:
+            raise ValueError("max_sequence_length cannot exceed 512 (FluxPipeline's limit)")
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+    # ------------------------------------------------------------------ stages
+
+    def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(CLIP ids (1, 77), T5 ids (1, max_sequence_length)), int64, as FluxPipeline pads them."""
+        clip = self.tokenizer([prompt], padding="max_length", max_length=self.clip_max_length, truncation=True,
+                              return_overflowing_tokens=False, return_length=False, return_tensors="np").input_ids
+        t5 = self.tokenizer_2([prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                              return_overflowing_tokens=False, return_length=False, return_tensors="np").input_ids
+        return clip.astype(np.int64), t5.astype(np.int64)
+
+    def initial_latents(self, width: int, height: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed noise (1, N, 64) and image ids (N, 3), as FluxPipeline.prepare_latents makes them."""
+        from diffusers import FluxPipeline
+        from diffusers.utils.torch_utils import randn_tensor
+
+        h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = randn_tensor((1, self.num_channels_latents, h, w), generator=generator, device=torch.device("cpu"),
+                             dtype=torch.float32)
+        latents = FluxPipeline._pack_latents(noise, 1, self.num_channels_latents, h, w)
+        ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, torch.device("cpu"), torch.float32)
+        return latents, ids
+
+    def timesteps(self, steps: int, image_seq_len: int):
+        """A fresh scheduler (it is stateful) and its timesteps for this image size."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        cfg = scheduler.config
+        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, steps, torch.device("cpu"), sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps
+
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+        """Unpack, un-normalise, decode and post-process (denormalise, round) to uint8 (H, W, 3)."""
+        from diffusers import FluxPipeline
+
+        latents = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = (latents / self.scaling_factor) + self.shift_factor
+        images = _call(self.decode_vae, FLUX_VAE_DECODER, np.ascontiguousarray(latents.numpy(), dtype=np.float32))
+        floats = self.image_processor.postprocess(torch.from_numpy(images), output_type="np")
+        # numpy_to_pil's conversion: what output_type="pil" (and so any saved PNG) would hold.
+        return (floats[0] * 255).round().astype(np.uint8)
+
+    # ------------------------------------------------------------------ the loop
+
+    def __call__(self, req: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        clip_ids, t5_ids = self.tokenize(req.prompt)
+        pooled = _call(self.encode_clip, FLUX_TEXT_ENCODER, clip_ids).astype(np.float32, copy=False)
+        text = _call(self.encode_t5, FLUX_TEXT_ENCODER_2, t5_ids).astype(np.float32, copy=False)
+        latents, img_ids = self.initial_latents(req.width, req.height, req.seed)
+        scheduler, timesteps = self.timesteps(req.steps, latents.shape[1])
+
+        # Constant over the steps; batch-major copies of the 2-D ids the pipeline passes.
+        fixed = {
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "img_ids": np.ascontiguousarray(img_ids.numpy()[None], dtype=np.float32),
+            "txt_ids": np.zeros((1, text.shape[1], 3), dtype=np.float32),
+            # A model without guidance embedding (schnell) ignores it; the contract still has it.
+            "guidance": np.full((1,), req.guidance, dtype=np.float32),
+        }
+        names = FLUX_IO_NAMES[FLUX_TRANSFORMER][0]
+        for i, t in enumerate(timesteps):
+            # Exactly the pipeline's arithmetic: float32 timestep, divided by 1000 in torch.
+            timestep = (t.expand(latents.shape[0]).to(latents.dtype) / 1000).numpy()
+            feeds = fixed | {"hidden_states": latents.numpy(), "timestep": timestep}
+            noise = _call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names))
+            latents = scheduler.step(torch.from_numpy(np.asarray(noise, dtype=np.float32)), t, latents,
+                                     return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+        return self.decode(latents, req.width, req.height)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def ort_callables(onnx_dir: Path, intra_op_threads: int = 0,
+                  providers: list[str] | None = None) -> tuple[ComponentFn, ComponentFn, ComponentFn, ComponentFn]:
+    """(encode_clip, encode_t5, transformer, decode_vae) on ONNX Runtime sessions.
+
+    Reads `onnx_dir/<model name>/model.onnx` as written by export.flux.onnx_export.export_all.
+    intra_op_threads=0 lets ONNX Runtime pick (all cores).
+    """
+    import onnxruntime as ort
+
+    def make(name: str) -> ComponentFn:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = Path(onnx_dir) / name / "model.onnx"
+        session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        input_names, (output_name,) = FLUX_IO_NAMES[name]
+        # An exporter may drop an input the graph never reads (guidance without guidance embedding).
+        present = {i.name for i in session.get_inputs()}
+        input_names = tuple(n for n in input_names if n in present)
+
+        def run(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+            feeds = dict(zip(input_names, args)) | kwargs
+            return session.run([output_name], {n: feeds[n] for n in input_names})[0]
+
+        return run
+
+    return (make(FLUX_TEXT_ENCODER), make(FLUX_TEXT_ENCODER_2), make(FLUX_TRANSFORMER), make(FLUX_VAE_DECODER))
+
+
+def torch_callables(pipeline) -> tuple[ComponentFn, ComponentFn, ComponentFn, ComponentFn]:
+    """(encode_clip, encode_t5, transformer, decode_vae) on a loaded FluxPipeline's modules.
+
+    The reference backend: with it, FluxLoop must reproduce the pipeline bit for bit, which
+    separates loop bugs from export error.
+    """
+    def as_dict(name: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        feeds = dict(zip(FLUX_IO_NAMES[name][0], args)) | kwargs
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+
+    @torch.no_grad()
+    def clip(*args, **kwargs) -> np.ndarray:
+        ids = as_dict(FLUX_TEXT_ENCODER, args, kwargs)["input_ids"]
+        return pipeline.text_encoder(ids, output_hidden_states=False).pooler_output.float().numpy()
+
+    @torch.no_grad()
+    def t5(*args, **kwargs) -> np.ndarray:
+        ids = as_dict(FLUX_TEXT_ENCODER_2, args, kwargs)["input_ids"]
+        return pipeline.text_encoder_2(ids, output_hidden_states=False)[0].float().numpy()
+
+    @torch.no_grad()
+    def transformer(*args, **kwargs) -> np.ndarray:
+        f = as_dict(FLUX_TRANSFORMER, args, kwargs)
+        return pipeline.transformer(
+            hidden_states=f["hidden_states"], encoder_hidden_states=f["encoder_hidden_states"],
+            pooled_projections=f["pooled_projections"], timestep=f["timestep"], img_ids=f["img_ids"][0],
+            txt_ids=f["txt_ids"][0], return_dict=False,
+            guidance=f["guidance"] if pipeline.transformer.config.guidance_embeds else None,
+        )[0].float().numpy()
+
+    @torch.no_grad()
+    def vae(*args, **kwargs) -> np.ndarray:
+        latent = as_dict(FLUX_VAE_DECODER, args, kwargs)["latent"]
+        return pipeline.vae.decode(latent, return_dict=False)[0].float().numpy()
+
+    return clip, t5, transformer, vae

@@ -1,0 +1,135 @@
+"""What the training worker runs for a job: train, then (optionally) re-export and hot-swap.
+
+Tasks are registered on a huey instance by `register_tasks`, called identically by the facade
+(which only enqueues) and the worker (which runs them), so no settings are read at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from huey.api import Huey
+
+from training.jobs import JobSettings, JobStore, job_dir, job_store
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "fluxserve.run_job"
+
+
+def _progress_writer(store: JobStore, job_id: str, min_interval_s: float = 0.2) -> Callable[[dict], None]:
+    last = [0.0]
+
+    def write(progress: dict) -> None:
+        now = time.monotonic()
+        final = progress.get("step") == progress.get("total_steps")
+        if final or now - last[0] >= min_interval_s:  # bound SQLite writes on fast steps
+            store.update(job_id, progress=progress)
+            last[0] = now
+
+    return write
+
+
+def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    from export.flux_publish import default_checkpoint, publish_and_swap
+    from training.flux_lora import LoraTrainSettings, train_lora
+    from training.lora_dataset import load_prepared
+
+    jd = job_dir(settings, job_id)
+    dataset = load_prepared(jd / "dataset")
+    checkpoint = settings.base_checkpoint or str(default_checkpoint())
+    manifest = train_lora(
+        checkpoint,
+        dataset,
+        jd / "lora",
+        LoraTrainSettings(**params["train"]),
+        on_progress=_progress_writer(store, job_id),
+        should_stop=lambda: store.cancel_requested(job_id),
+    )
+    result: dict[str, Any] = {"lora_dir": str(jd / "lora"), "manifest": manifest}
+    if params.get("publish", True):
+        store.update(job_id, result={**result, "publish": {"status": "running"}})
+        try:
+            published = publish_and_swap(
+                checkpoint=checkpoint,
+                lora=jd / "lora",
+                trigger_word=params["trigger_word"],
+                repo=settings.model_repository,
+                triton_http_url=settings.triton_http_url,
+                keep_versions=settings.keep_versions,
+            )
+        except Exception as e:
+            log.exception("publish failed for job %s", job_id)
+            result["publish"] = {"status": "failed", "error": str(e)}
+            raise PublishError(str(e), result) from e
+        result["publish"] = {"status": "succeeded", **published}
+    return result
+
+
+def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    from export.classifier import publish_classifier
+    from serving.model_control import load_models
+    from training.classifier import ClassifierTrainSettings, train_classifier
+
+    jd = job_dir(settings, job_id)
+    overrides = {k: v for k, v in params.get("train", {}).items() if v is not None}
+    data_dir = jd / "data" if (jd / "data").is_dir() else None
+    cls_settings = ClassifierTrainSettings(output_dir=jd / "model", **({"data_dir": data_dir} if data_dir else {}), **overrides)
+    metrics = train_classifier(cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id))
+    result: dict[str, Any] = {"model_dir": str(jd / "model"), "test": metrics["test"], "validation": metrics["validation"]}
+    if params.get("publish", True):
+        pub = publish_classifier(jd / "model", settings.model_repository, work_dir=jd / "onnx")
+        load_models(settings.triton_http_url, ["classifier_onnx", "classify"])
+        result["publish"] = {"status": "succeeded", "model_version": str(pub["classify"].version)}
+    return result
+
+
+class PublishError(RuntimeError):
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+RUNNERS = {"flux_lora": run_flux_lora, "classifier": run_classifier}
+
+
+def run_job(settings: JobSettings, job_id: str) -> None:
+    store = job_store(settings)
+    if not store.start(job_id):
+        log.info("job %s is not queued any more (cancelled?); skipping", job_id)
+        return
+    job = store.get(job_id)
+    assert job is not None
+    log.info("job %s (%s) started", job_id, job.kind)
+    try:
+        result = RUNNERS[job.kind](settings, store, job_id, job.params)
+    except InterruptedError:
+        store.update(job_id, status="cancelled", error="cancelled by request")
+        log.info("job %s cancelled", job_id)
+    except PublishError as e:
+        store.update(job_id, status="failed", result=e.result, error=f"training succeeded but publishing failed: {e}")
+    except Exception as e:
+        log.exception("job %s failed", job_id)
+        store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+    else:
+        store.update(job_id, status="succeeded", result=result)
+        log.info("job %s succeeded", job_id)
+
+
+def register_tasks(huey: Huey, settings: JobSettings) -> Callable[[str], Any]:
+    """Register the job task on `huey`; returns the enqueue function."""
+
+    @huey.task(name=TASK_NAME)
+    def _run(job_id: str) -> None:
+        run_job(settings, job_id)
+
+    return _run
+
+
+def write_params(path: Path, params: dict[str, Any]) -> None:
+    path.write_text(json.dumps(params, indent=2))
