@@ -29,6 +29,31 @@ def export_classifier(model_dir: Path, repo: Path, target: str, force: bool) -> 
         log.info("%s: version %d %s", name, pub.version, "written" if pub.created else "unchanged")
 
 
+def export_flux(
+    repo: Path, target: str, force: bool, checkpoint: str | None = None, lora: str | None = None,
+    lora_scale: float | None = None, trigger_word: str | None = None, size: str | None = None, real: bool = False,
+) -> None:
+    from tqdm import tqdm
+
+    from export.flux.settings import FluxSettings
+    from export.flux_publish import publish_flux
+
+    settings = FluxSettings.real() if real else FluxSettings(**({"local_size": size} if size else {}))
+    bar = tqdm(total=4, desc="ONNX export", unit="model", disable=None)
+
+    def progress(name: str, result: object) -> None:
+        # Called at the start (result None) and end of each component's export.
+        if result is None:
+            bar.set_postfix_str(name)
+        else:
+            bar.update(1)
+
+    result = publish_flux(repo, checkpoint, lora, lora_scale, trigger_word, target=target, settings=settings,  # type: ignore[arg-type]
+                          force=force, progress=progress)
+    bar.close()
+    log.info("generate: version %s (new: %s); export report: %s", result["generate"], result["created"] or "none", result["report"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from training.classifier import ClassifierTrainSettings
 
@@ -39,11 +64,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classifier")
     c.add_argument("--model-dir", type=Path, default=ClassifierTrainSettings().output_dir)
+    f = sub.add_parser("flux", help="fuse a LoRA into FLUX and export generate + flux_* models")
+    f.add_argument("--checkpoint", help="diffusers FLUX folder or hub id (default: FLUXSERVE_FLUX_BASE_MODEL or the local build)")
+    f.add_argument("--lora", help="LoRA folder, .safetensors or hub id (default: FLUXSERVE_FLUX_LORA or the local LoRA)")
+    f.add_argument("--lora-scale", type=float)
+    f.add_argument("--trigger-word")
+    f.add_argument("--size", choices=("tiny", "small"), help="local random-weight build to use when no checkpoint is given")
+    f.add_argument("--real", action="store_true", help="FLUX.1-dev + Super-Realism LoRA (needs a hub and a GPU)")
     sub.add_parser("defaults", help="train (if needed) and export everything `make up` serves")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per folded initializer otherwise
     if args.cmd == "classifier":
         export_classifier(args.model_dir, args.repo, args.target, args.force)
+    elif args.cmd == "flux":
+        export_flux(args.repo, args.target, args.force, args.checkpoint, args.lora, args.lora_scale, args.trigger_word, args.size, args.real)
     elif args.cmd == "defaults":
         from training.classifier import is_up_to_date, train_classifier
 
@@ -51,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_up_to_date(settings):
             train_classifier(settings)
         export_classifier(settings.output_dir, args.repo, args.target, args.force)
+        export_flux(args.repo, args.target, args.force)
     return 0
 
 

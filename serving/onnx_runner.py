@@ -48,6 +48,15 @@ class BatchedOnnxRunner:
         self.session = session
         self.pad_axis1 = frozenset(pad_axis1)
         self.output_names = [o.name for o in session.get_outputs()]
+        self.input_ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+
+    def _conform(self, feeds: Feeds) -> Feeds:
+        """Per-item scalars travel as [B, 1] (Triton dims [1]); a graph taking [B] gets them flat."""
+        return {
+            k: v.reshape(v.shape[0]) if self.input_ranks.get(k) == 1 and v.ndim == 2 and v.shape[1] == 1 else v
+            for k, v in feeds.items()
+            if k in self.input_ranks  # e.g. `guidance` for a FLUX without guidance embedding
+        }
 
     def _signature(self, feeds: Feeds) -> tuple:
         return tuple(
@@ -56,6 +65,7 @@ class BatchedOnnxRunner:
         )
 
     def run(self, requests: Sequence[Feeds]) -> list[Feeds]:
+        requests = [self._conform(r) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, feeds in enumerate(requests):
             groups[self._signature(feeds)].append(i)

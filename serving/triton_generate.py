@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
+from client.contract import FLUX_IO_NAMES, FLUX_SCALAR_INPUTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
 from serving.flux_loop import FluxLoop, GenerationRequest
 from serving.generate_request import read_request
 
@@ -49,6 +49,8 @@ class TritonPythonModel:
 
         def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
             feeds = dict(zip(input_names, args)) | kwargs
+            # Per-item scalars are [B] to the graph but [B, 1] on Triton's wire (config dims [1]).
+            feeds = {k: v.reshape(-1, 1) if k in FLUX_SCALAR_INPUTS else v for k, v in feeds.items()}
             request = pb_utils.InferenceRequest(
                 model_name=model,
                 model_version=version,

@@ -1,0 +1,212 @@
+"""FLUX into Triton: fuse the LoRA, export the components to ONNX, write versioned models.
+
+`publish_flux` writes one new version of each component (`flux_text_encoder`,
+`flux_text_encoder_2`, `flux_transformer`, `flux_vae_decoder`) and of `generate`, whose
+`components.json` pins the component versions it was exported with. `publish_and_swap` then asks
+a running Triton to load them (components first, `generate` last), and rolls back on failure so
+the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from client.contract import FLUX_COMPONENTS, GENERATE
+from client.triton_client import TRIGGER_PARAMETER
+from export.deployments import ExportSettings, flux_deployments
+from export.flux.settings import FluxSettings
+from export.repository import MANIFEST, fingerprint, prune, publish, sha256_file, versions
+from export.triton_config import Target
+
+log = logging.getLogger(__name__)
+
+LARGE_FILE_BYTES = 256 << 20
+"""Files above this are fingerprinted by size and mtime: hashing FLUX.1-dev's 24 GB each run is waste."""
+
+
+def default_checkpoint(settings: FluxSettings | None = None) -> Path | str:
+    """The configured base model, or the local random-weight build (built on first use)."""
+    s = settings or FluxSettings()
+    if s.base_model:
+        return s.base_model
+    from export.flux.checkpoint import build_local_flux
+
+    return build_local_flux(s.local_checkpoint_dir, s.local_size, s.local_seed)
+
+
+def default_lora(settings: FluxSettings | None = None) -> Path | str:
+    s = settings or FluxSettings()
+    if s.lora:
+        return s.lora
+    from export.flux.lora import build_local_lora
+
+    return build_local_lora(Path(default_checkpoint(s)), s.local_lora_dir, seed=s.local_seed, trigger_word=s.trigger_word)
+
+
+def source_fingerprint(path: str | Path) -> dict[str, str]:
+    """Content identity of a local checkpoint/LoRA (hub ids are identified by name)."""
+    p = Path(path)
+    if not p.exists():
+        return {"hub_id": str(path)}
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    out = {}
+    for f in files:
+        rel = f.name if p.is_file() else str(f.relative_to(p))
+        st = f.stat()
+        out[rel] = f"size={st.st_size},mtime={st.st_mtime_ns}" if st.st_size > LARGE_FILE_BYTES else sha256_file(f)
+    return out
+
+
+def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
+    folder = onnx_dir / name
+    files = {"model.onnx": folder / "model.onnx"}
+    if (folder / "model.onnx.data").exists():  # external weights; the .onnx refers to this name
+        files["model.onnx.data"] = folder / "model.onnx.data"
+    return files
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    lora: str | Path | None,
+    lora_scale: float,
+    work_dir: Path,
+    provenance: dict[str, Any],
+    settings: FluxSettings,
+    progress: Callable[[str, object], None] | None = None,
+) -> dict[str, Any]:
+    """Fuse + export into work_dir/onnx unless an export with the same fingerprint is there."""
+    from export.flux.lora import load_pipeline
+    from export.flux.onnx_export import export_all
+
+    onnx_dir = work_dir / "onnx"
+    marker = work_dir / "onnx.fingerprint.json"
+    fp = fingerprint(provenance)
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
+        log.info("ONNX export in %s is up to date", onnx_dir)
+        return json.loads(marker.read_text())["report"]
+    shutil.rmtree(onnx_dir, ignore_errors=True)
+    started = time.monotonic()
+    pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
+    results = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset)
+    report = {
+        name: {"max_abs_error": r.max_abs_error, "export_seconds": round(r.export_seconds, 2)} for name, r in results.items()
+    }
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    marker.write_text(json.dumps({"fingerprint": fp, "report": report}, indent=2))
+    return report
+
+
+def publish_flux(
+    repo: Path,
+    checkpoint: str | Path | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float | None = None,
+    trigger_word: str | None = None,
+    target: Target = "cpu",
+    work_dir: Path | None = None,
+    settings: FluxSettings | None = None,
+    export_settings: ExportSettings | None = None,
+    force: bool = False,
+    progress: Callable[[str, object], None] | None = None,
+) -> dict[str, Any]:
+    """Export and write new versions (idempotent). Returns {model: version, ..., report}."""
+    s = settings or FluxSettings()
+    checkpoint = checkpoint if checkpoint is not None else default_checkpoint(s)
+    lora = lora if lora is not None else default_lora(s)
+    scale = s.lora_scale if lora_scale is None else lora_scale
+    if trigger_word is None:
+        from export.flux.lora import read_lora_manifest
+
+        trigger_word = str(read_lora_manifest(lora).get("trigger_word") or s.trigger_word) if lora else s.trigger_word
+    provenance = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_files": source_fingerprint(checkpoint),
+        "lora": str(lora) if lora else None,
+        "lora_files": source_fingerprint(lora) if lora else None,
+        "lora_scale": scale,
+        "trigger_word": trigger_word,
+        "onnx_opset": s.onnx_opset,
+    }
+    work_dir = work_dir or s.build_dir / "export" / fingerprint(provenance)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    report = export_onnx(checkpoint, lora, scale, work_dir, {k: v for k, v in provenance.items() if k != "trigger_word"}, s, progress)
+
+    deps = flux_deployments(export_settings)
+    out: dict[str, Any] = {"report": report, "created": []}
+    components: dict[str, int] = {}
+    for name in FLUX_COMPONENTS:
+        pub = publish(repo, deps[name], target, _component_files(work_dir / "onnx", name), provenance, force=force,
+                      report={"parity_max_abs_error": report.get(name, {}).get("max_abs_error")})
+        components[name] = pub.version
+        if pub.created:
+            out["created"].append(name)
+
+    from serving.flux_loop import copy_loop_assets
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
+        (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
+        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word})
+        gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
+                      {**provenance, "components": components}, force=force)
+    if gen.created:
+        out["created"].append(GENERATE.name)
+    out.update(components)
+    out[GENERATE.name] = gen.version
+    return out
+
+
+def _hub_snapshot(repo_id: str | Path) -> Path:
+    """Local folder of a hub checkpoint's configs/tokenizers (needs a hub or a warm cache)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(repo_id), allow_patterns=["*.json", "*.txt", "*.model", "tokenizer*/*", "scheduler/*"]))
+
+
+def publish_and_swap(
+    checkpoint: str | Path,
+    lora: str | Path,
+    trigger_word: str,
+    repo: Path,
+    triton_http_url: str,
+    keep_versions: int = 2,
+    lora_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Publish a new LoRA and load it into a running Triton without downtime.
+
+    Triton loads each new version beside the serving one and switches when it is ready; `generate`
+    goes last, so a request either runs entirely on the old versions or entirely on the new ones.
+    On failure the new version folders are removed and the old set is reloaded.
+    """
+    from serving.model_control import load_models
+
+    before = {name: versions(repo, name) for name in [*FLUX_COMPONENTS, GENERATE.name]}
+    started = time.monotonic()
+    try:
+        result = publish_flux(repo, checkpoint=checkpoint, lora=lora, lora_scale=lora_scale, trigger_word=trigger_word)
+        load_models(triton_http_url, [*FLUX_COMPONENTS, GENERATE.name])
+    except Exception:
+        for name, old in before.items():
+            for v in set(versions(repo, name)) - set(old):
+                shutil.rmtree(repo / name / str(v), ignore_errors=True)
+        try:
+            load_models(triton_http_url, [*FLUX_COMPONENTS, GENERATE.name])
+        except Exception:
+            log.exception("reloading the previous versions after a failed publish also failed")
+        raise
+    for name in before:
+        prune(repo, name, keep=keep_versions)
+    return {
+        "model_version": str(result[GENERATE.name]),
+        "components": {n: result[n] for n in FLUX_COMPONENTS},
+        "publish_seconds": round(time.monotonic() - started, 1),
+        "manifest": str(repo / GENERATE.name / str(result[GENERATE.name]) / MANIFEST),
+    }
