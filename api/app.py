@@ -16,9 +16,11 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics
-from api.routes import classify, generate, health
+from api.routes import classify, generate, health, train
 from api.settings import ApiSettings
 from client.triton_client import AsyncTritonClient
+from training.jobs import JobSettings, job_store, make_huey
+from training.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
@@ -43,6 +45,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,
                   description="FLUX.1-dev image generation and an image-request classifier, served by Triton.")
     app.state.settings = settings
+    # Training jobs: records in SQLite, the queue in huey; the facade only enqueues.
+    job_settings = JobSettings()
+    app.state.job_settings = job_settings
+    app.state.jobs = job_store(job_settings)
+    app.state.enqueue = register_tasks(make_huey(job_settings), job_settings)
     app.state.metrics = ApiMetrics()
     app.state.threshold_cache = None
 
@@ -72,6 +79,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(generate.router)
+    app.include_router(train.router)
     return app
 
 

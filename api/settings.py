@@ -15,7 +15,7 @@ class ApiSettings(BaseSettings):
     triton_grpc_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
     classify_timeout_s: float = 10.0
     generate_timeout_s: float = 600.0
-    required_models: tuple[str, ...] = ("classify",)
+    required_models: tuple[str, ...] = ("classify", "generate")
     """Models that must be ready for /readyz to answer 200."""
     classify_threshold: float | None = None
     """Overrides the uncertainty threshold the deployed classifier was published with."""

@@ -153,6 +153,10 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    def delete(self, job_id: str) -> None:
+        with self._lock, self._conn() as conn:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def cancel(self, job_id: str) -> Job | None:
         """Cancel: a queued job is cancelled now; a running one is flagged to stop at its next step."""
         with self._lock, self._conn() as conn:

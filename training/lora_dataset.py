@@ -20,6 +20,7 @@ files written so far are removed, so a refused upload leaves nothing half-extrac
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -394,3 +395,28 @@ def _extract(zip_path: Path, dest: Path, trigger: str, digest: str, limits: Data
     except NotImplementedError:
         raise DatasetError("the zip uses an unsupported compression method") from None
     return PreparedDataset(images=paths, captions=texts, sha256=digest, trigger_word=trigger, root=dest)
+
+
+# ----------------------------------------------------------------------------- hand-off to the worker
+
+PREPARED_INDEX = "dataset.json"
+
+
+def save_prepared(dataset: PreparedDataset) -> Path:
+    """Record a validated dataset in its root, so the worker process can load it by folder."""
+    index = dataset.root / PREPARED_INDEX
+    index.write_text(json.dumps({
+        "images": [str(p.relative_to(dataset.root)) for p in dataset.images],
+        "captions": dataset.captions,
+        "sha256": dataset.sha256,
+        "trigger_word": dataset.trigger_word,
+    }, indent=2))
+    return index
+
+
+def load_prepared(root: Path) -> PreparedDataset:
+    data = json.loads((root / PREPARED_INDEX).read_text())
+    return PreparedDataset(
+        images=[root / p for p in data["images"]], captions=list(data["captions"]),
+        sha256=data["sha256"], trigger_word=data["trigger_word"], root=root,
+    )
