@@ -21,19 +21,6 @@ from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, REAL_LORA, REAL_L
 pytestmark = pytest.mark.slow
 
 
-# The same paths in every FLUX test module: the builds are idempotent, so the first module to
-# ask builds them and the others reuse them.
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_local_flux(tmp_path_factory.getbasetemp() / "flux-tiny-0", "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_checkpoint: Path) -> Path:
-    out = tiny_checkpoint.parent / "flux-tiny-0-lora"
-    return out if (out / LORA_WEIGHT_NAME).exists() else build_local_lora(tiny_checkpoint, out)
-
-
 def _transformer_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return dict(

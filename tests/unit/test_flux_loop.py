@@ -31,22 +31,6 @@ MAX_PIXEL_DIFF = 8
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_local_flux(tmp_path_factory.getbasetemp() / "flux-tiny-0", "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_checkpoint: Path) -> Path:
-    out = tiny_checkpoint.parent / "flux-tiny-0-lora"
-    return out if (out / LORA_WEIGHT_NAME).exists() else build_local_lora(tiny_checkpoint, out)
-
-
-@pytest.fixture(scope="session")
-def fused_pipeline(tiny_checkpoint: Path, tiny_lora: Path):
-    return load_pipeline(tiny_checkpoint, tiny_lora)
-
-
-@pytest.fixture(scope="session")
 def onnx_dir(fused_pipeline, tiny_checkpoint: Path) -> Path:
     out = tiny_checkpoint.parent / "flux-tiny-0-onnx"
     if not all(onnx_path(out, name).exists() for name in FLUX_IO_NAMES):  # test_flux_onnx may have made them

@@ -28,22 +28,6 @@ ORT_DTYPE = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_local_flux(tmp_path_factory.getbasetemp() / "flux-tiny-0", "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_checkpoint: Path) -> Path:
-    out = tiny_checkpoint.parent / "flux-tiny-0-lora"
-    return out if (out / LORA_WEIGHT_NAME).exists() else build_local_lora(tiny_checkpoint, out)
-
-
-@pytest.fixture(scope="session")
-def fused_pipeline(tiny_checkpoint: Path, tiny_lora: Path):
-    return load_pipeline(tiny_checkpoint, tiny_lora)
-
-
-@pytest.fixture(scope="session")
 def exported(fused_pipeline, tiny_checkpoint: Path) -> dict[str, onnx_export.ExportResult]:
     events: list[tuple[str, bool]] = []
     results = export_all(fused_pipeline, tiny_checkpoint.parent / "flux-tiny-0-onnx",
