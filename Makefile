@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install models up test test-fast bench bench-smoke clean
+.PHONY: install models up test test-fast bench bench-smoke bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test-fast: install
 
 bench: models
 	$(BIN)/fluxserve-bench run
+
+bench-smoke: models
+	$(BIN)/fluxserve-bench run --smoke --out build/bench-smoke
+
+bench-sweep: models
+	$(BIN)/fluxserve-bench sweep
 
 clean:
 	rm -rf build model_repository/*/[0-9]* model_repository/*/config.pbtxt

@@ -26,6 +26,9 @@ def make_session(path: Path, intra_op_threads: int = 1, providers: Sequence[str]
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Several model instances share few cores: threads that spin between batches burn the CPU
+    # another process needs, so they sleep instead.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 

@@ -1,0 +1,136 @@
+"""`fluxserve-bench`: load benchmarks of fluxserve against its baseline, and a batching sweep.
+
+    fluxserve-bench run [--smoke] [--duration-s 10] [--concurrency 1 8 32] [--rate 50]
+                        [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
+                        [--out benchmarks/results]
+    fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
+    fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.targets import ALL_TARGETS
+from benchmarks.workload import GenerateParams
+
+
+def _run(args: argparse.Namespace) -> int:
+    from benchmarks.runner import RunSettings, run, smoke_settings
+
+    s = RunSettings(out_dir=args.out, targets=tuple(args.targets), log_dir=args.log_dir, plots=not args.no_plots,
+                    wait_idle_s=args.wait_idle_s)
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    if args.smoke:
+        s = smoke_settings(s)
+    overrides = {
+        "duration_s": args.duration_s, "open_duration_s": args.duration_s if args.duration_s else None,
+        "concurrency": tuple(args.concurrency) if args.concurrency else None,
+        "rate_rps": (args.rate or None) if args.rate is not None else None,
+        "max_requests": args.max_requests, "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+        "generate_concurrency": tuple(args.generate_concurrency) if args.generate_concurrency else None,
+        "generate_max_requests": args.generate_max_requests,
+    }
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if args.rate == 0:
+        s = replace(s, rate_rps=None)
+    if args.generate_size or args.generate_steps:
+        g = s.generate
+        side = args.generate_size or g.width
+        s = replace(s, generate=GenerateParams(side, side, args.generate_steps or g.steps, g.guidance))
+    started = time.monotonic()
+    result = run(s)
+    logging.getLogger("fluxserve.bench").info("done in %.0f s: %s", time.monotonic() - started, result["files"])
+    sys.stdout.write(Path(result["files"]["markdown"]).read_text())
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from benchmarks.sweep import Candidate, SweepSettings, sweep
+
+    s = SweepSettings(concurrency=args.concurrency, duration_s=args.duration_s, repeats=args.repeats,
+                      tie_tolerance=args.tie_tolerance, out=args.out, log_dir=args.log_dir)
+    if args.candidates:
+        s = replace(s, candidates=tuple(Candidate.parse(c) for c in args.candidates))
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    rec = sweep(s)
+    sys.stdout.write(json.dumps({"classify": rec["classify"], "measured": rec["measured"]}, indent=2) + "\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from benchmarks.report import render_markdown
+
+    sys.stdout.write(render_markdown(json.loads(args.result.read_text())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.runner import RESULTS_DIR
+    from benchmarks.servers import LOG_DIR
+    from benchmarks.sweep import RECOMMENDATION_FILE
+
+    parser = argparse.ArgumentParser(prog="fluxserve-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="benchmark facade, Triton and baseline; write JSON, markdown, plots")
+    r.add_argument("--smoke", action="store_true", help="a few seconds: 2 clients, 20 requests per target")
+    r.add_argument("--duration-s", type=float, help="seconds per load point (default 10)")
+    r.add_argument("--concurrency", type=int, nargs="+", help="closed-loop clients for classify (default 1 8 32)")
+    r.add_argument("--rate", type=float, help="open-loop req/s for classify (default 50; 0 disables)")
+    r.add_argument("--max-requests", type=int, help="cap on requests per load point")
+    r.add_argument("--targets", nargs="+", choices=ALL_TARGETS, default=list(ALL_TARGETS))
+    r.add_argument("--batch-sizes", type=int, nargs="+", help="ORT in-process sweep (default 1 4 8 16 32 64)")
+    r.add_argument("--generate-concurrency", type=int, nargs="+", help="closed-loop clients for generate (default 1 4)")
+    r.add_argument("--generate-max-requests", type=int, help="requests per generate load point (default 40)")
+    r.add_argument("--generate-size", type=int, help="generate image side in pixels (default 256)")
+    r.add_argument("--generate-steps", type=int, help="generate denoising steps (default 4)")
+    r.add_argument("--model-repository", type=Path)
+    r.add_argument("--out", type=Path, default=RESULTS_DIR)
+    r.add_argument("--log-dir", type=Path, default=LOG_DIR, help="server logs")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--wait-idle-s", type=float, default=0.0,
+                   help="first wait up to this long for other work on the machine to finish")
+    r.set_defaults(fn=_run)
+
+    w = sub.add_parser("sweep", help="measure classify dynamic-batching candidates; write the recommendation")
+    w.add_argument("--concurrency", type=int, default=32)
+    w.add_argument("--duration-s", type=float, default=8.0)
+    w.add_argument("--repeats", type=int, default=1)
+    w.add_argument("--tie-tolerance", type=float, default=0.03)
+    w.add_argument("--candidates", nargs="+", help='"DELAY_US" or "DELAY_US:B1,B2" (default: 6 built-in)')
+    w.add_argument("--model-repository", type=Path)
+    w.add_argument("--out", type=Path, default=RECOMMENDATION_FILE)
+    w.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    w.set_defaults(fn=_sweep)
+
+    p = sub.add_parser("report", help="print the markdown table of a result JSON")
+    p.add_argument("result", type=Path)
+    p.set_defaults(fn=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: thousands of lines, and CPU the load generator needs.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # No hub access at run time, for this process and the servers it starts.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""`fluxserve-bench sweep`: measure dynamic-batching candidates for the classifier, recommend one.
+
+Each candidate (the `classify` model's max_queue_delay_us and preferred batch sizes) is written
+with the export code's own deployment spec and config writer into a temporary copy of the model
+repository (weights hard-linked, configs rewritten), served by a fresh Triton, and loaded with
+`concurrency` gRPC clients. Best throughput wins; candidates within `tie_tolerance` of the best
+are tied and the lowest p99 among them wins. The result goes to benchmarks/recommended_batching.json,
+which export/deployments.py reads as the classify model's defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks import servers
+from benchmarks.cpu import CpuMeter, cpu_delta
+from benchmarks.environment import cpu_model
+from benchmarks.load import closed_loop
+from benchmarks.metrics_scrape import model_deltas, scrape
+from benchmarks.targets import GrpcClassify
+from benchmarks.workload import chat_texts
+from client.contract import CLASSIFY
+from export.deployments import ExportSettings, classifier_deployments
+from export.repository import write_config
+from export.triton_config import DynamicBatching, parse_config
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECOMMENDATION_FILE = PROJECT_ROOT / "benchmarks" / "recommended_batching.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"delay={self.max_queue_delay_us}us preferred={list(self.preferred_batch_sizes)}"
+
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        """"DELAY_US" or "DELAY_US:B1,B2,..." (e.g. "2000:8,16,32")."""
+        delay, _, sizes = text.partition(":")
+        return cls(int(delay), tuple(int(b) for b in sizes.split(",") if b.strip()))
+
+
+DEFAULT_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(0),
+    Candidate(500),
+    Candidate(2000),
+    Candidate(5000),
+    Candidate(2000, (8, 16, 32)),
+    Candidate(5000, (16, 32)),
+)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
+    concurrency: int = 32
+    duration_s: float = 8.0
+    warmup_s: float = 2.0
+    repeats: int = 1
+    """Rounds over all candidates (interleaved, so drift hits every candidate alike); medians are kept."""
+    tie_tolerance: float = 0.03
+    model_repository: Path = servers.MODEL_REPOSITORY
+    out: Path = RECOMMENDATION_FILE
+    log_dir: Path = servers.LOG_DIR
+
+
+def copy_classifier_models(src: Path, dst: Path) -> None:
+    """The classifier's models into `dst`; files hard-linked where possible, configs copied."""
+    def link_or_copy(s: str, d: str) -> None:
+        if s.endswith(".pbtxt"):
+            shutil.copy2(s, d)
+            return
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    for name in servers.CLASSIFY_STACK:
+        shutil.copytree(src / name, dst / name, copy_function=link_or_copy,
+                        ignore=shutil.ignore_patterns(".staging-*", "__pycache__"))
+
+
+def write_candidate(repo: Path, cand: Candidate) -> None:
+    """Write classify/classifier_onnx configs for `cand` with the export code's spec and writer.
+
+    Parameters the published configs carry (the uncertainty threshold) are kept.
+    """
+    settings = ExportSettings(classify_max_queue_delay_us=cand.max_queue_delay_us,
+                              classify_preferred_batch_sizes=cand.preferred_batch_sizes or None)
+    for name, dep in classifier_deployments(settings).items():
+        published = parse_config((repo / name / "config.pbtxt").read_text())
+        params = {k: v.string_value for k, v in published.parameters.items()}
+        dep = replace(dep, parameters={**params, **dep.parameters})
+        if name == CLASSIFY.name:
+            # Explicit, so an empty candidate list is not replaced by a previous recommendation.
+            dep = replace(dep, dynamic_batching=DynamicBatching(cand.preferred_batch_sizes, cand.max_queue_delay_us))
+        write_config(repo, dep, "cpu")
+
+
+async def _load(grpc_url: str, texts: list[str], s: SweepSettings, metrics_url: str, meter: CpuMeter) -> dict[str, Any]:
+    target = GrpcClassify(grpc_url, texts)
+    try:
+        await closed_loop(target, s.concurrency, s.warmup_s, 100_000)
+        before, cpu_before = scrape(metrics_url), meter.snapshot()
+        stats = await closed_loop(target, s.concurrency, s.duration_s, 1_000_000)
+        cpu = cpu_delta(cpu_before, meter.snapshot(), stats.wall_s, stats.ok)
+        deltas = model_deltas(before, scrape(metrics_url), servers.CLASSIFY_STACK)
+    finally:
+        await target.aclose()
+    summary = stats.summary()
+    return {k: summary[k] for k in ("ok", "errors", "throughput_rps", "p50_ms", "p90_ms", "p99_ms")} | {
+        "classify_avg_batch": deltas[CLASSIFY.name]["avg_batch"],
+        "classifier_onnx_avg_batch": deltas[servers.CLASSIFY_STACK[1]]["avg_batch"],
+        "classify_avg_queue_us": deltas[CLASSIFY.name]["avg_queue_us"],
+        "cpu_ms_per_request": cpu["total_cpu_ms_per_request"],
+        # Other work on the machine during this candidate: a candidate measured beside it looks worse.
+        "other_cores_busy": cpu["other_cores_busy"],
+    }
+
+
+def measure_candidate(workdir: Path, cand: Candidate, texts: list[str], s: SweepSettings) -> dict[str, Any]:
+    write_candidate(workdir, cand)
+    with servers.triton(workdir, servers.CLASSIFY_STACK, s.log_dir, tag="sweep") as triton:
+        m = asyncio.run(_load(triton.grpc_url, texts, s, triton.metrics_url, CpuMeter({"triton": triton.process.pid})))
+    log.info("%s: %.1f req/s, p99 %.1f ms, avg batch %s, %d errors, other work %s cores", cand.label,
+             m["throughput_rps"], m["p99_ms"], m["classify_avg_batch"], m["errors"], m["other_cores_busy"])
+    return m
+
+
+def choose(measured: dict[Candidate, dict[str, Any]], tie_tolerance: float) -> Candidate:
+    """Highest throughput; within `tie_tolerance` of it, the lowest p99. Erroring candidates lose."""
+    clean = {c: m for c, m in measured.items() if m["errors"] == 0} or measured
+    best = max(m["throughput_rps"] for m in clean.values())
+    tied = [c for c, m in clean.items() if m["throughput_rps"] >= best * (1 - tie_tolerance)]
+    return min(tied, key=lambda c: clean[c]["p99_ms"])
+
+
+def _median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if len(runs) == 1:
+        return dict(runs[0])
+    out = {k: statistics.median(r[k] for r in runs) for k in ("throughput_rps", "p50_ms", "p90_ms", "p99_ms")}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["ok"] = sum(r["ok"] for r in runs)
+    out["other_cores_busy"] = max((r["other_cores_busy"] or 0.0) for r in runs)
+    out["runs"] = list(runs)
+    return out
+
+
+def sweep(s: SweepSettings) -> dict[str, Any]:
+    started = time.monotonic()
+    if not servers.stack_built(s.model_repository, servers.CLASSIFY_STACK):
+        raise RuntimeError(f"classify is not built in {s.model_repository}: run `make models`")
+    texts = chat_texts()
+    scratch_root = PROJECT_ROOT / "build"  # same filesystem as the repository, so weights hard-link
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    runs: dict[Candidate, list[dict[str, Any]]] = {c: [] for c in s.candidates}
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=scratch_root) as tmp:
+        workdir = Path(tmp)
+        copy_classifier_models(s.model_repository, workdir)
+        for round_ in range(s.repeats):
+            for cand in s.candidates:
+                log.info("sweep round %d/%d: %s", round_ + 1, s.repeats, cand.label)
+                runs[cand].append(measure_candidate(workdir, cand, texts, s))
+    measured = {c: _median_run(r) for c, r in runs.items()}
+    best = choose(measured, s.tie_tolerance)
+    recommendation = {
+        "classify": {"max_queue_delay_us": best.max_queue_delay_us, "preferred_batch_sizes": list(best.preferred_batch_sizes)},
+        "measured": {c.label: m for c, m in measured.items()},
+        "method": {
+            "door": "Triton gRPC (tritonclient.grpc.aio), closed loop",
+            "concurrency": s.concurrency,
+            "duration_s": s.duration_s,
+            "repeats": s.repeats,
+            "rule": f"max throughput; within {s.tie_tolerance:.0%} of it, lowest p99",
+            "selected": best.label,
+            "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "measured_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
+    }
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = s.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(recommendation, indent=2) + "\n")
+    tmp_out.replace(s.out)
+    log.info("recommended for classify: %s (written to %s)", best.label, s.out)
+    return recommendation

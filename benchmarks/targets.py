@@ -1,0 +1,144 @@
+"""The things load is driven against: one class per (door, model).
+
+Every request validates what came back (a known label, an image of the requested size), so a
+server that answers fast with garbage counts as erroring, not as fast.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
+from client.contract import CLASSIFY, GENERATE, LABELS
+from client.triton_client import AsyncTritonClient
+
+# Target names as the CLI spells them: <door>-<model>, plus the in-process ORT limit.
+FACADE, TRITON, BASELINE = "facade", "triton", "baseline"
+DOORS: tuple[str, ...] = (FACADE, TRITON, BASELINE)
+MODELS: tuple[str, ...] = (CLASSIFY.name, GENERATE.name)
+ORT_INPROCESS = "ort-inprocess"
+ALL_TARGETS: tuple[str, ...] = (
+    *(f"{door}-{CLASSIFY.name}" for door in DOORS),
+    ORT_INPROCESS,
+    *(f"{door}-{GENERATE.name}" for door in DOORS),
+)
+
+
+class BadResponse(RuntimeError):
+    """The server answered, but not with what the contract promises."""
+
+
+class Target(Protocol):
+    async def __call__(self, i: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TargetName:
+    door: str
+    model: str
+
+    @classmethod
+    def parse(cls, name: str) -> TargetName:
+        door, _, model = name.partition("-")
+        if door not in DOORS or model not in MODELS:
+            raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
+        return cls(door, model)
+
+    def __str__(self) -> str:
+        return f"{self.door}-{self.model}"
+
+
+def _http_client(base_url: str, pool: int, timeout_s: float) -> httpx.AsyncClient:
+    # One client, one pool: as many keep-alive connections as concurrent requests, so no request
+    # waits for a connection and none is re-opened during the run.
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s)
+
+
+def _check_classify_body(body: dict) -> None:
+    if body.get("label") not in LABELS or set(body.get("scores", {})) != set(LABELS):
+        raise BadResponse(f"unexpected classify body: {str(body)[:200]}")
+
+
+class HttpClassify:
+    """POST /classify {"text"} on the facade or the baseline (same public contract)."""
+
+    def __init__(self, base_url: str, texts: list[str], pool: int, timeout_s: float = 30.0) -> None:
+        self.texts = texts
+        self.client = _http_client(base_url, pool, timeout_s)
+
+    async def __call__(self, i: int) -> None:
+        r = await self.client.post("/classify", json={"text": self.texts[i % len(self.texts)]})
+        if r.status_code != 200:
+            raise BadResponse(f"HTTP {r.status_code}: {r.text[:200]}")
+        _check_classify_body(r.json())
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class GrpcClassify:
+    """`classify` straight on Triton over gRPC (tritonclient.grpc.aio through client/)."""
+
+    def __init__(self, grpc_url: str, texts: list[str], timeout_s: float = 30.0) -> None:
+        self.texts = texts
+        self.client = AsyncTritonClient(grpc_url, timeout_s)
+
+    async def __call__(self, i: int) -> None:
+        (result,) = await self.client.classify([self.texts[i % len(self.texts)]])
+        if result.label not in LABELS:
+            raise BadResponse(f"unexpected label {result.label!r}")
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class HttpGenerate:
+    """POST /generate on the facade or the baseline; expects one base64 PNG."""
+
+    def __init__(self, base_url: str, params: GenerateParams, pool: int, timeout_s: float = 600.0) -> None:
+        self.params = params
+        self.client = _http_client(base_url, pool, timeout_s)
+
+    async def __call__(self, i: int) -> None:
+        p = self.params
+        body = {"prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], "width": p.width, "height": p.height,
+                "steps": p.steps, "guidance": p.guidance, "seed": i, "num_images": 1, "output_format": "png"}
+        r = await self.client.post("/generate", json=body)
+        if r.status_code != 200:
+            raise BadResponse(f"HTTP {r.status_code}: {r.text[:200]}")
+        images = r.json().get("images") or []
+        if len(images) != 1 or not base64.b64decode(images[0]).startswith(b"\x89PNG"):
+            raise BadResponse("expected one base64 PNG image")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class GrpcGenerate:
+    def __init__(self, grpc_url: str, params: GenerateParams, timeout_s: float = 600.0) -> None:
+        self.params = params
+        self.client = AsyncTritonClient(grpc_url, timeout_s)
+
+    async def __call__(self, i: int) -> None:
+        p = self.params
+        result = await self.client.generate(GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], seed=i, width=p.width,
+                                            height=p.height, steps=p.steps, guidance=p.guidance)
+        if tuple(result.image.shape) != (p.height, p.width, 3):
+            raise BadResponse(f"image shape {result.image.shape}, expected {(p.height, p.width, 3)}")
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def make_target(name: TargetName, url: str, texts: list[str], params: GenerateParams, pool: int) -> Target:
+    """`url` is an HTTP base URL for the facade/baseline, a host:port for Triton gRPC."""
+    if name.model == CLASSIFY.name:
+        return GrpcClassify(url, texts) if name.door == TRITON else HttpClassify(url, texts, pool)
+    return GrpcGenerate(url, params) if name.door == TRITON else HttpGenerate(url, params, pool)
