@@ -10,8 +10,9 @@ plain Python install (verified, see DESIGN.md):
   libpython and every python model fails to load, and at the wheel's `nvidia_pytriton.libs`,
   which the copied stub can no longer find through its relative RPATH.
 
-The stub embeds CPython but does not know about our virtualenv, so the venv's site-packages and
-the project root go on `PYTHONPATH`; model.py files import their logic from `serving/`.
+The stub embeds CPython with PYTHONPATH ignored and finds its interpreter through PATH, so the
+launcher puts this interpreter's bin directory first on PATH: the stub then runs inside the same
+virtualenv as the launcher. model.py files import their logic from `serving/`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import shutil
 import signal
-import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -91,10 +92,12 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     # The copied stub's RPATH ($ORIGIN-relative) no longer reaches the wheel's vendored libs.
     vendored = str(_pytriton_server_dir().parent.parent / "nvidia_pytriton.libs")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, vendored, env.get("LD_LIBRARY_PATH", "")) if p)
-    paths = [str(PROJECT_ROOT), *site.getsitepackages()]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    # The stub embeds CPython without setting a program name, so CPython finds `python3` on PATH
+    # and takes its prefix from it: with this interpreter's bin dir first, a venv's pyvenv.cfg is
+    # found and the stub sees exactly this environment (numpy<2 and all), not the system Python.
+    # PYTHONPATH is ignored by the stub (-E semantics); the editable install makes the project
+    # importable, and the project root is the stub's working directory as a fallback.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # The server has no hub access by design; make that explicit to every library inside it.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -170,7 +173,18 @@ class TritonServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def _check_ports_free(self) -> None:
+        """A server already on our ports would answer our readiness probe in Triton's place."""
+        s = self.settings
+        for port in (s.http_port, s.grpc_port, s.metrics_port):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((s.host, port))
+                except OSError as e:
+                    raise TritonStartError(f"port {s.host}:{port} is already in use (another Triton?): {e}") from e
+
     def start(self) -> TritonServer:
+        self._check_ports_free()
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.settings, backend_dir)
@@ -178,7 +192,8 @@ class TritonServer:
         log_fh = self.log_path.open("wb")
         # New session: Ctrl-C in `make up` reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
-            cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
+            cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
+            cwd=PROJECT_ROOT,
         )
         log_fh.close()
         self.wait_ready()
