@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.metrics import ApiMetrics
+from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import classify, generate, health, train
 from api.settings import ApiSettings
 from client.triton_client import AsyncTritonClient
@@ -74,7 +74,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return value
 
     app.state.trigger_word = trigger_word
-    app.middleware("http")(app.state.metrics.middleware)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(classify.router)
@@ -88,7 +88,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ApiSettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=settings.access_log)
 
 
 if __name__ == "__main__":

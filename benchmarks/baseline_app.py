@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Same server settings as the facade (api.app.main), so the comparison is about architecture.
-    uvicorn.run(create_app(args.classifier_dir, args.generate), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(args.classifier_dir, args.generate), host=args.host, port=args.port, log_level="info",
+                access_log=False)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: thousands of lines, and CPU the load generator needs.
+    # httpx (readiness probes, metric scrapes) logs every request at INFO.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # No hub access at run time, for this process and the servers it starts.

@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PACKAGES: tuple[str, ...] = ("torch", "onnxruntime", "tritonclient", "transformers", "diffusers", "nvidia-pytriton",
-                             "fastapi", "uvicorn", "httpx", "grpcio", "numpy")
+                             "fastapi", "uvicorn", "uvloop", "aiohttp", "grpcio", "numpy")
 
 
 def cpu_model() -> str:

@@ -10,7 +10,7 @@ import base64
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
+import aiohttp
 
 from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
 from client.contract import CLASSIFY, GENERATE, LABELS
@@ -54,11 +54,26 @@ class TargetName:
         return f"{self.door}-{self.model}"
 
 
-def _http_client(base_url: str, pool: int, timeout_s: float) -> httpx.AsyncClient:
-    # One client, one pool: as many keep-alive connections as concurrent requests, so no request
-    # waits for a connection and none is re-opened during the run.
-    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s)
+def _http_client(base_url: str, pool: int, timeout_s: float) -> aiohttp.ClientSession:
+    """One session, one pool: as many keep-alive connections as concurrent requests, so no request
+    waits for a connection and none is re-opened during the run.
+
+    aiohttp rather than httpx: the load generator shares the 2 cores with what it measures, and
+    httpx's async client spent ~2.8 ms of CPU per request here against aiohttp's ~0.2 ms.
+    Must be called inside the running event loop.
+    """
+    return aiohttp.ClientSession(
+        base_url=base_url,
+        connector=aiohttp.TCPConnector(limit=pool, limit_per_host=pool),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+    )
+
+
+async def _post_json(client: aiohttp.ClientSession, path: str, body: dict) -> dict:
+    async with client.post(path, json=body) as r:
+        if r.status != 200:
+            raise BadResponse(f"HTTP {r.status}: {(await r.text())[:200]}")
+        return await r.json()
 
 
 def _check_classify_body(body: dict) -> None:
@@ -74,13 +89,10 @@ class HttpClassify:
         self.client = _http_client(base_url, pool, timeout_s)
 
     async def __call__(self, i: int) -> None:
-        r = await self.client.post("/classify", json={"text": self.texts[i % len(self.texts)]})
-        if r.status_code != 200:
-            raise BadResponse(f"HTTP {r.status_code}: {r.text[:200]}")
-        _check_classify_body(r.json())
+        _check_classify_body(await _post_json(self.client, "/classify", {"text": self.texts[i % len(self.texts)]}))
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
 
 class GrpcClassify:
@@ -110,15 +122,12 @@ class HttpGenerate:
         p = self.params
         body = {"prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], "width": p.width, "height": p.height,
                 "steps": p.steps, "guidance": p.guidance, "seed": i, "num_images": 1, "output_format": "png"}
-        r = await self.client.post("/generate", json=body)
-        if r.status_code != 200:
-            raise BadResponse(f"HTTP {r.status_code}: {r.text[:200]}")
-        images = r.json().get("images") or []
+        images = (await _post_json(self.client, "/generate", body)).get("images") or []
         if len(images) != 1 or not base64.b64decode(images[0]).startswith(b"\x89PNG"):
             raise BadResponse("expected one base64 PNG image")
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
 
 class GrpcGenerate:

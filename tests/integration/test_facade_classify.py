@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client.contract import CLASSIFY_LIMITS, LABELS
 from tests.conftest import free_port, start_facade
@@ -71,8 +72,17 @@ def test_health_ready_metrics_docs(facade) -> None:
         assert http.get("/healthz").json() == {"status": "ok"}
         assert http.get("/readyz").status_code == 200
         http.post("/classify", json={"text": "hello"})
-        metrics = http.get("/metrics").text
-        assert "fluxserve_http_requests_total" in metrics and 'route="/classify"' in metrics
+        http.post("/classify", json={"text": ""})
+        http.get("/no/such/path")
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        # Counted by route template and the status the client saw, errors included.
+        counted = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+                   for s in families["fluxserve_http_requests"].samples if s.name.endswith("_total")}
+        for key in (("/classify", "POST", "200"), ("/classify", "POST", "422"), ("unmatched", "GET", "404")):
+            assert counted.get(key, 0) >= 1, (key, counted)
+        timed = {s.labels["route"]: s.value for s in families["fluxserve_http_request_duration_seconds"].samples
+                 if s.name.endswith("_count")}
+        assert timed["/classify"] >= 2
         assert http.get("/docs").status_code == 200
         assert "/classify" in http.get("/openapi.json").json()["paths"]
 
