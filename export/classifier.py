@@ -118,3 +118,16 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
     cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
     return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}
+
+
+def publish_and_swap_classifier(
+    model_dir: Path, repo: Path, triton_http_url: str, work_dir: Path | None = None, keep_versions: int = 2,
+    target: Target = "cpu", force: bool = False,
+) -> dict[str, Published | float]:
+    """Publish a fine-tuned classifier and load it into a running Triton; on failure the new
+    versions are removed and the previous classifier keeps serving (export.hot_swap.SwapError)."""
+    from export.hot_swap import publish_and_load
+
+    return publish_and_load(repo, triton_http_url, ["classifier_onnx", "classify"],
+                            lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
+                            keep_versions=keep_versions)

@@ -5,6 +5,9 @@ Idempotent: a model whose inputs and settings did not change keeps its current v
     fluxserve-export classifier                 # fine-tuned classifier -> classify + classifier_onnx
     fluxserve-export flux --size small          # local FLUX + LoRA -> generate + flux_* models
     fluxserve-export defaults                   # what `make up` serves
+
+With `--triton-url HOST:PORT` (Triton's HTTP port) the new versions are also loaded into that
+running server with no downtime; if that fails they are removed and the old versions keep serving.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from export.repository import SOURCE_REPOSITORY
 log = logging.getLogger("fluxserve.export")
 
 
-def export_classifier(model_dir: Path, repo: Path, target: str, force: bool) -> None:
-    from export.classifier import publish_classifier
+def export_classifier(model_dir: Path, repo: Path, target: str, force: bool, triton_url: str | None = None) -> None:
+    from export.classifier import publish_and_swap_classifier, publish_classifier
 
-    result = publish_classifier(model_dir, repo, target=target, force=force)  # type: ignore[arg-type]
+    if triton_url:
+        result = publish_and_swap_classifier(model_dir, repo, triton_url, target=target, force=force)  # type: ignore[arg-type]
+    else:
+        result = publish_classifier(model_dir, repo, target=target, force=force)  # type: ignore[arg-type]
     for name in ("classifier_onnx", "classify"):
         pub = result[name]
         log.info("%s: version %d %s", name, pub.version, "written" if pub.created else "unchanged")
@@ -32,11 +38,12 @@ def export_classifier(model_dir: Path, repo: Path, target: str, force: bool) -> 
 def export_flux(
     repo: Path, target: str, force: bool, checkpoint: str | None = None, lora: str | None = None,
     lora_scale: float | None = None, trigger_word: str | None = None, size: str | None = None, real: bool = False,
+    triton_url: str | None = None,
 ) -> None:
     from tqdm import tqdm
 
     from export.flux.settings import FluxSettings
-    from export.flux_publish import publish_flux
+    from export.flux_publish import publish_and_swap, publish_flux
 
     settings = FluxSettings.real() if real else FluxSettings(**({"local_size": size} if size else {}))
     bar = tqdm(total=4, desc="ONNX export", unit="model", disable=None)
@@ -48,8 +55,15 @@ def export_flux(
         else:
             bar.update(1)
 
-    result = publish_flux(repo, checkpoint, lora, lora_scale, trigger_word, target=target, settings=settings,  # type: ignore[arg-type]
-                          force=force, progress=progress)
+    kwargs = {"checkpoint": checkpoint, "lora": lora, "lora_scale": lora_scale, "trigger_word": trigger_word,
+              "target": target, "settings": settings, "force": force, "progress": progress}
+    if triton_url:
+        swapped = publish_and_swap(repo, triton_url, **kwargs)
+        bar.close()
+        log.info("generate: version %s now serving on %s (new: %s); export report: %s", swapped["model_version"],
+                 triton_url, swapped["created"] or "none", swapped["report"])
+        return
+    result = publish_flux(repo, **kwargs)  # type: ignore[arg-type]
     bar.close()
     log.info("generate: version %s (new: %s); export report: %s", result["generate"], result["created"] or "none", result["report"])
 
@@ -61,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--force", action="store_true", help="write a new version even if nothing changed")
+    parser.add_argument("--triton-url", metavar="HOST:PORT",
+                        help="also load the new versions into this running Triton (its HTTP port, e.g. 127.0.0.1:8000)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classifier")
     c.add_argument("--model-dir", type=Path, default=ClassifierTrainSettings().output_dir)
@@ -75,18 +91,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per folded initializer otherwise
+    from export.hot_swap import SwapError
+
+    try:
+        return _dispatch(args)
+    except SwapError as e:
+        log.error("not swapped in; the previous versions keep serving: %s", e)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from training.classifier import ClassifierTrainSettings
+
     if args.cmd == "classifier":
-        export_classifier(args.model_dir, args.repo, args.target, args.force)
+        export_classifier(args.model_dir, args.repo, args.target, args.force, args.triton_url)
     elif args.cmd == "flux":
-        export_flux(args.repo, args.target, args.force, args.checkpoint, args.lora, args.lora_scale, args.trigger_word, args.size, args.real)
+        export_flux(args.repo, args.target, args.force, args.checkpoint, args.lora, args.lora_scale, args.trigger_word,
+                    args.size, args.real, args.triton_url)
     elif args.cmd == "defaults":
         from training.classifier import is_up_to_date, train_classifier
 
         settings = ClassifierTrainSettings()
         if not is_up_to_date(settings):
             train_classifier(settings)
-        export_classifier(settings.output_dir, args.repo, args.target, args.force)
-        export_flux(args.repo, args.target, args.force)
+        export_classifier(settings.output_dir, args.repo, args.target, args.force, args.triton_url)
+        export_flux(args.repo, args.target, args.force, triton_url=args.triton_url)
     return 0
 
 

@@ -23,7 +23,7 @@ from client.contract import FLUX_COMPONENTS, GENERATE
 from client.triton_client import TRIGGER_PARAMETER
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
-from export.repository import MANIFEST, fingerprint, prune, publish, sha256_file, versions
+from export.repository import MANIFEST, fingerprint, publish, sha256_file
 from export.triton_config import Target
 
 log = logging.getLogger(__name__)
@@ -172,41 +172,28 @@ def _hub_snapshot(repo_id: str | Path) -> Path:
 
 
 def publish_and_swap(
-    checkpoint: str | Path,
-    lora: str | Path,
-    trigger_word: str,
     repo: Path,
     triton_http_url: str,
     keep_versions: int = 2,
-    lora_scale: float = 1.0,
+    **publish_kwargs: Any,
 ) -> dict[str, Any]:
-    """Publish a new LoRA and load it into a running Triton without downtime.
+    """Publish a new FLUX export (`publish_flux(repo, **publish_kwargs)`) and load it into a
+    running Triton without downtime.
 
-    Triton loads each new version beside the serving one and switches when it is ready; `generate`
-    goes last, so a request either runs entirely on the old versions or entirely on the new ones.
-    On failure the new version folders are removed and the old set is reloaded.
+    Components load first and `generate` last: its new version pins the new components, so a
+    request runs entirely on the old set or entirely on the new one. On failure the new version
+    folders are removed and the old set keeps serving (export.hot_swap.SwapError is raised).
     """
-    from serving.model_control import load_models
+    from export.hot_swap import publish_and_load
 
-    before = {name: versions(repo, name) for name in [*FLUX_COMPONENTS, GENERATE.name]}
     started = time.monotonic()
-    try:
-        result = publish_flux(repo, checkpoint=checkpoint, lora=lora, lora_scale=lora_scale, trigger_word=trigger_word)
-        load_models(triton_http_url, [*FLUX_COMPONENTS, GENERATE.name])
-    except Exception:
-        for name, old in before.items():
-            for v in set(versions(repo, name)) - set(old):
-                shutil.rmtree(repo / name / str(v), ignore_errors=True)
-        try:
-            load_models(triton_http_url, [*FLUX_COMPONENTS, GENERATE.name])
-        except Exception:
-            log.exception("reloading the previous versions after a failed publish also failed")
-        raise
-    for name in before:
-        prune(repo, name, keep=keep_versions)
+    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name],
+                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions)
     return {
         "model_version": str(result[GENERATE.name]),
         "components": {n: result[n] for n in FLUX_COMPONENTS},
+        "created": result["created"],
+        "report": result["report"],
         "publish_seconds": round(time.monotonic() - started, 1),
         "manifest": str(repo / GENERATE.name / str(result[GENERATE.name]) / MANIFEST),
     }

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.contract import FLUX_IO_NAMES, FLUX_SCALAR_INPUTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
+from client.codec import flux_component_feeds
+from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
 from serving.flux_loop import FluxLoop, GenerationRequest
 from serving.generate_request import read_request
 
@@ -44,18 +45,15 @@ class TritonPythonModel:
 
     @staticmethod
     def _caller(model: str, components: dict[str, int]):
-        input_names, (output_name,) = FLUX_IO_NAMES[model]
+        output_name = FLUX_IO_NAMES[model][1][0]
         version = int(components.get(model, -1))
 
         def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
-            feeds = dict(zip(input_names, args)) | kwargs
-            # Per-item scalars are [B] to the graph but [B, 1] on Triton's wire (config dims [1]).
-            feeds = {k: v.reshape(-1, 1) if k in FLUX_SCALAR_INPUTS else v for k, v in feeds.items()}
             request = pb_utils.InferenceRequest(
                 model_name=model,
                 model_version=version,
                 requested_output_names=[output_name],
-                inputs=[pb_utils.Tensor(name, np.ascontiguousarray(feeds[name])) for name in input_names],
+                inputs=[pb_utils.Tensor(name, arr) for name, arr in flux_component_feeds(model, args, kwargs).items()],
             )
             response = request.exec()
             if response.has_error():

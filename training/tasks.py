@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,27 +54,32 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
     )
     result: dict[str, Any] = {"lora_dir": str(jd / "lora"), "manifest": manifest}
     if params.get("publish", True):
-        store.update(job_id, result={**result, "publish": {"status": "running"}})
-        try:
-            published = publish_and_swap(
-                checkpoint=checkpoint,
-                lora=jd / "lora",
-                trigger_word=params["trigger_word"],
-                repo=settings.model_repository,
-                triton_http_url=settings.triton_http_url,
-                keep_versions=settings.keep_versions,
-            )
-        except Exception as e:
-            log.exception("publish failed for job %s", job_id)
-            result["publish"] = {"status": "failed", "error": str(e)}
-            raise PublishError(str(e), result) from e
-        result["publish"] = {"status": "succeeded", **published}
+        result["publish"] = _publish(store, job_id, result, lambda: publish_and_swap(
+            repo=settings.model_repository,
+            triton_http_url=settings.triton_http_url,
+            keep_versions=settings.keep_versions,
+            checkpoint=checkpoint,
+            lora=jd / "lora",
+            lora_scale=params.get("lora_scale", 1.0),
+            trigger_word=params["trigger_word"],
+        ))
     return result
 
 
+def _publish(store: JobStore, job_id: str, result: dict[str, Any], publish_fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The job's publish step: recorded as running, then succeeded, or failed with the reason
+    (training's result is kept either way; the previous model version keeps serving)."""
+    store.update(job_id, result={**result, "publish": {"status": "running"}})
+    try:
+        published = publish_fn()
+    except Exception as e:
+        log.exception("publish failed for job %s", job_id)
+        raise PublishError(str(e), {**result, "publish": {"status": "failed", "error": str(e)}}) from e
+    return {"status": "succeeded", **published}
+
+
 def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from export.classifier import publish_classifier
-    from serving.model_control import load_models
+    from export.classifier import publish_and_swap_classifier
     from training.classifier import ClassifierTrainSettings, train_classifier
 
     jd = job_dir(settings, job_id)
@@ -83,9 +89,14 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
     metrics = train_classifier(cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id))
     result: dict[str, Any] = {"model_dir": str(jd / "model"), "test": metrics["test"], "validation": metrics["validation"]}
     if params.get("publish", True):
-        pub = publish_classifier(jd / "model", settings.model_repository, work_dir=jd / "onnx")
-        load_models(settings.triton_http_url, ["classifier_onnx", "classify"])
-        result["publish"] = {"status": "succeeded", "model_version": str(pub["classify"].version)}
+        def publish() -> dict[str, Any]:
+            pub = publish_and_swap_classifier(jd / "model", settings.model_repository, settings.triton_http_url,
+                                              work_dir=jd / "onnx", keep_versions=settings.keep_versions)
+            parity = float(pub["parity_max_abs_logit_error"])  # type: ignore[arg-type]
+            return {"model_version": str(pub["classify"].version),  # type: ignore[union-attr]
+                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity}
+
+        result["publish"] = _publish(store, job_id, result, publish)
     return result
 
 

@@ -105,21 +105,76 @@ def stack(tmp_path_factory):
     s.close()
 
 
-def vae_reconstruction_of_red(checkpoint: str) -> np.ndarray:
-    """What the (random-weight) VAE makes of the training image: the best any generation can do."""
+def red_latent(checkpoint: str) -> np.ndarray:
+    """The training image in the VAE's latent space: where a LoRA that learned it should land."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(checkpoint) / "vae").eval()
     x = torch.tensor(np.asarray(Image.new("RGB", (64, 64), RED)), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    return ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+        return vae.encode(x).latent_dist.mean.numpy()
+
+
+def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str, seeds: range) -> list[np.ndarray]:
+    """The final latents the *served* FLUX components of a `generate` version produce: the loop
+    `generate` runs, with each component called over gRPC at the version that `generate` pins,
+    captured where they enter the VAE decoder. The random-weight VAE decodes nearly every latent
+    to the same grey, so this is where a trained LoRA's effect on served output is observable."""
+    import tritonclient.grpc as grpcclient
+
+    from client.codec import flux_component_feeds
+    from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+    from serving.flux_loop import FluxLoop, GenerationRequest
+
+    version_dir = repo / GENERATE.name / generate_version
+    components = json.loads((version_dir / "components.json").read_text())
+    client = grpcclient.InferenceServerClient(grpc_url)
+    captured: list[np.ndarray] = []
+
+    def caller(model: str, capture: bool = False):
+        output = FLUX_IO_NAMES[model][1][0]
+
+        def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+            inputs = []
+            for name, arr in flux_component_feeds(model, args, kwargs).items():
+                inputs.append(grpcclient.InferInput(name, list(arr.shape), "INT64" if arr.dtype == np.int64 else "FP32"))
+                inputs[-1].set_data_from_numpy(arr)
+                if capture:
+                    captured.append(arr)
+            result = client.infer(model, inputs, model_version=str(components[model]),
+                                  outputs=[grpcclient.InferRequestedOutput(output)])
+            return result.as_numpy(output)
+
+        return call
+
+    loop = FluxLoop(version_dir / "pipeline", caller(FLUX_TEXT_ENCODER), caller(FLUX_TEXT_ENCODER_2),
+                    caller(FLUX_TRANSFORMER), caller(FLUX_VAE_DECODER, capture=True))
+    try:
+        for seed in seeds:
+            loop(GenerationRequest(prompt, 64, 64, 4, 3.5, seed))
+    finally:
+        client.close()
+    return captured
+
+
+def facade_prompt_for(stack: Stack, prompt: str, expect: str, timeout_s: float = 30) -> str:
+    """The prompt /generate sends to the model, once it equals `expect` or at the timeout: the
+    facade re-reads the deployed LoRA's trigger words every few seconds (api.app.TRIGGER_TTL_S)."""
+    deadline = time.monotonic() + timeout_s
+    with stack.http(300) as http:
+        while True:
+            seen = http.post("/generate", json={"prompt": prompt, "width": 64, "height": 64, "steps": 1}).json()["prompt"]
+            if seen == expect or time.monotonic() > deadline:
+                return seen
+            time.sleep(1)
 
 
 def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
         before = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=4).image
         old_version = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=1).model_version
+    seeds = range(3)
+    latents_before = served_latents(stack.triton.grpc_url, stack.repo, old_version, TRIGGER, seeds)
 
     # Load: /generate keeps running from before the job until after the new version serves.
     results: list[tuple[int, str | None]] = []
@@ -159,25 +214,26 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
 
     manifest = job["result"]["manifest"]
     losses = {k: manifest["loss_history"][k] for k in ("mean_first_5", "mean_last_5")}
-    print(f"POST->serving {serving_s:.1f}s; requests during job+swap {len(results)}; manifest keys {sorted(manifest)}")
+    print(f"POST->serving {serving_s:.1f}s; requests during job+swap {len(results)}; "
+          f"training {manifest['steps_per_s']} steps/s")
     assert job["progress"]["step"] == job["progress"]["total_steps"] == 40
     assert manifest["trigger_word"] == TRIGGER
 
     # The new LoRA is what serves, and generation with its trigger word moved toward the data.
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
         after = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=4).image
-    gen_manifest = json.loads((stack.repo / GENERATE.name / new_version / "fluxserve_manifest.json").read_text())
-    target = vae_reconstruction_of_red(gen_manifest["provenance"]["checkpoint"]).astype(float)
-    d_before = np.abs(before.astype(float) - target).mean()
-    d_after = np.abs(after.astype(float) - target).mean()
-    print(f"distance to training images (VAE-reconstructed): before {d_before:.2f} after {d_after:.2f}; losses {losses}")
-    # The new weights are what serves. Whether the picture moves toward the data is only
-    # observable in latent space with this random-weight VAE (its decoder maps almost any latent
-    # to the same grey); tests/unit/test_flux_lora.py asserts that move on the trainer's output.
     assert np.abs(after.astype(int) - before.astype(int)).mean() > 0.5
+    gen_manifest = json.loads((stack.repo / GENERATE.name / new_version / "fluxserve_manifest.json").read_text())
+    target = red_latent(gen_manifest["provenance"]["checkpoint"])
+    latents_after = served_latents(stack.triton.grpc_url, stack.repo, new_version, TRIGGER, seeds)
+    d_before = [float(np.linalg.norm(z - target)) for z in latents_before]
+    d_after = [float(np.linalg.norm(z - target)) for z in latents_after]
+    print(f"served latent L2 to the training image's latent, seeds {list(seeds)}: before {d_before} after {d_after}; "
+          f"losses {losses}")
+    # Measured about 106 -> 96 (10% closer) for every seed after 40 steps; 4% leaves room for noise.
+    assert all(a < 0.96 * b for a, b in zip(d_after, d_before))
     assert manifest["loss_history"]["mean_last_5"] < manifest["loss_history"]["mean_first_5"]
-    with stack.http() as http:
-        assert http.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "steps": 1}).json()["prompt"].startswith(TRIGGER)
+    assert facade_prompt_for(stack, "x", expect=f"{TRIGGER}, x") == f"{TRIGGER}, x"
 
 
 def test_sse_progress_stream(stack: Stack) -> None:
@@ -280,3 +336,102 @@ def test_bad_fields_refused(stack: Stack, fields: dict, fragment: str) -> None:
         r = http.post("/train", data=data, files={"dataset": ("d.zip", red_zip(1), "application/zip")})
     assert r.status_code == 422, r.text
     assert fragment in r.json()["error"]["message"]
+
+
+def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
+    """The classifier fine-tuning as a job kind: trained, exported, swapped in, answering."""
+    with stack.http() as http:
+        before = http.post("/classify", json={"text": "can I see you in the kitchen?"})
+        assert before.status_code == 200
+        r = http.post("/train", data={"kind": "classifier", "steps": "1", "seed": "0"})
+    assert r.status_code == 202, r.text
+    job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["publish"]["status"] == "succeeded"
+    assert 0.5 < job["result"]["test"]["accuracy"] <= 1.0
+    new_version = job["result"]["publish"]["model_version"]
+    from serving.model_control import ready_versions
+
+    assert new_version in ready_versions(stack.triton.http_url, "classify")
+    manifest = json.loads((stack.repo / "classify" / new_version / "fluxserve_manifest.json").read_text())
+    assert manifest["provenance"]["classifier"] == job["result"]["model_dir"]
+    with stack.http() as http:
+        after = http.post("/classify", json={"texts": ["see you tomorrow", "make an image of you in Paris"]})
+    assert after.status_code == 200, after.text
+    assert all(abs(sum(res["scores"].values()) - 1) < 1e-4 for res in after.json()["results"])
+
+
+def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_path: Path, monkeypatch) -> None:
+    """A LoRA job whose new transformer cannot be loaded by Triton: the job's publish step is
+    marked failed, the new version folders are rolled back and the old version keeps serving.
+
+    The job runs in this process (not the worker) so the fault can be injected into the exported
+    artifact itself: the real export runs, then its transformer file is replaced with garbage."""
+    import export.flux_publish as flux_publish
+    from client.contract import FLUX_COMPONENTS, FLUX_TRANSFORMER
+    from export.repository import versions
+    from serving.model_control import ready_versions
+    from training.flux_lora import LoraTrainSettings
+    from training.jobs import JobSettings, job_dir, job_store
+    from training.lora_dataset import save_prepared, validate_and_extract
+    from training.tasks import run_job
+
+    real_publish = flux_publish.publish_flux
+
+    def publish_with_a_broken_transformer(repo: Path, **kwargs):
+        out = real_publish(repo, **kwargs)
+        broken = repo / FLUX_TRANSFORMER / str(out[FLUX_TRANSFORMER]) / "model.onnx"
+        broken.unlink()  # it is a hard link to the export's own file: break only this copy
+        broken.write_bytes(b"not an ONNX model")
+        return out
+
+    monkeypatch.setattr(flux_publish, "publish_flux", publish_with_a_broken_transformer)
+    settings = JobSettings(jobs_dir=stack.jobs_dir, model_repository=stack.repo, triton_http_url=stack.triton.http_url)
+    store = job_store(settings)
+    models = [*FLUX_COMPONENTS, GENERATE.name]
+    on_disk = {m: versions(stack.repo, m) for m in models}
+    serving = {m: ready_versions(stack.triton.http_url, m) for m in models}
+    with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
+        old_version = direct.generate("a red square", seed=3, width=64, height=64, steps=1).model_version
+
+    job = store.create("flux_lora", {})
+    zip_path = tmp_path / "data.zip"
+    zip_path.write_bytes(red_zip(2))
+    job_dir(settings, job.id).mkdir(parents=True)
+    prepared = validate_and_extract(zip_path, job_dir(settings, job.id) / "dataset", TRIGGER)
+    save_prepared(prepared)
+    train = LoraTrainSettings(steps=3, resolution=64, seed=0, learning_rate=0.01)
+    store.update(job.id, params={"train": train.model_dump(), "trigger_word": prepared.trigger_word, "publish": True})
+    run_job(settings, job.id)
+
+    job = store.get(job.id)
+    assert job is not None and job.status == "failed", job
+    assert "publishing failed" in (job.error or "")
+    assert job.result["publish"]["status"] == "failed" and job.result["publish"]["error"]
+    assert job.result["manifest"]["trigger_word"] == TRIGGER  # the trained LoRA is kept
+    assert {m: versions(stack.repo, m) for m in models} == on_disk
+    assert {m: ready_versions(stack.triton.http_url, m) for m in models} == serving
+    with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
+        assert direct.generate("a red square", seed=3, width=64, height=64, steps=1).model_version == old_version
+    with stack.http(300) as http:
+        r = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1})
+    assert r.status_code == 200 and r.json()["model_version"] == old_version
+
+
+def test_export_cli_swaps_in_a_lora_from_elsewhere(stack: Stack) -> None:
+    """`fluxserve-export --triton-url ... flux --lora ... --lora-scale ...` puts a LoRA trained
+    elsewhere into service on a running Triton (here: the default LoRA at another scale)."""
+    with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
+        old = direct.generate("a red square", seed=5, width=64, height=64, steps=2)
+    cli = Path(sys.executable).parent / "fluxserve-export"
+    done = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
+                           "flux", "--lora-scale", "0.25", "--trigger-word", "Elsewhere"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
+        new = direct.generate("a red square", seed=5, width=64, height=64, steps=2)
+    assert int(new.model_version) > int(old.model_version)
+    manifest = json.loads((stack.repo / GENERATE.name / new.model_version / "fluxserve_manifest.json").read_text())
+    assert manifest["provenance"]["lora_scale"] == 0.25 and manifest["provenance"]["trigger_word"] == "Elsewhere"
+    assert np.abs(new.image.astype(int) - old.image.astype(int)).mean() > 0  # other weights serve
+    assert facade_prompt_for(stack, "x", expect="Elsewhere, x") == "Elsewhere, x"
