@@ -4,6 +4,7 @@
                         [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
                         [--out benchmarks/results]
     fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
+    fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
     fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 """
 
@@ -68,6 +69,16 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swap(args: argparse.Namespace) -> int:
+    from benchmarks.swap import SwapSettings, render_markdown, swap
+
+    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir)
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    sys.stdout.write(render_markdown(swap(s)))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from benchmarks.report import render_markdown
 
@@ -113,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, default=RECOMMENDATION_FILE)
     w.add_argument("--log-dir", type=Path, default=LOG_DIR)
     w.set_defaults(fn=_sweep)
+
+    from benchmarks.swap import RESULT_FILE as SWAP_RESULT
+
+    sw = sub.add_parser("swap", help="a LoRA training job and its hot swap under /generate load")
+    sw.add_argument("--concurrency", type=int, default=2, help="closed-loop /generate clients")
+    sw.add_argument("--train-steps", type=int, default=40)
+    sw.add_argument("--model-repository", type=Path)
+    sw.add_argument("--out", type=Path, default=SWAP_RESULT)
+    sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    sw.set_defaults(fn=_swap)
 
     p = sub.add_parser("report", help="print the markdown table of a result JSON")
     p.add_argument("result", type=Path)

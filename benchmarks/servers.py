@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -115,11 +116,12 @@ def _spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port:
 
 @contextmanager
 def facade(triton_grpc_url: str, required_models: Iterable[str], log_dir: Path = LOG_DIR,
-           timeout_s: float = 60.0) -> Iterator[HttpServer]:
+           timeout_s: float = 60.0, extra_env: dict[str, str] | None = None) -> Iterator[HttpServer]:
     """The real facade (`python -m api.app`), configured by its FLUXSERVE_API_ environment."""
     port = free_port()
     env = {
         **os.environ,
+        **(extra_env or {}),
         "FLUXSERVE_API_HOST": ENDPOINTS.host,
         "FLUXSERVE_API_PORT": str(port),
         "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url,
@@ -149,3 +151,22 @@ def baseline(classifier_dir: Path, with_generate: bool, log_dir: Path = LOG_DIR,
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def worker(env: dict[str, str], log_dir: Path = LOG_DIR) -> Iterator[subprocess.Popen[bytes]]:
+    """The real training worker (`python -m training.worker`), configured by FLUXSERVE_JOBS_ env."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "worker.log").open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "training.worker"], cwd=PROJECT_ROOT,
+                                env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # huey's consumer finishes its current task step cleanly
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client.contract import FLUX_COMPONENTS, GENERATE
+from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
 from client.triton_client import TRIGGER_PARAMETER
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
@@ -73,34 +73,60 @@ def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
     return files
 
 
+def component_provenance(provenance: dict[str, Any], lora_targets: frozenset[str]) -> dict[str, dict[str, Any]]:
+    """What each component's weights depend on. A FLUX LoRA changes the transformer and, when it
+    has text-encoder keys, CLIP; T5 and the VAE only ever come from the checkpoint. Re-exporting a
+    new LoRA therefore rebuilds (and Triton reloads) only what it changed: for FLUX.1-dev that
+    spares the 9 GB T5-XXL export and load on every swap."""
+    base = {k: provenance[k] for k in ("checkpoint", "checkpoint_files", "onnx_opset")}
+    with_lora = {**base, **{k: provenance[k] for k in ("lora", "lora_files", "lora_scale")}}
+    return {
+        FLUX_TEXT_ENCODER: with_lora if "text_encoder" in lora_targets else base,
+        FLUX_TEXT_ENCODER_2: base,
+        FLUX_TRANSFORMER: with_lora if "transformer" in lora_targets else base,
+        FLUX_VAE_DECODER: base,
+    }
+
+
 def export_onnx(
     checkpoint: str | Path,
     lora: str | Path | None,
     lora_scale: float,
-    work_dir: Path,
-    provenance: dict[str, Any],
+    export_root: Path,
+    provenance: dict[str, dict[str, Any]],
     settings: FluxSettings,
     progress: Callable[[str, object], None] | None = None,
 ) -> dict[str, Any]:
-    """Fuse + export into work_dir/onnx unless an export with the same fingerprint is there."""
+    """Export each component into export_root/<component>/<fingerprint of its provenance>/, unless
+    that folder already holds a finished export; the fused pipeline is loaded only when needed.
+
+    Returns {component: {"onnx_dir", "max_abs_error", "export_seconds", "reused"}, "total_seconds"}.
+    """
     from export.flux.lora import load_pipeline
     from export.flux.onnx_export import export_all
 
-    onnx_dir = work_dir / "onnx"
-    marker = work_dir / "onnx.fingerprint.json"
-    fp = fingerprint(provenance)
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
-        log.info("ONNX export in %s is up to date", onnx_dir)
-        return json.loads(marker.read_text())["report"]
-    shutil.rmtree(onnx_dir, ignore_errors=True)
     started = time.monotonic()
-    pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
-    results = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset)
-    report = {
-        name: {"max_abs_error": r.max_abs_error, "export_seconds": round(r.export_seconds, 2)} for name, r in results.items()
-    }
+    report: dict[str, Any] = {}
+    todo: dict[str, Path] = {}
+    for name, prov in provenance.items():
+        onnx_dir = export_root / name / fingerprint(prov)
+        marker = onnx_dir / "export.json"
+        if marker.exists():
+            report[name] = {**json.loads(marker.read_text()), "onnx_dir": str(onnx_dir), "reused": True}
+            log.info("%s: ONNX export in %s is up to date", name, onnx_dir)
+            if progress is not None:
+                progress(name, "reused")
+        else:
+            shutil.rmtree(onnx_dir, ignore_errors=True)  # a half-written export from an interrupted run
+            todo[name] = onnx_dir
+    if todo:
+        pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
+        for name, onnx_dir in todo.items():
+            (result,) = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]).values()
+            facts = {"max_abs_error": result.max_abs_error, "export_seconds": round(result.export_seconds, 2)}
+            (onnx_dir / "export.json").write_text(json.dumps(facts, indent=2))  # written last: marks it complete
+            report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
     report["total_seconds"] = round(time.monotonic() - started, 1)
-    marker.write_text(json.dumps({"fingerprint": fp, "report": report}, indent=2))
     return report
 
 
@@ -111,20 +137,20 @@ def publish_flux(
     lora_scale: float | None = None,
     trigger_word: str | None = None,
     target: Target = "cpu",
-    work_dir: Path | None = None,
     settings: FluxSettings | None = None,
     export_settings: ExportSettings | None = None,
     force: bool = False,
     progress: Callable[[str, object], None] | None = None,
 ) -> dict[str, Any]:
-    """Export and write new versions (idempotent). Returns {model: version, ..., report}."""
+    """Export and write new versions (idempotent per component). Returns {model: version, ...,
+    "created": [models with a new version], "report": export report}."""
+    from export.flux.lora import lora_targets, read_lora_manifest
+
     s = settings or FluxSettings()
     checkpoint = checkpoint if checkpoint is not None else default_checkpoint(s)
     lora = lora if lora is not None else default_lora(s)
     scale = s.lora_scale if lora_scale is None else lora_scale
     if trigger_word is None:
-        from export.flux.lora import read_lora_manifest
-
         trigger_word = str(read_lora_manifest(lora).get("trigger_word") or s.trigger_word) if lora else s.trigger_word
     provenance = {
         "checkpoint": str(checkpoint),
@@ -135,28 +161,30 @@ def publish_flux(
         "trigger_word": trigger_word,
         "onnx_opset": s.onnx_opset,
     }
-    work_dir = work_dir or s.build_dir / "export" / fingerprint(provenance)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    report = export_onnx(checkpoint, lora, scale, work_dir, {k: v for k, v in provenance.items() if k != "trigger_word"}, s, progress)
+    targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
+    per_component = component_provenance(provenance, targets)
+    export_root = s.build_dir / "export"
+    report = export_onnx(checkpoint, lora, scale, export_root, per_component, s, progress)
 
     deps = flux_deployments(export_settings)
     out: dict[str, Any] = {"report": report, "created": []}
     components: dict[str, int] = {}
     for name in FLUX_COMPONENTS:
-        pub = publish(repo, deps[name], target, _component_files(work_dir / "onnx", name), provenance, force=force,
-                      report={"parity_max_abs_error": report.get(name, {}).get("max_abs_error")})
+        pub = publish(repo, deps[name], target, _component_files(Path(report[name]["onnx_dir"]), name), per_component[name],
+                      force=force, report={"parity_max_abs_error": report[name]["max_abs_error"]})
         components[name] = pub.version
         if pub.created:
             out["created"].append(name)
 
     from serving.flux_loop import copy_loop_assets
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+    export_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
         gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word})
         gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
-                      {**provenance, "components": components}, force=force)
+                      {**provenance, "lora_targets": sorted(targets), "components": components}, force=force)
     if gen.created:
         out["created"].append(GENERATE.name)
     out.update(components)

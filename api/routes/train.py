@@ -54,7 +54,7 @@ async def create_job(
     batch_size: Annotated[int | None, Form()] = None,
     publish: Annotated[bool, Form(description="re-export and serve the result when training succeeds")] = True,
 ) -> JSONResponse:
-    from training.flux_lora import LoraTrainSettings
+    from training.lora_settings import LoraTrainSettings
     from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
 
     state = request.app.state

@@ -102,6 +102,17 @@ def resolve_lora(lora: str | Path, weight_name: str | None = None) -> tuple[str,
     return str(lora), weight_name
 
 
+def lora_targets(lora: str | Path, weight_name: str | None = None) -> frozenset[str]:
+    """The pipeline components a LoRA has weights for ("transformer", "text_encoder"), read with
+    diffusers' own loader so that Kohya / ai-toolkit files are converted exactly as when loading."""
+    from diffusers import FluxPipeline
+
+    source, name = resolve_lora(lora, weight_name)
+    state = FluxPipeline.lora_state_dict(source, weight_name=name)
+    state = state[0] if isinstance(state, tuple) else state
+    return frozenset(key.split(".", 1)[0] for key in state)
+
+
 def load_pipeline(checkpoint: str | Path, lora: str | Path | None, lora_scale: float = 1.0,
                   torch_dtype: torch.dtype = torch.float32, fuse: bool = True,
                   weight_name: str | None = None, adapter_name: str = "default"):

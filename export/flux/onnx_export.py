@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,8 +253,9 @@ ProgressCallback = Callable[[str, "ExportResult | None"], None]
 
 
 def export_all(pipeline, out_dir: Path, progress: ProgressCallback | None = None,
-               opset: int = DEFAULT_OPSET) -> dict[str, ExportResult]:
-    """Export the four components of a (LoRA-fused) FluxPipeline to `out_dir/<model name>/model.onnx`."""
+               opset: int = DEFAULT_OPSET, only: Iterable[str] | None = None) -> dict[str, ExportResult]:
+    """Export the four components of a (LoRA-fused) FluxPipeline (or those named in `only`) to
+    `out_dir/<model name>/model.onnx`."""
     jobs: dict[str, Callable[[], ExportResult]] = {
         FLUX_TEXT_ENCODER: lambda: export_text_encoder(pipeline.text_encoder, out_dir, opset,
                                                        pipeline.tokenizer.model_max_length),
@@ -262,8 +263,11 @@ def export_all(pipeline, out_dir: Path, progress: ProgressCallback | None = None
         FLUX_TRANSFORMER: lambda: export_transformer(pipeline.transformer, out_dir, opset),
         FLUX_VAE_DECODER: lambda: export_vae_decoder(pipeline.vae, out_dir, opset),
     }
+    wanted = set(jobs) if only is None else set(only)
     results: dict[str, ExportResult] = {}
     for name, job in jobs.items():
+        if name not in wanted:
+            continue
         if progress is not None:
             progress(name, None)
         results[name] = job()

@@ -21,25 +21,20 @@ import pytest
 import torch
 from PIL import Image
 
-from client.contract import GENERATE
+from benchmarks.swap import solid_color_zip
+from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
 from client.triton_client import TritonClient
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
 
 pytestmark = pytest.mark.integration
 
 TRIGGER = "zxq"
+UNCHANGED_BY_LORA = (FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_VAE_DECODER)
 RED = (220, 30, 30)
 
 
 def red_zip(n: int = 4, size: int = 64) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in range(n):
-            img = io.BytesIO()
-            Image.new("RGB", (size, size), RED).save(img, format="PNG")
-            zf.writestr(f"img{i}.png", img.getvalue())
-            zf.writestr(f"img{i}.txt", "a plain red square")
-    return buf.getvalue()
+    return solid_color_zip(n, size, RED, caption="a plain red square")
 
 
 class Stack:
@@ -123,7 +118,7 @@ def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str
     import tritonclient.grpc as grpcclient
 
     from client.codec import flux_component_feeds
-    from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+    from client.contract import FLUX_IO_NAMES
     from serving.flux_loop import FluxLoop, GenerationRequest
 
     version_dir = repo / GENERATE.name / generate_version
@@ -211,6 +206,13 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     versions = [int(v) for _, v in results]
     assert versions == sorted(versions), "responses went back to an old version"
     assert str(versions[0]) == old_version and str(versions[-1]) == new_version != old_version
+
+    # The LoRA has transformer weights only: CLIP, T5 and the VAE keep their versions.
+    old_components = json.loads((stack.repo / GENERATE.name / old_version / "components.json").read_text())
+    new_components = job["result"]["publish"]["components"]
+    assert new_components[FLUX_TRANSFORMER] > old_components[FLUX_TRANSFORMER]
+    assert {m: new_components[m] for m in UNCHANGED_BY_LORA} == {m: old_components[m] for m in UNCHANGED_BY_LORA}
+    assert sorted(job["result"]["publish"]["created"]) == sorted([FLUX_TRANSFORMER, GENERATE.name])
 
     manifest = job["result"]["manifest"]
     losses = {k: manifest["loss_history"][k] for k in ("mean_first_5", "mean_last_5")}
@@ -368,10 +370,10 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     The job runs in this process (not the worker) so the fault can be injected into the exported
     artifact itself: the real export runs, then its transformer file is replaced with garbage."""
     import export.flux_publish as flux_publish
-    from client.contract import FLUX_COMPONENTS, FLUX_TRANSFORMER
+    from client.contract import FLUX_COMPONENTS
     from export.repository import versions
     from serving.model_control import ready_versions
-    from training.flux_lora import LoraTrainSettings
+    from training.lora_settings import LoraTrainSettings
     from training.jobs import JobSettings, job_dir, job_store
     from training.lora_dataset import save_prepared, validate_and_extract
     from training.tasks import run_job

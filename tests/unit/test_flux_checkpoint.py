@@ -107,3 +107,29 @@ def test_fused_lora_equals_unfused_peft_and_differs_from_base(tiny_checkpoint: P
     fused_vs_base = (out_fused - out_base).abs().max().item()
     assert fused_vs_peft < 1e-5, fused_vs_peft
     assert fused_vs_base > 1e-2, fused_vs_base
+
+
+def test_a_new_lora_re_exports_only_the_components_it_changes(tiny_lora: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+    from export.flux.lora import lora_targets
+    from export.flux_publish import component_provenance
+    from export.repository import fingerprint
+
+    assert lora_targets(tiny_lora) == {"transformer"}
+    sd = load_file(tiny_lora / LORA_WEIGHT_NAME)
+    clip_key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    sd |= {f"{clip_key}.lora_A.weight": torch.zeros(4, 32), f"{clip_key}.lora_B.weight": torch.zeros(32, 4)}
+    save_file(sd, tmp_path / "with_clip.safetensors")
+    assert lora_targets(tmp_path / "with_clip.safetensors") == {"transformer", "text_encoder"}
+
+    prov = {"checkpoint": "c", "checkpoint_files": {"a": "1"}, "onnx_opset": 18, "lora": "l", "lora_files": {"w": "2"},
+            "lora_scale": 1.0, "trigger_word": "t"}
+    other_lora = {**prov, "lora": "m", "lora_files": {"w": "3"}}
+    for targets, changed in ((frozenset({"transformer"}), {FLUX_TRANSFORMER}),
+                             (frozenset({"transformer", "text_encoder"}), {FLUX_TRANSFORMER, FLUX_TEXT_ENCODER})):
+        a, b = component_provenance(prov, targets), component_provenance(other_lora, targets)
+        assert {n for n in a if fingerprint(a[n]) != fingerprint(b[n])} == changed
+        assert "trigger_word" not in a[FLUX_TRANSFORMER]  # new trigger words alone re-export nothing
+        assert a[FLUX_TEXT_ENCODER_2] == a[FLUX_VAE_DECODER]

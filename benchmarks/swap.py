@@ -1,0 +1,242 @@
+"""`fluxserve-bench swap`: a LoRA training job end to end under /generate load.
+
+Serves a copy of the model repository (weights hard-linked) with the real Triton, facade and
+training worker, keeps `concurrency` clients sending /generate, posts a training job on synthetic
+solid-colour squares, and measures what a user of the training API sees: how fast the job id comes
+back, training steps/s, publish (fuse + ONNX export + Triton load) time, time from POST until
+responses carry the new model version, and every /generate response during the job and the swap
+(failures, version order, latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from PIL import Image
+
+from benchmarks import servers
+from benchmarks.environment import environment
+from benchmarks.report import write_json
+from client.contract import GENERATE
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESULT_FILE = PROJECT_ROOT / "benchmarks" / "results" / "swap.json"
+
+
+@dataclass(frozen=True)
+class SwapSettings:
+    concurrency: int = 2
+    """Closed-loop /generate clients running through the whole job and swap."""
+    image_side: int = 64
+    generate_steps: int = 2
+    train_steps: int = 40
+    learning_rate: float = 0.01
+    resolution: int = 64
+    images: int = 4
+    trigger_word: str = "zxq"
+    timeout_s: float = 900.0
+    model_repository: Path = servers.MODEL_REPOSITORY
+    out: Path = RESULT_FILE
+    log_dir: Path = servers.LOG_DIR
+
+
+def solid_color_zip(n: int = 4, size: int = 64, color: tuple[int, int, int] = (220, 30, 30),
+                    caption: str | None = "a plain red square") -> bytes:
+    """A training upload of `n` identical solid-colour squares (PNG), with captions when given."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(n):
+            img = io.BytesIO()
+            Image.new("RGB", (size, size), color).save(img, format="PNG")
+            zf.writestr(f"img{i}.png", img.getvalue())
+            if caption is not None:
+                zf.writestr(f"img{i}.txt", caption)
+    return buf.getvalue()
+
+
+@dataclass
+class Response:
+    sent_s: float
+    done_s: float
+    status: int
+    model_version: str | None
+
+
+async def _generate_load(url: str, s: SwapSettings, t0: float, stop: asyncio.Event, out: list[Response]) -> None:
+    """Closed-loop /generate clients until `stop`; every response is appended to `out` as it lands
+    (the job watcher reads it live to see when the new version serves)."""
+    body = {"prompt": "a red square", "width": s.image_side, "height": s.image_side, "steps": s.generate_steps, "seed": 1}
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        async def client() -> None:
+            while not stop.is_set():
+                sent = time.monotonic() - t0
+                try:
+                    async with http.post("/generate", json=body) as r:
+                        version = (await r.json()).get("model_version") if r.status == 200 else None
+                        status = r.status
+                except aiohttp.ClientError:
+                    version, status = None, 0
+                out.append(Response(sent, time.monotonic() - t0, status, version))
+
+        await asyncio.gather(*(client() for _ in range(s.concurrency)))
+
+
+async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response]) -> dict[str, Any]:
+    form = aiohttp.FormData()
+    for k, v in {"trigger_word": s.trigger_word, "steps": s.train_steps, "learning_rate": s.learning_rate,
+                 "resolution": s.resolution, "seed": 0}.items():
+        form.add_field(k, str(v))
+    form.add_field("dataset", solid_color_zip(s.images, s.resolution), filename="data.zip", content_type="application/zip")
+    marks: dict[str, float] = {}
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60)) as http:
+        posted = time.monotonic()
+        async with http.post("/train", data=form) as r:
+            accepted = await r.json()
+            if r.status != 202:
+                raise RuntimeError(f"POST /train answered {r.status}: {accepted}")
+        marks["accepted"] = time.monotonic() - posted
+        job_id = accepted["job_id"]
+        deadline = posted + s.timeout_s
+        while time.monotonic() < deadline:
+            async with http.get(f"/train/{job_id}") as r:
+                job = await r.json()
+            now = time.monotonic() - posted
+            if job["status"] == "running":
+                marks.setdefault("running", now)
+            if (job.get("result") or {}).get("publish", {}).get("status") == "running":
+                marks.setdefault("publish_started", now)  # training done, fuse + export + load begins
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                marks["job_done"] = now
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"job {job_id} did not finish in {s.timeout_s:.0f}s: {job}")
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+        new_version = job["result"]["publish"]["model_version"]
+        while time.monotonic() < deadline:  # until a response carries the new version
+            if any(r.model_version == new_version for r in responses[-s.concurrency:]):
+                first = min(r.done_s for r in responses if r.model_version == new_version)
+                marks["serving"] = first - (posted - t0)
+                break
+            await asyncio.sleep(0.2)
+    return {"job": job, "marks_s": marks, "posted_at_s": posted - t0, "new_version": new_version}
+
+
+def _summarize(responses: list[Response], posted_at: float, publish_started: float, serving: float) -> dict[str, Any]:
+    def window(a: float, b: float) -> list[Response]:
+        return [r for r in responses if r.done_s >= a and r.sent_s <= b]
+
+    during_job = window(posted_at, posted_at + serving)
+    during_swap = window(posted_at + publish_started, posted_at + serving)
+    latencies = sorted(1000 * (r.done_s - r.sent_s) for r in during_job if r.status == 200)
+    versions = [int(r.model_version) for r in sorted(responses, key=lambda r: r.done_s) if r.model_version]
+    return {
+        "requests_total": len(responses),
+        "requests_during_job": len(during_job),
+        "requests_during_swap": len(during_swap),
+        "failed": sum(r.status != 200 for r in responses),
+        "versions_monotonic": versions == sorted(versions),
+        "p50_ms_during_job": round(statistics.median(latencies), 1) if latencies else None,
+        "p99_ms_during_job": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1) if latencies else None,
+    }
+
+
+async def _measure(facade_url: str, s: SwapSettings) -> dict[str, Any]:
+    t0 = time.monotonic()
+    stop = asyncio.Event()
+    responses: list[Response] = []
+    load = asyncio.create_task(_generate_load(facade_url, s, t0, stop, responses))
+    await asyncio.sleep(3.0)  # a few requests on the old version first
+    try:
+        job = await _run_job(facade_url, s, t0, responses)
+        await asyncio.sleep(2.0)  # and a few on the new one
+    finally:
+        stop.set()
+        await load
+    marks = job["marks_s"]
+    manifest = job["job"]["result"]["manifest"]
+    publish = job["job"]["result"]["publish"]
+    return {
+        "post_to_job_id_ms": round(1000 * marks["accepted"], 1),
+        "post_to_training_start_s": round(marks.get("running", float("nan")), 2),
+        "training_steps": manifest["settings"]["steps"],
+        "training_steps_per_s": manifest["steps_per_s"],
+        "training_loss_first_last": [manifest["loss_history"]["mean_first_5"], manifest["loss_history"]["mean_last_5"]],
+        "publish_s": publish.get("publish_seconds"),
+        "post_to_serving_s": round(marks["serving"], 2),
+        "old_version": min((r.model_version for r in responses if r.model_version), key=int),
+        "new_version": job["new_version"],
+        "generate_load": _summarize(responses, job["posted_at_s"], marks.get("publish_started", marks["job_done"]), marks["serving"]),
+    }
+
+
+def swap(s: SwapSettings) -> dict[str, Any]:
+    """Run the measurement on a throw-away copy of the repository; write and return the result."""
+    generate_models = list(servers.GENERATE_STACK)
+    if not servers.stack_built(s.model_repository, generate_models):
+        raise RuntimeError(f"generate is not built in {s.model_repository}: run `make models`")
+    with tempfile.TemporaryDirectory(prefix="fluxserve-swap-") as tmp:
+        repo, jobs = Path(tmp) / "repo", Path(tmp) / "jobs"
+        for name in generate_models:  # hard links: versions are only ever added, never modified
+            shutil.copytree(s.model_repository / name, repo / name, copy_function=os.link,
+                            ignore=shutil.ignore_patterns(".staging-*", "__pycache__"))
+        with servers.triton(repo, generate_models, s.log_dir, tag="swap") as triton:
+            env = {"FLUXSERVE_JOBS_JOBS_DIR": str(jobs), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
+                   "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
+            with servers.worker(env, s.log_dir), servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir,
+                                                                 extra_env=env) as facade:
+                measured = asyncio.run(_measure(facade.url, s))
+    result = {
+        "kind": "swap",
+        "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "environment": environment({}),
+        **measured,
+    }
+    write_json(result, s.out)
+    s.out.with_suffix(".md").write_text(render_markdown(result))
+    return result
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    g, st = r["generate_load"], r["settings"]
+    rows = [
+        ("POST /train → job id", f"{r['post_to_job_id_ms']:.0f} ms"),
+        ("training", f"{r['training_steps']} steps at {r['training_steps_per_s']:.1f} steps/s "
+                     f"(loss {r['training_loss_first_last'][0]:.3f} → {r['training_loss_first_last'][1]:.3f})"),
+        ("publish (fuse LoRA, ONNX export, Triton load)", f"{r['publish_s']:.1f} s"),
+        ("POST /train → first response from the new version", f"{r['post_to_serving_s']:.1f} s "
+                                                              f"(version {r['old_version']} → {r['new_version']})"),
+        ("/generate requests during the job / during the swap", f"{g['requests_during_job']} / {g['requests_during_swap']}"),
+        ("failed requests", f"{g['failed']} of {g['requests_total']}"),
+        ("versions never went back", "yes" if g["versions_monotonic"] else "**no**"),
+        ("/generate p50 / p99 during the job", f"{g['p50_ms_during_job']} / {g['p99_ms_during_job']} ms"),
+    ]
+    return "\n".join([
+        f"### Training job and hot swap under load ({r['started_utc']})",
+        "",
+        f"{st['concurrency']} clients sending /generate ({st['image_side']}×{st['image_side']}, {st['generate_steps']} steps) "
+        f"throughout; a LoRA job on {st['images']} solid-colour {st['resolution']}px squares with trigger word "
+        f"`{st['trigger_word']}`, learning rate {st['learning_rate']}.",
+        "",
+        "| what | measured |",
+        "|---|---|",
+        *(f"| {a} | {b} |" for a, b in rows),
+        "",
+    ])
