@@ -41,7 +41,7 @@ bench-smoke: models
 	$(BIN)/fluxserve-bench run --smoke --out build/bench-smoke
 
 bench-sweep: models
-	$(BIN)/fluxserve-bench sweep
+	$(BIN)/fluxserve-bench sweep --repeats 2
 
 clean:
 	rm -rf build model_repository/*/[0-9]* model_repository/*/config.pbtxt

@@ -72,7 +72,21 @@ def headline(result: Result, model: str, concurrency: int) -> dict[str, Any]:
         )
     if facade and model == CLASSIFY.name:
         out["facade_of_ort_limit"] = facade.get("of_ort_limit")
+    out["gain_over_sequential"] = gain_over_sequential(result, model, concurrency)
     return out
+
+
+def gain_over_sequential(result: Result, model: str, concurrency: int) -> dict[str, float | None]:
+    """Throughput at `concurrency` clients / at 1 client, per target: what concurrent requests
+    gain from sharing the server (for generate: step-level batching of the transformer)."""
+    gains: dict[str, float | None] = {}
+    for name, target in result["targets"].items():
+        if target["model"] != model:
+            continue
+        by_c = {r["concurrency"]: r["throughput_rps"] for r in target["runs"] if r["mode"] == "closed"}
+        if 1 in by_c and concurrency in by_c and concurrency != 1:
+            gains[name] = _ratio(by_c[concurrency], by_c[1])
+    return gains
 
 
 def _clean(value: Any) -> Any:
@@ -258,6 +272,10 @@ def render_markdown(result: Result) -> str:
             if head.get("facade_of_ort_limit") is not None:
                 line += f", **{_pct(head['facade_of_ort_limit'])}** of the in-process ORT limit"
             out += [line + ".", ""]
+        gains = (head or {}).get("gain_over_sequential") or {}
+        if gains:
+            out += [f"{head['concurrency']} concurrent clients vs 1 (sequential), throughput: "
+                    + ", ".join(f"{name} **{_x(g)}**" for name, g in gains.items()) + ".", ""]
     ort = result.get("ort_inprocess")
     if ort:
         sweep = ", ".join(f"{r['batch_size']}: {_num(r['texts_per_s'], 0)}" for r in ort["sweep"])

@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("defaults", help="train (if needed) and export everything `make up` serves")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per folded initializer otherwise
+    for chatty in ("onnx_ir", "onnxscript"):  # a line per folded initializer / rewritten node otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from export.hot_swap import SwapError
 
     try:

@@ -33,17 +33,19 @@ class ExportSettings(BaseSettings):
     flux_transformer_max_queue_delay_us: int = 20000
     """How long a step waits for others to join its batch: small next to one forward pass."""
     flux_component_threads: int = 1
+    batching_recommendation: Path = RECOMMENDATION_FILE
+    """Measured by `fluxserve-bench sweep`; the classify batching knobs above override it."""
 
 
-def _recommended() -> dict:
-    if RECOMMENDATION_FILE.exists():
-        return json.loads(RECOMMENDATION_FILE.read_text()).get("classify", {})
+def _recommended(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text()).get("classify", {})
     return {}
 
 
 def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
     s = settings or ExportSettings()
-    rec = _recommended()
+    rec = _recommended(s.batching_recommendation)
     delay = s.classify_max_queue_delay_us if s.classify_max_queue_delay_us is not None else rec.get("max_queue_delay_us", 2000)
     preferred = s.classify_preferred_batch_sizes or tuple(rec.get("preferred_batch_sizes", ()))
     return {

@@ -52,7 +52,10 @@ def publish_and_load(
     before = {name: versions(repo, name) for name in models}
     try:
         result = publish_fn()
-        load_models(triton_http_url, models)
+        # Only models with a new version: reloading an unchanged one restarts nothing useful but
+        # costs a second or two of Triton's time each (its stubs re-initialise).
+        changed = [name for name in models if versions(repo, name) != before[name]]
+        load_models(triton_http_url, changed)
     except Exception as e:
         rollback(repo, before, triton_http_url)
         raise SwapError(f"{type(e).__name__}: {e}") from e

@@ -15,6 +15,8 @@ log = logging.getLogger("fluxserve.worker")
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnx_ir", "onnxscript"):  # a line per rewritten node during every ONNX export
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     settings = JobSettings()
     orphans = job_store(settings).fail_orphans()
     if orphans:

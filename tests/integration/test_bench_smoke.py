@@ -128,3 +128,23 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
     assert 0 < result["post_to_job_id_ms"] and result["post_to_serving_s"] > result["publish_s"] > 0
     assert load["requests_during_swap"] > 0
     assert "| failed requests | 0 of" in out.with_suffix(".md").read_text()
+
+
+def test_sweep_smoke(tmp_path: Path) -> None:
+    """`fluxserve-bench sweep` on two candidates: a recommendation the export code then renders."""
+    from export.deployments import ExportSettings, classifier_deployments
+    from export.triton_config import render_config
+
+    out = tmp_path / "rec.json"
+    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", "--candidates", "0", "2000:4,8", "--duration-s", "2",
+           "--concurrency", "4", "--out", str(out), "--log-dir", str(tmp_path / "logs")]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rec = json.loads(out.read_text())
+    assert set(rec["measured"]) == {"delay=0us preferred=[]", "delay=2000us preferred=[4, 8]"}
+    for m in rec["measured"].values():
+        assert m["errors"] == 0 and m["ok"] > 0 and m["classify_avg_batch"] >= 1
+    chosen = (rec["classify"]["max_queue_delay_us"], rec["classify"]["preferred_batch_sizes"])
+    assert chosen in [(0, []), (2000, [4, 8])]
+    cfg = render_config(classifier_deployments(ExportSettings(batching_recommendation=out))[CLASSIFY.name], "cpu")
+    assert (cfg.dynamic_batching.max_queue_delay_microseconds, list(cfg.dynamic_batching.preferred_batch_size)) == chosen
