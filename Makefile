@@ -34,8 +34,12 @@ test: models
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
 
+# The README's measured tables: load through both doors vs the baseline, then a training job +
+# hot swap under load, then both tables spliced into README.md (about 10 minutes here).
 bench: models
 	$(BIN)/fluxserve-bench run
+	$(BIN)/fluxserve-bench swap
+	$(BIN)/fluxserve-bench readme
 
 bench-smoke: models
 	$(BIN)/fluxserve-bench run --smoke --out build/bench-smoke

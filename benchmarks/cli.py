@@ -6,6 +6,7 @@
     fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
     fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
     fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
+    fluxserve-bench readme                                     # put the latest tables into README.md
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def _swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme(_args: argparse.Namespace) -> int:
+    from benchmarks.readme import update_readme
+
+    logging.getLogger("fluxserve.bench").info("README sections updated: %s", update_readme() or "none")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from benchmarks.report import render_markdown
 
@@ -134,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, default=SWAP_RESULT)
     sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
     sw.set_defaults(fn=_swap)
+
+    rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
+    rd.set_defaults(fn=_readme)
 
     p = sub.add_parser("report", help="print the markdown table of a result JSON")
     p.add_argument("result", type=Path)

@@ -26,12 +26,17 @@ def _pyplot():
 
 
 def _plain_ticks(axis) -> None:
-    """Log axes label ticks as 20, 50, 100 rather than 2x10^1."""
+    """Log axes label ticks as 20, 50, 100 rather than 2x10^1; of the minor ticks only 2x and 5x
+    are labelled, so a range of several decades does not print its labels on top of each other."""
+    import math
+
     from matplotlib.ticker import FuncFormatter
 
-    fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
-    axis.set_major_formatter(fmt)
-    axis.set_minor_formatter(fmt)
+    def minor(v: float, _pos: int) -> str:
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def latency_plot(raw: RawRuns, model: str, concurrency: int, rate: float | None, path: Path) -> Path | None:

@@ -62,6 +62,19 @@ class TritonStartError(RuntimeError):
     """Triton exited or did not become ready; the message carries Triton's own error lines."""
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: Linux sends it SIGTERM when the launching process dies, so a
+    launcher that is killed outright (SIGKILL, or SIGTERM without handlers) does not leave Triton
+    and its stubs behind holding ports and shared memory."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not glibc/Linux: best effort only
+        pass
+
+
 def _pytriton_server_dir() -> Path:
     import pytriton  # imported lazily: only the launcher needs the wheel's files
 
@@ -193,7 +206,7 @@ class TritonServer:
         # New session: Ctrl-C in `make up` reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
             cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
-            cwd=PROJECT_ROOT,
+            cwd=PROJECT_ROOT, preexec_fn=_die_with_parent,
         )
         log_fh.close()
         self.wait_ready()

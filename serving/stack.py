@@ -33,7 +33,8 @@ def main() -> int:
     try:
         log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
         # uvicorn handles SIGINT/SIGTERM itself and returns; then Triton is stopped in order.
-        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info")
+        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
+                    access_log=api_settings.access_log)
     finally:
         log.info("stopping the training worker and Triton")
         worker.send_signal(signal.SIGINT)

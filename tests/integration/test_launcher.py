@@ -62,3 +62,30 @@ def test_busy_port_is_refused(tmp_path: Path) -> None:
         settings = TritonSettings(model_repository=tmp_path, http_port=port, grpc_port=free_port(), metrics_port=free_port())
         with pytest.raises(TritonStartError, match="already in use"):
             TritonServer(settings).start()
+
+
+def test_triton_does_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
+    """A launcher killed outright (no chance to stop Triton) must not leave Triton holding ports."""
+    import subprocess
+    import time
+
+    import psutil
+
+    (tmp_path / "probe" / "1").mkdir(parents=True)
+    (tmp_path / "probe" / "1" / "model.py").write_text(PROBE)
+    (tmp_path / "probe" / "config.pbtxt").write_text(CONFIG)
+    script = (
+        "import os, signal, sys\n"
+        "from serving.launcher import TritonServer, TritonSettings\n"
+        f"s = TritonSettings(model_repository={str(tmp_path)!r}, http_port={free_port()}, grpc_port={free_port()}, "
+        f"metrics_port={free_port()})\n"
+        "server = TritonServer(s).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
+    triton_pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and psutil.pid_exists(triton_pid) and psutil.Process(triton_pid).status() != "zombie":
+        time.sleep(0.2)
+    assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == "zombie"
