@@ -1,0 +1,25 @@
+"""The job queue backend follows FLUXSERVE_JOBS_REDIS_URL: embedded SQLite by default, Redis to
+share one queue between worker machines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huey import RedisHuey, SqliteHuey
+
+from training.jobs import JobSettings, make_huey
+
+
+def test_default_queue_is_embedded_sqlite_in_the_jobs_folder(tmp_path: Path) -> None:
+    huey = make_huey(JobSettings(jobs_dir=tmp_path / "jobs"))
+    assert isinstance(huey, SqliteHuey)
+    assert Path(huey.storage.filename) == tmp_path / "jobs" / "queue.sqlite"
+
+
+def test_redis_url_switches_the_queue_to_redis(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FLUXSERVE_JOBS_REDIS_URL", "redis://queue.internal:6390/3")
+    huey = make_huey(JobSettings(jobs_dir=tmp_path))
+    assert isinstance(huey, RedisHuey)
+    kwargs = huey.storage.pool.connection_kwargs  # parsed from the URL; nothing is dialled yet
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("queue.internal", 6390, 3)
+    assert not (tmp_path / "queue.sqlite").exists()
