@@ -113,20 +113,22 @@ def test_generate_targets_when_built(smoke) -> None:
 
 
 def test_swap_benchmark_smoke(tmp_path: Path) -> None:
-    """`fluxserve-bench swap` with a 2-step job: the real worker trains, publishes and swaps while
-    /generate runs; the result records the switch and no failed request."""
+    """`fluxserve-bench swap` with 2-step jobs: the real worker trains, publishes and swaps, alone
+    and while /generate runs; the result records the switch and no failed request."""
     out = tmp_path / "swap.json"
     cmd = [sys.executable, "-m", "benchmarks.cli", "swap", "--train-steps", "2", "--concurrency", "1",
            "--out", str(out), "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    load = result["generate_load"]
-    assert load["failed"] == 0 and load["versions_monotonic"]
-    assert int(result["new_version"]) > int(result["old_version"])
-    assert result["training_steps"] == 2 and result["training_steps_per_s"] > 0
-    assert 0 < result["post_to_job_id_ms"] and result["post_to_serving_s"] > result["publish_s"] > 0
-    assert load["requests_during_swap"] > 0
+    alone, loaded = result["alone"], result["under_load"]
+    load = loaded["generate_load"]
+    assert load["failed"] == 0 and load["versions_monotonic"] and load["requests_during_swap"] > 0
+    # The idle job's version is what served when the loaded job began; that job replaced it.
+    assert int(loaded["old_version"]) == int(alone["new_version"]) < int(loaded["new_version"])
+    for job in (alone, loaded):
+        assert job["training_steps"] == 2 and job["training_steps_per_s"] > 0
+        assert 0 < job["post_to_job_id_ms"] and job["post_to_serving_s"] >= job["publish_s"] > 0
     assert "| failed requests | 0 of" in out.with_suffix(".md").read_text()
 
 
