@@ -134,12 +134,13 @@ async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Respons
         new_version = job["result"]["publish"]["model_version"]
         if responses is None:
             marks["serving"] = marks["job_done"]
-        while responses is not None and time.monotonic() < deadline:  # until a response carries the new version
-            if any(r.model_version == new_version for r in responses[-s.concurrency:]):
-                first = min(r.done_s for r in responses if r.model_version == new_version)
-                marks["serving"] = first - (posted - t0)
-                break
-            await asyncio.sleep(0.2)
+        else:
+            while not any(r.model_version == new_version for r in responses[-s.concurrency:]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"job {job_id} published version {new_version}, but /generate never served it")
+                await asyncio.sleep(0.2)
+            first = min(r.done_s for r in responses if r.model_version == new_version)
+            marks["serving"] = first - (posted - t0)
     return {"job": job, "marks_s": marks, "posted_at_s": posted - t0, "new_version": new_version}
 
 
