@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -106,12 +105,20 @@ class HttpServer:
                 self.proc.wait()
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int) -> HttpServer:
+@contextmanager
+def _serve(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: int,
+           timeout_s: float) -> Iterator[HttpServer]:
+    """Run `python <args>` until the block ends, yielding once it answers /readyz."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return HttpServer(name, proc, f"http://{ENDPOINTS.host}:{port}", log_path)
+    server = HttpServer(name, proc, f"http://{ENDPOINTS.host}:{port}", log_path)
+    try:
+        server.wait_ready("/readyz", timeout_s)
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager
@@ -127,12 +134,8 @@ def facade(triton_grpc_url: str, required_models: Iterable[str], log_dir: Path =
         "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url,
         "FLUXSERVE_API_REQUIRED_MODELS": json.dumps(list(required_models)),
     }
-    server = _spawn("facade", ["-m", "api.app"], env, log_dir, port)
-    try:
-        server.wait_ready("/readyz", timeout_s)
+    with _serve("facade", ["-m", "api.app"], env, log_dir, port, timeout_s) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextmanager
@@ -145,28 +148,6 @@ def baseline(classifier_dir: Path, with_generate: bool, log_dir: Path = LOG_DIR,
     if with_generate:
         args.append("--generate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    server = _spawn("baseline", args, env, log_dir, port)
-    try:
-        server.wait_ready("/readyz", timeout_s)
+    with _serve("baseline", args, env, log_dir, port, timeout_s) as server:
         yield server
-    finally:
-        server.stop()
 
-
-@contextmanager
-def worker(env: dict[str, str], log_dir: Path = LOG_DIR) -> Iterator[subprocess.Popen[bytes]]:
-    """The real training worker (`python -m training.worker`), configured by FLUXSERVE_JOBS_ env."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / "worker.log").open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "training.worker"], cwd=PROJECT_ROOT,
-                                env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # huey's consumer finishes its current task step cleanly
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

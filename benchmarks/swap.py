@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import zipfile
@@ -25,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 from PIL import Image
 
 from benchmarks import servers
 from benchmarks.environment import environment
 from benchmarks.report import write_json
 from client.contract import GENERATE
+from training.worker import running_worker
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _summarize(responses: list[Response], posted_at: float, publish_started: flo
 
     during_job = window(posted_at, posted_at + serving)
     during_swap = window(posted_at + publish_started, posted_at + serving)
-    latencies = sorted(1000 * (r.done_s - r.sent_s) for r in during_job if r.status == 200)
+    latencies = [1000 * (r.done_s - r.sent_s) for r in during_job if r.status == 200]
     versions = [int(r.model_version) for r in sorted(responses, key=lambda r: r.done_s) if r.model_version]
     return {
         "requests_total": len(responses),
@@ -158,8 +159,8 @@ def _summarize(responses: list[Response], posted_at: float, publish_started: flo
         "requests_during_swap": len(during_swap),
         "failed": sum(r.status != 200 for r in responses),
         "versions_monotonic": versions == sorted(versions),
-        "p50_ms_during_job": round(statistics.median(latencies), 1) if latencies else None,
-        "p99_ms_during_job": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1) if latencies else None,
+        "p50_ms_during_job": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "p99_ms_during_job": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
     }
 
 
@@ -219,7 +220,7 @@ def swap(s: SwapSettings) -> dict[str, Any]:
         with servers.triton(repo, generate_models, s.log_dir, tag="swap") as triton:
             env = {"FLUXSERVE_JOBS_JOBS_DIR": str(jobs), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
                    "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
-            with servers.worker(env, s.log_dir), servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir,
+            with running_worker(env, s.log_dir / "worker.log"), servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir,
                                                                  extra_env=env) as facade:
                 measured = asyncio.run(_measure(facade.url, s))
     result = {

@@ -4,9 +4,6 @@ then stop all three cleanly."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 import sys
 
 import uvicorn
@@ -14,6 +11,7 @@ import uvicorn
 from api.app import create_app
 from api.settings import ApiSettings
 from serving.launcher import TritonServer, TritonStartError
+from training.worker import running_worker
 
 log = logging.getLogger("fluxserve.stack")
 
@@ -27,21 +25,15 @@ def main() -> int:
         log.error("%s", e)
         return 1
     api_settings = ApiSettings(triton_grpc_url=triton.grpc_url)
-    # The trainer is its own process: a training step must never stall the facade's event loop.
-    worker_env = {**os.environ, "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
-    worker = subprocess.Popen([sys.executable, "-m", "training.worker"], env=worker_env)
     try:
-        log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
-        # uvicorn handles SIGINT/SIGTERM itself and returns; then Triton is stopped in order.
-        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
-                    access_log=api_settings.access_log)
+        # The trainer is its own process: a training step must never stall the facade's event loop.
+        with running_worker({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}):
+            log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
+            # uvicorn handles SIGINT/SIGTERM itself and returns; then the worker and Triton stop in order.
+            uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
+                        access_log=api_settings.access_log)
+            log.info("stopping the training worker and Triton")
     finally:
-        log.info("stopping the training worker and Triton")
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
         triton.stop()
     return 0
 

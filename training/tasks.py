@@ -60,7 +60,7 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
             keep_versions=settings.keep_versions,
             checkpoint=checkpoint,
             lora=jd / "lora",
-            lora_scale=params.get("lora_scale", 1.0),
+            lora_scale=1.0,  # the trainer bakes alpha/rank into the weights: full strength as trained
             trigger_word=params["trigger_word"],
         ))
     return result

@@ -6,12 +6,49 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
 
 log = logging.getLogger("fluxserve.worker")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def running_worker(env: Mapping[str, str] | None = None, log_path: Path | None = None,
+                   stop_timeout_s: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """This worker as a child process (`make up`, benchmarks, tests), configured by FLUXSERVE_JOBS_
+    variables in `env`; its output is appended to `log_path` or shared with ours. On exit it gets
+    SIGINT (huey lets the running task reach a step boundary) and is killed after `stop_timeout_s`."""
+    out = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = log_path.open("ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "training.worker"], cwd=PROJECT_ROOT,
+                                env={**os.environ, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("worker did not stop in %.0fs; killing it", stop_timeout_s)
+                proc.kill()
+                proc.wait()
 
 
 def main() -> int:

@@ -20,6 +20,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.errors import envelope
 from training.jobs import TERMINAL, JobSettings, job_dir
+from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
+from training.lora_settings import LoraTrainSettings
 
 router = APIRouter(tags=["train"])
 CHUNK = 1 << 20
@@ -54,9 +56,6 @@ async def create_job(
     batch_size: Annotated[int | None, Form()] = None,
     publish: Annotated[bool, Form(description="re-export and serve the result when training succeeds")] = True,
 ) -> JSONResponse:
-    from training.lora_settings import LoraTrainSettings
-    from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
-
     state = request.app.state
     settings: JobSettings = state.job_settings
     if kind not in ("flux_lora", "classifier"):

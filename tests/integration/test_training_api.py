@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from benchmarks.swap import solid_color_zip
 from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
 from client.triton_client import TritonClient
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
+from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +53,16 @@ class Stack:
             "FLUXSERVE_API_REQUIRED_MODELS": '["classify","generate"]',
         }
         self.facade = None
-        self.worker: subprocess.Popen | None = None
+        self.services = ExitStack()
         self.start_services()
 
     def start_services(self) -> None:
         self.facade = start_facade(self.triton.grpc_url, self.env, ready_path="/readyz")
-        log = (PROJECT_ROOT / "build" / "logs" / "test-worker.log").open("ab")
-        self.worker = subprocess.Popen([sys.executable, "-m", "training.worker"], cwd=PROJECT_ROOT,
-                                       env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+        self.services.enter_context(running_worker(self.env, PROJECT_ROOT / "build" / "logs" / "test-worker.log"))
 
     def stop_services(self) -> None:
         self.facade.stop()
-        if self.worker and self.worker.poll() is None:
-            self.worker.send_signal(2)
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
+        self.services.close()
 
     def http(self, timeout_s: float = 60) -> httpx.Client:
         return self.facade.client(timeout_s)
@@ -118,7 +113,7 @@ def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str
     import tritonclient.grpc as grpcclient
 
     from client.codec import flux_component_feeds
-    from client.contract import FLUX_IO_NAMES
+    from client.contract import FLUX_COMPONENTS, FLUX_IO_NAMES
     from serving.flux_loop import FluxLoop, GenerationRequest
 
     version_dir = repo / GENERATE.name / generate_version
@@ -132,7 +127,7 @@ def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str
         def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
             inputs = []
             for name, arr in flux_component_feeds(model, args, kwargs).items():
-                inputs.append(grpcclient.InferInput(name, list(arr.shape), "INT64" if arr.dtype == np.int64 else "FP32"))
+                inputs.append(grpcclient.InferInput(name, list(arr.shape), FLUX_COMPONENTS[model].input(name).wire_dtype))
                 inputs[-1].set_data_from_numpy(arr)
                 if capture:
                     captured.append(arr)

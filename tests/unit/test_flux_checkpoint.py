@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import FluxPipeline  # noqa: E402
 
 from export.flux.checkpoint import MARKER, SCHEDULER_CONFIG, build_local_flux, checkpoint_max_sequence_length  # noqa: E402
-from export.flux.lora import LORA_MANIFEST, LORA_WEIGHT_NAME, build_local_lora, load_pipeline, resolve_lora  # noqa: E402
+from export.flux.lora import LORA_MANIFEST, LORA_WEIGHT_NAME, load_pipeline, resolve_lora  # noqa: E402
 from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, REAL_LORA, REAL_LORA_WEIGHT_NAME, TRIGGER_WORD  # noqa: E402
 
 pytestmark = pytest.mark.slow

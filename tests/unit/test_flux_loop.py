@@ -17,8 +17,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.contract import FLUX_IO_NAMES, FLUX_TRANSFORMER  # noqa: E402
-from export.flux.checkpoint import build_local_flux  # noqa: E402
-from export.flux.lora import LORA_WEIGHT_NAME, build_local_lora, load_pipeline  # noqa: E402
 from export.flux.onnx_export import export_all, onnx_path  # noqa: E402
 from serving.flux_loop import FluxLoop, GenerationRequest, copy_loop_assets, ort_callables, torch_callables  # noqa: E402
 

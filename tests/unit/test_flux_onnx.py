@@ -15,8 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.contract import FLUX_COMPONENTS, FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TRANSFORMER, FLUX_VAE_DECODER  # noqa: E402
 from export.flux import onnx_export  # noqa: E402
-from export.flux.checkpoint import build_local_flux  # noqa: E402
-from export.flux.lora import LORA_WEIGHT_NAME, build_local_lora, load_pipeline  # noqa: E402
 from export.flux.onnx_export import BatchMajorFluxTransformer, export_all, onnx_path, transformer_inputs  # noqa: E402
 
 pytestmark = pytest.mark.slow
