@@ -9,6 +9,7 @@ COPY api ./api
 COPY export ./export
 COPY training ./training
 COPY serving ./serving
+COPY runtime ./runtime
 COPY benchmarks ./benchmarks
 COPY model_repository ./model_repository
 COPY data ./data

@@ -26,7 +26,7 @@ models: install
 	$(BIN)/fluxserve-export defaults
 
 up: models
-	$(BIN)/python -m serving.stack
+	$(BIN)/python -m runtime.stack
 
 test: models
 	$(BIN)/python -m pytest -ra --timeout=900 $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """Start what a benchmark measures, on free loopback ports: Triton, the facade, the baseline.
 
-Triton runs through serving.launcher (the same code `make up` uses). The facade and the baseline
+Triton runs through runtime.launcher (the same code `make up` uses). The facade and the baseline
 run as their own processes, as in production, and are awaited on their readiness endpoints.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, GENERATE, ENDPOINTS
-from serving.launcher import TritonServer, TritonSettings
+from runtime.launcher import TritonServer, TritonSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from export.repository import prune, versions
-from serving.model_control import load_models
+from export.model_control import load_models
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def require_models(*names: str) -> None:
 
 
 def start_triton(repo: Path, models: tuple[str, ...] = ("*",), log_name: str | None = None):
-    from serving.launcher import TritonServer, TritonSettings
+    from runtime.launcher import TritonServer, TritonSettings
 
     http, grpc, metrics = free_port(), free_port(), free_port()
     settings = TritonSettings(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.launcher import TritonServer, TritonSettings, TritonStartError
+from runtime.launcher import TritonServer, TritonSettings, TritonStartError
 from tests.conftest import PROJECT_ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_triton_does_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
     (tmp_path / "probe" / "config.pbtxt").write_text(CONFIG)
     script = (
         "import os, signal, sys\n"
-        "from serving.launcher import TritonServer, TritonSettings\n"
+        "from runtime.launcher import TritonServer, TritonSettings\n"
         f"s = TritonSettings(model_repository={str(tmp_path)!r}, http_port={free_port()}, grpc_port={free_port()}, "
         f"metrics_port={free_port()})\n"
         "server = TritonServer(s).start()\n"

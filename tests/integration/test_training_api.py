@@ -347,7 +347,7 @@ def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
     assert job["result"]["publish"]["status"] == "succeeded"
     assert 0.5 < job["result"]["test"]["accuracy"] <= 1.0
     new_version = job["result"]["publish"]["model_version"]
-    from serving.model_control import ready_versions
+    from export.model_control import ready_versions
 
     assert new_version in ready_versions(stack.triton.http_url, "classify")
     manifest = json.loads((stack.repo / "classify" / new_version / "fluxserve_manifest.json").read_text())
@@ -367,7 +367,7 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     import export.flux_publish as flux_publish
     from client.contract import FLUX_COMPONENTS
     from export.repository import versions
-    from serving.model_control import ready_versions
+    from export.model_control import ready_versions
     from training.lora_settings import LoraTrainSettings
     from training.jobs import JobSettings, job_dir, job_store
     from training.lora_dataset import save_prepared, validate_and_extract

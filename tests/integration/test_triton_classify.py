@@ -13,7 +13,7 @@ import pytest
 from client.contract import CLASSIFY, LABELS
 from client.errors import InvalidInputError
 from client.triton_client import TritonClient
-from serving.launcher import TritonStartError
+from runtime.launcher import TritonStartError
 from tests.conftest import MODEL_REPOSITORY, start_triton, triton_metric
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import uvicorn
 
 from api.app import create_app
 from api.settings import ApiSettings
-from serving.launcher import TritonServer, TritonStartError
+from runtime.launcher import TritonServer, TritonStartError
 from training.worker import running_worker
 
 log = logging.getLogger("fluxserve.stack")
