@@ -6,7 +6,6 @@ live on `app.state` and are opened/closed by the lifespan.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import classify, generate, health, train
@@ -34,7 +34,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.triton = AsyncTritonClient(settings.triton_grpc_url, settings.classify_timeout_s)
         app.state.triton_generate = AsyncTritonClient(settings.triton_grpc_url, settings.generate_timeout_s)
-        app.state.generate_slots = asyncio.Semaphore(settings.max_concurrent_generations)
+        app.state.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(app.state.triton))
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
         try:
             yield

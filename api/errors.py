@@ -7,6 +7,7 @@ never reach the caller.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,7 @@ from client.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotReadyError,
+    RequestCancelledError,
     RequestTimeoutError,
     ServerUnavailableError,
 )
@@ -30,11 +32,17 @@ STATUS: dict[type[FluxServeError], int] = {
     ModelNotReadyError: 503,
     RequestTimeoutError: 504,
     InferenceError: 502,
+    RequestCancelledError: 499,  # nginx's "client closed request": only logs and metrics see it
 }
 
 
-def envelope(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+def envelope(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds (RFC 9110), at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _loc(loc: tuple) -> str:
@@ -58,8 +66,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FluxServeError)
     async def _flux(_: Request, exc: FluxServeError) -> JSONResponse:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}.get(status, "error")
-        return envelope(status, kind, str(exc))
+        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed",
+                499: "cancelled"}.get(status, "error")
+        # Every 503 says when to come back: overload, Triton restarting, a model reloading.
+        headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None
+        return envelope(status, kind, str(exc), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

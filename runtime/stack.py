@@ -1,5 +1,12 @@
 """`make up`: run Triton, the facade and the training worker in the foreground until Ctrl-C,
-then stop all three cleanly."""
+then stop all three cleanly.
+
+Triton and the worker run under runtime.supervisor: either one dying is logged and restarted
+with backoff while the facade keeps answering (503 + Retry-After until Triton is back). Ctrl-C
+stops everything within about 10 s even with work in flight: the facade cancels in-flight
+requests after STOP_GRACE_S (cancelling their Triton work), then the worker and Triton get
+STOP_GRACE_S each before they are killed.
+"""
 
 from __future__ import annotations
 
@@ -11,30 +18,32 @@ import uvicorn
 from api.app import create_app
 from api.settings import ApiSettings
 from runtime.launcher import TritonServer, TritonStartError
-from training.worker import running_worker
+from runtime.supervisor import Supervisor, TritonChild, worker_child
 
 log = logging.getLogger("fluxserve.stack")
+STOP_GRACE_S = 3
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     triton = TritonServer()
+    # The trainer is its own process: a training step must never stall the facade's event loop.
+    supervisor = Supervisor([TritonChild(triton), worker_child({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url})])
     try:
-        triton.start()
+        supervisor.start()
     except TritonStartError as e:
         log.error("%s", e)
+        supervisor.stop(STOP_GRACE_S)
         return 1
     api_settings = ApiSettings(triton_grpc_url=triton.grpc_url)
     try:
-        # The trainer is its own process: a training step must never stall the facade's event loop.
-        with running_worker({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}):
-            log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
-            # uvicorn handles SIGINT/SIGTERM itself and returns; then the worker and Triton stop in order.
-            uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
-                        access_log=api_settings.access_log)
-            log.info("stopping the training worker and Triton")
+        log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
+        # uvicorn handles SIGINT/SIGTERM itself and returns; then the worker and Triton stop in order.
+        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
+                    access_log=api_settings.access_log, timeout_graceful_shutdown=STOP_GRACE_S)
+        log.info("stopping the training worker and Triton")
     finally:
-        triton.stop()
+        supervisor.stop(STOP_GRACE_S)
     return 0
 
 

@@ -15,7 +15,8 @@ ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"m
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResult | ClassifyBatchResponse:
     state = request.app.state
     texts = [body.text] if body.text is not None else list(body.texts or [])
-    results = await state.triton.classify(texts)
+    async with state.admission.classification(len(texts)):
+        results = await state.triton.classify(texts)
     threshold = await state.classify_threshold()
     out = [ClassifyResult(label=r.label, score=r.score, scores=r.scores, uncertain=r.score < threshold) for r in results]
     state.metrics.items.labels("classify").inc(len(out))
