@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
+from api.readiness import Readiness
 from api.routes import classify, generate, health, train
 from api.settings import ApiSettings
 from client.triton_client import AsyncTritonClient
@@ -34,6 +35,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.triton = AsyncTritonClient(settings.triton_grpc_url, settings.classify_timeout_s)
         app.state.triton_generate = AsyncTritonClient(settings.triton_grpc_url, settings.generate_timeout_s)
+        app.state.readiness = Readiness(app.state.triton_generate, settings.ready_probe_interval_s)
         app.state.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(app.state.triton))
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from api.schemas import ClassifyBatchResponse, ClassifyRequest, ClassifyResult, ErrorResponse
+from client.contract import CLASSIFY
 
 router = APIRouter(tags=["classify"])
 
@@ -17,6 +18,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResult | 
     texts = [body.text] if body.text is not None else list(body.texts or [])
     async with state.admission.classification(len(texts)):
         results = await state.triton.classify(texts)
+    state.readiness.served(CLASSIFY.name)
     threshold = await state.classify_threshold()
     out = [ClassifyResult(label=r.label, score=r.score, scores=r.scores, uncertain=r.score < threshold) for r in results]
     state.metrics.items.labels("classify").inc(len(out))

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.cancellation import all_or_nothing, bounded
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
-from client.contract import OutputFormat
+from client.contract import GENERATE, OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
 
@@ -67,6 +67,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
         )
         results = await bounded(request, work, settings.generate_timeout_s)
     infer_s = time.perf_counter() - started
+    state.readiness.served(GENERATE.name)
     state.metrics.items.labels("generate").inc(len(results))
     fmt = raw or body.output_format
     # PNG/JPEG encoding of large images takes tens of ms of CPU: keep it off the event loop.

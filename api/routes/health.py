@@ -6,6 +6,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.errors import retry_after
+from client.errors import DEFAULT_RETRY_AFTER_S
+
 router = APIRouter(tags=["health"])
 
 
@@ -17,11 +20,15 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """200 only when Triton is up and every required model is ready."""
+    """200 only when a request would succeed: Triton up, every required model ready and proven by
+    a recent inference (api/readiness.py); models whose stub died are reported and reloaded."""
     state = request.app.state
-    ready = await state.triton.is_ready(state.settings.required_models)
+    ready, problems = await state.readiness.check(state.settings.required_models)
     body = {"ready": ready, "models": list(state.settings.required_models), "triton": state.settings.triton_grpc_url}
-    return JSONResponse(status_code=200 if ready else 503, content=body)
+    if problems:
+        body["problems"] = problems
+    return JSONResponse(status_code=200 if ready else 503, content=body,
+                        headers=None if ready else retry_after(DEFAULT_RETRY_AFTER_S))
 
 
 @router.get("/metrics")
