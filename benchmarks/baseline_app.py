@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from client.contract import ENDPOINTS, GENERATE_DEFAULTS, LABELS
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLASSIFIER_DIR = PROJECT_ROOT / "build" / "classifier" / "model"
 
 

@@ -35,10 +35,10 @@ from client.contract import CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import write_config
 from export.triton_config import DynamicBatching, parse_config
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECOMMENDATION_FILE = PROJECT_ROOT / "benchmarks" / "recommended_batching.json"
 
 

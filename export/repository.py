@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from export.triton_config import Deployment, Target, config_text
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 MANIFEST = "fluxserve_manifest.json"
 

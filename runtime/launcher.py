@@ -34,10 +34,10 @@ import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class TritonSettings(BaseSettings):

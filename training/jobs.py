@@ -26,8 +26,8 @@ from typing import Any, Literal
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from common.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
