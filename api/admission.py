@@ -25,15 +25,8 @@ from dataclasses import dataclass
 import psutil
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import FLUX_TRANSFORMER, GENERATE
-from client.cost import (
-    ATTENTION_HEADS_PARAMETER,
-    MAX_CONTRACT_COST_MPS,
-    TEXT_TOKENS_PARAMETER,
-    TransformerShape,
-    generate_cost_mps,
-    transformer_peak_bytes,
-)
+from client.contract import ATTENTION_HEADS_PARAMETER, FLUX_TRANSFORMER, GENERATE, TEXT_TOKENS_PARAMETER
+from client.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
 from client.errors import InvalidInputError, OverloadedError
 from client.triton_client import AsyncTritonClient
 

@@ -67,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FluxServeError)
     async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
         if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
-            request.app.state.readiness.model_failed(exc)
+            request.app.state.fluxserve.readiness.model_failed(exc)
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
         kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed",
                 499: "cancelled"}.get(status, "error")

@@ -9,7 +9,7 @@ The memory guard estimates the FLUX transformer's peak activation memory: full s
 over image + text tokens materialises a (heads, tokens, tokens) score matrix and its softmax per
 image (ONNX Runtime on CPU keeps both alive), which dominates everything else at large sizes. The
 deployed `generate` model publishes its transformer's head count and text length as config
-parameters (ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER), so the guard follows the model.
+parameters (client.contract's ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER), so the guard follows the model.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from client.contract import GENERATE_LIMITS
 
 LATENT_PATCH_PIXELS = 16
 """One image token covers 16x16 pixels (8x VAE downsampling, 2x2 patch packing)."""
-ATTENTION_HEADS_PARAMETER = "attention_heads"
-TEXT_TOKENS_PARAMETER = "text_tokens"
 FLOAT_BYTES = 4
 ATTENTION_COPIES = 2
 """Score matrix and its softmax are alive together inside one attention call."""

@@ -19,8 +19,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
-from client.triton_client import TRIGGER_PARAMETER
+from client.contract import (
+    ATTENTION_HEADS_PARAMETER,
+    FLUX_COMPONENTS,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE,
+    TEXT_TOKENS_PARAMETER,
+    TRIGGER_PARAMETER,
+)
+from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
 from export.repository import MANIFEST, fingerprint, publish, sha256_file
@@ -176,8 +186,6 @@ def publish_flux(
         if pub.created:
             out["created"].append(name)
 
-    from serving.flux_loop import copy_loop_assets
-
     export_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
@@ -195,9 +203,6 @@ def publish_flux(
 
 def _memory_facts(pipeline_assets: Path) -> dict[str, str]:
     """What the facade's memory guard needs to know about this transformer (client.cost)."""
-    from client.cost import ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER
-    from serving.flux_loop import read_max_sequence_length
-
     config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
     return {ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
             TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets))}

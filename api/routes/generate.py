@@ -5,14 +5,15 @@ from __future__ import annotations
 import base64
 import io
 import time
-from typing import get_args
+from typing import Annotated, get_args
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from api.cancellation import all_or_nothing, bounded
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from api.state import AppState, get_state
 from client.contract import GENERATE, OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
@@ -49,8 +50,7 @@ def raw_format(accept: str) -> str | None:
     response_model=GenerateResponse,
     responses={**ERRORS, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
 )
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
-    state = request.app.state
+async def generate(body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> GenerateResponse | Response:
     settings = state.settings
     seed = body.seed if body.seed is not None else random_seed()
     trigger = await state.trigger_word()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.errors import retry_after
+from api.state import AppState, get_state
 from client.errors import DEFAULT_RETRY_AFTER_S
 
 router = APIRouter(tags=["health"])
@@ -19,10 +22,9 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 only when a request would succeed: Triton up, every required model ready and proven by
     a recent inference (api/readiness.py); models whose stub died are reported and reloaded."""
-    state = request.app.state
     ready, problems = await state.readiness.check(state.settings.required_models)
     body = {"ready": ready, "models": list(state.settings.required_models), "triton": state.settings.triton_grpc_url}
     if problems:
@@ -32,5 +34,5 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
