@@ -136,7 +136,7 @@ def worker_child(env: Mapping[str, str] | None = None, log_path: Path | None = N
 
 
 class Supervisor:
-    """Starts children in order, restarts any that dies, stops them all (in reverse order)."""
+    """Starts children in order, restarts any that dies, stops them all."""
 
     def __init__(self, children: list[Child], backoff: Backoff | None = None, poll_s: float = 0.5) -> None:
         self.children, self.backoff, self.poll_s = children, backoff or Backoff(), poll_s
@@ -176,10 +176,14 @@ class Supervisor:
                             self.restarts[child.name])
 
     def stop(self, timeout_s: float = 3.0) -> None:
-        """Stop watching, then stop every child, newest first; `timeout_s` each before a kill."""
+        """Stop watching, then stop every child at once (each gets `timeout_s`, then is killed),
+        so stopping takes about `timeout_s` however many children there are."""
         self._stop.set()
         if self._thread.is_alive():
             # A restart in progress may block in Triton's start; stopping the child ends it.
             self._thread.join(timeout=1.0)
-        for child in reversed(self.children):
-            child.stop(timeout_s)
+        stoppers = [threading.Thread(target=child.stop, args=(timeout_s,), name=f"stop {child.name}") for child in self.children]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
