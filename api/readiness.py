@@ -52,11 +52,12 @@ class Readiness:
         log.warning("model %s failed (%s); reloading it", model, self._failed.get(model, ""))
         try:
             await self.triton.reload_model(model)
-            self._failed.pop(model, None)
             log.warning("model %s reloaded in %.1fs", model, time.monotonic() - started)
         except FluxServeError as e:
             log.error("reloading %s failed: %s", model, e)
         finally:
+            # Either way the next probe decides: still broken, and it is reloaded again.
+            self._failed.pop(model, None)
             self._recovering.pop(model, None)
 
     async def _probe(self, model: str) -> bool:
