@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from client.errors import RequestCancelledError, RequestTimeoutError
+from client.errors import RequestCancelledError, RequestTimeoutError, ServerUnavailableError
 
 T = TypeVar("T")
 
@@ -39,7 +39,11 @@ async def bounded(request: Request, work: Coroutine[Any, Any, T], timeout_s: flo
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler itself is cancelled (server shutdown)
+    except asyncio.CancelledError:
+        # Only a server shutdown cancels a handler: answer 503 + Retry-After rather than the
+        # 500 an escaping CancelledError becomes (the work is cancelled in `finally`).
+        raise ServerUnavailableError("the server is shutting down; retry shortly") from None
+    finally:
         await _finish([watch, *([] if task.done() else [task])])
     if task in done:
         return task.result()
