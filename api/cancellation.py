@@ -40,11 +40,15 @@ async def bounded(request: Request, work: Coroutine[Any, Any, T], timeout_s: flo
     try:
         done, _ = await asyncio.wait({task, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        # Only a server shutdown cancels a handler: answer 503 + Retry-After rather than the
-        # 500 an escaping CancelledError becomes (the work is cancelled in `finally`).
+        # Only a server shutdown cancels a handler. Cancel the work, then answer 503 +
+        # Retry-After rather than the 500 an escaping CancelledError becomes; uncancel() lets
+        # this task await its children's ends without being cancelled again.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        await _finish([watch, task])
         raise ServerUnavailableError("the server is shutting down; retry shortly") from None
-    finally:
-        await _finish([watch, *([] if task.done() else [task])])
+    await _finish([watch, *([] if task.done() else [task])])
     if task in done:
         return task.result()
     if watch in done:

@@ -167,3 +167,32 @@ def test_one_failed_image_cancels_the_others() -> None:
     with pytest.raises(OverloadedError):
         asyncio.run(run())
     assert sorted(cancelled) == [0, 2]
+
+
+def test_shutdown_cancels_the_work_and_answers_503() -> None:
+    """A handler cancelled by the server's shutdown cancels its Triton work and raises a 503."""
+    from api.cancellation import all_or_nothing, bounded
+
+    class NeverDisconnects:
+        async def receive(self) -> dict:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+    cancelled = []
+
+    async def image() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def run() -> None:
+        handler = asyncio.ensure_future(bounded(NeverDisconnects(), all_or_nothing(image(), image()), 60))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(ServerUnavailableError, match="shutting down"):
+            await handler
+
+    asyncio.run(run())
+    assert cancelled == [True, True]
