@@ -57,14 +57,30 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     return app
 
 
-def main() -> None:
+STOP_GRACE_S = 3
+"""On SIGINT/SIGTERM in-flight generations are cancelled (503) and the server waits this long for
+connections to finish before it cancels what is left."""
+
+
+def serve(settings: ApiSettings) -> None:
+    """Run the facade until SIGINT/SIGTERM (`python -m api.app`, `make up`)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ApiSettings()
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.fluxserve.begin_shutdown()  # end in-flight work now, with an answer
+            super().handle_exit(sig, frame)
+
     # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log)
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
+                          timeout_graceful_shutdown=STOP_GRACE_S)).run()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(ApiSettings())
 
 
 if __name__ == "__main__":

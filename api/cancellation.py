@@ -32,27 +32,25 @@ async def _finish(tasks: Sequence[asyncio.Future[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def bounded(request: Request, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
-    """`await work`, unless the client disconnects (RequestCancelledError) or `timeout_s` passes
-    (RequestTimeoutError) first; the work is cancelled in both cases."""
+async def bounded(request: Request, work: Coroutine[Any, Any, T], timeout_s: float,
+                  stopping: asyncio.Event | None = None) -> T:
+    """`await work`, unless the client disconnects (RequestCancelledError), `timeout_s` passes
+    (RequestTimeoutError) or the server begins to stop (`stopping` set: ServerUnavailableError,
+    503 + Retry-After) first; the work is cancelled in all three cases. A server stopping must end
+    work this way, before it cancels handlers: a cancelled handler can only answer 500."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
+    stop = asyncio.ensure_future((stopping or asyncio.Event()).wait())
     try:
-        done, _ = await asyncio.wait({task, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        # Only a server shutdown cancels a handler. Cancel the work, then answer 503 +
-        # Retry-After rather than the 500 an escaping CancelledError becomes; uncancel() lets
-        # this task await its children's ends without being cancelled again.
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()
-        await _finish([watch, task])
-        raise ServerUnavailableError("the server is shutting down; retry shortly") from None
-    await _finish([watch, *([] if task.done() else [task])])
+        done, _ = await asyncio.wait({task, watch, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
+        await _finish([watch, stop, *([] if task.done() else [task])])
     if task in done:
         return task.result()
     if watch in done:
         raise RequestCancelledError("the client disconnected; its work was cancelled")
+    if stop in done:
+        raise ServerUnavailableError("the server is shutting down; retry shortly")
     raise RequestTimeoutError(f"not finished within {timeout_s:g}s; the work was cancelled")
 
 

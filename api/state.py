@@ -6,6 +6,7 @@ event loop) and closes them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,9 @@ class AppState:
     triton_generate: AsyncTritonClient | None = None
     readiness: Readiness | None = None
     admission: Admission | None = None
+    stopping: asyncio.Event | None = None
+    """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
+    _loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
         s = self.settings
@@ -63,6 +67,13 @@ class AppState:
         self.triton_generate = AsyncTritonClient(s.triton_grpc_url, s.generate_timeout_s)
         self.readiness = Readiness(self.triton_generate, s.ready_probe_interval_s)
         self.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(self.triton))
+        self.stopping = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def begin_shutdown(self) -> None:
+        """Safe from a signal handler or another thread."""
+        if self._loop is not None and self.stopping is not None:
+            self._loop.call_soon_threadsafe(self.stopping.set)
 
     async def close(self) -> None:
         for client in (self.triton, self.triton_generate):

@@ -3,9 +3,10 @@ then stop all three cleanly.
 
 Triton and the worker run under runtime.supervisor: either one dying is logged and restarted
 with backoff while the facade keeps answering (503 + Retry-After until Triton is back). Ctrl-C
-stops everything within about 10 s even with work in flight: the facade cancels in-flight
-requests after STOP_GRACE_S (cancelling their Triton work), then the worker and Triton get
-STOP_GRACE_S each before they are killed.
+stops everything within about 10 s even with work in flight: the facade ends in-flight
+generations at once with 503 + Retry-After (cancelling their Triton work) and waits up to
+api.app.STOP_GRACE_S for the rest, then the worker and Triton get STOP_GRACE_S together before
+they are killed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvicorn
-
-from api.app import create_app
+from api.app import serve
 from api.settings import ApiSettings
 from runtime.launcher import TritonServer, TritonStartError
 from runtime.supervisor import Supervisor, TritonChild, worker_child
@@ -38,9 +37,9 @@ def main() -> int:
     api_settings = ApiSettings(triton_grpc_url=triton.grpc_url)
     try:
         log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
-        # uvicorn handles SIGINT/SIGTERM itself and returns; then the worker and Triton stop in order.
-        uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
-                    access_log=api_settings.access_log, timeout_graceful_shutdown=STOP_GRACE_S)
+        # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503) and returns;
+        # then the worker and Triton stop.
+        serve(api_settings)
         log.info("stopping the training worker and Triton")
     finally:
         supervisor.stop(STOP_GRACE_S)

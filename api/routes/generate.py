@@ -65,7 +65,7 @@ async def generate(body: GenerateRequest, request: Request, state: Annotated[App
         work = all_or_nothing(
             *(state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance) for i in range(body.num_images))
         )
-        results = await bounded(request, work, settings.generate_timeout_s)
+        results = await bounded(request, work, settings.generate_timeout_s, state.stopping)
     infer_s = time.perf_counter() - started
     state.readiness.served(GENERATE.name)
     state.metrics.items.labels("generate").inc(len(results))

@@ -170,7 +170,7 @@ def test_one_failed_image_cancels_the_others() -> None:
 
 
 def test_shutdown_cancels_the_work_and_answers_503() -> None:
-    """A handler cancelled by the server's shutdown cancels its Triton work and raises a 503."""
+    """When the server begins to stop, in-flight work is cancelled and the request gets a 503."""
     from api.cancellation import all_or_nothing, bounded
 
     class NeverDisconnects:
@@ -188,9 +188,10 @@ def test_shutdown_cancels_the_work_and_answers_503() -> None:
             raise
 
     async def run() -> None:
-        handler = asyncio.ensure_future(bounded(NeverDisconnects(), all_or_nothing(image(), image()), 60))
+        stopping = asyncio.Event()
+        handler = asyncio.ensure_future(bounded(NeverDisconnects(), all_or_nothing(image(), image()), 60, stopping))
         await asyncio.sleep(0.05)
-        handler.cancel()
+        stopping.set()
         with pytest.raises(ServerUnavailableError, match="shutting down"):
             await handler
 
