@@ -98,7 +98,7 @@ class Endpoint:
                         self.outcomes.rejected_without_retry_after += 1
                 else:
                     self.outcomes.fail(f"http_{r.status}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.outcomes.fail("client_timeout")
         except aiohttp.ClientError as e:
             self.outcomes.fail(type(e).__name__)
