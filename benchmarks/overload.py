@@ -129,11 +129,20 @@ async def _wait_idle(metrics_url: str, model: str, timeout_s: float) -> float | 
 
 
 async def _lone(endpoint: Endpoint, n: int) -> float:
-    for i in range(n):
+    """Median of `n` sequential requests, each on a fresh connection: a pooled keep-alive
+    connection left idle after a load point may have been closed by the server meanwhile."""
+    pooled = endpoint.session
+    async with aiohttp.ClientSession(base_url=endpoint.url, connector=aiohttp.TCPConnector(force_close=True),
+                                     timeout=aiohttp.ClientTimeout(total=endpoint.s.client_timeout_s)) as fresh:
+        endpoint.session = fresh
         try:
-            await endpoint(10_000 + i)
-        except RuntimeError:
-            pass
+            for i in range(n):
+                try:
+                    await endpoint(10_000 + i)
+                except RuntimeError:
+                    pass
+        finally:
+            endpoint.session = pooled
     served = endpoint.reset().served_s
     return statistics.median(served) if served else float("nan")
 
@@ -184,6 +193,7 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
             result["endpoints"].append(asyncio.run(_bench_endpoint(model, api.url, server.metrics_url, s)))
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(json.dumps(result, indent=2))
+    s.out.with_suffix(".md").write_text(render_markdown(result))
     return result
 
 
