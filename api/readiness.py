@@ -28,8 +28,11 @@ PROBE_TEXT = "readiness probe"
 
 
 class Readiness:
-    def __init__(self, triton: AsyncTritonClient, probe_interval_s: float = 10.0, probe_timeout_s: float = 60.0) -> None:
-        self.triton, self.probe_interval_s, self.probe_timeout_s = triton, probe_interval_s, probe_timeout_s
+    def __init__(self, triton: AsyncTritonClient, probe_interval_s: float = 10.0) -> None:
+        # Probes are bounded by the client's own timeout and never cut short: a cold first
+        # generation on a busy machine can take a minute, and a probe restarted on every
+        # /readyz poll would never finish.
+        self.triton, self.probe_interval_s = triton, probe_interval_s
         self._last_ok: dict[str, float] = {}
         self._failed: dict[str, str] = {}
         self._recovering: dict[str, asyncio.Task[None]] = {}
@@ -63,16 +66,16 @@ class Readiness:
     async def _probe(self, model: str) -> bool:
         try:
             if model == CLASSIFY.name:
-                await asyncio.wait_for(self.triton.classify([PROBE_TEXT]), self.probe_timeout_s)
+                await self.triton.classify([PROBE_TEXT])
             elif model == GENERATE.name:
                 side = GENERATE_LIMITS.min_side
-                await asyncio.wait_for(self.triton.generate(PROBE_TEXT, 0, side, side, 1, 0.0), self.probe_timeout_s)
+                await self.triton.generate(PROBE_TEXT, 0, side, side, 1, 0.0)
             else:
                 return True  # no probe known: model readiness only
         except ModelFailedError as e:
             self.model_failed(e)
             return False
-        except (FluxServeError, TimeoutError) as e:
+        except FluxServeError as e:
             log.warning("readiness probe of %s failed: %s", model, e)
             return False
         self.served(model)
