@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from training.jobs import PROJECT_ROOT
+
+DEFAULT_KEY_FILE = PROJECT_ROOT / ".fluxserve" / "api_key"
 
 
 class ApiSettings(BaseSettings):
@@ -28,3 +34,13 @@ class ApiSettings(BaseSettings):
     CPU, and the Prometheus counters at /metrics carry the same counts by route and status."""
     max_concurrent_generations: int = 16
     """Generations in flight through this facade; beyond it requests wait, bounding memory."""
+    keys: SecretStr | None = None
+    """FLUXSERVE_API_KEYS: operator keys, comma-separated, each `key` or `name:key` (the name is
+    recorded as a job's owner). Several at once allow rotation. Unset: the key file below."""
+    key_file: Path = DEFAULT_KEY_FILE
+    """Read when FLUXSERVE_API_KEYS is unset; `make up` creates it (mode 0600) when missing."""
+    require_key_for_inference: bool = False
+    """Require the operator key on /classify and /generate too (they are open by default: loopback)."""
+    max_json_body_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest request body on every route but POST /train (whose limit is FLUXSERVE_JOBS_MAX_UPLOAD_BYTES);
+    a larger declared Content-Length is refused with 413 before any of it is read."""

@@ -7,6 +7,7 @@ the one `make models` builds (the test target depends on it); fixtures that chan
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
+"""The operator key every facade the tests start accepts (as FLUXSERVE_API_KEYS `tests:<key>`)."""
 
 
 def free_port() -> int:
@@ -60,8 +63,9 @@ class Facade:
     def __init__(self, proc: subprocess.Popen, url: str, log_path: Path) -> None:
         self.proc, self.url, self.log_path = proc, url, log_path
 
-    def client(self, timeout_s: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout_s)
+    def client(self, timeout_s: float = 60.0, api_key: str | None = TEST_API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -74,7 +78,8 @@ class Facade:
 
 def start_facade(triton_grpc_url: str, extra_env: dict[str, str] | None = None, ready_path: str = "/healthz") -> Facade:
     port = free_port()
-    env = {**os.environ, "FLUXSERVE_API_PORT": str(port), "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url, **(extra_env or {})}
+    env = {**os.environ, "FLUXSERVE_API_PORT": str(port), "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url,
+           "FLUXSERVE_API_KEYS": f"tests:{TEST_API_KEY}", **(extra_env or {})}
     log_path = PROJECT_ROOT / "build" / "logs" / f"test-facade-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as fh:

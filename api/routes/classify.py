@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from api.auth import require_inference_key
 from api.schemas import ClassifyBatchResponse, ClassifyRequest, ClassifyResult, ErrorResponse
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[Depends(require_inference_key)])
 
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
 
