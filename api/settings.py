@@ -8,9 +8,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from client.facade_client import KEY_FILE
 from training.jobs import PROJECT_ROOT
 
-DEFAULT_KEY_FILE = PROJECT_ROOT / ".fluxserve" / "api_key"
+DEFAULT_KEY_FILE = PROJECT_ROOT / KEY_FILE
 
 
 class ApiSettings(BaseSettings):

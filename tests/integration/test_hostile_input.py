@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zipfile
 import zlib
@@ -25,7 +29,9 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import TEST_API_KEY, Facade, free_port, start_facade
+from client.errors import ApiError, AuthenticationError
+from client.facade_client import FacadeClient
+from tests.conftest import PROJECT_ROOT, TEST_API_KEY, Facade, free_port, start_facade
 
 pytestmark = pytest.mark.integration
 
@@ -344,3 +350,40 @@ def test_errors_do_not_leak_addresses_or_triton_text(locked: Locked) -> None:
     log_text = locked.facade.log_path.read_text()
     raw = [ln for ln in log_text.splitlines() if "[leak-check]" in ln]
     assert raw and any("ServerUnavailableError" in ln for ln in raw), raw
+
+
+# ----------------------------------------------------------------------------- client library and CLI
+
+
+def test_client_library_sends_the_key(locked: Locked, monkeypatch) -> None:
+    with FacadeClient(locked.facade.url, api_key=TEST_API_KEY) as api:
+        job = api.submit_classifier(epochs=1, publish=False)
+        assert api.job(job["job_id"])["owner"] == "tests"
+        assert job["job_id"] in [j["job_id"] for j in api.jobs(limit=1000)]
+        assert api.cancel(job["job_id"])["status"] == "cancelled"
+        with pytest.raises(ApiError) as err:
+            api.cancel(job["job_id"])
+        assert err.value.status == 409 and err.value.kind == "conflict"
+    monkeypatch.setenv("FLUXSERVE_API_KEY", TEST_API_KEY)
+    with FacadeClient(locked.facade.url) as api:  # the key from the environment
+        assert api.job(job["job_id"])["status"] == "cancelled"
+    monkeypatch.delenv("FLUXSERVE_API_KEY")
+    with FacadeClient(locked.facade.url) as api, pytest.raises(AuthenticationError):
+        api.jobs()
+
+
+def test_cli_takes_the_key_from_flag_or_environment(locked: Locked) -> None:
+    cli = [sys.executable, "-m", "client.cli", "train", "--api-url", locked.facade.url]
+    env = {k: v for k, v in os.environ.items() if k != "FLUXSERVE_API_KEY"}
+
+    def run(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(cli + args, cwd=PROJECT_ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=120)
+
+    done = run(["list", "--limit", "5"], {"FLUXSERVE_API_KEY": TEST_API_KEY})
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads(done.stdout), list)
+    done = run(["--api-key", TEST_API_KEY, "submit", "--kind", "classifier", "--steps", "1", "--no-publish"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "queued"
+    done = run(["--api-key", "z" * 32, "list"])
+    assert done.returncode == 2 and "401" in done.stderr and "z" * 32 not in done.stderr
