@@ -18,15 +18,21 @@ from training.worker import running_worker
 log = logging.getLogger("fluxserve.stack")
 
 
+def announce_operator_key(settings: ApiSettings) -> None:
+    """The training API needs an operator key: without FLUXSERVE_API_KEYS, make one in the key file
+    once. Only the file's path is logged; whoever may read the file may use the key."""
+    if settings.keys is not None:
+        log.info("operator keys for /train from FLUXSERVE_API_KEYS")
+        return
+    created = ensure_key_file(settings.key_file)
+    log.info("operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; README: Operator key)",
+             "created in" if created else "in", settings.key_file)
+
+
 def main() -> int:
     configure_logging()
     api_settings = ApiSettings()
-    if api_settings.keys is None:
-        # The training API needs an operator key; without one configured, make one once. Only the
-        # file's path is logged: the key is read from the file by whoever may read the file.
-        created = ensure_key_file(api_settings.key_file)
-        log.info("operator key for /train %s %s (send it as 'Authorization: Bearer <key>')",
-                 "created in" if created else "in", api_settings.key_file)
+    announce_operator_key(api_settings)
     triton = TritonServer()
     try:
         triton.start()

@@ -48,3 +48,19 @@ def test_key_file_created_once_private(tmp_path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert ensure_key_file(path) is False and path.read_text().strip() == key  # never overwritten
     assert load_keyring(None, path).match(key)
+
+
+def test_make_up_creates_the_key_once_and_logs_only_its_path(tmp_path, caplog) -> None:
+    import logging
+
+    from api.settings import ApiSettings
+    from runtime.stack import announce_operator_key
+
+    settings = ApiSettings(key_file=tmp_path / ".fluxserve" / "api_key")
+    with caplog.at_level(logging.INFO, logger="fluxserve.stack"):
+        announce_operator_key(settings)
+        key = settings.key_file.read_text().strip()
+        announce_operator_key(settings)
+    assert settings.key_file.read_text().strip() == key
+    assert str(settings.key_file) in caplog.text and key not in caplog.text
+    assert "created in" in caplog.messages[0] and "created" not in caplog.messages[1]
