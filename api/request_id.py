@@ -13,6 +13,7 @@ import logging
 import re
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = "X-Request-ID"
@@ -72,6 +73,9 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, stamped_send)
+        except ClientDisconnect:
+            # The caller went away mid-body (an aborted upload): nobody to answer, nothing broken.
+            log.info("client disconnected during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if started:

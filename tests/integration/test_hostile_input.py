@@ -217,6 +217,25 @@ def test_600mb_chunked_body_cut_off(locked: Locked, path: str, content_type: str
     assert not any(locked.tmp_dir.iterdir())
 
 
+def test_aborted_upload_leaves_nothing(locked: Locked) -> None:
+    before_ids, before_disk = locked.job_ids(), locked.on_disk()
+    parts = urlsplit(locked.facade.url)
+    head = _chunked("/train", "multipart/form-data; boundary=XyZ", f"Authorization: Bearer {TEST_API_KEY}\r\n")
+    first = b'--XyZ\r\nContent-Disposition: form-data; name="dataset"; filename="d.zip"\r\n\r\n' + b"\0" * MiB
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(head.encode() + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        deadline = time.monotonic() + 10  # vanish mid-body once the facade is writing the upload
+        while not (locked.on_disk() - before_disk) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert locked.on_disk() - before_disk, "the upload never started"
+    deadline = time.monotonic() + 10
+    while locked.on_disk() != before_disk and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert locked.on_disk() == before_disk and locked.job_ids() == before_ids
+    with locked.facade.client() as http:
+        assert http.get("/healthz").status_code == 200
+
+
 # ----------------------------------------------------------------------------- hostile datasets
 
 
