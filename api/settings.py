@@ -7,9 +7,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import ENDPOINTS
+from client.contract import DEFAULT_TRIGGER_WORD, ENDPOINTS
 from client.facade_client import KEY_FILE
-from training.jobs import PROJECT_ROOT
+from common.paths import PROJECT_ROOT
 
 DEFAULT_KEY_FILE = PROJECT_ROOT / KEY_FILE
 
@@ -26,7 +26,7 @@ class ApiSettings(BaseSettings):
     """Models that must be ready for /readyz to answer 200."""
     classify_threshold: float | None = None
     """Overrides the uncertainty threshold the deployed classifier was published with."""
-    trigger_word: str = "Super Realism"
+    trigger_word: str = DEFAULT_TRIGGER_WORD
     """Used when the deployed generate model does not say which trigger words its LoRA has."""
     add_trigger_word: bool = True
     """Prepend the LoRA's trigger words to prompts that lack them (case-insensitive check)."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.state import AppState, get_state
 
 router = APIRouter(tags=["health"])
 
@@ -16,10 +20,9 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 only when Triton is up and every required model is ready; a deliberate 503 otherwise
     (load balancers read the status; the fuzz tests accept this 503 as documented)."""
-    state = request.app.state
     ready = await state.triton.is_ready(state.settings.required_models)
     # No addresses here: /readyz is public, and where Triton listens is nobody's business outside.
     body = {"ready": ready, "models": list(state.settings.required_models)}
@@ -27,5 +30,5 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

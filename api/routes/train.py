@@ -26,6 +26,7 @@ from api.auth import require_operator
 from api.errors import envelope
 from api.job_view import public_job
 from api.schemas import ErrorResponse
+from api.state import AppState, get_state
 from api.upload import UploadError, receive_multipart
 from client.contract import TRAIN_LIMITS
 from training.classifier_params import ClassifierJobParams
@@ -132,8 +133,9 @@ async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tup
 
 
 @router.post("/train", status_code=202, openapi_extra=_OPENAPI, responses={**ERRORS, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}})
-async def create_job(request: Request, owner: Annotated[str, Depends(require_operator)]) -> JSONResponse:
-    state = request.app.state
+async def create_job(
+    request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
+) -> JSONResponse:
     settings: JobSettings = state.job_settings
     job_id = uuid.uuid4().hex
     folder = job_dir(settings, job_id)
@@ -157,42 +159,42 @@ async def create_job(request: Request, owner: Annotated[str, Depends(require_ope
 
 @router.get("/train", responses=ERRORS)
 async def list_jobs(
-    request: Request, limit: Annotated[int, Query(ge=1, le=TRAIN_LIMITS.max_list_limit)] = 100
+    state: Annotated[AppState, Depends(get_state)], limit: Annotated[int, Query(ge=1, le=TRAIN_LIMITS.max_list_limit)] = 100
 ) -> dict[str, list[dict]]:
-    settings: JobSettings = request.app.state.job_settings
-    return {"jobs": [public_job(j, job_dir(settings, j.id)) for j in request.app.state.jobs.list(limit)]}
+    return {"jobs": [public_job(j, job_dir(state.job_settings, j.id)) for j in state.jobs.list(limit)]}
 
 
 @router.get("/train/{job_id}", responses=ERRORS)
-async def get_job(job_id: JobId, request: Request) -> JSONResponse:
-    job = request.app.state.jobs.get(job_id)
+async def get_job(job_id: JobId, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    job = state.jobs.get(job_id)
     if job is None:
         return envelope(404, "not_found", "no such job")
-    return JSONResponse(public_job(job, job_dir(request.app.state.job_settings, job.id)))
+    return JSONResponse(public_job(job, job_dir(state.job_settings, job.id)))
 
 
 @router.delete("/train/{job_id}", responses={**ERRORS, 409: {"model": ErrorResponse}})
-async def cancel_job(job_id: JobId, request: Request) -> JSONResponse:
-    store = request.app.state.jobs
+async def cancel_job(job_id: JobId, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    store = state.jobs
     job = store.get(job_id)
     if job is None:
         return envelope(404, "not_found", "no such job")
     if job.status in TERMINAL:
         return envelope(409, "conflict", f"job already {job.status}")
     job = store.cancel(job_id)
-    return JSONResponse(public_job(job, job_dir(request.app.state.job_settings, job.id)))
+    return JSONResponse(public_job(job, job_dir(state.job_settings, job.id)))
 
 
 @router.get("/train/{job_id}/events", responses=ERRORS)
 async def job_events(
     job_id: JobId,
     request: Request,
+    state: Annotated[AppState, Depends(get_state)],
     poll_s: Annotated[float, Query(ge=TRAIN_LIMITS.min_poll_s, le=TRAIN_LIMITS.max_poll_s, allow_inf_nan=False)] = 0.5,
 ):
-    store = request.app.state.jobs
+    store = state.jobs
     if store.get(job_id) is None:
         return envelope(404, "not_found", "no such job")
-    folder = job_dir(request.app.state.job_settings, job_id)
+    folder = job_dir(state.job_settings, job_id)
 
     async def stream():
         last = None
