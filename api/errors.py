@@ -1,7 +1,8 @@
 """One error envelope for every failure: {"error": {"type": ..., "message": ...}}.
 
-Messages are built from validation details or our own exception text; stack traces and paths
-never reach the caller.
+Messages are built from validation details or our own exception text; stack traces, paths,
+internal addresses and Triton's raw text never reach the caller: those go to the log, whose lines
+carry the request id the caller also gets in `X-Request-ID` (api.request_id).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tritonclient.utils import InferenceServerException
+
+from api.request_id import current_request_id
 
 from client.errors import (
     FluxServeError,
@@ -33,8 +37,29 @@ STATUS: dict[type[FluxServeError], int] = {
 }
 
 
-def envelope(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+# Stable `type` for the statuses Starlette/FastAPI raise themselves (unknown route, wrong method...).
+HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type"}
+# What a caller reads when Triton produced the error: a short, stable sentence per kind.
+SERVER_MESSAGES: dict[type[FluxServeError], str] = {
+    InvalidInputError: "the inference server refused the request as invalid",
+    ServerUnavailableError: "the inference server is unavailable; try again later",
+    ModelNotReadyError: "the model is not ready; try again later",
+    RequestTimeoutError: "the request timed out",
+    InferenceError: "inference failed",
+}
+
+
+def envelope(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
+
+
+def public_message(exc: FluxServeError) -> str:
+    """Our own messages as they are; a message carrying Triton's text replaced by a fixed one."""
+    if not isinstance(exc.__cause__, InferenceServerException) and isinstance(exc, InvalidInputError):
+        return str(exc)
+    cls = next((c for c in SERVER_MESSAGES if isinstance(exc, c)), InferenceError)
+    return f"{SERVER_MESSAGES[cls]} (request id {current_request_id()})"
 
 
 def _loc(loc: tuple) -> str:
@@ -53,15 +78,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return envelope(exc.status_code, "http_error", str(exc.detail))
+        return envelope(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
 
     @app.exception_handler(FluxServeError)
     async def _flux(_: Request, exc: FluxServeError) -> JSONResponse:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
         kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}.get(status, "error")
-        return envelope(status, kind, str(exc))
+        log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
+        return envelope(status, kind, public_message(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return envelope(500, "internal_error", "internal error; see the server log")
+        return envelope(500, "internal_error", f"internal error; request id {current_request_id()}")

@@ -61,9 +61,16 @@ class GenerateRequest(BaseModel):
     height: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.height
     steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
     guidance: Annotated[float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)] = GENERATE_DEFAULTS.guidance
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, le=GENERATE_LIMITS.max_seed)] | None = None
     num_images: Annotated[int, Field(ge=1, le=GENERATE_LIMITS.max_num_images)] = GENERATE_DEFAULTS.num_images
     output_format: OutputFormat = "png"
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> GenerateRequest:
+        # Image i uses seed + i, which must still fit the INT64 seed tensor.
+        if self.seed is not None and self.seed + self.num_images - 1 > GENERATE_LIMITS.max_seed:
+            raise ValueError(f"seed + num_images - 1 must be at most {GENERATE_LIMITS.max_seed}")
+        return self
 
 
 class GenerateResponse(BaseModel):

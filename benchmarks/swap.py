@@ -14,6 +14,7 @@ import asyncio
 import io
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -97,7 +98,8 @@ async def _generate_load(url: str, s: SwapSettings, t0: float, stop: asyncio.Eve
         await asyncio.gather(*(client() for _ in range(s.concurrency)))
 
 
-async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int) -> dict[str, Any]:
+async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int,
+                   api_key: str) -> dict[str, Any]:
     """Post a job and follow it to the end. With `responses` (a /generate load running), also wait
     until a response carries the new version; without, serving starts when the job ends (its
     publish step returns once Triton has loaded the new version)."""
@@ -107,7 +109,8 @@ async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Respons
         form.add_field(k, str(v))
     form.add_field("dataset", solid_color_zip(s.images, s.resolution), filename="data.zip", content_type="application/zip")
     marks: dict[str, float] = {}
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60)) as http:
+    auth = {"Authorization": f"Bearer {api_key}"}  # the training API needs the operator key
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60), headers=auth) as http:
         posted = time.monotonic()
         async with http.post("/train", data=form) as r:
             accepted = await r.json()
@@ -179,18 +182,18 @@ def _job_figures(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _measure(facade_url: str, s: SwapSettings) -> dict[str, Any]:
+async def _measure(facade_url: str, s: SwapSettings, api_key: str) -> dict[str, Any]:
     """Two jobs: one on an idle server (what training alone costs), then one while `concurrency`
     clients keep /generate busy (what users see during a swap). Different seeds, so each job
     publishes a LoRA of its own and each swap is real."""
-    alone = await _run_job(facade_url, s, time.monotonic(), None, seed=0)
+    alone = await _run_job(facade_url, s, time.monotonic(), None, seed=0, api_key=api_key)
     t0 = time.monotonic()
     stop = asyncio.Event()
     responses: list[Response] = []
     load = asyncio.create_task(_generate_load(facade_url, s, t0, stop, responses))
     await asyncio.sleep(3.0)  # a few requests on the old version first
     try:
-        loaded = await _run_job(facade_url, s, t0, responses, seed=1)
+        loaded = await _run_job(facade_url, s, t0, responses, seed=1, api_key=api_key)
         await asyncio.sleep(2.0)  # and a few on the new one
     finally:
         stop.set()
@@ -220,9 +223,11 @@ def swap(s: SwapSettings) -> dict[str, Any]:
         with servers.triton(repo, generate_models, s.log_dir, tag="swap") as triton:
             env = {"FLUXSERVE_JOBS_JOBS_DIR": str(jobs), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
                    "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
+            api_key = secrets.token_urlsafe(24)  # a throw-away operator key for this run's facade
+            facade_env = {**env, "FLUXSERVE_API_KEYS": f"bench:{api_key}"}
             with running_worker(env, s.log_dir / "worker.log"), servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir,
-                                                                 extra_env=env) as facade:
-                measured = asyncio.run(_measure(facade.url, s))
+                                                                 extra_env=facade_env) as facade:
+                measured = asyncio.run(_measure(facade.url, s, api_key))
     result = {
         "kind": "swap",
         "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

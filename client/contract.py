@@ -114,6 +114,8 @@ class GenerateLimits:
     max_guidance: float = 20.0
     max_num_images: int = 4
     max_prompt_chars: int = 2000
+    max_seed: int = 2**63 - 1
+    """The `seed` tensor is INT64; image i of a request uses seed + i, so seed + num_images - 1 <= this."""
 
 
 GENERATE_LIMITS = GenerateLimits()
@@ -165,6 +167,23 @@ FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
     "txt_ids",
     "guidance",
 )
+
+
+# ----------------------------------------------------------------------------- training API
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    max_upload_bytes: int = 200 * 1024 * 1024
+    """Default largest dataset upload (POST /train body); FLUXSERVE_JOBS_MAX_UPLOAD_BYTES overrides it."""
+    max_list_limit: int = 1000
+    """GET /train?limit= is 1..this."""
+    min_poll_s: float = 0.1
+    max_poll_s: float = 10.0
+    """GET /train/{id}/events?poll_s= bounds: no busy loop, no stream that never speaks."""
+
+
+TRAIN_LIMITS = TrainLimits()
 
 
 @dataclass(frozen=True)

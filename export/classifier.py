@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
 from common.ort_session import make_session
 from export.deployments import classifier_deployments
-from export.repository import Published, fingerprint, publish, tree_hashes
+from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
     # The facade reads the uncertainty threshold from the deployed model's config: one source.
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
-    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
+    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force,
+                      report={"test_accuracy": _test_accuracy(model_dir)})
     return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}
 
 
@@ -130,3 +131,41 @@ def publish_and_swap_classifier(
     return publish_and_load(repo, triton_http_url, ["classifier_onnx", "classify"],
                             lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
                             keep_versions=keep_versions)
+
+
+def _test_accuracy(model_dir: Path) -> float | None:
+    """The test-split accuracy `fluxserve-train` recorded beside a trained classifier, if any."""
+    path = Path(model_dir) / "metrics.json"
+    try:
+        return float(json.loads(path.read_text())["test"]["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def serving_classifier_accuracy(repo: Path, triton_http_url: str | None = None) -> float | None:
+    """Test-split accuracy of the `classify` version Triton serves (the newest READY one; the
+    newest on disk when Triton cannot say), from its manifest or, for versions published before
+    manifests carried it, from the metrics beside the model it was exported from. None: unknown."""
+    version: str | None = None
+    if triton_http_url:
+        try:
+            from export.model_control import ready_versions
+
+            ready = ready_versions(triton_http_url, "classify")
+            version = ready[-1] if ready else None
+        except Exception as e:  # noqa: BLE001 - Triton down is "ask the disk", not a failure
+            log.warning("could not ask Triton which classifier serves: %s", e)
+    if version is None:
+        on_disk = versions(repo, "classify")
+        version = str(on_disk[-1]) if on_disk else None
+    if version is None:
+        return None
+    try:
+        manifest = json.loads((repo / "classify" / version / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = manifest.get("report", {}).get("test_accuracy")
+    if recorded is not None:
+        return float(recorded)
+    source = manifest.get("provenance", {}).get("classifier")
+    return _test_accuracy(Path(source)) if source else None

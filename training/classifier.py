@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 
 from client.contract import CLASSIFY_LIMITS, LABELS
 from training.classifier_data import DATA_DIR, Example, Splits, dataset_sha256, load_examples, stratified_split
+from training.classifier_params import BatchSize, Epochs, LearningRate, Seed
 from training.metrics import recommend_threshold, score
 from common.paths import CLASSIFIER_MODEL_DIR
 
@@ -41,13 +42,13 @@ class ClassifierTrainSettings(BaseSettings):
     base_model: str = MINILM
     data_dir: Path = DATA_DIR
     output_dir: Path = CLASSIFIER_MODEL_DIR
-    epochs: int = 5
-    batch_size: int = 16
-    learning_rate: float = 5e-5
+    epochs: Epochs = 5
+    batch_size: BatchSize = 16
+    learning_rate: LearningRate = 5e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_tokens: int = CLASSIFY_LIMITS.max_tokens
-    seed: int = 0
+    seed: Seed = 0
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
     threads: int = 2

@@ -26,8 +26,9 @@ from typing import Any, Literal
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from common.paths import BUILD_DIR, MODEL_REPOSITORY
 
+from client.contract import TRAIN_LIMITS
+from common.paths import BUILD_DIR, MODEL_REPOSITORY
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -47,7 +48,8 @@ class JobSettings(BaseSettings):
     model_repository: Path = MODEL_REPOSITORY
     base_checkpoint: str | None = None
     """FLUX base to train on and re-export; default: the local checkpoint `make models` builds."""
-    max_upload_bytes: int = 200 * 1024 * 1024
+    max_upload_bytes: int = TRAIN_LIMITS.max_upload_bytes
+    """The one upload limit: POST /train bodies and dataset zips larger than this are refused (413)."""
     keep_versions: int = 2
 
 
@@ -63,6 +65,8 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     cancel_requested: bool = False
+    owner: str | None = None
+    """The name of the operator key that created the job."""
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,7 +85,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT NOT NULL,
     result TEXT NOT NULL,
     error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_unix DESC);
 """
@@ -96,6 +101,9 @@ class JobStore:
         self._lock = threading.Lock()
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
+            # Stores created before jobs had owners gain the column (NULL for their old jobs).
+            if "owner" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
+                conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -111,16 +119,18 @@ class JobStore:
         return Job(
             id=row[0], kind=row[1], status=row[2], created_unix=row[3], updated_unix=row[4],
             params=json.loads(row[5]), progress=json.loads(row[6]), result=json.loads(row[7]),
-            error=row[8], cancel_requested=bool(row[9]),
+            error=row[8], cancel_requested=bool(row[9]), owner=row[10],
         )
 
-    def create(self, kind: str, params: dict[str, Any], job_id: str | None = None) -> Job:
+    def create(self, kind: str, params: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
         now = time.time()
-        job = Job(id=job_id or uuid.uuid4().hex, kind=kind, status="queued", created_unix=now, updated_unix=now, params=params)
+        job = Job(id=job_id or uuid.uuid4().hex, kind=kind, status="queued", created_unix=now, updated_unix=now,
+                  params=params, owner=owner)
         with self._lock, self._conn() as conn:
             conn.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (job.id, kind, job.status, now, now, json.dumps(params), "{}", "{}", None, 0),
+                "INSERT INTO jobs (id, kind, status, created_unix, updated_unix, params, progress, result, error,"
+                " cancel_requested, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job.id, kind, job.status, now, now, json.dumps(params), "{}", "{}", None, 0, owner),
             )
         return job
 

@@ -50,7 +50,8 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
         on_progress=_progress_writer(store, job_id),
         should_stop=lambda: store.cancel_requested(job_id),
     )
-    result: dict[str, Any] = {"lora_dir": str(jd / "lora"), "manifest": manifest}
+    # Paths in a job's result are relative to the job's folder: callers never see host paths.
+    result: dict[str, Any] = {"lora_dir": "lora", "manifest": manifest}
     if params.get("publish", True):
         result["publish"] = _publish(store, job_id, result, lambda: publish_and_swap(
             repo=settings.model_repository,
@@ -77,7 +78,7 @@ def _publish(store: JobStore, job_id: str, result: dict[str, Any], publish_fn: C
 
 
 def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from export.classifier import publish_and_swap_classifier
+    from export.classifier import publish_and_swap_classifier, serving_classifier_accuracy
     from training.classifier import ClassifierTrainSettings, train_classifier
 
     jd = job_dir(settings, job_id)
@@ -85,8 +86,9 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
     data_dir = jd / "data" if (jd / "data").is_dir() else None
     cls_settings = ClassifierTrainSettings(output_dir=jd / "model", **({"data_dir": data_dir} if data_dir else {}), **overrides)
     metrics = train_classifier(cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id))
-    result: dict[str, Any] = {"model_dir": str(jd / "model"), "test": metrics["test"], "validation": metrics["validation"]}
+    result: dict[str, Any] = {"model_dir": "model", "test": metrics["test"], "validation": metrics["validation"]}
     if params.get("publish", True):
+        _accuracy_gate(result, metrics["test"]["accuracy"], serving_classifier_accuracy(settings.model_repository, settings.triton_http_url))
         def publish() -> dict[str, Any]:
             pub = publish_and_swap_classifier(jd / "model", settings.model_repository, settings.triton_http_url,
                                               work_dir=jd / "onnx", keep_versions=settings.keep_versions)
@@ -96,6 +98,18 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
 
         result["publish"] = _publish(store, job_id, result, publish)
     return result
+
+
+def _accuracy_gate(result: dict[str, Any], new: float, serving: float | None) -> None:
+    """Publish only a classifier at least as accurate on the test split as the one serving; both
+    figures go into the result either way. Unknown serving accuracy (nothing published with
+    metrics yet) does not block."""
+    result["accuracy_gate"] = {"test_accuracy": new, "serving_test_accuracy": serving}
+    if serving is not None and new < serving:
+        result["publish"] = {"status": "refused"}
+        raise PublishError(
+            f"test accuracy {new:.4f} is below the serving model's {serving:.4f}; the serving model is kept", result
+        )
 
 
 class PublishError(RuntimeError):

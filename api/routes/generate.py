@@ -11,13 +11,14 @@ from typing import Annotated, get_args
 from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 
+from api.auth import require_inference_key
 from api.state import AppState, get_state
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from client.contract import OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
 MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}

@@ -21,9 +21,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
-    """200 only when Triton is up and every required model is ready."""
+    """200 only when Triton is up and every required model is ready; a deliberate 503 otherwise
+    (load balancers read the status; the fuzz tests accept this 503 as documented)."""
     ready = await state.triton.is_ready(state.settings.required_models)
-    body = {"ready": ready, "models": list(state.settings.required_models), "triton": state.settings.triton_grpc_url}
+    # No addresses here: /readyz is public, and where Triton listens is nobody's business outside.
+    body = {"ready": ready, "models": list(state.settings.required_models)}
     return JSONResponse(status_code=200 if ready else 503, content=body)
 
 
