@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.job_liveness import reap_forever
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.routes import classify, generate, health, train
 from api.settings import ApiSettings
@@ -36,9 +37,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.triton_generate = AsyncTritonClient(settings.triton_grpc_url, settings.generate_timeout_s)
         app.state.generate_slots = asyncio.Semaphore(settings.max_concurrent_generations)
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
+        reaper = asyncio.create_task(reap_forever(app.state.jobs, app.state.job_settings))
         try:
             yield
         finally:
+            reaper.cancel()
             await app.state.triton.close()
             await app.state.triton_generate.close()
 

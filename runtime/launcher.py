@@ -34,6 +34,7 @@ import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from export.publish_journal import recover_repository
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self._check_ports_free()
+        # Serve exactly the last committed set: undo what a publisher that died mid-publish left.
+        recover_repository(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.settings, backend_dir)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from api.errors import envelope
+from api.job_liveness import refuse_new_job
 from training.jobs import TERMINAL, JobSettings, job_dir
 from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
 from training.lora_settings import LoraTrainSettings
@@ -60,11 +61,12 @@ async def create_job(
     settings: JobSettings = state.job_settings
     if kind not in ("flux_lora", "classifier"):
         return envelope(422, "invalid_request", "kind must be 'flux_lora' or 'classifier'")
+    if (refusal := await refuse_new_job(state.jobs, settings)) is not None:
+        return refusal
     if kind == "classifier":
         overrides = {k: v for k, v in {"epochs": steps, "learning_rate": learning_rate, "seed": seed, "batch_size": batch_size}.items() if v is not None}
         job = state.jobs.create("classifier", {"train": overrides, "publish": publish})
-        state.enqueue(job.id)
-        return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status})
+        return _enqueue(state, job.id)
 
     if dataset is None:
         return envelope(422, "invalid_request", "dataset: a zip file is required for flux_lora jobs")
@@ -98,8 +100,19 @@ async def create_job(
         "dataset": {"images": prepared.count, "sha256": prepared.sha256},
     }
     state.jobs.update(job.id, params=params)
-    state.enqueue(job.id)
-    return JSONResponse(status_code=202, content={"job_id": job.id, "status": "queued"})
+    return _enqueue(state, job.id)
+
+
+def _enqueue(state: Any, job_id: str) -> JSONResponse:
+    """The record (`new`, invisible) exists; send the queue message, then make it `queued`. A
+    crash between the two leaves a `new` record that the reaper fails after submit_timeout_s."""
+    try:
+        state.enqueue(job_id)
+    except Exception:
+        state.jobs.update(job_id, status="failed", error="could not reach the job queue")
+        raise
+    state.jobs.mark_queued(job_id)
+    return JSONResponse(status_code=202, content={"job_id": job_id, "status": "queued"})
 
 
 @router.get("/train")
@@ -123,7 +136,12 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
         return envelope(404, "not_found", f"no job {job_id}")
     if job.status in TERMINAL:
         return envelope(409, "conflict", f"job {job_id} already {job.status}")
-    job = store.cancel(job_id)
+    job, outcome = store.cancel(job_id)
+    if outcome == "publishing":
+        # Publishing is short and transactional: it commits or rolls back, never half-aborts.
+        return envelope(409, "conflict", f"job {job_id} is publishing its model and cannot be cancelled now")
+    if outcome == "finished":
+        return envelope(409, "conflict", f"job {job_id} already {job.status}")
     return JSONResponse(job.public())
 
 
