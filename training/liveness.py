@@ -3,7 +3,8 @@
 Every worker runs a `Heartbeat` thread: it beats every `heartbeat_interval_s`, reaps (fails the
 running jobs of workers whose heartbeat is older than `worker_timeout_s`, and `new` records that
 were never enqueued) and, now and then, deletes the folders of jobs finished longer than
-`retention_s` ago. The facade reaps too (api.job_liveness), so the job of a worker killed while
+`retention_s` ago and the ONNX exports no served version links any more (export.retention).
+The facade reaps too (api.job_liveness), so the job of a worker killed while
 it was the only one still ends `failed`.
 """
 
@@ -41,10 +42,17 @@ class Heartbeat:
                 if self.housekeeping:
                     self.store.reap()
                     if time.monotonic() - self._last_prune > PRUNE_INTERVAL_S:
-                        self._last_prune = time.monotonic()
-                        prune_job_folders(self.settings, self.store)
+                        self._prune()
             except Exception:  # the store being briefly unreachable must not end the heartbeat
                 log.exception("heartbeat failed")
+
+    def _prune(self) -> None:
+        from export.flux.settings import FluxSettings
+        from export.retention import prune_unused_exports
+
+        self._last_prune = time.monotonic()
+        prune_job_folders(self.settings, self.store)
+        prune_unused_exports(FluxSettings().build_dir / "export", self.settings.retention_s)
 
     def __enter__(self) -> Heartbeat:
         self.store.heartbeat(self.worker_id)
@@ -52,8 +60,7 @@ class Heartbeat:
             reaped = self.store.reap()
             if reaped:
                 log.warning("failed %d job(s) of lost workers", len(reaped))
-            prune_job_folders(self.settings, self.store)
-            self._last_prune = time.monotonic()
+            self._prune()
         self._thread.start()
         return self
 
