@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from api.errors import envelope
 from training.jobs import JobSettings, JobStore
+from training.liveness import reap
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ async def reap_forever(store: JobStore, settings: JobSettings) -> None:
     """Run the reaper every heartbeat interval until cancelled (the facade's lifespan)."""
     while True:
         try:
-            await run_in_threadpool(store.reap)
+            await run_in_threadpool(reap, store, settings)
         except Exception:  # a store hiccup must not end the loop
             log.exception("reaping lost jobs failed")
         await asyncio.sleep(settings.heartbeat_interval_s)

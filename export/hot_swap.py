@@ -45,6 +45,19 @@ def rollback(repo: Path, models: Sequence[str], triton_http_url: str) -> None:
         log.exception("reloading the previous versions after a failed swap also failed")
 
 
+def recover_and_reload(repo: Path, triton_http_url: str) -> list[str]:
+    """After a publisher died mid-publish (its job was reaped while publishing): roll its
+    uncommitted versions back and reload those models, so the running Triton drops a version it
+    may already have loaded. Skipped when another publish holds the lock (it recovers first)."""
+    rolled = publish_journal.recover_repository(repo)
+    if rolled:
+        try:
+            load_models(triton_http_url, rolled)
+        except Exception:  # Triton down: it serves the committed set when it comes back
+            log.exception("reloading %s after recovering an interrupted publish failed", rolled)
+    return rolled
+
+
 def publish_and_load(
     repo: Path,
     triton_http_url: str,

@@ -223,9 +223,9 @@ class JobStore(ABC):
         job = self._get(job_id)
         return bool(job and job.cancel_requested)
 
-    def reap(self) -> list[str]:
-        """Fail running jobs whose worker is lost and `new` records never enqueued; returns their
-        ids. Safe to run from every worker and facade at once (each transition is conditional)."""
+    def reap(self) -> list[Job]:
+        """Fail running jobs whose worker is lost and `new` records never enqueued; returns them
+        (failed). Safe to run from every worker and facade at once (each transition is conditional)."""
         alive = set(self.alive_workers())
         now = time.time()
         failed = []
@@ -241,7 +241,7 @@ class JobStore(ABC):
             after = self._transact(job.id, decide)
             if after is not None and after.status == "failed":
                 log.warning("job %s: %s", job.id, after.error)
-                failed.append(job.id)
+                failed.append(after)
         return failed
 
 

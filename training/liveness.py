@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 
-from training.jobs import TERMINAL, JobSettings, JobStore, new_worker_id
+from training.jobs import TERMINAL, Job, JobSettings, JobStore, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Heartbeat:
             try:
                 self.store.heartbeat(self.worker_id)
                 if self.housekeeping:
-                    self.store.reap()
+                    reap(self.store, self.settings)
                     if time.monotonic() - self._last_prune > PRUNE_INTERVAL_S:
                         self._prune()
             except Exception:  # the store being briefly unreachable must not end the heartbeat
@@ -57,7 +57,7 @@ class Heartbeat:
     def __enter__(self) -> Heartbeat:
         self.store.heartbeat(self.worker_id)
         if self.housekeeping:
-            reaped = self.store.reap()
+            reaped = reap(self.store, self.settings)
             if reaped:
                 log.warning("failed %d job(s) of lost workers", len(reaped))
             self._prune()
@@ -71,6 +71,17 @@ class Heartbeat:
             self.store.forget_worker(self.worker_id)
         except Exception:
             log.exception("could not remove the heartbeat of %s", self.worker_id)
+
+
+def reap(store: JobStore, settings: JobSettings) -> list[Job]:
+    """store.reap(), and when a reaped job was publishing, undo its uncommitted publish now (the
+    running Triton may have loaded its versions) instead of at Triton's next start."""
+    reaped = store.reap()
+    if any(job.phase == "publishing" for job in reaped):
+        from export.hot_swap import recover_and_reload
+
+        recover_and_reload(settings.model_repository, settings.triton_http_url)
+    return reaped
 
 
 def prune_job_folders(settings: JobSettings, store: JobStore, now: float | None = None) -> list[str]:

@@ -107,7 +107,7 @@ def test_reaper_fails_only_the_lost_workers_jobs(make_store) -> None:
 def test_a_record_never_enqueued_is_failed_after_the_submit_timeout(make_store) -> None:
     store = make_store(submit_timeout_s=0.0)
     job = store.create("classifier", {})
-    assert store.reap() == [job.id]
+    assert [j.id for j in store.reap()] == [job.id]
     failed = store.get(job.id)
     assert (failed.status, failed.error) == ("failed", NEVER_QUEUED)
 

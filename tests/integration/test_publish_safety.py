@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from client.triton_client import TritonClient
 from export.model_control import ready_versions
 from export.publish_journal import JOURNAL
 from export.repository import MANIFEST, versions
-from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, require_models, start_triton
+from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, require_models, start_facade, start_triton
+from tests.integration.test_job_liveness import LIVENESS_ENV, wait_job
+from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +110,39 @@ def test_two_concurrent_publishes_both_end_consistent(repo: Path, triton) -> Non
     assert leftovers(repo) == []
     newest = str(max(r["classify"] for r in results.values()))
     assert newest in ready_versions(triton.http_url, "classify")
+
+
+def test_a_worker_killed_while_publishing_its_job(repo: Path, triton, tmp_path: Path) -> None:
+    """A classifier job through the real facade and worker, killed with SIGKILL during its publish
+    step: cancel answered 409 meanwhile, the job ends failed (worker lost), its uncommitted
+    versions are rolled back by the reaper and the old version serves on."""
+    before = {m: versions(repo, m) for m in MODELS}
+    serving = ready_versions(triton.http_url, "classify")
+    env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
+           "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url, **LIVENESS_ENV}
+    facade = start_facade(triton.grpc_url, env)
+    try:
+        with facade.client() as http:
+            with running_worker(env, PROJECT_ROOT / "build" / "logs" / "test-publish-worker.log") as worker:
+                r = http.post("/train", data={"kind": "classifier", "steps": "1", "seed": "0"})
+                assert r.status_code == 202, r.text
+                job_id = r.json()["job_id"]
+                job = wait_job(http, job_id, lambda j: j["phase"] == "publishing" or j["status"] != "running" and j["status"] != "queued")
+                assert (job["status"], job["phase"]) == ("running", "publishing"), job
+                refused = http.delete(f"/train/{job_id}")
+                assert refused.status_code == 409 and "publishing" in refused.json()["error"]["message"]
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait(30)
+            failed = wait_job(http, job_id, lambda j: j["status"] != "running", timeout_s=120)
+        assert failed["status"] == "failed" and "worker lost" in failed["error"], failed
+        deadline = time.monotonic() + 60
+        while leftovers(repo):  # the facade's reaper rolls the interrupted publish back
+            assert time.monotonic() < deadline, leftovers(repo)
+            time.sleep(0.2)
+        assert {m: versions(repo, m) for m in MODELS} == before
+        assert ready_versions(triton.http_url, "classify") == serving
+    finally:
+        facade.stop()
 
 
 def test_a_publisher_killed_mid_publish_leaves_the_old_version_after_restart(repo: Path, triton) -> None:
