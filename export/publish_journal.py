@@ -3,8 +3,8 @@
 Triton reads versions from the live repository, so a new version has to be there before it can
 load. What makes that crash-safe is this journal, one file per model being published
 (`<repo>/<model>/.fluxserve_publish.json`): it is written before anything of the model changes
-and holds the model's config.pbtxt as it was and every version number this publish creates
-(recorded before the version's folder appears). A publish commits by deleting the journals,
+and holds the model's config.pbtxt and version list as they were, and every version number this
+publish creates (recorded before the version's folder appears). A publish commits by deleting the journals,
 only after Triton loaded the new versions. So at any moment:
 
 * no journal: the model's folder is exactly the last committed set;
@@ -54,7 +54,12 @@ def begin(repo: Path, names: Iterable[str]) -> None:
     for name in names:
         config = repo / name / CONFIG
         (repo / name).mkdir(parents=True, exist_ok=True)
-        _write(_path(repo, name), {"config_before": config.read_text() if config.exists() else None, "versions": []})
+        _write(_path(repo, name), {"config_before": config.read_text() if config.exists() else None,
+                                   "versions_before": _versions(repo / name), "versions": []})
+
+
+def _versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def note_version(repo: Path, name: str, version: int) -> None:
@@ -89,7 +94,10 @@ def roll_back(repo: Path, names: Iterable[str] | None = None) -> list[str]:
         journal = read(repo, name)
         if journal is None:
             continue
-        for version in journal["versions"]:
+        # Recorded versions, and any other that appeared since the publish began (the publisher
+        # held the lock, so it made them, whether or not it went through export.repository).
+        created = set(journal["versions"]) | (set(_versions(model_dir)) - set(journal.get("versions_before", [])))
+        for version in sorted(created):
             log.warning("rolling back %s version %d (its publish did not commit)", name, version)
             shutil.rmtree(model_dir / str(version), ignore_errors=True)
         config = model_dir / CONFIG

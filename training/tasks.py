@@ -6,13 +6,11 @@ Tasks are registered on a huey instance by `register_tasks`, called identically 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 from huey.api import Huey
@@ -172,7 +170,3 @@ def register_tasks(huey: Huey, settings: JobSettings, worker_id: str | None = No
         run_job(settings, job_id, worker_id)
 
     return _run
-
-
-def write_params(path: Path, params: dict[str, Any]) -> None:
-    path.write_text(json.dumps(params, indent=2))
