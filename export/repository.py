@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.paths import MODEL_REPOSITORY
 from export.publish_journal import note_version
 from export.triton_config import Deployment, Target, config_text
-from common.paths import MODEL_REPOSITORY
 
 log = logging.getLogger(__name__)
 

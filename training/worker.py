@@ -15,10 +15,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.paths import PROJECT_ROOT
 from training.jobs import JobSettings, job_store, make_huey
 from training.liveness import Heartbeat
 from training.tasks import register_tasks
-from common.paths import PROJECT_ROOT
 
 log = logging.getLogger("fluxserve.worker")
 
