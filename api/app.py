@@ -7,6 +7,7 @@ and reached by routes through the `get_state` dependency.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from api.auth import load_keyring
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
+from api.job_liveness import reap_forever
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import classify, generate, health, train
@@ -46,9 +48,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.open()
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
+        reaper = asyncio.create_task(reap_forever(state.jobs, state.job_settings))
         try:
             yield
         finally:
+            reaper.cancel()
             await state.close()
 
     app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
 
 def publish_and_swap_classifier(
     model_dir: Path, repo: Path, triton_http_url: str, work_dir: Path | None = None, keep_versions: int = 2,
-    target: Target = "cpu", force: bool = False,
+    target: Target = "cpu", force: bool = False, lock: AbstractContextManager[object] | None = None,
+    lock_timeout_s: float = 3600.0,
 ) -> dict[str, Published | float]:
     """Publish a fine-tuned classifier and load it into a running Triton; on failure the new
     versions are removed and the previous classifier keeps serving (export.hot_swap.SwapError)."""
@@ -130,7 +132,7 @@ def publish_and_swap_classifier(
 
     return publish_and_load(repo, triton_http_url, ["classifier_onnx", "classify"],
                             lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
-                            keep_versions=keep_versions)
+                            keep_versions=keep_versions, lock=lock, lock_timeout_s=lock_timeout_s)
 
 
 def _test_accuracy(model_dir: Path) -> float | None:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,8 @@ def publish_and_swap(
     repo: Path,
     triton_http_url: str,
     keep_versions: int = 2,
+    lock: AbstractContextManager[object] | None = None,
+    lock_timeout_s: float = 3600.0,
     **publish_kwargs: Any,
 ) -> dict[str, Any]:
     """Publish a new FLUX export (`publish_flux(repo, **publish_kwargs)`) and load it into a
@@ -214,7 +217,8 @@ def publish_and_swap(
 
     started = time.monotonic()
     result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name],
-                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions)
+                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions,
+                              lock=lock, lock_timeout_s=lock_timeout_s)
     return {
         "model_version": str(result[GENERATE.name]),
         "components": {n: result[n] for n in FLUX_COMPONENTS},

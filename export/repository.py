@@ -9,7 +9,9 @@ Layout of one model:
     <repo>/<name>/<version>/fluxserve_manifest.json
 
 A version is assembled in a hidden staging folder and renamed into place, so Triton never sees a
-half-written version. Publishing is idempotent: when the newest version already has the same
+half-written version; within a hot swap (export.hot_swap) the version is first recorded in the
+publish journal (export.publish_journal), so a crash before the swap commits is undone at the
+next start. Version numbers are chosen under the publish lock (export.publish_lock). Publishing is idempotent: when the newest version already has the same
 fingerprint (same inputs and settings), nothing is written.
 """
 
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.triton_config import Deployment, Target, config_text
 from common.paths import MODEL_REPOSITORY
+from export.publish_journal import note_version
+from export.triton_config import Deployment, Target, config_text
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,7 @@ def publish(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = repo / name / str(version)
+        note_version(repo, name, version)  # before it appears: a crash from here on is undone
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.paths import MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401  (tests import them from here)
 from runtime import processes
 from runtime.launcher import TritonServer
 from runtime.processes import HttpServer, free_port  # noqa: F401  (tests import it from here)
-from common.paths import MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401  (tests import them from here)
+from tests.redis_server import redis_server  # noqa: F401  (a real Redis, as a session fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -24,6 +24,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.auth import require_operator
 from api.errors import envelope
+from api.job_liveness import refuse_new_job
 from api.job_view import public_job
 from api.schemas import ErrorResponse
 from api.state import AppState, get_state
@@ -137,6 +138,9 @@ async def create_job(
     request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
 ) -> JSONResponse:
     settings: JobSettings = state.job_settings
+    # Before the upload is read: no worker alive or a full queue is a 503 at once, not after 200 MB.
+    if (refusal := await refuse_new_job(state.jobs, settings)) is not None:
+        return refusal
     job_id = uuid.uuid4().hex
     folder = job_dir(settings, job_id)
     folder.mkdir(parents=True)
@@ -153,8 +157,19 @@ async def create_job(
         shutil.rmtree(folder, ignore_errors=True)  # the worker makes its own; nothing was uploaded for it
     # The record is created only now: a refused upload never shows up as a job, not even briefly.
     job = state.jobs.create(kind, params, job_id=job_id, owner=owner)
-    state.enqueue(job.id)
-    return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status})
+    return _enqueue(state, job.id)
+
+
+def _enqueue(state: AppState, job_id: str) -> JSONResponse:
+    """The record (`new`, invisible) exists; send the queue message, then make it `queued`. A
+    crash between the two leaves a `new` record that the reaper fails after submit_timeout_s."""
+    try:
+        state.enqueue(job_id)
+    except Exception:
+        state.jobs.update(job_id, status="failed", error="could not reach the job queue")
+        raise
+    state.jobs.mark_queued(job_id)
+    return JSONResponse(status_code=202, content={"job_id": job_id, "status": "queued"})
 
 
 @router.get("/train", responses=ERRORS)
@@ -180,7 +195,12 @@ async def cancel_job(job_id: JobId, state: Annotated[AppState, Depends(get_state
         return envelope(404, "not_found", "no such job")
     if job.status in TERMINAL:
         return envelope(409, "conflict", f"job already {job.status}")
-    job = store.cancel(job_id)
+    job, outcome = store.cancel(job_id)
+    if outcome == "publishing":
+        # Publishing is short and transactional: it commits or rolls back, never half-aborts.
+        return envelope(409, "conflict", "the job is publishing its model and cannot be cancelled now")
+    if outcome == "finished":
+        return envelope(409, "conflict", f"job already {job.status}")
     return JSONResponse(public_job(job, job_dir(state.job_settings, job.id)))
 
 
