@@ -75,15 +75,31 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     return app
 
 
-def main() -> None:
+STOP_GRACE_S = 3
+"""On SIGINT/SIGTERM in-flight generations are cancelled (503) and the server waits this long for
+connections to finish before it cancels what is left."""
+
+
+def serve(settings: ApiSettings) -> None:
+    """Run the facade until SIGINT/SIGTERM (`python -m api.app`, `make up`)."""
     import uvicorn
 
-    configure_logging()
-    settings = ApiSettings()
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.fluxserve.begin_shutdown()  # end in-flight work now, with an answer
+            super().handle_exit(sig, frame)
+
     # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults;
     # log_config=None: uvicorn's lines go through our handler, request id included.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=settings.access_log, log_config=None)
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
+                          timeout_graceful_shutdown=STOP_GRACE_S, log_config=None)).run()
+
+
+def main() -> None:
+    configure_logging()
+    serve(ApiSettings())
 
 
 if __name__ == "__main__":

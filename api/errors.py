@@ -8,12 +8,12 @@ carry the request id the caller also gets in `X-Request-ID` (api.request_id).
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tritonclient.utils import InferenceServerException
 
 from api.request_id import current_request_id
 
@@ -21,7 +21,9 @@ from client.errors import (
     FluxServeError,
     InferenceError,
     InvalidInputError,
+    ModelFailedError,
     ModelNotReadyError,
+    RequestCancelledError,
     RequestTimeoutError,
     ServerUnavailableError,
 )
@@ -34,6 +36,7 @@ STATUS: dict[type[FluxServeError], int] = {
     ModelNotReadyError: 503,
     RequestTimeoutError: 504,
     InferenceError: 502,
+    RequestCancelledError: 499,  # nginx's "client closed request": only logs and metrics see it
 }
 
 
@@ -55,11 +58,17 @@ def envelope(status: int, kind: str, message: str, headers: dict[str, str] | Non
 
 
 def public_message(exc: FluxServeError) -> str:
-    """Our own messages as they are; a message carrying Triton's text replaced by a fixed one."""
-    if not isinstance(exc.__cause__, InferenceServerException) and isinstance(exc, InvalidInputError):
+    """Our own messages as they are (validation, admission); a message built from a lower layer's
+    exception (Triton's text, gRPC details) replaced by a fixed one, the original going to the log."""
+    if exc.__cause__ is None:
         return str(exc)
     cls = next((c for c in SERVER_MESSAGES if isinstance(exc, c)), InferenceError)
     return f"{SERVER_MESSAGES[cls]} (request id {current_request_id()})"
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds (RFC 9110), at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _loc(loc: tuple) -> str:
@@ -81,11 +90,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return envelope(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
 
     @app.exception_handler(FluxServeError)
-    async def _flux(_: Request, exc: FluxServeError) -> JSONResponse:
+    async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
+        if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
+            request.app.state.fluxserve.readiness.model_failed(exc)
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}.get(status, "error")
+        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed",
+                499: "cancelled"}.get(status, "error")
         log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
-        return envelope(status, kind, public_message(exc))
+        # Every 503 says when to come back: overload, Triton restarting, a model reloading.
+        headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None
+        return envelope(status, kind, public_message(exc), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

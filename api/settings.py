@@ -24,6 +24,9 @@ class ApiSettings(BaseSettings):
     generate_timeout_s: float = 600.0
     required_models: tuple[str, ...] = ("classify", "generate")
     """Models that must be ready for /readyz to answer 200."""
+    ready_probe_interval_s: float = 10.0
+    """/readyz wants an inference through each required model within this long: a real request,
+    else a tiny probe (api/readiness.py)."""
     classify_threshold: float | None = None
     """Overrides the uncertainty threshold the deployed classifier was published with."""
     trigger_word: str = DEFAULT_TRIGGER_WORD

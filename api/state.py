@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.metrics import ApiMetrics
+from api.readiness import Readiness
 from api.settings import ApiSettings
 from client.contract import CLASSIFY, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient
@@ -58,13 +60,25 @@ class AppState:
     # Opened by the lifespan: they bind to the running event loop.
     triton: AsyncTritonClient | None = None
     triton_generate: AsyncTritonClient | None = None
-    generate_slots: asyncio.Semaphore | None = None
+    readiness: Readiness | None = None
+    admission: Admission | None = None
+    stopping: asyncio.Event | None = None
+    """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
+    _loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
         s = self.settings
         self.triton = AsyncTritonClient(s.triton_grpc_url, s.classify_timeout_s)
         self.triton_generate = AsyncTritonClient(s.triton_grpc_url, s.generate_timeout_s)
-        self.generate_slots = asyncio.Semaphore(s.max_concurrent_generations)
+        self.readiness = Readiness(self.triton_generate, s.ready_probe_interval_s)
+        self.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(self.triton))
+        self.stopping = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def begin_shutdown(self) -> None:
+        """Safe from a signal handler or another thread."""
+        if self._loop is not None and self.stopping is not None:
+            self._loop.call_soon_threadsafe(self.stopping.set)
 
     async def close(self) -> None:
         for client in (self.triton, self.triton_generate):

@@ -5,6 +5,7 @@
                         [--out benchmarks/results]
     fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
     fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
+    fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
     fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
     fluxserve-bench readme                                     # put the latest tables into README.md
 """
@@ -80,6 +81,16 @@ def _swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overload(args: argparse.Namespace) -> int:
+    from benchmarks.overload import OverloadSettings, overload, render_markdown
+
+    s = OverloadSettings(duration_s=args.duration_s, multipliers=tuple(args.multipliers), out=args.out, log_dir=args.log_dir)
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    sys.stdout.write(render_markdown(overload(s)))
+    return 0
+
+
 def _readme(_args: argparse.Namespace) -> int:
     from benchmarks.readme import update_readme
 
@@ -142,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, default=SWAP_RESULT)
     sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
     sw.set_defaults(fn=_swap)
+
+    from benchmarks.overload import RESULT_FILE as OVERLOAD_RESULT
+
+    ov = sub.add_parser("overload", help="open-loop load at multiples of capacity: shedding, latency, abandoned work")
+    ov.add_argument("--duration-s", type=float, default=30.0, help="seconds per load point")
+    ov.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 5.0, 10.0])
+    ov.add_argument("--model-repository", type=Path)
+    ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
+    ov.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    ov.set_defaults(fn=_overload)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
     rd.set_defaults(fn=_readme)

@@ -157,6 +157,10 @@ THRESHOLD_PARAMETER = "recommended_threshold"
 """classify: the uncertainty threshold measured on the validation split when it was published."""
 TRIGGER_PARAMETER = "trigger_word"
 """generate: the trigger words of the LoRA fused into that version."""
+ATTENTION_HEADS_PARAMETER = "attention_heads"
+"""generate: its transformer's attention heads (the facade's memory guard, client/cost.py)."""
+TEXT_TOKENS_PARAMETER = "text_tokens"
+"""generate: T5 tokens per prompt (the facade's memory guard, client/cost.py)."""
 
 FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
     "hidden_states",

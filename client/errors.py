@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from tritonclient.utils import InferenceServerException
+
+DEFAULT_RETRY_AFTER_S = 5.0
+"""What a 503 tells a client to wait when nobody measured better (Triton down, model loading)."""
+_DEAD_STUB = re.compile(r"Stub process '([A-Za-z0-9_.-]+?)_\d+_\d+' is not healthy")
 
 
 class FluxServeError(Exception):
@@ -16,8 +22,28 @@ class InvalidInputError(FluxServeError, ValueError):
 class ServerUnavailableError(FluxServeError):
     """Triton could not be reached (not running, connection refused, shutting down)."""
 
+    def __init__(self, message: str, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
-class ModelNotReadyError(FluxServeError):
+
+class OverloadedError(ServerUnavailableError):
+    """Refused for lack of capacity (admission control or a full Triton queue): retry later."""
+
+
+class ModelFailedError(ServerUnavailableError):
+    """A model's python stub process died (e.g. killed for memory); `model` needs a reload."""
+
+    def __init__(self, message: str, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class RequestCancelledError(FluxServeError):
+    """The request was cancelled (its client went away) before it completed."""
+
+
+class ModelNotReadyError(ServerUnavailableError):
     """Triton is up but the model is unknown, loading or unloaded."""
 
 
@@ -34,6 +60,13 @@ def translate(e: InferenceServerException) -> FluxServeError:
     status = str(e.status() or "")
     message = e.message() or str(e)
     lowered = message.lower()
+    if "exceeds maximum queue size" in lowered:
+        return OverloadedError(f"server busy: {message}")
+    dead = _DEAD_STUB.search(message)
+    if dead:
+        return ModelFailedError(f"model {dead.group(1)!r} failed and is being recovered: {message}", dead.group(1))
+    if "CANCELLED" in status:
+        return RequestCancelledError(message)
     if "UNAVAILABLE" in status or "failed to connect" in lowered or "connection refused" in lowered:
         return ServerUnavailableError(f"Triton is unavailable: {message}")
     if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in lowered or "timeout" in lowered:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import KeepAliveOptions
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from client.codec import (
@@ -29,6 +31,23 @@ DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
 
 def random_seed() -> int:
     return secrets.randbelow(2**31)
+
+
+def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple[str, int]]:
+    """tritonclient's own channel defaults, plus a short reconnect backoff: after a Triton restart
+    gRPC's default backoff grows to 120 s, and the facade would stay 503 long after Triton is back."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000)),
+    ]
 
 
 def _config_parameter(config: dict, key: str) -> str | None:
@@ -84,11 +103,16 @@ class TritonClient:
 
 
 class AsyncTritonClient:
-    """asyncio client (`tritonclient.grpc.aio`), one per process: it multiplexes one channel."""
+    """asyncio client (`tritonclient.grpc.aio`), one per process: it multiplexes one channel.
+
+    Cancelling the task awaiting an inference cancels its gRPC call, and Triton marks the request
+    cancelled (python models see `request.is_cancelled()`); `timeout_s` is both the gRPC deadline
+    and the request timeout Triton passes to the model, so a model can stop at its deadline too.
+    """
 
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 60.0) -> None:
         self.url, self.timeout_s = url, timeout_s
-        self._client = aioclient.InferenceServerClient(url)
+        self._client = aioclient.InferenceServerClient(url, channel_args=channel_args())
 
     async def close(self) -> None:
         await self._client.close()
@@ -104,14 +128,26 @@ class AsyncTritonClient:
         except InferenceServerException:
             return False
 
-    async def model_parameter(self, model: str, key: str, version: str = "") -> str | None:
-        """A parameter a deployed model version was published with (its config.pbtxt `parameters`);
-        version "" means the one Triton would pick now."""
+    async def model_config(self, model: str, version: str = "") -> dict:
+        """A deployed model version's config as JSON (config.pbtxt fields); version "" means the
+        one Triton would pick now."""
         try:
             cfg = await self._client.get_model_config(model, version, as_json=True, client_timeout=5.0)
         except InferenceServerException as e:
             raise translate(e) from e
-        return _config_parameter(cfg, key)
+        return cfg.get("config", cfg)
+
+    async def model_parameter(self, model: str, key: str, version: str = "") -> str | None:
+        """A parameter a deployed model version was published with (its config.pbtxt `parameters`)."""
+        return _config_parameter(await self.model_config(model, version), key)
+
+    async def reload_model(self, model: str, timeout_s: float = 300.0) -> None:
+        """Unload and load `model` (explicit model control): restarts its stub processes."""
+        try:
+            await self._client.unload_model(model, client_timeout=timeout_s)
+            await self._client.load_model(model, client_timeout=timeout_s)
+        except InferenceServerException as e:
+            raise translate(e) from e
 
     async def newest_ready_version(self, model: str) -> str | None:
         """The newest ready version of `model`: the one a request sent now without a version runs on."""
@@ -141,7 +177,8 @@ class AsyncTritonClient:
     ) -> GenerateResult:
         inputs, outputs = generate_inputs(prompt, seed, width, height, steps, guidance)
         try:
-            result = await self._client.infer(GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = await self._client.infer(GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s,
+                                              timeout=int(self.timeout_s * 1e6))
         except InferenceServerException as e:
             raise translate(e) from e
         return decode_generate(result, seed)

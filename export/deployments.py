@@ -22,6 +22,8 @@ class ExportSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXSERVE_EXPORT_")
 
     classify_instances: int = 2
+    classify_max_queue_size: int = 64
+    """classify requests (each up to 64 texts) waiting in Triton beyond which it rejects (503)."""
     classify_max_queue_delay_us: int | None = None
     classify_preferred_batch_sizes: tuple[int, ...] | None = None
     classifier_onnx_instances: int = 1
@@ -29,6 +31,9 @@ class ExportSettings(BaseSettings):
     classifier_onnx_max_queue_delay_us: int = 500
     generate_instances: int = 4
     """Concurrent generations in Triton; their per-step transformer calls are batched together."""
+    generate_max_queue_size: int = 8
+    """Generations waiting for an instance beyond which Triton rejects (503). The facade sheds
+    load before this by its own cost estimate; this bounds direct gRPC clients too."""
     flux_transformer_threads: int = 2
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
@@ -57,6 +62,7 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
             kind="python",
             instance_count=s.classify_instances,
             dynamic_batching=DynamicBatching(preferred, delay),
+            max_queue_size=s.classify_max_queue_size,
         ),
         CLASSIFIER_ONNX.name: Deployment(
             spec=CLASSIFIER_ONNX,
@@ -72,7 +78,8 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
     """`generate` (python BLS) and the four FLUX components it calls."""
     s = settings or ExportSettings()
     deps = {
-        GENERATE.name: Deployment(spec=GENERATE, kind="python", instance_count=s.generate_instances),
+        GENERATE.name: Deployment(spec=GENERATE, kind="python", instance_count=s.generate_instances,
+                                  max_queue_size=s.generate_max_queue_size),
     }
     for name, spec in FLUX_COMPONENTS.items():
         is_transformer = name == FLUX_TRANSFORMER

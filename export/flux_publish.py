@@ -20,8 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, TRIGGER_PARAMETER
-from common.flux_assets import copy_loop_assets
+from client.contract import (
+    ATTENTION_HEADS_PARAMETER,
+    FLUX_COMPONENTS,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE,
+    TEXT_TOKENS_PARAMETER,
+    TRIGGER_PARAMETER,
+)
+from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
 from export.repository import MANIFEST, fingerprint, publish, sha256_file
@@ -181,7 +191,8 @@ def publish_flux(
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
-        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word})
+        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word,
+                                                           **_memory_facts(assets)})
         gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
                       {**provenance, "lora_targets": sorted(targets), "components": components}, force=force)
     if gen.created:
@@ -189,6 +200,13 @@ def publish_flux(
     out.update(components)
     out[GENERATE.name] = gen.version
     return out
+
+
+def _memory_facts(pipeline_assets: Path) -> dict[str, str]:
+    """What the facade's memory guard needs to know about this transformer (client.cost)."""
+    config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
+    return {ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
+            TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets))}
 
 
 def _hub_snapshot(repo_id: str | Path) -> Path:

@@ -44,6 +44,10 @@ class Deployment:
     flatten_inputs: tuple[str, ...] = ()
     versions_live: int = 1
     """Newest versions kept loaded; 2 keeps the previous one serving in-flight pinned calls."""
+    max_queue_size: int = 0
+    """Requests allowed to wait for an instance; beyond it Triton rejects at once ("Exceeds maximum
+    queue size", UNAVAILABLE: 503 + Retry-After at the facade) instead of queueing into a timeout.
+    Requests whose own timeout passes while queued are rejected too. 0: unbounded."""
 
 
 _DTYPE = {name: getattr(mc, name) for name in ("TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32",
@@ -81,6 +85,13 @@ def render_config(dep: Deployment, target: Target) -> mc.ModelConfig:
     if dep.dynamic_batching is not None and spec.max_batch_size > 0:
         cfg.dynamic_batching.preferred_batch_size[:] = list(dep.dynamic_batching.preferred_batch_sizes)
         cfg.dynamic_batching.max_queue_delay_microseconds = dep.dynamic_batching.max_queue_delay_us
+    if dep.max_queue_size > 0:
+        # The queue policy lives in the dynamic batcher; with max_batch_size 0 it batches nothing
+        # and only bounds the queue.
+        policy = cfg.dynamic_batching.default_queue_policy
+        policy.max_queue_size = dep.max_queue_size
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+        policy.allow_timeout_override = True
     for key, value in dep.parameters.items():
         cfg.parameters[key].string_value = value
     # A re-export adds version N+1 and Triton swaps to it; older ones unload after in-flight work.

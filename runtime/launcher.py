@@ -193,6 +193,9 @@ class TritonServer:
         s = self.settings
         for port in (s.http_port, s.grpc_port, s.metrics_port):
             with socket.socket() as sock:
+                # As servers bind: a port with only TIME_WAIT connections left by a server that
+                # just died (a supervised restart) is free; one with a listener is not.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((s.host, port))
                 except OSError as e:

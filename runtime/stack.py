@@ -1,21 +1,28 @@
 """`make up`: run Triton, the facade and the training worker in the foreground until Ctrl-C,
-then stop all three cleanly."""
+then stop all three cleanly.
+
+Triton and the worker run under runtime.supervisor: either one dying is logged and restarted
+with backoff while the facade keeps answering (503 + Retry-After until Triton is back). Ctrl-C
+stops everything within about 10 s even with work in flight: the facade ends in-flight
+generations at once with 503 + Retry-After (cancelling their Triton work) and waits up to
+api.app.STOP_GRACE_S for the rest, then the worker and Triton get STOP_GRACE_S together before
+they are killed.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-import uvicorn
-
-from api.app import create_app
+from api.app import serve
 from api.auth import ensure_key_file
 from api.request_id import configure_logging
 from api.settings import ApiSettings
 from runtime.launcher import TritonServer, TritonStartError
-from training.worker import running_worker
+from runtime.supervisor import Supervisor, TritonChild, worker_child
 
 log = logging.getLogger("fluxserve.stack")
+STOP_GRACE_S = 3
 
 
 def announce_operator_key(settings: ApiSettings) -> None:
@@ -34,22 +41,23 @@ def main() -> int:
     api_settings = ApiSettings()
     announce_operator_key(api_settings)
     triton = TritonServer()
+    # The trainer is its own process: a training step must never stall the facade's event loop.
+    supervisor = Supervisor([TritonChild(triton), worker_child({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url})])
     try:
-        triton.start()
+        supervisor.start()
     except TritonStartError as e:
         log.error("%s", e)
+        supervisor.stop(STOP_GRACE_S)
         return 1
     api_settings = api_settings.model_copy(update={"triton_grpc_url": triton.grpc_url})
     try:
-        # The trainer is its own process: a training step must never stall the facade's event loop.
-        with running_worker({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}):
-            log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
-            # uvicorn handles SIGINT/SIGTERM itself and returns; then the worker and Triton stop in order.
-            uvicorn.run(create_app(api_settings), host=api_settings.host, port=api_settings.port, log_level="info",
-                        access_log=api_settings.access_log, log_config=None)
-            log.info("stopping the training worker and Triton")
+        log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
+        # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503) and returns;
+        # then the worker and Triton stop.
+        serve(api_settings)
+        log.info("stopping the training worker and Triton")
     finally:
-        triton.stop()
+        supervisor.stop(STOP_GRACE_S)
     return 0
 
 

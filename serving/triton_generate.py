@@ -23,12 +23,20 @@ from client.codec import flux_component_feeds
 from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
 from serving.flux_loop import FluxLoop, GenerationRequest
 from serving.generate_request import read_request
+from serving.stop_check import Stopped, stop_check
 
 log = logging.getLogger(__name__)
 
 
 class ComponentError(RuntimeError):
     pass
+
+
+def _stop_check(request):
+    """Cancellation and deadline of a received request (python backend API, Triton >= 23.10)."""
+    is_cancelled = getattr(request, "is_cancelled", None) or (lambda: False)
+    timeout = getattr(request, "timeout", None)
+    return stop_check(is_cancelled, int(timeout() or 0) if timeout else 0)
 
 
 class TritonPythonModel:
@@ -75,7 +83,13 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
                 continue
             try:
-                image = self.loop(req)
+                check = _stop_check(request)
+                check()  # cancelled while it queued: never start
+                image = self.loop(req, on_step=check)
+            except Stopped as e:
+                code = getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNAVAILABLE)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
+                continue
             except ComponentError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}", pb_utils.TritonError.UNAVAILABLE)))
                 continue

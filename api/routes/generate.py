@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -10,18 +9,21 @@ from typing import Annotated, get_args
 
 from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import require_inference_key
+from api.cancellation import all_or_nothing, bounded
 from api.state import AppState, get_state
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
-from client.contract import OutputFormat
+from client.contract import GENERATE, OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
 MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
-ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse, "description": "busy or recovering: see Retry-After"},
+          504: {"model": ErrorResponse}}
 
 
 def encode_image(pixels, fmt: str) -> bytes:
@@ -58,15 +60,19 @@ async def generate(body: GenerateRequest, request: Request, state: Annotated[App
     if raw and body.num_images != 1:
         raise InvalidInputError("raw image responses carry one image: use num_images=1 or Accept: application/json")
     started = time.perf_counter()
-    async with state.generate_slots:
-        # Images of one request run concurrently, so they share transformer steps in Triton.
-        results = await asyncio.gather(
+    async with state.admission.generation(body.width, body.height, body.steps, body.num_images):
+        # Images of one request run concurrently, so they share transformer steps in Triton; they
+        # share one fate too, and all are cancelled when the client leaves or the deadline passes.
+        work = all_or_nothing(
             *(state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance) for i in range(body.num_images))
         )
+        results = await bounded(request, work, settings.generate_timeout_s, state.stopping)
     infer_s = time.perf_counter() - started
+    state.readiness.served(GENERATE.name)
     state.metrics.items.labels("generate").inc(len(results))
     fmt = raw or body.output_format
-    encoded = [encode_image(r.image, fmt) for r in results]
+    # PNG/JPEG encoding of large images takes tens of ms of CPU: keep it off the event loop.
+    encoded = await run_in_threadpool(lambda: [encode_image(r.image, fmt) for r in results])
     timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
     if raw:
         headers = {"X-Seed": str(seed), "X-Model-Version": results[0].model_version, "X-Inference-Seconds": str(timings["inference_s"])}

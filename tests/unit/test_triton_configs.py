@@ -54,3 +54,21 @@ def test_written_repository_configs_parse() -> None:
 def test_unknown_field_is_rejected() -> None:
     with pytest.raises(Exception):
         parse_config('name: "x"\nnot_a_field: 1\n')
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", ["classify", "generate"])
+def test_public_models_reject_beyond_a_bounded_queue(name: str, target: str) -> None:
+    """The public models' queues are bounded and reject (503 + Retry-After at the facade)."""
+    dep = DEPLOYMENTS[name]
+    policy = parse_config(config_text(dep, target)).dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == dep.max_queue_size > 0
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert policy.allow_timeout_override
+
+
+def test_internal_models_never_reject_a_running_generation() -> None:
+    """Components are called mid-generation over BLS: a rejection there would waste the steps done."""
+    for name in ("flux_transformer", "flux_vae_decoder", "classifier_onnx"):
+        cfg = parse_config(config_text(DEPLOYMENTS[name], "cpu"))
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 0

@@ -1,0 +1,213 @@
+"""Admission control: refuse at once what the server cannot finish within a bounded wait.
+
+Two checks, both before any work reaches Triton:
+
+* per request (422): a /generate request larger than this deployment's maximum cost, or whose
+  transformer activations would not fit the memory budget (client.cost), is refused with the
+  limit in the message: an oversized request must never reach a stub and get it OOM-killed.
+* per moment (503 + Retry-After): work admitted but not finished is counted in cost units
+  (megapixel-steps for /generate, images not requests; texts for /classify). A moving average of
+  the measured throughput (cost per second) turns it into an estimated wait; a request that
+  would wait longer than `max_wait_s` is shed immediately instead of queueing into a timeout.
+
+The throughput estimate samples completed cost over busy time (time with work in flight), so it
+measures aggregate capacity under load whatever the concurrency inside Triton.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import psutil
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from client.contract import ATTENTION_HEADS_PARAMETER, FLUX_TRANSFORMER, GENERATE, TEXT_TOKENS_PARAMETER
+from client.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
+from client.errors import InvalidInputError, OverloadedError
+from client.triton_client import AsyncTritonClient
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLE_S = 0.05
+"""Completions closer together than this are pooled into one throughput sample (no 0-division
+spikes when a batch of requests finishes at once)."""
+
+
+class AdmissionSettings(BaseSettings):
+    """Environment prefix: FLUXSERVE_ADMISSION_."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_ADMISSION_")
+
+    generate_max_cost_mps: float | None = None
+    """Largest /generate request in megapixel-steps (width*height*steps*images/1e6). None: by
+    deployment: `cpu_generate_max_cost_mps` when the transformer runs on CPU, the contract's whole
+    range on GPU."""
+    cpu_generate_max_cost_mps: float = 16.0
+    """About 512x512, 28 steps, 2 images: a minute or so of the small CPU model, far from OOM."""
+    generate_memory_budget_mb: float | None = None
+    """Transformer activation memory that admitted generations may use together. None: half of
+    this machine's memory on a CPU deployment, no guard on GPU (TensorRT profiles bound it)."""
+    generate_max_wait_s: float = 5.0
+    generate_initial_rate_mps: float = 0.5
+    """Throughput assumed until the first measurement (megapixel-steps per second)."""
+    classify_max_wait_s: float = 0.25
+    classify_initial_rate_texts: float = 200.0
+    rate_smoothing: float = 0.3
+    """Weight of the newest throughput sample in the moving average."""
+    model_facts_ttl_s: float = 30.0
+    """How long the deployed model's facts (target, transformer shape) are cached."""
+
+
+class CostQueue:
+    """Work admitted and not yet finished, in cost units, with a throughput estimate."""
+
+    def __init__(self, name: str, unit: str, max_wait_s: float, initial_rate: float, smoothing: float) -> None:
+        self.name, self.unit, self.max_wait_s, self.smoothing = name, unit, max_wait_s, smoothing
+        self.rate = initial_rate
+        self.in_flight = 0.0
+        self._mark: float | None = None
+        self._done_since_mark = 0.0
+
+    def estimated_wait_s(self) -> float:
+        return self.in_flight / self.rate if self.rate > 0 else float("inf")
+
+    def admit(self, cost: float) -> None:
+        """Count `cost` in, or raise OverloadedError (never when nothing is in flight: a lone
+        request is always served, however long it takes)."""
+        wait = self.estimated_wait_s()
+        if self.in_flight > 0 and wait > self.max_wait_s:
+            raise OverloadedError(
+                f"{self.name} is at capacity: about {wait:.1f}s of work is ahead (limit {self.max_wait_s:g}s); retry later",
+                retry_after_s=max(1.0, wait - self.max_wait_s),
+            )
+        if self.in_flight == 0:
+            self._mark, self._done_since_mark = time.monotonic(), 0.0
+        self.in_flight += cost
+
+    def release(self, cost: float, completed: bool) -> None:
+        """Count `cost` out; completed work (not failed or cancelled) feeds the throughput estimate."""
+        self.in_flight = max(0.0, self.in_flight - cost)
+        now = time.monotonic()
+        if completed and self._mark is not None:
+            self._done_since_mark += cost
+            elapsed = now - self._mark
+            if elapsed >= MIN_SAMPLE_S:
+                sample = self._done_since_mark / elapsed
+                self.rate = (1 - self.smoothing) * self.rate + self.smoothing * sample
+                self._mark, self._done_since_mark = now, 0.0
+        if self.in_flight == 0:
+            self._mark = None
+
+    @asynccontextmanager
+    async def admitted(self, cost: float) -> AsyncIterator[None]:
+        self.admit(cost)
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            self.release(cost, completed)
+
+
+class MemoryBudget:
+    """Estimated transformer activation bytes of admitted generations, against a budget."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+    def check(self, needed: int, budget: int | None) -> None:
+        if budget is None:
+            return
+        if needed > budget:
+            raise InvalidInputError(
+                f"this request needs about {needed / 2**20:,.0f} MiB of transformer memory, over this deployment's limit "
+                f"of {budget / 2**20:,.0f} MiB: use a smaller width x height or fewer num_images"
+            )
+        if self.in_flight + needed > budget:
+            raise OverloadedError("generation memory is fully used by requests in flight; retry later", retry_after_s=2.0)
+
+    @asynccontextmanager
+    async def held(self, needed: int) -> AsyncIterator[None]:
+        self.in_flight += needed
+        try:
+            yield
+        finally:
+            self.in_flight -= needed
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the deployed `generate` model tells admission control."""
+
+    on_gpu: bool
+    shape: TransformerShape
+
+
+class Admission:
+    """The facade's admission control for /generate and /classify (one per app)."""
+
+    def __init__(self, settings: AdmissionSettings, model_facts: Callable[[], Awaitable[ModelFacts]]) -> None:
+        self.settings = settings
+        self._model_facts = model_facts
+        self._facts: tuple[float, ModelFacts] | None = None
+        self.generate = CostQueue("generation", "megapixel-steps", settings.generate_max_wait_s,
+                                  settings.generate_initial_rate_mps, settings.rate_smoothing)
+        self.classify = CostQueue("classification", "texts", settings.classify_max_wait_s,
+                                  settings.classify_initial_rate_texts, settings.rate_smoothing)
+        self.memory = MemoryBudget()
+
+    async def facts(self) -> ModelFacts:
+        if self._facts is None or time.monotonic() - self._facts[0] > self.settings.model_facts_ttl_s:
+            self._facts = (time.monotonic(), await self._model_facts())
+        return self._facts[1]
+
+    def max_cost_mps(self, facts: ModelFacts) -> float:
+        if self.settings.generate_max_cost_mps is not None:
+            return self.settings.generate_max_cost_mps
+        return MAX_CONTRACT_COST_MPS if facts.on_gpu else self.settings.cpu_generate_max_cost_mps
+
+    def memory_budget_bytes(self, facts: ModelFacts) -> int | None:
+        if self.settings.generate_memory_budget_mb is not None:
+            return int(self.settings.generate_memory_budget_mb * 2**20)
+        return None if facts.on_gpu else psutil.virtual_memory().total // 2
+
+    @asynccontextmanager
+    async def generation(self, width: int, height: int, steps: int, images: int) -> AsyncIterator[None]:
+        """Admit one /generate request for the duration of the block, or raise (422 / 503)."""
+        facts = await self.facts()
+        cost = generate_cost_mps(width, height, steps, images)
+        limit = self.max_cost_mps(facts)
+        if cost > limit:
+            raise InvalidInputError(
+                f"this request costs {cost:,.1f} megapixel-steps (width*height*steps*num_images/1e6), over this "
+                f"deployment's limit of {limit:,.1f}: use fewer steps, a smaller size or fewer num_images"
+            )
+        needed = transformer_peak_bytes(width, height, images, facts.shape)
+        self.memory.check(needed, self.memory_budget_bytes(facts))
+        async with self.generate.admitted(cost), self.memory.held(needed):
+            yield
+
+    def classification(self, texts: int):
+        """Admit one /classify request of `texts` texts for the duration of the block, or raise 503."""
+        return self.classify.admitted(float(texts))
+
+
+async def deployed_model_facts(triton: AsyncTritonClient) -> ModelFacts:
+    """Read the target and transformer shape from the deployed models' configs."""
+    generate = await triton.model_config(GENERATE.name)
+    transformer = await triton.model_config(FLUX_TRANSFORMER)
+    params = generate.get("parameters", {})
+
+    def number(key: str, default: int) -> int:
+        value = params.get(key, {}).get("string_value")
+        return int(value) if value else default
+
+    default = TransformerShape()
+    shape = TransformerShape(number(ATTENTION_HEADS_PARAMETER, default.attention_heads),
+                             number(TEXT_TOKENS_PARAMETER, default.text_tokens))
+    # On CPU every model runs in the python backend; on GPU the transformer is an engine.
+    return ModelFacts(on_gpu=transformer.get("backend") != "python", shape=shape)

@@ -1,0 +1,103 @@
+"""Readiness that tells the truth, and recovery of models whose stub died.
+
+Triton keeps reporting a python model READY after its stub process died (OOM-killed, say), while
+every request to it fails. So /readyz also needs evidence that an inference works: a real
+request that succeeded within `probe_interval_s`, or else a tiny probe inference (one short text;
+a 64x64 one-step image), run at most once per interval per model. A real request is free
+evidence, so under traffic no probe runs.
+
+A failure naming a dead stub (client.errors.ModelFailedError, from a real request or a probe)
+marks the model not ready and reloads it through Triton's model-control API (unload + load
+restarts its stubs), once at a time per model, without an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from client.contract import CLASSIFY, GENERATE, GENERATE_LIMITS
+from client.errors import FluxServeError, ModelFailedError
+from client.triton_client import AsyncTritonClient
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = "readiness probe"
+
+
+class Readiness:
+    def __init__(self, triton: AsyncTritonClient, probe_interval_s: float = 10.0, probe_timeout_s: float = 60.0) -> None:
+        self.triton, self.probe_interval_s, self.probe_timeout_s = triton, probe_interval_s, probe_timeout_s
+        self._last_ok: dict[str, float] = {}
+        self._failed: dict[str, str] = {}
+        self._recovering: dict[str, asyncio.Task[None]] = {}
+        self._probing: dict[str, asyncio.Future[bool]] = {}
+
+    def served(self, model: str) -> None:
+        """A real request through `model` succeeded."""
+        self._last_ok[model] = time.monotonic()
+        self._failed.pop(model, None)
+
+    def model_failed(self, exc: ModelFailedError) -> None:
+        """A stub died: mark not ready and reload that model in the background."""
+        self._failed[exc.model] = str(exc)
+        self._last_ok.clear()  # a component serves several public models: re-prove them all
+        if exc.model not in self._recovering:
+            self._recovering[exc.model] = asyncio.get_running_loop().create_task(self._recover(exc.model))
+
+    async def _recover(self, model: str) -> None:
+        started = time.monotonic()
+        log.warning("model %s failed (%s); reloading it", model, self._failed.get(model, ""))
+        try:
+            await self.triton.reload_model(model)
+            log.warning("model %s reloaded in %.1fs", model, time.monotonic() - started)
+        except FluxServeError as e:
+            log.error("reloading %s failed: %s", model, e)
+        finally:
+            # Either way the next probe decides: still broken, and it is reloaded again.
+            self._failed.pop(model, None)
+            self._recovering.pop(model, None)
+
+    async def _probe(self, model: str) -> bool:
+        try:
+            if model == CLASSIFY.name:
+                await asyncio.wait_for(self.triton.classify([PROBE_TEXT]), self.probe_timeout_s)
+            elif model == GENERATE.name:
+                side = GENERATE_LIMITS.min_side
+                await asyncio.wait_for(self.triton.generate(PROBE_TEXT, 0, side, side, 1, 0.0), self.probe_timeout_s)
+            else:
+                return True  # no probe known: model readiness only
+        except ModelFailedError as e:
+            self.model_failed(e)
+            return False
+        except (FluxServeError, TimeoutError) as e:
+            log.warning("readiness probe of %s failed: %s", model, e)
+            return False
+        self.served(model)
+        return True
+
+    async def proven(self, model: str) -> bool:
+        """A recent success through `model`, or a probe now (shared by concurrent callers)."""
+        if self._failed or self._recovering:
+            return False
+        last = self._last_ok.get(model)
+        if last is not None and time.monotonic() - last < self.probe_interval_s:
+            return True
+        if model not in self._probing:
+            probe = asyncio.ensure_future(self._probe(model))
+            self._probing[model] = probe
+            probe.add_done_callback(lambda _: self._probing.pop(model, None))
+        return await asyncio.shield(self._probing[model])
+
+    async def check(self, models: Sequence[str]) -> tuple[bool, dict[str, str]]:
+        """(ready, {model: why not}) for /readyz."""
+        if not await self.triton.is_ready(models):
+            return False, {m: "Triton or the model is not ready" for m in models}
+        problems = {m: f"recovering: {why}" for m, why in self._failed.items()}
+        problems |= {m: "reloading" for m in self._recovering if m not in problems}
+        for model in models:
+            if not problems and not await self.proven(model):
+                problems[model] = "probe inference failed"
+        return not problems, problems

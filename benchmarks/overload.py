@@ -1,0 +1,206 @@
+"""`fluxserve-bench overload`: open-loop load beyond capacity through the facade (issue 15).
+
+For /generate and /classify: measure a lone request and the capacity (closed loop), then offer
+Poisson load at 2x, 5x and 10x that capacity for `duration_s` each. Every request ends as served
+(200), rejected (503 with Retry-After: shed by admission control) or failed (any other status,
+a transport error or the client's own timeout). Reported per load point: those counts, p50/p99 of
+served requests against the lone request, how fast rejections were answered, a lone request right
+after the load, how long Triton took to go idle after it, and the share of Triton's work spent on
+requests whose clients were gone (transformer steps or classifier texts not delivered to anyone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from benchmarks.load import closed_loop, open_loop
+from benchmarks.metrics_scrape import scrape
+from benchmarks.servers import CLASSIFY_STACK, GENERATE_STACK, LOG_DIR, MODEL_REPOSITORY, facade, triton
+from benchmarks.workload import GENERATE_PROMPTS, chat_texts
+from client.contract import CLASSIFY, FLUX_TRANSFORMER, GENERATE
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = Path(__file__).resolve().parent / "results" / "overload.json"
+
+
+@dataclass(frozen=True)
+class OverloadSettings:
+    duration_s: float = 30.0
+    multipliers: tuple[float, ...] = (2.0, 5.0, 10.0)
+    client_timeout_s: float = 60.0
+    generate_side: int = 128
+    generate_steps: int = 4
+    capacity_s: float = 10.0
+    """Closed-loop run that measures capacity (requests per second) for each endpoint."""
+    capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
+    lone_requests: int = 5
+    idle_timeout_s: float = 120.0
+    model_repository: Path = MODEL_REPOSITORY
+    out: Path = RESULT_FILE
+    log_dir: Path = LOG_DIR
+
+
+@dataclass
+class Outcomes:
+    served_s: list[float] = field(default_factory=list)
+    rejected_s: list[float] = field(default_factory=list)
+    rejected_without_retry_after: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, kind: str) -> None:
+        self.failed[kind] = self.failed.get(kind, 0) + 1
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+class Endpoint:
+    """Requests to one facade route, each classified as served / rejected / failed."""
+
+    def __init__(self, model: str, url: str, s: OverloadSettings) -> None:
+        self.model, self.url, self.s = model, url, s
+        self.texts = chat_texts()
+        self.outcomes = Outcomes()
+        self.session: aiohttp.ClientSession | None = None
+
+    def body(self, i: int) -> tuple[str, dict[str, Any]]:
+        if self.model == GENERATE.name:
+            return "/generate", {"prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], "width": self.s.generate_side,
+                                 "height": self.s.generate_side, "steps": self.s.generate_steps, "seed": i}
+        return "/classify", {"text": self.texts[i % len(self.texts)]}
+
+    async def __call__(self, i: int) -> None:
+        assert self.session is not None
+        path, body = self.body(i)
+        started = time.perf_counter()
+        try:
+            async with self.session.post(path, json=body) as r:
+                await r.read()
+                elapsed = time.perf_counter() - started
+                if r.status == 200:
+                    self.outcomes.served_s.append(elapsed)
+                    return
+                if r.status == 503:
+                    self.outcomes.rejected_s.append(elapsed)
+                    if "Retry-After" not in r.headers:
+                        self.outcomes.rejected_without_retry_after += 1
+                else:
+                    self.outcomes.fail(f"http_{r.status}")
+        except TimeoutError:
+            self.outcomes.fail("client_timeout")
+        except aiohttp.ClientError as e:
+            self.outcomes.fail(type(e).__name__)
+        raise RuntimeError("not served")  # so the load generator counts only served latencies
+
+    def reset(self) -> Outcomes:
+        out, self.outcomes = self.outcomes, Outcomes()
+        return out
+
+
+def _work(snapshot: dict, model: str) -> float:
+    """Units of Triton work done so far: transformer steps (generate) or classified texts."""
+    key = ("nv_inference_count", FLUX_TRANSFORMER if model == GENERATE.name else CLASSIFY.name)
+    return snapshot.get(key, 0.0)
+
+
+async def _wait_idle(metrics_url: str, model: str, timeout_s: float) -> float | None:
+    """Seconds until Triton's work counter for `model` stops moving (None: still busy at timeout)."""
+    started = time.monotonic()
+    last = _work(scrape(metrics_url), model)
+    while time.monotonic() - started < timeout_s:
+        await asyncio.sleep(1.0)
+        now = _work(scrape(metrics_url), model)
+        if now == last:
+            return round(time.monotonic() - started - 1.0, 1)
+        last = now
+    return None
+
+
+async def _lone(endpoint: Endpoint, n: int) -> float:
+    for i in range(n):
+        try:
+            await endpoint(10_000 + i)
+        except RuntimeError:
+            pass
+    served = endpoint.reset().served_s
+    return statistics.median(served) if served else float("nan")
+
+
+async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: OverloadSettings) -> dict[str, Any]:
+    endpoint = Endpoint(model, facade_url, s)
+    async with aiohttp.ClientSession(base_url=facade_url, connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=s.client_timeout_s)) as session:
+        endpoint.session = session
+        lone_s = await _lone(endpoint, s.lone_requests)
+        cap = await closed_loop(endpoint, s.capacity_concurrency[model], s.capacity_s, 100_000)
+        endpoint.reset()
+        capacity_rps = cap.throughput_rps
+        log.info("%s: lone %.0f ms, capacity %.2f req/s", model, lone_s * 1000, capacity_rps)
+        points = []
+        for m in s.multipliers:
+            rate = capacity_rps * m
+            before = scrape(metrics_url)
+            stats = await open_loop(endpoint, rate, s.duration_s, max_requests=int(rate * s.duration_s * 2) + 10,
+                                    max_in_flight=100_000, drain_timeout_s=s.client_timeout_s + 5)
+            out = endpoint.reset()
+            idle_s = await _wait_idle(metrics_url, model, s.idle_timeout_s)
+            work = _work(scrape(metrics_url), model) - _work(before, model)
+            useful = len(out.served_s) * (s.generate_steps if model == GENERATE.name else 1)
+            lone_after_s = await _lone(endpoint, 1)
+            points.append({
+                "multiplier": m, "offered_rps": round(rate, 2), "sent": stats.sent,
+                "served": len(out.served_s), "rejected": len(out.rejected_s), "failed": sum(out.failed.values()),
+                "failed_by_kind": out.failed, "rejected_without_retry_after": out.rejected_without_retry_after,
+                "served_p50_ms": _pct(out.served_s, 50), "served_p99_ms": _pct(out.served_s, 99),
+                "p99_vs_lone": round(float(np.percentile(out.served_s, 99)) / lone_s, 1) if out.served_s else None,
+                "reject_p50_ms": _pct(out.rejected_s, 50), "reject_max_ms": _pct(out.rejected_s, 100),
+                "lone_after_ms": round(lone_after_s * 1000, 1), "lone_after_vs_lone": round(lone_after_s / lone_s, 2),
+                "idle_after_s": idle_s,
+                "abandoned_work_share": round(max(0.0, work - useful) / work, 3) if work else 0.0,
+            })
+            log.info("%s at %gx: %s", model, m, points[-1])
+    return {"model": model, "lone_ms": round(lone_s * 1000, 1), "capacity_rps": round(capacity_rps, 2), "points": points}
+
+
+def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
+    s = s or OverloadSettings()
+    result: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+                              "endpoints": []}
+    with triton(s.model_repository, [*CLASSIFY_STACK, *GENERATE_STACK], s.log_dir, tag="overload") as server, \
+            facade(server.grpc_url, [CLASSIFY.name, GENERATE.name], s.log_dir) as api:
+        for model in (GENERATE.name, CLASSIFY.name):
+            result["endpoints"].append(asyncio.run(_bench_endpoint(model, api.url, server.metrics_url, s)))
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    s.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The README's overload table."""
+    lines = [
+        "| endpoint | load | offered req/s | served | rejected (503) | failed | served p50 / p99 ms | p99 vs lone | "
+        "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ep in result["endpoints"]:
+        for p in ep["points"]:
+            lines.append(
+                f"| /{ep['model']} (lone {ep['lone_ms']} ms, capacity {ep['capacity_rps']} req/s) | {p['multiplier']:g}x | "
+                f"{p['offered_rps']} | {p['served']} | {p['rejected']} | {p['failed']} | {p['served_p50_ms']} / "
+                f"{p['served_p99_ms']} | {p['p99_vs_lone']}x | {p['reject_p50_ms']} / {p['reject_max_ms']} | "
+                f"{p['lone_after_ms']} ms ({p['lone_after_vs_lone']}x) | {p['idle_after_s']} | "
+                f"{p['abandoned_work_share'] * 100:.1f}% |"
+            )
+    return "\n".join(lines) + "\n"

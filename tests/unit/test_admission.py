@@ -1,0 +1,199 @@
+"""Admission control, the cost model, stop checks and error translation for overload/cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from api.admission import Admission, AdmissionSettings, CostQueue, ModelFacts
+from client.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
+from client.errors import (
+    InvalidInputError,
+    ModelFailedError,
+    OverloadedError,
+    RequestCancelledError,
+    ServerUnavailableError,
+    translate,
+)
+from serving.stop_check import Stopped, stop_check
+
+SMALL_MODEL = TransformerShape(attention_heads=4, text_tokens=64)
+
+
+def test_cost_counts_images_and_steps() -> None:
+    assert generate_cost_mps(1000, 1000, 10) == 10.0
+    assert generate_cost_mps(1000, 1000, 10, images=3) == 30.0
+    assert MAX_CONTRACT_COST_MPS == generate_cost_mps(2048, 2048, 100, 4)
+
+
+def test_memory_estimate_matches_the_reported_oom() -> None:
+    """Issue 15: 2000x1920, 2 images grew the small model's transformer stub to ~16 GB."""
+    estimate = transformer_peak_bytes(2000, 1920, 2, SMALL_MODEL)
+    assert 10 * 2**30 < estimate < 20 * 2**30
+    assert transformer_peak_bytes(128, 128, 1, SMALL_MODEL) < 2**20
+
+
+def test_lone_request_always_admitted_then_sheds_with_retry_after() -> None:
+    q = CostQueue("generation", "mps", max_wait_s=2.0, initial_rate=1.0, smoothing=0.3)
+    q.admit(50.0)  # far beyond max_wait alone: still served, nothing is ahead of it
+    with pytest.raises(OverloadedError) as info:
+        q.admit(1.0)
+    assert info.value.retry_after_s >= 1.0 and "retry" in str(info.value)
+    q.release(50.0, completed=False)
+    q.admit(1.0)
+    q.admit(1.0)  # 1 s of work ahead at 1/s: within 2 s
+    q.admit(1.0)
+    with pytest.raises(OverloadedError):
+        q.admit(1.0)  # 3 s ahead
+
+
+def test_rate_follows_measured_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("api.admission.time.monotonic", lambda: now[0])
+    q = CostQueue("classification", "texts", max_wait_s=1.0, initial_rate=1.0, smoothing=0.5)
+    for _ in range(20):  # 10 texts per second, sustained
+        q.admit(1.0)
+        now[0] += 0.1
+        q.release(1.0, completed=True)
+    assert q.rate == pytest.approx(10.0, rel=0.01)
+    q.admit(1.0)
+    now[0] += 5.0
+    q.release(1.0, completed=False)  # cancelled work says nothing about throughput
+    assert q.rate == pytest.approx(10.0, rel=0.01)
+
+
+def _admission(**settings: object) -> Admission:
+    async def facts() -> ModelFacts:
+        return ModelFacts(on_gpu=False, shape=SMALL_MODEL)
+
+    return Admission(AdmissionSettings(**settings), facts)
+
+
+def test_oversized_generation_is_422_with_the_limit() -> None:
+    admission = _admission(cpu_generate_max_cost_mps=16.0)
+
+    async def ask() -> None:
+        async with admission.generation(2000, 1920, 47, 2):
+            pytest.fail("admitted")
+
+    with pytest.raises(InvalidInputError, match="limit of 16.0"):
+        asyncio.run(ask())
+    assert admission.generate.in_flight == 0
+
+
+def test_memory_guard_refuses_what_would_oom_even_within_the_cost_limit() -> None:
+    admission = _admission(generate_max_cost_mps=1e6, generate_memory_budget_mb=8192)
+
+    async def ask() -> None:
+        async with admission.generation(2000, 1920, 1, 2):
+            pytest.fail("admitted")
+
+    with pytest.raises(InvalidInputError, match="MiB"):
+        asyncio.run(ask())
+
+
+def test_gpu_deployment_allows_the_contract_range() -> None:
+    admission = _admission()
+    assert admission.max_cost_mps(ModelFacts(on_gpu=True, shape=SMALL_MODEL)) == MAX_CONTRACT_COST_MPS
+    assert admission.max_cost_mps(ModelFacts(on_gpu=False, shape=SMALL_MODEL)) == 16.0
+
+
+def test_admitted_work_is_released_on_failure() -> None:
+    admission = _admission()
+
+    async def fail() -> None:
+        async with admission.generation(128, 128, 4, 2):
+            assert admission.generate.in_flight == generate_cost_mps(128, 128, 4, 2)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(fail())
+    assert admission.generate.in_flight == 0 and admission.memory.in_flight == 0
+
+
+def test_stop_check() -> None:
+    cancelled = [False]
+    now = [0.0]
+    check = stop_check(lambda: cancelled[0], timeout_us=2_000_000, clock=lambda: now[0])
+    check(1, 10)
+    now[0] = 2.5
+    with pytest.raises(Stopped, match="deadline"):
+        check(2, 10)
+    cancelled[0] = True
+    with pytest.raises(Stopped, match="cancelled"):
+        stop_check(lambda: cancelled[0])()
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "expected"),
+    [
+        ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", OverloadedError),
+        ("StatusCode.UNAVAILABLE", "generation failed: flux_transformer: Stub process 'flux_transformer_0_0' is not healthy.",
+         ModelFailedError),
+        ("StatusCode.CANCELLED", "Locally cancelled by application!", RequestCancelledError),
+    ],
+)
+def test_translate_overload_and_failures(status: str, message: str, expected: type) -> None:
+    err = translate(InferenceServerException(msg=message, status=status))
+    assert isinstance(err, expected)
+    if isinstance(err, ServerUnavailableError):
+        assert err.retry_after_s > 0
+    if isinstance(err, ModelFailedError):
+        assert err.model == "flux_transformer"
+
+
+def test_one_failed_image_cancels_the_others() -> None:
+    from api.cancellation import all_or_nothing
+
+    cancelled = []
+
+    async def slow(i: int) -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+        return i
+
+    async def bad() -> int:
+        await asyncio.sleep(0.01)
+        raise OverloadedError("full")
+
+    async def run() -> None:
+        await all_or_nothing(slow(0), bad(), slow(2))
+
+    with pytest.raises(OverloadedError):
+        asyncio.run(run())
+    assert sorted(cancelled) == [0, 2]
+
+
+def test_shutdown_cancels_the_work_and_answers_503() -> None:
+    """When the server begins to stop, in-flight work is cancelled and the request gets a 503."""
+    from api.cancellation import all_or_nothing, bounded
+
+    class NeverDisconnects:
+        async def receive(self) -> dict:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+    cancelled = []
+
+    async def image() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def run() -> None:
+        stopping = asyncio.Event()
+        handler = asyncio.ensure_future(bounded(NeverDisconnects(), all_or_nothing(image(), image()), 60, stopping))
+        await asyncio.sleep(0.05)
+        stopping.set()
+        with pytest.raises(ServerUnavailableError, match="shutting down"):
+            await handler
+
+    asyncio.run(run())
+    assert cancelled == [True, True]
