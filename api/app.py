@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import classify, generate, health, train
+from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from client.triton_client import AsyncTritonClient
 from training.jobs import JobSettings, job_store, make_huey
@@ -80,6 +80,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(generate.router)
     app.include_router(train.router)
+    app.include_router(chat.router)
+    app.include_router(playground.router)
     return app
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
+from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_STREAM
 from client.triton_client import TRIGGER_PARAMETER
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
@@ -182,13 +182,20 @@ def publish_flux(
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
-        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word})
-        gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
-                      {**provenance, "lora_targets": sorted(targets), "components": components}, force=force)
-    if gen.created:
-        out["created"].append(GENERATE.name)
+        files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
+        gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
+        published = {}
+        # The streaming twin runs the same pipeline on the same pinned components; its version
+        # number follows generate's, so both doors report the same model_version.
+        for spec in (GENERATE, GENERATE_STREAM):
+            dep = replace(deps[spec.name], parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word})
+            min_version = published[GENERATE.name].version if published else 1
+            published[spec.name] = publish(repo, dep, target, files, gen_provenance, force=force, min_version=min_version)
+    for name, pub in published.items():
+        if pub.created:
+            out["created"].append(name)
+        out[name] = pub.version
     out.update(components)
-    out[GENERATE.name] = gen.version
     return out
 
 
@@ -215,7 +222,7 @@ def publish_and_swap(
     from export.hot_swap import publish_and_load
 
     started = time.monotonic()
-    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name],
+    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
                               lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions)
     return {
         "model_version": str(result[GENERATE.name]),

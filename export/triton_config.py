@@ -81,6 +81,8 @@ def render_config(dep: Deployment, target: Target) -> mc.ModelConfig:
     if dep.dynamic_batching is not None and spec.max_batch_size > 0:
         cfg.dynamic_batching.preferred_batch_size[:] = list(dep.dynamic_batching.preferred_batch_sizes)
         cfg.dynamic_batching.max_queue_delay_microseconds = dep.dynamic_batching.max_queue_delay_us
+    if spec.decoupled:
+        cfg.model_transaction_policy.decoupled = True
     for key, value in dep.parameters.items():
         cfg.parameters[key].string_value = value
     # A re-export adds version N+1 and Triton swaps to it; older ones unload after in-flight work.
