@@ -2,6 +2,9 @@
 
     fluxserve-client classify "can I see you in the kitchen?" "see you tomorrow"
     fluxserve-client generate "a red fox in snow" --width 256 --height 256 --steps 4 -o fox.png
+
+`generate` shows a progress bar fed by `generate_stream` (one update per denoising step);
+`--no-progress` uses the unary `generate` model instead.
 """
 
 from __future__ import annotations
@@ -15,10 +18,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from client.contract import GENERATE_DEFAULTS
+from client.codec import GenerateResult
 from client.errors import FluxServeError
 from client.triton_client import DEFAULT_URL, TritonClient
 
 log = logging.getLogger("fluxserve.client")
+
+
+def generate_with_progress(client: TritonClient, args: argparse.Namespace) -> GenerateResult:
+    from tqdm import tqdm
+
+    with tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr) as bar:
+        for progress, result in client.generate_stream(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance):
+            bar.total = progress.total
+            bar.update(progress.step - bar.n)
+            if result is not None:
+                return result
+    raise FluxServeError("the stream ended without an image")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--steps", type=int, default=GENERATE_DEFAULTS.steps)
     g.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS.guidance)
     g.add_argument("-o", "--output", type=Path, default=Path("image.png"))
+    g.add_argument("--no-progress", action="store_true", help="no progress bar: call the unary generate model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -47,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from PIL import Image
 
-                res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                if args.no_progress:
+                    res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                else:
+                    res = generate_with_progress(client, args)
                 Image.fromarray(res.image).save(args.output)
                 log.info("wrote %s (seed %d, model version %s)", args.output, res.seed, res.model_version)
     except FluxServeError as e:
