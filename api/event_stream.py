@@ -68,13 +68,13 @@ async def generation_events(request: Request, body: GenerateRequest, prompt: str
     async def one(index: int) -> GenerateResult:
         async for progress, result in state.triton_generate.generate_stream(
                 prompt, seed + index, body.width, body.height, body.steps, body.guidance):
+            if result is not None:  # the final response repeats the last step: no second event
+                return result
             done_steps[index] = progress.step
             await events.put(event("progress", {
                 "image": index, "step": progress.step, "total": progress.total,
                 "elapsed_s": round(progress.elapsed_s, 4), "fraction": round(sum(done_steps) / total_steps, 4),
             }))
-            if result is not None:
-                return result
         raise RuntimeError("stream ended without an image")  # the client raises first; belt and braces
 
     async with state.generate_slots:

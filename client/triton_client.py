@@ -108,8 +108,8 @@ class TritonClient:
         steps: int = GENERATE_DEFAULTS.steps,
         guidance: float = GENERATE_DEFAULTS.guidance,
     ) -> Iterator[StreamEvent]:
-        """Yields (progress, None) after every step, then (progress, result). Closing the iterator
-        early cancels the request in Triton (the stream is cancelled)."""
+        """Yields (progress, None) after every step, then (progress of the last step, result).
+        Closing the iterator early cancels the request in Triton (the stream is cancelled)."""
         seed = random_seed() if seed is None else seed
         inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
         answers: queue.Queue = queue.Queue()
@@ -204,7 +204,7 @@ class AsyncTritonClient:
         steps: int = GENERATE_DEFAULTS.steps,
         guidance: float = GENERATE_DEFAULTS.guidance,
     ) -> AsyncIterator[StreamEvent]:
-        """Yields (progress, None) after every step, then (progress, result). Leaving early
+        """Yields (progress, None) after every step, then (progress of the last step, result). Leaving early
         (break, aclose, task cancelled) cancels the gRPC stream, and Triton stops the loop."""
         inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
 

@@ -62,7 +62,8 @@ def client(triton):
 
 def test_one_progress_response_per_step_then_the_image(client) -> None:
     events = list(client.generate_stream(PROMPT, seed=5, **SMALL))
-    assert [p.step for p, _ in events] == [1, 2, 3]
+    # A response after each step, then the image (decoded after the last step) with the last step.
+    assert [p.step for p, _ in events] == [1, 2, 3, 3]
     assert all(p.total == 3 for p, _ in events)
     assert all(r is None for _, r in events[:-1])
     elapsed = [p.elapsed_s for p, _ in events]
