@@ -49,7 +49,8 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser, request) -> Iterator[object]:
-    context = browser.new_context(viewport=DESKTOP)
+    # The page's CSP forbids eval, which Playwright's wait_for_function and evaluate use to run test code.
+    context = browser.new_context(viewport=DESKTOP, bypass_csp=True)
     pg = context.new_page()
     messages: list[str] = []
     pg.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
