@@ -26,6 +26,7 @@ from fastapi import Request
 
 from api.errors import STATUS
 from api.schemas import GenerateRequest, GenerateResponse
+from api.state import AppState
 from client.codec import GenerateResult
 from client.errors import FluxServeError
 
@@ -54,12 +55,11 @@ def error_event(exc: BaseException) -> dict[str, str]:
     return event("error", {"error": {"type": kind, "message": message}})
 
 
-async def generation_events(request: Request, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
+async def generation_events(state: AppState, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
     """`progress` events for all `body.num_images` images (run concurrently, so they share
     transformer steps in Triton), then one `image` event; or an `error` event."""
     from api.routes.generate import encode_image  # the JSON answer's own encoder
 
-    state = request.app.state
     started = time.perf_counter()
     events: asyncio.Queue = asyncio.Queue()
     done_steps = [0] * body.num_images

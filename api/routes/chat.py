@@ -9,14 +9,16 @@ generation's `progress` events and its `image` (api/event_stream.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from api.event_stream import error_event, event, generation_events, wants_event_stream
 from api.prompt_rewrite import image_prompt
 from api.routes.generate import generate, raw_format, with_trigger
 from api.schemas import ChatKind, ChatRequest, ChatResponse, ClassifyResult, ErrorResponse, GenerateRequest
+from api.state import AppState, get_state
 from client.contract import IMAGE_REQUEST
 from client.errors import FluxServeError, InvalidInputError
 from client.triton_client import random_seed
@@ -32,10 +34,9 @@ def chat_kind(result: ClassifyResult) -> ChatKind:
     return "image" if result.label == IMAGE_REQUEST else "conversation"
 
 
-async def classify_message(request: Request, message: str) -> ClassifyResult:
-    state = request.app.state
+async def classify_message(state: AppState, message: str) -> ClassifyResult:
     (result,) = await state.triton.classify([message])
-    threshold = await state.classify_threshold()
+    threshold = await state.classify_threshold(result.model_version)
     state.metrics.items.labels("classify").inc()
     return ClassifyResult(label=result.label, score=result.score, scores=result.scores, uncertain=result.score < threshold)
 
@@ -46,20 +47,20 @@ def generation_request(body: ChatRequest) -> GenerateRequest:
 
 
 @router.post("/chat", response_model=ChatResponse, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
-async def chat(body: ChatRequest, request: Request) -> ChatResponse | EventSourceResponse:
+async def chat(body: ChatRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> ChatResponse | EventSourceResponse:
     if wants_event_stream(request):
-        return EventSourceResponse(chat_events(body, request))
+        return EventSourceResponse(chat_events(body, state))
     if raw_format(request.headers.get("accept", "")):
         raise InvalidInputError("/chat answers application/json or text/event-stream")
-    classification = await classify_message(request, body.message)
+    classification = await classify_message(state, body.message)
     kind = chat_kind(classification)
-    image = await generate(generation_request(body), request) if kind == "image" else None
+    image = await generate(generation_request(body), request, state) if kind == "image" else None
     return ChatResponse(kind=kind, classification=classification, image=image)
 
 
-async def chat_events(body: ChatRequest, request: Request) -> AsyncIterator[dict[str, str]]:
+async def chat_events(body: ChatRequest, state: AppState) -> AsyncIterator[dict[str, str]]:
     try:
-        classification = await classify_message(request, body.message)
+        classification = await classify_message(state, body.message)
     except FluxServeError as e:
         yield error_event(e)
         return
@@ -67,7 +68,6 @@ async def chat_events(body: ChatRequest, request: Request) -> AsyncIterator[dict
     yield event("classification", {"kind": kind, "classification": classification.model_dump()})
     if kind != "image":
         return
-    state = request.app.state
     gen = generation_request(body)
     seed = gen.seed if gen.seed is not None else random_seed()
     try:
@@ -75,5 +75,5 @@ async def chat_events(body: ChatRequest, request: Request) -> AsyncIterator[dict
     except FluxServeError as e:
         yield error_event(e)
         return
-    async for item in generation_events(request, gen, prompt, seed):
+    async for item in generation_events(state, gen, prompt, seed):
         yield item
