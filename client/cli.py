@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from client.contract import GENERATE_DEFAULTS
 from client.codec import GenerateResult
+from client.contract import GENERATE_DEFAULTS
 from client.errors import FluxServeError
 from client.triton_client import DEFAULT_URL, TritonClient
 
