@@ -1,7 +1,10 @@
 // fluxserve playground: plain JavaScript, no build step, no dependencies, same origin only.
 "use strict";
 
-const KEY_STORAGE = "fluxserve.apiKey"; // sessionStorage: gone when the tab closes
+// The operator key, entered once in the Train pane: sessionStorage (gone when the tab closes), sent
+// as `Authorization: Bearer` with every call (the training API needs it; a facade configured to
+// require it on /classify and /generate does too).
+const KEY_STORAGE = "fluxserve.apiKey";
 
 const $ = (id) => document.getElementById(id);
 
@@ -75,7 +78,7 @@ async function readEvents(response, onEvent) {
 async function postStream(path, body, signal, onEvent) {
   const response = await fetch(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+    headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
     body: JSON.stringify(body),
     signal,
   });
@@ -195,7 +198,7 @@ function setupClassify() {
     try {
       const response = await fetch("/classify", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", ...authHeaders() },
         body: JSON.stringify({ text: $("cls-text").value }),
       });
       if (!response.ok) throw new Error(await errorMessage(response));
