@@ -41,9 +41,11 @@ def generate_in_page(page, prompt: str, seed: int, steps: int = 4) -> str:
     page.get_by_label("Seed").fill(str(seed))
     before = page.locator("#gen-results figure").count()
     # Record every value the bar takes, to see it move step by step and not jump to the end.
+    # Old values from the mutation records: the observer runs once per task, so several events
+    # handled in one task would otherwise show only the last value.
     page.evaluate("""() => { window.__progress = [];
-        new MutationObserver(() => window.__progress.push(document.getElementById('gen-progress').value))
-          .observe(document.getElementById('gen-progress'), {attributes: true, childList: true}); }""")
+        new MutationObserver((records) => { for (const r of records) window.__progress.push(Number(r.oldValue)); })
+          .observe(document.getElementById('gen-progress'), {attributeFilter: ['value'], attributeOldValue: true}); }""")
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_function(f"document.querySelectorAll('#gen-results figure').length > {before}", timeout=300_000)
     img = page.locator("#gen-results figure img").first
