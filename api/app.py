@@ -20,7 +20,7 @@ from api.errors import install_error_handlers
 from api.job_liveness import reap_forever
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
-from api.routes import classify, generate, health, train
+from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from api.state import AppState
 from training.jobs import JobSettings, job_store, make_huey
@@ -72,6 +72,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(generate.router)
     app.include_router(train.router)
+    app.include_router(chat.router)
+    app.include_router(playground.router)
     return app
 
 

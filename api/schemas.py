@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from client.contract import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
 
@@ -80,3 +80,27 @@ class GenerateResponse(BaseModel):
     prompt: str = Field(description="the prompt as sent to the model (trigger words added when configured)")
     output_format: str
     timings: dict[str, float]
+
+
+# /chat: one call per chat message. The generation options are /generate's, minus the prompt
+# (which comes from the message), with the same bounds.
+ChatGenerateOptions = create_model(
+    "ChatGenerateOptions",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (f.annotation, f) for name, f in GenerateRequest.model_fields.items() if name != "prompt"},
+)
+
+ChatKind = Literal["image", "conversation", "uncertain"]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"message": "make an image of you in Paris", "generate": {"width": 512, "height": 512, "steps": 8}}]})
+
+    message: Text
+    generate: ChatGenerateOptions | None = None  # type: ignore[valid-type]
+
+
+class ChatResponse(BaseModel):
+    kind: ChatKind = Field(description="image: generated from the message; conversation: not an image request; uncertain: the classifier is not sure, nothing generated")
+    classification: ClassifyResult
+    image: GenerateResponse | None = Field(description="the /generate answer when kind is image, else null")

@@ -7,6 +7,9 @@
 
 The training commands need the operator key: --api-key, else $FLUXSERVE_API_KEY, else the file
 `make up` created (.fluxserve/api_key). Prefer the variable or the file: a flag shows in `ps`.
+
+`generate` shows a progress bar fed by `generate_stream` (one update per denoising step);
+`--no-progress` uses the unary `generate` model instead.
 """
 
 from __future__ import annotations
@@ -20,12 +23,25 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from client.codec import GenerateResult
 from client.contract import GENERATE_DEFAULTS
 from client.errors import FluxServeError
 from client.facade_client import API_KEY_ENV, DEFAULT_API_URL, KEY_FILE, FacadeClient, read_key_file
 from client.triton_client import DEFAULT_URL, TritonClient
 
 log = logging.getLogger("fluxserve.client")
+
+
+def generate_with_progress(client: TritonClient, args: argparse.Namespace) -> GenerateResult:
+    from tqdm import tqdm
+
+    with tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr) as bar:
+        for progress, result in client.generate_stream(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance):
+            bar.total = progress.total
+            bar.update(progress.step - bar.n)
+            if result is not None:
+                return result
+    raise FluxServeError("the stream ended without an image")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS.guidance)
     g.add_argument("-o", "--output", type=Path, default=Path("image.png"))
     _add_train_commands(sub)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar: call the unary generate model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "train":
@@ -57,7 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from PIL import Image
 
-                res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                if args.no_progress:
+                    res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                else:
+                    res = generate_with_progress(client, args)
                 Image.fromarray(res.image).save(args.output)
                 log.info("wrote %s (seed %d, model version %s)", args.output, res.seed, res.model_version)
     except FluxServeError as e:

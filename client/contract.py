@@ -46,6 +46,9 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 0
+    decoupled: bool = False
+    """Answers a request with a stream of responses (Triton's decoupled transaction policy):
+    clients must use gRPC streaming, and a response may carry only some of the outputs."""
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -146,6 +149,23 @@ GENERATE = ModelSpec(
     outputs=(TensorSpec("image", "TYPE_UINT8", (-1, -1, 3)),),
     max_batch_size=0,
 )
+
+GENERATE_STREAM = ModelSpec(
+    name="generate_stream",
+    inputs=GENERATE.inputs,
+    outputs=(
+        # Every response carries the progress; only the last one carries the image.
+        TensorSpec("step", "TYPE_INT32", (1,)),
+        TensorSpec("total", "TYPE_INT32", (1,)),
+        TensorSpec("elapsed_s", "TYPE_FP32", (1,)),
+        *GENERATE.outputs,
+    ),
+    max_batch_size=0,
+    decoupled=True,
+)
+"""`generate` with progress: one response per denoising step (step, total, elapsed_s), then a
+final response with the image too. Same inputs, same pipeline, same pinned components; a
+cancelled stream stops the loop at its next step."""
 
 # Transformer input names as NVIDIA's FLUX ONNX export spells them.
 DEFAULT_TRIGGER_WORD = "Super Realism"

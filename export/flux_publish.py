@@ -28,6 +28,7 @@ from client.contract import (
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
     GENERATE,
+    GENERATE_STREAM,
     TEXT_TOKENS_PARAMETER,
     TRIGGER_PARAMETER,
 )
@@ -191,14 +192,21 @@ def publish_flux(
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
-        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word,
-                                                           **_memory_facts(assets)})
-        gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
-                      {**provenance, "lora_targets": sorted(targets), "components": components}, force=force)
-    if gen.created:
-        out["created"].append(GENERATE.name)
+        files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
+        gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
+        published = {}
+        # The streaming twin runs the same pipeline on the same pinned components; its version
+        # number follows generate's, so both doors report the same model_version.
+        for spec in (GENERATE, GENERATE_STREAM):
+            dep = replace(deps[spec.name], parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word,
+                                                       **_memory_facts(assets)})
+            min_version = published[GENERATE.name].version if published else 1
+            published[spec.name] = publish(repo, dep, target, files, gen_provenance, force=force, min_version=min_version)
+    for name, pub in published.items():
+        if pub.created:
+            out["created"].append(name)
+        out[name] = pub.version
     out.update(components)
-    out[GENERATE.name] = gen.version
     return out
 
 
@@ -234,7 +242,7 @@ def publish_and_swap(
     from export.hot_swap import publish_and_load
 
     started = time.monotonic()
-    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name],
+    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
                               lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions,
                               lock=lock, lock_timeout_s=lock_timeout_s)
     return {

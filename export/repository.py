@@ -114,13 +114,15 @@ def publish(
     provenance: Mapping[str, Any],
     force: bool = False,
     report: Mapping[str, Any] | None = None,
+    min_version: int = 1,
 ) -> Published:
     """Write `files` (relative name -> source path) as a new version of `dep`'s model.
 
     `provenance` describes what the version was built from (checkpoint, LoRA, scale, settings);
     its fingerprint decides idempotency, and it is stored in the manifest with file hashes.
     `report` holds measured facts (parity errors, timings) stored in the manifest but not
-    fingerprinted, so re-running an export does not create a new version.
+    fingerprinted, so re-running an export does not create a new version. A new version is
+    numbered at least `min_version` (keeps a sibling model's numbers aligned with another's).
     """
     name = dep.spec.name
     fp = fingerprint({**provenance, "target": target, "config": config_text(dep, target)})
@@ -131,7 +133,7 @@ def publish(
         log.info("%s: version %d is up to date (fingerprint %s)", name, version, fp)
         return Published(name, version, repo / name / str(version), created=False)
 
-    version = (versions(repo, name) or [0])[-1] + 1
+    version = max((versions(repo, name) or [0])[-1] + 1, min_version)
     staging = repo / name / f".staging-{version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
