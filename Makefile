@@ -38,6 +38,7 @@ test-fast: install
 # hot swap under load, then both tables spliced into README.md (about 10 minutes here).
 bench: models
 	$(BIN)/fluxserve-bench run
+	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench readme
 

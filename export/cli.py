@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,9 @@ def export_flux(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # `defaults` may fine-tune the classifier on shared cores: OpenMP's busy-wait made that ~7x
+    # slower under load (see training/worker.py). Set before torch loads (it reads it once).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from training.classifier import ClassifierTrainSettings
 
     parser = argparse.ArgumentParser(prog="fluxserve-export", description=__doc__.splitlines()[0])
