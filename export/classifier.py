@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS
 from client.triton_client import THRESHOLD_PARAMETER
-from export.classifier_precision import Precision, build_and_choose
+from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import Published, fingerprint, publish, tree_hashes
 from export.triton_config import Target
@@ -106,7 +106,7 @@ def _served_onnx(model_dir: Path, onnx_path: Path, work_dir: Path, target: Targe
     if target != "cpu":
         return onnx_path, None
     cache = work_dir / "precision.json"
-    key = {"source": (work_dir / "source.fingerprint").read_text(), "requested": requested}
+    key = {"source": (work_dir / "source.fingerprint").read_text(), "requested": requested, "per_channel": PER_CHANNEL}
     if not rebuilt and cache.exists():
         cached = json.loads(cache.read_text())
         served = Path(cached["path"])
