@@ -30,13 +30,13 @@ from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, Tar
 from benchmarks.workload import GenerateParams, chat_texts
 from client.contract import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
 from client.contract import CLASSIFY, GENERATE
+from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
 from export.repository import versions as repo_versions
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
-CLASSIFIER_DIR = PROJECT_ROOT / "build" / "classifier" / "model"
+CLASSIFIER_DIR = CLASSIFIER_MODEL_DIR
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from client.contract import CLASSIFY_LIMITS, LABELS
+from common.ort_session import make_session
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,9 @@ def _pre_process(src: Path, prep: Path) -> None:
         quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def score_onnx(path: Path, tokenizer: object, texts: list[str], temperature: float, batch_size: int = 32) -> np.ndarray:
     """Calibrated class probabilities for `texts`, tokenized as the service does (pad to longest)."""
-    sess = _session(path)
+    sess = make_session(path, 0, spinning=True)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], padding="longest", truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="np")

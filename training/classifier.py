@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from client.contract import CLASSIFY_LIMITS, LABELS
+from common.paths import CLASSIFIER_MODEL_DIR
 from export.classifier_precision import TEST_SPLIT_FILE
 from training.classifier_data import (
     DATA_DIR,
@@ -38,7 +39,6 @@ from training.metrics import fit_temperature, flagging, score, softmax, uncertai
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MINILM = "all-minilm-l6-v2"
 """Alias for the offline default, resolved to the model folder inside the installed package."""
 
@@ -50,7 +50,7 @@ class ClassifierTrainSettings(BaseSettings):
 
     base_model: str = MINILM
     data_dir: Path = DATA_DIR
-    output_dir: Path = PROJECT_ROOT / "build" / "classifier" / "model"
+    output_dir: Path = CLASSIFIER_MODEL_DIR
     epochs: int = 8
     batch_size: int = 16
     learning_rate: float = 1e-4
