@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# Fine-tuning the classifier on shared cores: OpenMP's busy-wait made its first epoch take 17 min
+# here against about 3 with passive waits (torch reads this once, when it loads).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install models up test test-fast bench bench-smoke bench-sweep clean
 
@@ -38,6 +41,7 @@ test-fast: install
 # hot swap under load, then both tables spliced into README.md (about 10 minutes here).
 bench: models
 	$(BIN)/fluxserve-bench run
+	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench readme
 

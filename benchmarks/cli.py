@@ -3,6 +3,7 @@
     fluxserve-bench run [--smoke] [--duration-s 10] [--concurrency 1 8 32] [--rate 50]
                         [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
                         [--out benchmarks/results]
+    fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 classifier, both doors
     fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
     fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
     fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
@@ -54,6 +55,14 @@ def _run(args: argparse.Namespace) -> int:
     result = run(s)
     logging.getLogger("fluxserve.bench").info("done in %.0f s: %s", time.monotonic() - started, result["files"])
     sys.stdout.write(Path(result["files"]["markdown"]).read_text())
+    return 0
+
+
+def _precision(args: argparse.Namespace) -> int:
+    from benchmarks.precision import PrecisionBenchSettings, bench_precision, render_markdown
+
+    s = PrecisionBenchSettings(concurrency=tuple(args.concurrency), duration_s=args.duration_s)
+    sys.stdout.write(render_markdown(bench_precision(s)))
     return 0
 
 
@@ -132,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait-idle-s", type=float, default=0.0,
                    help="first wait up to this long for other work on the machine to finish")
     r.set_defaults(fn=_run)
+
+    pr = sub.add_parser("precision", help="fp32 vs int8 classifier: facade, Triton gRPC, baseline, in-process ORT limit")
+    pr.add_argument("--concurrency", type=int, nargs="+", default=[32])
+    pr.add_argument("--duration-s", type=float, default=10.0)
+    pr.set_defaults(fn=_precision)
 
     w = sub.add_parser("sweep", help="measure classify dynamic-batching candidates; write the recommendation")
     w.add_argument("--concurrency", type=int, default=32)

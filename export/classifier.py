@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
 from common.ort_session import make_session
-from export.deployments import classifier_deployments
+from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
+from export.deployments import ExportSettings, classifier_deployments
 from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
 
@@ -96,20 +97,50 @@ def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path
     return float(np.abs(got - ref).max())
 
 
+def _served_onnx(model_dir: Path, onnx_path: Path, work_dir: Path, target: Target, requested: Precision, rebuilt: bool) -> tuple[Path, dict | None]:
+    """The graph `classifier_onnx` serves, and the precision report for its manifest.
+
+    CPU: fp32 or int8 by measurement (export/classifier_precision.py), cached per fp32 export and
+    requested precision. GPU: the fp32 export, which Triton's TensorRT provider builds in FP16.
+    """
+    if target != "cpu":
+        return onnx_path, None
+    cache = work_dir / "precision.json"
+    key = {"source": (work_dir / "source.fingerprint").read_text(), "requested": requested, "per_channel": PER_CHANNEL}
+    if not rebuilt and cache.exists():
+        cached = json.loads(cache.read_text())
+        served = Path(cached["path"])
+        if cached.get("key") == key and served.exists():
+            return served, cached["choice"]
+    labels = json.loads((model_dir / "labels.json").read_text())
+    cfg = AutoConfig.from_pretrained(model_dir)
+    served, choice = build_and_choose(
+        model_dir, onnx_path, work_dir, requested, AutoTokenizer.from_pretrained(model_dir),
+        cfg.num_attention_heads, cfg.hidden_size, float(labels.get("temperature", 1.0)),
+    )
+    cache.write_text(json.dumps({"key": key, "path": str(served), "choice": choice.as_dict()}, indent=2))
+    return served, choice.as_dict()
+
+
 def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False) -> dict[str, Published | float]:
     """Export (when the model changed) and write both Triton models; returns versions and error."""
-    deps = classifier_deployments()
+    settings = ExportSettings()
+    deps = classifier_deployments(settings)
     provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir)}
     work_dir = work_dir or model_dir.parent / "onnx"
     onnx_path = work_dir / "model.onnx"
     marker = work_dir / "source.fingerprint"
     fp = fingerprint(provenance)
     parity = float("nan")
-    if force or not onnx_path.exists() or not marker.exists() or marker.read_text() != fp:
+    rebuilt = force or not onnx_path.exists() or not marker.exists() or marker.read_text() != fp
+    if rebuilt:
         result = export_classifier_onnx(model_dir, onnx_path)
         parity = result.max_abs_error
         marker.write_text(fp)
-    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": onnx_path}, provenance, force=force, report={"parity_max_abs_logit_error": parity})
+    served, precision = _served_onnx(model_dir, onnx_path, work_dir, target, settings.classifier_precision, rebuilt)
+    onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
+    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": served}, onnx_provenance, force=force,
+                       report={"parity_max_abs_logit_error": parity, "precision": precision})
     tok_dir = work_dir / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
@@ -118,7 +149,7 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
     cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force,
                       report={"test_accuracy": _test_accuracy(model_dir)})
-    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}
+    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity, "precision": precision}
 
 
 def publish_and_swap_classifier(

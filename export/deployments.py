@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +22,9 @@ RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "r
 class ExportSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXSERVE_EXPORT_")
 
+    classifier_precision: Literal["auto", "fp32", "int8"] = "auto"
+    """CPU classifier graph: `auto` serves int8 when its test accuracy is within 0.5 points of
+    fp32 (measured at export, recorded in the manifest); `fp32` / `int8` force one."""
     classify_instances: int = 2
     classify_max_queue_size: int = 64
     """classify requests (each up to 64 texts) waiting in Triton beyond which it rejects (503)."""

@@ -115,8 +115,10 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
                                               work_dir=jd / "onnx", keep_versions=settings.keep_versions,
                                               lock=publish_lock(settings), lock_timeout_s=settings.publish_lock_timeout_s)
             parity = float(pub["parity_max_abs_logit_error"])  # type: ignore[arg-type]
+            precision = pub.get("precision") or {}
             return {"model_version": str(pub["classify"].version),  # type: ignore[union-attr]
-                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity}
+                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity,
+                    "precision": precision.get("served", "fp32"), "precision_reason": precision.get("reason")}
 
         result["publish"] = _publish(store, job_id, result, publish)
     return result
