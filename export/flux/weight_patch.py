@@ -75,11 +75,16 @@ def layer_deltas(state: dict[str, torch.Tensor], alphas: dict[str, Any], metadat
     meta = _component_metadata(metadata, component_prefix)
     if meta.get("alpha_pattern") or meta.get("rank_pattern"):
         raise NotPatchable("adapter metadata with per-module alpha/rank patterns")
+    sub = {k[len(component_prefix):]: v for k, v in state.items() if k.startswith(component_prefix)}
+    if component_prefix == "text_encoder." and sub:
+        # What diffusers' text-encoder loader does first: old attention-processor names
+        # (`self_attn.to_q_lora.down`, as its Kohya converter emits) become PEFT names (`q_proj.lora_A`).
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+        sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
     pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in state.items():
-        if not key.startswith(component_prefix):
-            continue
-        m = _SUFFIX.match(key[len(component_prefix):])
+    for key, value in sub.items():
+        m = _SUFFIX.match(key)
         if m is None:
             raise NotPatchable(f"LoRA key {key!r} is not a low-rank Linear weight")
         pairs[m["path"]]["down" if m["kind"] in _DOWN else "up"] = value
@@ -121,8 +126,17 @@ def _read(model_dir: Path, b: Binding) -> torch.Tensor:
     return torch.frombuffer(data, dtype=_TORCH_DTYPES[b.dtype]).reshape(b.shape)
 
 
+def _resolve(path: str, layers: dict[str, tuple[Binding, ...]]) -> str:
+    """CLIP LoRAs name layers `text_model.encoder...`; transformers 5's CLIPTextModel dropped the
+    `text_model` wrapper and its loader strips that prefix, so the map knows `encoder...`."""
+    if path not in layers and path.startswith("text_model.") and path[len("text_model."):] in layers:
+        return path[len("text_model."):]
+    return path
+
+
 def patched_tensors(base_dir: Path, weight_map: WeightMap, deltas: dict[str, LayerDelta]) -> dict[str, tuple[Binding, torch.Tensor]]:
     """initializer name -> (binding, new value) for every initializer the deltas touch."""
+    deltas = {_resolve(p, weight_map.layers): d for p, d in deltas.items()}
     unknown = sorted(set(deltas) - set(weight_map.layers))
     if unknown:
         raise NotPatchable(f"LoRA adapts layers the weight map does not cover: {unknown[:5]}")
