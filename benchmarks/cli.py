@@ -83,7 +83,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _swap(args: argparse.Namespace) -> int:
     from benchmarks.swap import SwapSettings, render_markdown, swap
 
-    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir)
+    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir,
+                     compare_full_export=args.compare_full_export)
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     sys.stdout.write(render_markdown(swap(s)))
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--model-repository", type=Path)
     sw.add_argument("--out", type=Path, default=SWAP_RESULT)
     sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    sw.add_argument("--no-full-export", dest="compare_full_export", action="store_false",
+                    help="skip the idle job published by a full fuse + re-export (weight patching off)")
     sw.set_defaults(fn=_swap)
 
     from benchmarks.overload import RESULT_FILE as OVERLOAD_RESULT
