@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.ort_session import make_session
 from client.contract import FLUX_IO_NAMES, FLUX_MAX_BATCH, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE_LIMITS
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,6 @@ def _param_bytes(module: torch.nn.Module) -> int:
 def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], dynamic: dict[str, dict[int, object]],
             check: dict[str, np.ndarray], out_dir: Path, opset: int) -> ExportResult:
     """torch.onnx (dynamo) export of `module`, then an ONNX Runtime vs PyTorch check on `check`."""
-    import onnxruntime as ort
 
     input_names, output_names = FLUX_IO_NAMES[name]
     path = Path(out_dir) / name / ONNX_FILE
@@ -188,9 +188,7 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
     started = time.monotonic()
     with torch.no_grad():
         ref = module(*(torch.from_numpy(check[n]) for n in input_names)).numpy()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(path, 0, spinning=True)
     (got,) = sess.run(list(output_names), {n: check[n] for n in input_names})
     err = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
     check_s = time.monotonic() - started
