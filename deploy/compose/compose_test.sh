@@ -39,6 +39,9 @@ PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 umask 077
 printf 'REDIS_PASSWORD=%s\n' "$(python3 -c 'import secrets; print(secrets.token_hex(24))')" > "$ENV_FILE"
 export FLUXSERVE_API_PORT="$PORT"
+# `up` waits for the export job and a healthy Triton (many minutes on a busy machine); compose v1
+# gives each of its engine calls COMPOSE_HTTP_TIMEOUT seconds (default 60).
+export COMPOSE_HTTP_TIMEOUT=7200
 COMPOSE+=(-p "$PROJECT" --env-file "$ENV_FILE" --profile cpu)
 down() {
   "${COMPOSE[@]}" logs --no-color > build/logs/compose-test.log 2>&1 || true
