@@ -5,7 +5,6 @@ ways and scaled on queue time, the repository on a ReadWriteMany volume, secrets
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
