@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException
 
 from api.request_id import current_request_id
-
 from client.errors import (
     FluxServeError,
     InferenceError,
