@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.request_id import current_request_id
-
 from client.errors import (
     FluxServeError,
     InferenceError,

@@ -75,7 +75,8 @@ class Stack:
 
     def wait(self, job_id: str, statuses: set[str], timeout_s: float = 600) -> dict:
         deadline = time.monotonic() + timeout_s
-        with self.http() as http:
+        # A poll may wait on SQLite behind the worker's writes: on a loaded machine that passed 60 s.
+        with self.http(300) as http:
             while time.monotonic() < deadline:
                 job = http.get(f"/train/{job_id}").json()
                 if job["status"] in statuses:
