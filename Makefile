@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11 and make):
 #   make up    build what is needed, then run Triton + the facade on 127.0.0.1 until Ctrl-C
 #   make test  build what is needed, then run the whole test suite
+#   make compose-test  the docker compose stack, built and smoke-tested (README "Deploy")
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,8 +9,11 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# Fine-tuning the classifier on shared cores: OpenMP's busy-wait made its first epoch take 17 min
+# here against about 3 with passive waits (torch reads this once, when it loads).
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models up test test-fast bench bench-smoke bench-sweep clean
+.PHONY: install models up test test-fast compose-test bench bench-smoke bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +35,11 @@ up: models
 test: models
 	$(BIN)/python -m pytest -ra --timeout=900 $(PYTEST_ARGS)
 
+# The docker compose cpu stack for real (not part of `make test`): Docker engine (installed and
+# started when missing), images, `--scale worker=2`, the smoke suite in tests/compose/, then down.
+compose-test: install
+	PYTHON=$(BIN)/python bash deploy/compose/compose_test.sh
+
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
 
@@ -38,6 +47,7 @@ test-fast: install
 # hot swap under load, then both tables spliced into README.md (about 10 minutes here).
 bench: models
 	$(BIN)/fluxserve-bench run
+	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench readme
 

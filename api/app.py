@@ -1,27 +1,34 @@
 """The FastAPI facade: validate, translate to Triton gRPC, map errors.
 
 `create_app` is the factory; long-lived objects (the async gRPC clients, metrics, settings, the job
-store) live in one typed `api.state.AppState`, opened and closed by the lifespan and reached by routes
-through the `get_state` dependency.
+store, the operator keys) live in one typed `api.state.AppState`, opened and closed by the lifespan
+and reached by routes through the `get_state` dependency.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.auth import load_keyring
+from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
+from api.job_liveness import reap_forever
 from api.metrics import ApiMetrics, MetricsMiddleware
-from api.routes import classify, generate, health, train
+from api.request_id import RequestIdMiddleware, configure_logging
+from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from api.state import AppState
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
 
 log = logging.getLogger(__name__)
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+"""POST /train bodies may exceed the upload limit by this much: boundaries and the form fields."""
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -34,26 +41,39 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         jobs=job_store(job_settings),
         enqueue=register_tasks(make_huey(job_settings), job_settings),
         metrics=ApiMetrics(),
+        keyring=load_keyring(settings.keys.get_secret_value() if settings.keys else None, settings.key_file),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.open()
         log.info("facade talking to Triton at %s", settings.triton_grpc_url)
+        reaper = asyncio.create_task(reap_forever(state.jobs, state.job_settings))
         try:
             yield
         finally:
+            reaper.cancel()
             await state.close()
 
     app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,
                   description="FLUX.1-dev image generation and an image-request classifier, served by Triton.")
     app.state.fluxserve = state
+    upload_limit = job_settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+
+    def body_limit(method: str, path: str) -> int:
+        return upload_limit if (method, path.rstrip("/")) == ("POST", "/train") else settings.max_json_body_bytes
+
+    # Added innermost first: request id (outermost), metrics (so 413s are counted), body limit.
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(generate.router)
     app.include_router(train.router)
+    app.include_router(chat.router)
+    app.include_router(playground.router)
     return app
 
 
@@ -73,13 +93,14 @@ def serve(settings: ApiSettings) -> None:
             app.state.fluxserve.begin_shutdown()  # end in-flight work now, with an answer
             super().handle_exit(sig, frame)
 
-    # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults.
+    # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults;
+    # log_config=None: uvicorn's lines go through our handler, request id included.
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
-                          timeout_graceful_shutdown=STOP_GRACE_S)).run()
+                          timeout_graceful_shutdown=STOP_GRACE_S, log_config=None)).run()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     serve(ApiSettings())
 
 

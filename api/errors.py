@@ -1,7 +1,8 @@
 """One error envelope for every failure: {"error": {"type": ..., "message": ...}}.
 
-Messages are built from validation details or our own exception text; stack traces and paths
-never reach the caller.
+Messages are built from validation details or our own exception text; stack traces, paths,
+internal addresses and Triton's raw text never reach the caller: those go to the log, whose lines
+carry the request id the caller also gets in `X-Request-ID` (api.request_id).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.request_id import current_request_id
 from client.errors import (
     FluxServeError,
     InferenceError,
@@ -37,8 +39,30 @@ STATUS: dict[type[FluxServeError], int] = {
 }
 
 
+# Stable `type` for the statuses Starlette/FastAPI raise themselves (unknown route, wrong method...).
+HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type"}
+# What a caller reads when Triton produced the error: a short, stable sentence per kind.
+SERVER_MESSAGES: dict[type[FluxServeError], str] = {
+    InvalidInputError: "the inference server refused the request as invalid",
+    ServerUnavailableError: "the inference server is unavailable; try again later",
+    ModelNotReadyError: "the model is not ready; try again later",
+    RequestTimeoutError: "the request timed out",
+    InferenceError: "inference failed",
+}
+
+
 def envelope(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
+
+
+def public_message(exc: FluxServeError) -> str:
+    """Our own messages as they are (validation, admission); a message built from a lower layer's
+    exception (Triton's text, gRPC details) replaced by a fixed one, the original going to the log."""
+    if exc.__cause__ is None:
+        return str(exc)
+    cls = next((c for c in SERVER_MESSAGES if isinstance(exc, c)), InferenceError)
+    return f"{SERVER_MESSAGES[cls]} (request id {current_request_id()})"
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -62,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return envelope(exc.status_code, "http_error", str(exc.detail))
+        return envelope(exc.status_code, HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
 
     @app.exception_handler(FluxServeError)
     async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
@@ -71,11 +95,12 @@ def install_error_handlers(app: FastAPI) -> None:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
         kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed",
                 499: "cancelled"}.get(status, "error")
+        log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None
-        return envelope(status, kind, str(exc), headers)
+        return envelope(status, kind, public_message(exc), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return envelope(500, "internal_error", "internal error; see the server log")
+        return envelope(500, "internal_error", f"internal error; request id {current_request_id()}")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from client.contract import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
 
@@ -61,9 +61,16 @@ class GenerateRequest(BaseModel):
     height: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.height
     steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
     guidance: Annotated[float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)] = GENERATE_DEFAULTS.guidance
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, le=GENERATE_LIMITS.max_seed)] | None = None
     num_images: Annotated[int, Field(ge=1, le=GENERATE_LIMITS.max_num_images)] = GENERATE_DEFAULTS.num_images
     output_format: OutputFormat = "png"
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> GenerateRequest:
+        # Image i uses seed + i, which must still fit the INT64 seed tensor.
+        if self.seed is not None and self.seed + self.num_images - 1 > GENERATE_LIMITS.max_seed:
+            raise ValueError(f"seed + num_images - 1 must be at most {GENERATE_LIMITS.max_seed}")
+        return self
 
 
 class GenerateResponse(BaseModel):
@@ -73,3 +80,27 @@ class GenerateResponse(BaseModel):
     prompt: str = Field(description="the prompt as sent to the model (trigger words added when configured)")
     output_format: str
     timings: dict[str, float]
+
+
+# /chat: one call per chat message. The generation options are /generate's, minus the prompt
+# (which comes from the message), with the same bounds.
+ChatGenerateOptions = create_model(
+    "ChatGenerateOptions",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (f.annotation, f) for name, f in GenerateRequest.model_fields.items() if name != "prompt"},
+)
+
+ChatKind = Literal["image", "conversation", "uncertain"]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"message": "make an image of you in Paris", "generate": {"width": 512, "height": 512, "steps": 8}}]})
+
+    message: Text
+    generate: ChatGenerateOptions | None = None  # type: ignore[valid-type]
+
+
+class ChatResponse(BaseModel):
+    kind: ChatKind = Field(description="image: generated from the message; conversation: not an image request; uncertain: the classifier is not sure, nothing generated")
+    classification: ClassifyResult
+    image: GenerateResponse | None = Field(description="the /generate answer when kind is image, else null")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import DEFAULT_TRIGGER_WORD, ENDPOINTS
+from client.facade_client import KEY_FILE
+from common.paths import PROJECT_ROOT
+
+DEFAULT_KEY_FILE = PROJECT_ROOT / KEY_FILE
 
 
 class ApiSettings(BaseSettings):
@@ -29,3 +36,15 @@ class ApiSettings(BaseSettings):
     access_log: bool = False
     """One log line per request. Off by default: at full /classify load it costs ~7% of the facade's
     CPU, and the Prometheus counters at /metrics carry the same counts by route and status."""
+    max_concurrent_generations: int = 16
+    """Generations in flight through this facade; beyond it requests wait, bounding memory."""
+    keys: SecretStr | None = None
+    """FLUXSERVE_API_KEYS: operator keys, comma-separated, each `key` or `name:key` (the name is
+    recorded as a job's owner). Several at once allow rotation. Unset: the key file below."""
+    key_file: Path = DEFAULT_KEY_FILE
+    """Read when FLUXSERVE_API_KEYS is unset; `make up` creates it (mode 0600) when missing."""
+    require_key_for_inference: bool = False
+    """Require the operator key on /classify and /generate too (they are open by default: loopback)."""
+    max_json_body_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest request body on every route but POST /train (whose limit is FLUXSERVE_JOBS_MAX_UPLOAD_BYTES);
+    a larger declared Content-Length is refused with 413 before any of it is read."""

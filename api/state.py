@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -20,6 +20,9 @@ from api.settings import ApiSettings
 from client.contract import CLASSIFY, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient
 from training.jobs import JobSettings, JobStore
+
+if TYPE_CHECKING:  # api.auth reaches the state through get_state: no import cycle at run time
+    from api.auth import KeyRing
 
 DEFAULT_THRESHOLD = 0.5
 """Uncertainty threshold for a classifier published without one."""
@@ -50,6 +53,8 @@ class AppState:
     jobs: JobStore
     enqueue: Callable[[str], Any]
     metrics: ApiMetrics
+    keyring: KeyRing
+    """The operator keys (api.auth): required on /train, and on inference when configured."""
     thresholds: VersionedParameter = field(default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER))
     triggers: VersionedParameter = field(default_factory=lambda: VersionedParameter(GENERATE.name, TRIGGER_PARAMETER))
     # Opened by the lifespan: they bind to the running event loop.

@@ -3,6 +3,7 @@
     fluxserve-bench run [--smoke] [--duration-s 10] [--concurrency 1 8 32] [--rate 50]
                         [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
                         [--out benchmarks/results]
+    fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 classifier, both doors
     fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
     fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
     fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
@@ -57,6 +58,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision(args: argparse.Namespace) -> int:
+    from benchmarks.precision import PrecisionBenchSettings, bench_precision, render_markdown
+
+    s = PrecisionBenchSettings(concurrency=tuple(args.concurrency), duration_s=args.duration_s)
+    sys.stdout.write(render_markdown(bench_precision(s)))
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from benchmarks.sweep import Candidate, SweepSettings, sweep
 
@@ -74,7 +83,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _swap(args: argparse.Namespace) -> int:
     from benchmarks.swap import SwapSettings, render_markdown, swap
 
-    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir)
+    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir,
+                     compare_full_export=args.compare_full_export)
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     sys.stdout.write(render_markdown(swap(s)))
@@ -133,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first wait up to this long for other work on the machine to finish")
     r.set_defaults(fn=_run)
 
+    pr = sub.add_parser("precision", help="fp32 vs int8 classifier: facade, Triton gRPC, baseline, in-process ORT limit")
+    pr.add_argument("--concurrency", type=int, nargs="+", default=[32])
+    pr.add_argument("--duration-s", type=float, default=10.0)
+    pr.set_defaults(fn=_precision)
+
     w = sub.add_parser("sweep", help="measure classify dynamic-batching candidates; write the recommendation")
     w.add_argument("--concurrency", type=int, default=32)
     w.add_argument("--duration-s", type=float, default=8.0)
@@ -152,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--model-repository", type=Path)
     sw.add_argument("--out", type=Path, default=SWAP_RESULT)
     sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    sw.add_argument("--no-full-export", dest="compare_full_export", action="store_false",
+                    help="skip the idle job published by a full fuse + re-export (weight patching off)")
     sw.set_defaults(fn=_swap)
 
     from benchmarks.overload import RESULT_FILE as OVERLOAD_RESULT

@@ -28,14 +28,15 @@ from benchmarks.plots import RawRuns, latency_plot, throughput_plot
 from benchmarks.report import Result, add_ratios, headline, render_markdown, write_json
 from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, TargetName, make_target
 from benchmarks.workload import GenerateParams, chat_texts
+from client.contract import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
 from client.contract import CLASSIFY, GENERATE
 from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
+from export.repository import versions as repo_versions
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 CLASSIFIER_DIR = CLASSIFIER_MODEL_DIR
-CLASSIFIER_ONNX = CLASSIFIER_MODEL_DIR.parent / "onnx" / "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ class RunSettings:
     ort_duration_s: float = 3.0
     model_repository: Path = servers.MODEL_REPOSITORY
     classifier_dir: Path = CLASSIFIER_DIR
-    classifier_onnx: Path = CLASSIFIER_ONNX
+    classifier_onnx: Path | None = None
+    """Graph for the in-process ORT limit; None: the one `classifier_onnx` serves from model_repository
+    (fp32 or int8, whichever the export chose), so the limit is that of the served artifact."""
     log_dir: Path = servers.LOG_DIR
     plots: bool = True
     wait_idle_s: float = 0.0
@@ -129,6 +132,11 @@ async def _measure_target(
     return out
 
 
+def served_classifier_graph(repo: Path) -> Path:
+    vs = repo_versions(repo, CLASSIFIER_ONNX_SPEC.name)
+    return repo / CLASSIFIER_ONNX_SPEC.name / str(vs[-1] if vs else 0) / "model.onnx"
+
+
 def _select_targets(s: RunSettings) -> tuple[list[TargetName], bool, dict[str, str]]:
     """Targets that can run here, whether the ORT limit is wanted, and why the others are skipped."""
     skipped: dict[str, str] = {}
@@ -153,7 +161,7 @@ def _select_targets(s: RunSettings) -> tuple[list[TargetName], bool, dict[str, s
         else:
             names.append(name)
     want_ort = ORT_INPROCESS in s.targets
-    if want_ort and not s.classifier_onnx.exists():
+    if want_ort and (s.classifier_onnx is None or not s.classifier_onnx.exists()):
         skipped[ORT_INPROCESS] = f"no classifier ONNX at {s.classifier_onnx}"
         want_ort = False
     for t, why in skipped.items():
@@ -190,6 +198,8 @@ BUSY_WARNING = 0.2
 
 
 def run(s: RunSettings) -> Result:
+    if s.classifier_onnx is None:
+        s = replace(s, classifier_onnx=served_classifier_graph(s.model_repository))
     if s.wait_idle_s > 0:
         wait_until_idle(s.wait_idle_s)
     started = time.monotonic()

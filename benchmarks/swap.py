@@ -14,6 +14,7 @@ import asyncio
 import io
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -51,6 +52,8 @@ class SwapSettings:
     images: int = 4
     trigger_word: str = "zxq"
     timeout_s: float = 900.0
+    compare_full_export: bool = True
+    """Also run one idle job with weight patching off: the full fuse + re-export, side by side."""
     model_repository: Path = servers.MODEL_REPOSITORY
     out: Path = RESULT_FILE
     log_dir: Path = servers.LOG_DIR
@@ -97,7 +100,22 @@ async def _generate_load(url: str, s: SwapSettings, t0: float, stop: asyncio.Eve
         await asyncio.gather(*(client() for _ in range(s.concurrency)))
 
 
-async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int) -> dict[str, Any]:
+def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
+    """Bytes of the job's new model versions that share no inode with the versions before them:
+    what the publish actually wrote (a hard-linked unchanged tensor costs nothing; a file written
+    once into the export folder and linked into the repository counts once)."""
+    versions = {**publish.get("components", {}), GENERATE.name: int(publish["model_version"])}
+    total = 0
+    for name in publish.get("created", []):
+        folder = repo / name / str(versions[name])
+        older = [p for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) < versions[name]]
+        seen = {f.stat().st_ino for p in older for f in p.rglob("*") if f.is_file()}
+        total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen)
+    return total
+
+
+async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int,
+                   api_key: str) -> dict[str, Any]:
     """Post a job and follow it to the end. With `responses` (a /generate load running), also wait
     until a response carries the new version; without, serving starts when the job ends (its
     publish step returns once Triton has loaded the new version)."""
@@ -107,7 +125,8 @@ async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Respons
         form.add_field(k, str(v))
     form.add_field("dataset", solid_color_zip(s.images, s.resolution), filename="data.zip", content_type="application/zip")
     marks: dict[str, float] = {}
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60)) as http:
+    auth = {"Authorization": f"Bearer {api_key}"}  # the training API needs the operator key
+    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60), headers=auth) as http:
         posted = time.monotonic()
         async with http.post("/train", data=form) as r:
             accepted = await r.json()
@@ -167,7 +186,13 @@ def _summarize(responses: list[Response], posted_at: float, publish_started: flo
 def _job_figures(job: dict[str, Any]) -> dict[str, Any]:
     marks, result = job["marks_s"], job["job"]["result"]
     manifest, publish = result["manifest"], result["publish"]
+    report = publish.get("report", {})
+    parts = {k: v for k, v in report.items() if isinstance(v, dict) and not v.get("reused", True)}
     return {
+        "training_s": round(marks["publish_started"] - marks["running"], 2) if {"running", "publish_started"} <= set(marks) else None,
+        "publish_method": "+".join(sorted({v.get("method", "export") for v in parts.values()})) or "none",
+        "changed_tensor_bytes": sum(v.get("changed_bytes", 0) for v in parts.values()),
+        "bytes_written": job.get("bytes_written"),
         "post_to_job_id_ms": round(1000 * marks["accepted"], 1),
         "post_to_training_start_s": round(marks.get("running", float("nan")), 2),
         "training_steps": manifest["settings"]["steps"],
@@ -179,18 +204,20 @@ def _job_figures(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _measure(facade_url: str, s: SwapSettings) -> dict[str, Any]:
+async def _measure(facade_url: str, s: SwapSettings, repo: Path, api_key: str) -> dict[str, Any]:
     """Two jobs: one on an idle server (what training alone costs), then one while `concurrency`
     clients keep /generate busy (what users see during a swap). Different seeds, so each job
     publishes a LoRA of its own and each swap is real."""
-    alone = await _run_job(facade_url, s, time.monotonic(), None, seed=0)
+    alone = await _run_job(facade_url, s, time.monotonic(), None, seed=0, api_key=api_key)
+    alone["bytes_written"] = new_bytes(repo, alone["job"]["result"]["publish"])
     t0 = time.monotonic()
     stop = asyncio.Event()
     responses: list[Response] = []
     load = asyncio.create_task(_generate_load(facade_url, s, t0, stop, responses))
     await asyncio.sleep(3.0)  # a few requests on the old version first
     try:
-        loaded = await _run_job(facade_url, s, t0, responses, seed=1)
+        loaded = await _run_job(facade_url, s, t0, responses, seed=1, api_key=api_key)
+        loaded["bytes_written"] = new_bytes(repo, loaded["job"]["result"]["publish"])
         await asyncio.sleep(2.0)  # and a few on the new one
     finally:
         stop.set()
@@ -220,9 +247,17 @@ def swap(s: SwapSettings) -> dict[str, Any]:
         with servers.triton(repo, generate_models, s.log_dir, tag="swap") as triton:
             env = {"FLUXSERVE_JOBS_JOBS_DIR": str(jobs), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
                    "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
-            with running_worker(env, s.log_dir / "worker.log"), servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir,
-                                                                 extra_env=env) as facade:
-                measured = asyncio.run(_measure(facade.url, s))
+            api_key = secrets.token_urlsafe(24)  # a throw-away operator key for this run's facade
+            facade_env = {**env, "FLUXSERVE_API_KEYS": f"bench:{api_key}"}
+            with servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir, extra_env=facade_env) as facade:
+                with running_worker(env, s.log_dir / "worker.log"):
+                    measured = asyncio.run(_measure(facade.url, s, repo, api_key))
+                if s.compare_full_export:  # the same idle job, published by fusing + re-exporting
+                    full_env = {**env, "FLUXSERVE_FLUX_WEIGHT_PATCHING": "false"}
+                    with running_worker(full_env, s.log_dir / "worker-full-export.log"):
+                        full = asyncio.run(_run_job(facade.url, s, time.monotonic(), None, seed=2, api_key=api_key))
+                    full["bytes_written"] = new_bytes(repo, full["job"]["result"]["publish"])
+                    measured["full_export"] = _job_figures(full)
     result = {
         "kind": "swap",
         "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -233,6 +268,17 @@ def swap(s: SwapSettings) -> dict[str, Any]:
     write_json(result, s.out)
     s.out.with_suffix(".md").write_text(render_markdown(result))
     return result
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f}"
+
+
+def _minus_training(fig: dict[str, Any]) -> float:
+    """POST → serving minus the job's training phase (running → publish started, as polled every
+    0.2 s): what the service adds around training (queueing, publish, Triton load)."""
+    training = fig.get("training_s")
+    return float("nan") if training is None else fig["post_to_serving_s"] - training
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -246,8 +292,20 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("POST /train → job id", both("post_to_job_id_ms", "{:.0f}") + " ms"),
         ("training steps/s", both("training_steps_per_s", "{:.1f}")
          + f" ({st['train_steps']} steps; loss {u['training_loss_first_last'][0]:.3f} → {u['training_loss_first_last'][1]:.3f})"),
-        ("publish: fuse LoRA, ONNX export, Triton load", both("publish_s", "{:.1f}") + " s"),
+        (f"publish ({a['publish_method']} + Triton load)", both("publish_s", "{:.1f}") + " s"),
         ("POST /train → new version serving", both("post_to_serving_s", "{:.1f}") + " s"),
+        ("POST /train → serving, minus training", f"{_minus_training(a):.1f} / {_minus_training(u):.1f} s"),
+        ("bytes written per publish (changed tensors)",
+         f"{_mb(a['bytes_written'])} / {_mb(u['bytes_written'])} MB ({_mb(a['changed_tensor_bytes'])} MB)"),
+    ]
+    full = r.get("full_export")
+    compare = [] if not full else [
+        "",
+        "| idle job, publish by | weight patch | full fuse + re-export |",
+        "|---|---|---|",
+        f"| publish seconds | {a['publish_s']:.1f} | {full['publish_s']:.1f} |",
+        f"| POST /train → serving, minus training | {_minus_training(a):.1f} s | {_minus_training(full):.1f} s |",
+        f"| bytes written | {_mb(a['bytes_written'])} MB | {_mb(full['bytes_written'])} MB |",
     ]
     load_rows = [
         ("/generate requests during the job / during the swap", f"{g['requests_during_job']} / {g['requests_during_swap']}"),
@@ -266,6 +324,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "| what | idle / under load |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in rows),
+        *compare,
         "",
         "| /generate during the loaded job | measured |",
         "|---|---|",

@@ -1,7 +1,15 @@
-"""`fluxserve-client`: talk to Triton directly over gRPC.
+"""`fluxserve-client`: talk to Triton directly over gRPC, and to the facade's training API.
 
     fluxserve-client classify "can I see you in the kitchen?" "see you tomorrow"
     fluxserve-client generate "a red fox in snow" --width 256 --height 256 --steps 4 -o fox.png
+    fluxserve-client train submit my_images.zip --trigger-word zxq --steps 40
+    fluxserve-client train list | get JOB_ID | cancel JOB_ID
+
+The training commands need the operator key: --api-key, else $FLUXSERVE_API_KEY, else the file
+`make up` created (.fluxserve/api_key). Prefer the variable or the file: a flag shows in `ps`.
+
+`generate` shows a progress bar fed by `generate_stream` (one update per denoising step);
+`--no-progress` uses the unary `generate` model instead.
 """
 
 from __future__ import annotations
@@ -9,16 +17,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from client.codec import GenerateResult
 from client.contract import GENERATE_DEFAULTS
 from client.errors import FluxServeError
+from client.facade_client import API_KEY_ENV, DEFAULT_API_URL, KEY_FILE, FacadeClient, read_key_file
 from client.triton_client import DEFAULT_URL, TritonClient
 
 log = logging.getLogger("fluxserve.client")
+
+
+def generate_with_progress(client: TritonClient, args: argparse.Namespace) -> GenerateResult:
+    from tqdm import tqdm
+
+    with tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr) as bar:
+        for progress, result in client.generate_stream(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance):
+            bar.total = progress.total
+            bar.update(progress.step - bar.n)
+            if result is not None:
+                return result
+    raise FluxServeError("the stream ended without an image")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,8 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--steps", type=int, default=GENERATE_DEFAULTS.steps)
     g.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS.guidance)
     g.add_argument("-o", "--output", type=Path, default=Path("image.png"))
+    _add_train_commands(sub)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar: call the unary generate model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.cmd == "train":
+        return _train(args)
     try:
         with TritonClient(args.url, args.timeout_s) as client:
             if args.cmd == "classify":
@@ -47,12 +74,67 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from PIL import Image
 
-                res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                if args.no_progress:
+                    res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                else:
+                    res = generate_with_progress(client, args)
                 Image.fromarray(res.image).save(args.output)
                 log.info("wrote %s (seed %d, model version %s)", args.output, res.seed, res.model_version)
     except FluxServeError as e:
         log.error("%s: %s", type(e).__name__, e)
         return 2
+    return 0
+
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="the facade's training API (needs the operator key)")
+    t.add_argument("--api-url", default=DEFAULT_API_URL, help="the facade's address")
+    t.add_argument("--api-key", help=f"operator key (default: ${API_KEY_ENV}, else {KEY_FILE})")
+    actions = t.add_subparsers(dest="action", required=True)
+    s = actions.add_parser("submit", help="start a job: a LoRA from a zip of images, or --kind classifier")
+    s.add_argument("dataset", nargs="?", type=Path, help="zip of images (+ same-name .txt captions)")
+    s.add_argument("--kind", choices=["flux_lora", "classifier"], default="flux_lora")
+    s.add_argument("--trigger-word")
+    for name, kind in (("steps", int), ("rank", int), ("learning-rate", float), ("resolution", int), ("seed", int), ("batch-size", int)):
+        s.add_argument(f"--{name}", type=kind)
+    s.add_argument("--no-publish", action="store_true", help="train only; do not serve the result")
+    ls = actions.add_parser("list", help="recent jobs")
+    ls.add_argument("--limit", type=int, default=20)
+    for action in ("get", "cancel"):
+        actions.add_parser(action).add_argument("job_id")
+
+
+def _train(args: argparse.Namespace) -> int:
+    key = args.api_key or os.environ.get(API_KEY_ENV) or read_key_file()
+    if not key:
+        log.error("no operator key: pass --api-key, set %s, or run `make up` once to create %s", API_KEY_ENV, KEY_FILE)
+        return 2
+    try:
+        with FacadeClient(args.api_url, api_key=key) as api:
+            if args.action == "submit":
+                params = {"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed, "batch_size": args.batch_size}
+                if args.kind == "classifier":
+                    out = api.submit_classifier(epochs=params.pop("steps"), publish=not args.no_publish, **{k: v for k, v in params.items() if v is not None})
+                else:
+                    if args.dataset is None or not args.trigger_word:
+                        log.error("a LoRA job needs a dataset zip and --trigger-word")
+                        return 2
+                    out = api.submit_lora(args.dataset, args.trigger_word, publish=not args.no_publish,
+                                          rank=args.rank, resolution=args.resolution, **params)
+            elif args.action == "list":
+                out = api.jobs(args.limit)
+            elif args.action == "get":
+                out = api.job(args.job_id)
+            else:
+                out = api.cancel(args.job_id)
+    except FluxServeError as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("%s", e)
+        return 2
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
     return 0
 
 

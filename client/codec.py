@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from client.contract import CLASSIFY, CLASSIFY_LIMITS, FLUX_IO_NAMES, FLUX_SCALAR_INPUTS, GENERATE, GENERATE_LIMITS, LABELS
+from client.contract import CLASSIFY, CLASSIFY_LIMITS, FLUX_IO_NAMES, FLUX_SCALAR_INPUTS, GENERATE, GENERATE_LIMITS, GENERATE_STREAM, LABELS
 from client.errors import InvalidInputError
 
 
@@ -31,6 +31,15 @@ class GenerateResult:
     image: np.ndarray  # uint8 (H, W, 3)
     seed: int
     model_version: str
+
+
+@dataclass(frozen=True)
+class GenerateProgress:
+    """One denoising step done: `step` of `total`, `elapsed_s` since the request started."""
+
+    step: int
+    total: int
+    elapsed_s: float
 
 
 def check_texts(texts: list[str]) -> None:
@@ -109,6 +118,20 @@ def decode_generate(result: grpcclient.InferResult, seed: int) -> GenerateResult
     image = result.as_numpy(GENERATE.outputs[0].name)
     version = result.get_response().model_version
     return GenerateResult(image=image, seed=seed, model_version=version)
+
+
+def decode_generate_stream(result: grpcclient.InferResult, seed: int) -> tuple[GenerateProgress, GenerateResult | None]:
+    """One `generate_stream` response: its progress, and the image when it is the last one."""
+    step, total, elapsed, image = (spec.name for spec in GENERATE_STREAM.outputs)
+    progress = GenerateProgress(
+        step=int(result.as_numpy(step).reshape(-1)[0]),
+        total=int(result.as_numpy(total).reshape(-1)[0]),
+        elapsed_s=float(result.as_numpy(elapsed).reshape(-1)[0]),
+    )
+    pixels = result.as_numpy(image)
+    if pixels is None:
+        return progress, None
+    return progress, GenerateResult(image=pixels, seed=seed, model_version=result.get_response().model_version)
 
 
 def flux_component_feeds(model: str, args: Sequence[np.ndarray], kwargs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -46,6 +46,9 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 0
+    decoupled: bool = False
+    """Answers a request with a stream of responses (Triton's decoupled transaction policy):
+    clients must use gRPC streaming, and a response may carry only some of the outputs."""
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -114,6 +117,8 @@ class GenerateLimits:
     max_guidance: float = 20.0
     max_num_images: int = 4
     max_prompt_chars: int = 2000
+    max_seed: int = 2**63 - 1
+    """The `seed` tensor is INT64; image i of a request uses seed + i, so seed + num_images - 1 <= this."""
 
 
 GENERATE_LIMITS = GenerateLimits()
@@ -145,6 +150,23 @@ GENERATE = ModelSpec(
     max_batch_size=0,
 )
 
+GENERATE_STREAM = ModelSpec(
+    name="generate_stream",
+    inputs=GENERATE.inputs,
+    outputs=(
+        # Every response carries the progress; only the last one carries the image.
+        TensorSpec("step", "TYPE_INT32", (1,)),
+        TensorSpec("total", "TYPE_INT32", (1,)),
+        TensorSpec("elapsed_s", "TYPE_FP32", (1,)),
+        *GENERATE.outputs,
+    ),
+    max_batch_size=0,
+    decoupled=True,
+)
+"""`generate` with progress: one response per denoising step (step, total, elapsed_s), then a
+final response with the image too. Same inputs, same pipeline, same pinned components; a
+cancelled stream stops the loop at its next step."""
+
 # Transformer input names as NVIDIA's FLUX ONNX export spells them.
 DEFAULT_TRIGGER_WORD = "Super Realism"
 """Trigger words of the production LoRA (strangerzonehf/Flux-Super-Realism-LoRA); the local LoRA uses
@@ -169,6 +191,23 @@ FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
     "txt_ids",
     "guidance",
 )
+
+
+# ----------------------------------------------------------------------------- training API
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    max_upload_bytes: int = 200 * 1024 * 1024
+    """Default largest dataset upload (POST /train body); FLUXSERVE_JOBS_MAX_UPLOAD_BYTES overrides it."""
+    max_list_limit: int = 1000
+    """GET /train?limit= is 1..this."""
+    min_poll_s: float = 0.1
+    max_poll_s: float = 10.0
+    """GET /train/{id}/events?poll_s= bounds: no busy loop, no stream that never speaks."""
+
+
+TRAIN_LIMITS = TrainLimits()
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,15 @@ def translate(e: InferenceServerException) -> FluxServeError:
     if "INVALID_ARG" in status:
         return InvalidInputError(message)
     return InferenceError(message)
+
+
+class ApiError(FluxServeError):
+    """The HTTP facade answered with an error envelope: `status`, stable `kind`, short message."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(f"{status} {kind}: {message}")
+        self.status, self.kind, self.message = status, kind, message
+
+
+class AuthenticationError(ApiError):
+    """401: the operator key is missing or wrong (see README: Operator key)."""

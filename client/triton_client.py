@@ -6,9 +6,11 @@ exceptions in client.errors.
 
 from __future__ import annotations
 
+import queue
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
+import grpc
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import KeepAliveOptions
@@ -17,14 +19,16 @@ from tritonclient.utils import InferenceServerException
 
 from client.codec import (
     ClassifyResult,
+    GenerateProgress,
     GenerateResult,
     classify_inputs,
     decode_classify,
     decode_generate,
+    decode_generate_stream,
     generate_inputs,
 )
-from client.contract import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS
-from client.errors import FluxServeError, translate
+from client.contract import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS, GENERATE_STREAM
+from client.errors import FluxServeError, InferenceError, RequestTimeoutError, translate
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
 
@@ -48,6 +52,15 @@ def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000)),
     ]
+StreamEvent = tuple[GenerateProgress, GenerateResult | None]
+"""One `generate_stream` response: progress after a step, and the image with the last one."""
+
+
+def _rpc_error(e: grpc.RpcError) -> FluxServeError:
+    """grpc.aio stream errors reach us untranslated by tritonclient: same mapping as the rest."""
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return translate(InferenceServerException(msg=details or str(code), status=str(code or "")))
 
 
 def _config_parameter(config: dict, key: str) -> str | None:
@@ -100,6 +113,39 @@ class TritonClient:
         except InferenceServerException as e:
             raise translate(e) from e
         return decode_generate(result, seed)
+
+    def generate_stream(
+        self,
+        prompt: str,
+        seed: int | None = None,
+        width: int = GENERATE_DEFAULTS.width,
+        height: int = GENERATE_DEFAULTS.height,
+        steps: int = GENERATE_DEFAULTS.steps,
+        guidance: float = GENERATE_DEFAULTS.guidance,
+    ) -> Iterator[StreamEvent]:
+        """Yields (progress, None) after every step, then (progress of the last step, result).
+        Closing the iterator early cancels the request in Triton (the stream is cancelled)."""
+        seed = random_seed() if seed is None else seed
+        inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
+        answers: queue.Queue = queue.Queue()
+        self._client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s)
+        try:
+            self._client.async_stream_infer(GENERATE_STREAM.name, inputs)
+            while True:
+                try:
+                    result, error = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise RequestTimeoutError(f"no answer from {GENERATE_STREAM.name} within {self.timeout_s} s") from None
+                if error is not None:
+                    raise translate(error) from error
+                progress, done = decode_generate_stream(result, seed)
+                yield progress, done
+                if done is not None:
+                    return
+        except InferenceServerException as e:
+            raise translate(e) from e
+        finally:
+            self._client.stop_stream(cancel_requests=True)
 
 
 class AsyncTritonClient:
@@ -183,5 +229,38 @@ class AsyncTritonClient:
             raise translate(e) from e
         return decode_generate(result, seed)
 
+    async def generate_stream(
+        self,
+        prompt: str,
+        seed: int,
+        width: int = GENERATE_DEFAULTS.width,
+        height: int = GENERATE_DEFAULTS.height,
+        steps: int = GENERATE_DEFAULTS.steps,
+        guidance: float = GENERATE_DEFAULTS.guidance,
+    ) -> AsyncIterator[StreamEvent]:
+        """Yields (progress, None) after every step, then (progress of the last step, result). Leaving early
+        (break, aclose, task cancelled) cancels the gRPC stream, and Triton stops the loop."""
+        inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
 
-__all__ = ["AsyncTritonClient", "ClassifyResult", "FluxServeError", "GenerateResult", "TritonClient"]
+        async def one_request():
+            yield {"model_name": GENERATE_STREAM.name, "inputs": inputs}
+
+        responses = self._client.stream_infer(one_request(), stream_timeout=self.timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise translate(error) from error
+                progress, done = decode_generate_stream(result, seed)
+                yield progress, done
+                if done is not None:
+                    return
+            raise InferenceError(f"{GENERATE_STREAM.name} ended without an image")
+        except InferenceServerException as e:
+            raise translate(e) from e
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from e
+        finally:
+            responses.cancel()
+
+
+__all__ = ["AsyncTritonClient", "ClassifyResult", "FluxServeError", "GenerateProgress", "GenerateResult", "StreamEvent", "TritonClient"]

@@ -12,17 +12,19 @@ import json
 import logging
 import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
 from common.ort_session import make_session
-from export.deployments import classifier_deployments
-from export.repository import Published, fingerprint, publish, tree_hashes
+from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
+from export.deployments import ExportSettings, classifier_deployments
+from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
 
 log = logging.getLogger(__name__)
@@ -95,33 +97,65 @@ def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path
     return float(np.abs(got - ref).max())
 
 
+def _served_onnx(model_dir: Path, onnx_path: Path, work_dir: Path, target: Target, requested: Precision, rebuilt: bool) -> tuple[Path, dict | None]:
+    """The graph `classifier_onnx` serves, and the precision report for its manifest.
+
+    CPU: fp32 or int8 by measurement (export/classifier_precision.py), cached per fp32 export and
+    requested precision. GPU: the fp32 export, which Triton's TensorRT provider builds in FP16.
+    """
+    if target != "cpu":
+        return onnx_path, None
+    cache = work_dir / "precision.json"
+    key = {"source": (work_dir / "source.fingerprint").read_text(), "requested": requested, "per_channel": PER_CHANNEL}
+    if not rebuilt and cache.exists():
+        cached = json.loads(cache.read_text())
+        served = Path(cached["path"])
+        if cached.get("key") == key and served.exists():
+            return served, cached["choice"]
+    labels = json.loads((model_dir / "labels.json").read_text())
+    cfg = AutoConfig.from_pretrained(model_dir)
+    served, choice = build_and_choose(
+        model_dir, onnx_path, work_dir, requested, AutoTokenizer.from_pretrained(model_dir),
+        cfg.num_attention_heads, cfg.hidden_size, float(labels.get("temperature", 1.0)),
+    )
+    cache.write_text(json.dumps({"key": key, "path": str(served), "choice": choice.as_dict()}, indent=2))
+    return served, choice.as_dict()
+
+
 def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False) -> dict[str, Published | float]:
     """Export (when the model changed) and write both Triton models; returns versions and error."""
-    deps = classifier_deployments()
+    settings = ExportSettings()
+    deps = classifier_deployments(settings)
     provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir)}
     work_dir = work_dir or model_dir.parent / "onnx"
     onnx_path = work_dir / "model.onnx"
     marker = work_dir / "source.fingerprint"
     fp = fingerprint(provenance)
     parity = float("nan")
-    if force or not onnx_path.exists() or not marker.exists() or marker.read_text() != fp:
+    rebuilt = force or not onnx_path.exists() or not marker.exists() or marker.read_text() != fp
+    if rebuilt:
         result = export_classifier_onnx(model_dir, onnx_path)
         parity = result.max_abs_error
         marker.write_text(fp)
-    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": onnx_path}, provenance, force=force, report={"parity_max_abs_logit_error": parity})
+    served, precision = _served_onnx(model_dir, onnx_path, work_dir, target, settings.classifier_precision, rebuilt)
+    onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
+    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": served}, onnx_provenance, force=force,
+                       report={"parity_max_abs_logit_error": parity, "precision": precision})
     tok_dir = work_dir / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
     # The facade reads the uncertainty threshold from the deployed model's config: one source.
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
-    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force)
-    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity}
+    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force,
+                      report={"test_accuracy": _test_accuracy(model_dir)})
+    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity, "precision": precision}
 
 
 def publish_and_swap_classifier(
     model_dir: Path, repo: Path, triton_http_url: str, work_dir: Path | None = None, keep_versions: int = 2,
-    target: Target = "cpu", force: bool = False,
+    target: Target = "cpu", force: bool = False, lock: AbstractContextManager[object] | None = None,
+    lock_timeout_s: float = 3600.0,
 ) -> dict[str, Published | float]:
     """Publish a fine-tuned classifier and load it into a running Triton; on failure the new
     versions are removed and the previous classifier keeps serving (export.hot_swap.SwapError)."""
@@ -129,4 +163,42 @@ def publish_and_swap_classifier(
 
     return publish_and_load(repo, triton_http_url, ["classifier_onnx", "classify"],
                             lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
-                            keep_versions=keep_versions)
+                            keep_versions=keep_versions, lock=lock, lock_timeout_s=lock_timeout_s)
+
+
+def _test_accuracy(model_dir: Path) -> float | None:
+    """The test-split accuracy `fluxserve-train` recorded beside a trained classifier, if any."""
+    path = Path(model_dir) / "metrics.json"
+    try:
+        return float(json.loads(path.read_text())["test"]["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def serving_classifier_accuracy(repo: Path, triton_http_url: str | None = None) -> float | None:
+    """Test-split accuracy of the `classify` version Triton serves (the newest READY one; the
+    newest on disk when Triton cannot say), from its manifest or, for versions published before
+    manifests carried it, from the metrics beside the model it was exported from. None: unknown."""
+    version: str | None = None
+    if triton_http_url:
+        try:
+            from export.model_control import ready_versions
+
+            ready = ready_versions(triton_http_url, "classify")
+            version = ready[-1] if ready else None
+        except Exception as e:  # noqa: BLE001 - Triton down is "ask the disk", not a failure
+            log.warning("could not ask Triton which classifier serves: %s", e)
+    if version is None:
+        on_disk = versions(repo, "classify")
+        version = str(on_disk[-1]) if on_disk else None
+    if version is None:
+        return None
+    try:
+        manifest = json.loads((repo / "classify" / version / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = manifest.get("report", {}).get("test_accuracy")
+    if recorded is not None:
+        return float(recorded)
+    source = manifest.get("provenance", {}).get("classifier")
+    return _test_accuracy(Path(source)) if source else None

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.paths import CLASSIFIER_MODEL_DIR
+from export.publish_lock import repository_lock
 from export.repository import SOURCE_REPOSITORY
 
 log = logging.getLogger("fluxserve.export")
@@ -31,7 +32,8 @@ def export_classifier(model_dir: Path, repo: Path, target: str, force: bool, tri
     if triton_url:
         result = publish_and_swap_classifier(model_dir, repo, triton_url, target=target, force=force)  # type: ignore[arg-type]
     else:
-        result = publish_classifier(model_dir, repo, target=target, force=force)  # type: ignore[arg-type]
+        with repository_lock(repo):  # version numbers chosen while no one else publishes
+            result = publish_classifier(model_dir, repo, target=target, force=force)  # type: ignore[arg-type]
     for name in ("classifier_onnx", "classify"):
         pub = result[name]
         log.info("%s: version %d %s", name, pub.version, "written" if pub.created else "unchanged")
@@ -65,7 +67,8 @@ def export_flux(
         log.info("generate: version %s now serving on %s (new: %s); export report: %s", swapped["model_version"],
                  triton_url, swapped["created"] or "none", swapped["report"])
         return
-    result = publish_flux(repo, **kwargs)  # type: ignore[arg-type]
+    with repository_lock(repo):
+        result = publish_flux(repo, **kwargs)  # type: ignore[arg-type]
     bar.close()
     log.info("generate: version %s (new: %s); export report: %s", result["generate"], result["created"] or "none", result["report"])
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER, GENERATE
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER, GENERATE, GENERATE_STREAM
 from export.triton_config import Deployment, DynamicBatching
 
 RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
@@ -21,6 +22,9 @@ RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "r
 class ExportSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXSERVE_EXPORT_")
 
+    classifier_precision: Literal["auto", "fp32", "int8"] = "auto"
+    """CPU classifier graph: `auto` serves int8 when its test accuracy is within 0.5 points of
+    fp32 (measured at export, recorded in the manifest); `fp32` / `int8` force one."""
     classify_instances: int = 2
     classify_max_queue_size: int = 64
     """classify requests (each up to 64 texts) waiting in Triton beyond which it rejects (503)."""
@@ -34,6 +38,9 @@ class ExportSettings(BaseSettings):
     generate_max_queue_size: int = 8
     """Generations waiting for an instance beyond which Triton rejects (503). The facade sheds
     load before this by its own cost estimate; this bounds direct gRPC clients too."""
+    generate_stream_instances: int = 2
+    """Concurrent streamed generations (`generate_stream`, progress per step); they share the
+    transformer's batches with `generate`."""
     flux_transformer_threads: int = 2
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
@@ -75,11 +82,13 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
 
 
 def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
-    """`generate` (python BLS) and the four FLUX components it calls."""
+    """`generate` and `generate_stream` (python BLS) and the four FLUX components they call."""
     s = settings or ExportSettings()
     deps = {
         GENERATE.name: Deployment(spec=GENERATE, kind="python", instance_count=s.generate_instances,
                                   max_queue_size=s.generate_max_queue_size),
+        GENERATE_STREAM.name: Deployment(spec=GENERATE_STREAM, kind="python", instance_count=s.generate_stream_instances,
+                                         max_queue_size=s.generate_max_queue_size),
     }
     for name, spec in FLUX_COMPONENTS.items():
         is_transformer = name == FLUX_TRANSFORMER

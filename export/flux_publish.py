@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from client.contract import (
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
     GENERATE,
+    GENERATE_STREAM,
     TEXT_TOKENS_PARAMETER,
     TRIGGER_PARAMETER,
 )
@@ -37,6 +40,11 @@ from export.repository import MANIFEST, fingerprint, publish, sha256_file
 from export.triton_config import Target
 
 log = logging.getLogger(__name__)
+
+EXPORT_MARKER = "export.json"
+"""Written last into an export folder: its presence means the export (or patch) is complete."""
+PATCH_PREFIXES = {FLUX_TRANSFORMER: "transformer.", FLUX_TEXT_ENCODER: "text_encoder."}
+"""Components a LoRA can be patched into, with the key prefix of their LoRA weights."""
 
 LARGE_FILE_BYTES = 256 << 20
 """Files above this are fingerprinted by size and mtime: hashing FLUX.1-dev's 24 GB each run is waste."""
@@ -76,10 +84,18 @@ def source_fingerprint(path: str | Path) -> dict[str, str]:
 
 
 def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
+    from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR
+
     folder = onnx_dir / name
     files = {"model.onnx": folder / "model.onnx"}
     if (folder / "model.onnx.data").exists():  # external weights; the .onnx refers to this name
         files["model.onnx.data"] = folder / "model.onnx.data"
+    # Per-tensor weights, one entry each so publish hard-links every file: a patched version
+    # then shares all unchanged tensors with the versions before it.
+    for f in sorted((folder / WEIGHTS_DIR).glob("*")):
+        files[f"{WEIGHTS_DIR}/{f.name}"] = f
+    if (folder / WEIGHT_MAP_FILE).exists():
+        files[WEIGHT_MAP_FILE] = folder / WEIGHT_MAP_FILE
     return files
 
 
@@ -88,14 +104,40 @@ def component_provenance(provenance: dict[str, Any], lora_targets: frozenset[str
     has text-encoder keys, CLIP; T5 and the VAE only ever come from the checkpoint. Re-exporting a
     new LoRA therefore rebuilds (and Triton reloads) only what it changed: for FLUX.1-dev that
     spares the 9 GB T5-XXL export and load on every swap."""
+    from export.flux.weight_map import WEIGHT_MAP_FORMAT
+
     base = {k: provenance[k] for k in ("checkpoint", "checkpoint_files", "onnx_opset")}
-    with_lora = {**base, **{k: provenance[k] for k in ("lora", "lora_files", "lora_scale")}}
+    # Patchable components carry their weight layout: an export from before per-tensor weights
+    # has no weight map, so it must not be reused as the base of a patch.
+    patchable = {**base, "onnx_layout": WEIGHT_MAP_FORMAT}
+    with_lora = {**patchable, **{k: provenance[k] for k in ("lora", "lora_files", "lora_scale")}}
     return {
-        FLUX_TEXT_ENCODER: with_lora if "text_encoder" in lora_targets else base,
+        FLUX_TEXT_ENCODER: with_lora if "text_encoder" in lora_targets else patchable,
         FLUX_TEXT_ENCODER_2: base,
-        FLUX_TRANSFORMER: with_lora if "transformer" in lora_targets else base,
+        FLUX_TRANSFORMER: with_lora if "transformer" in lora_targets else patchable,
         FLUX_VAE_DECODER: base,
     }
+
+
+def _export_fused(checkpoint: str | Path, lora: str | Path | None, lora_scale: float, todo: dict[str, Path],
+                  settings: FluxSettings, progress: Callable[[str, object], None] | None) -> dict[str, Any]:
+    """Full export of the components in `todo` (name -> folder) from the LoRA-fused pipeline."""
+    from export.flux.lora import load_pipeline
+    from export.flux.onnx_export import export_all
+
+    report: dict[str, Any] = {}
+    pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
+    for name, onnx_dir in todo.items():
+        (result,) = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]).values()
+        facts = {"method": "export", "max_abs_error": result.max_abs_error, "export_seconds": round(result.export_seconds, 2)}
+        (onnx_dir / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))  # written last: marks it complete
+        report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
+    return report
+
+
+def _finished(onnx_dir: Path) -> dict[str, Any] | None:
+    marker = onnx_dir / EXPORT_MARKER
+    return json.loads(marker.read_text()) if marker.exists() else None
 
 
 def export_onnx(
@@ -106,37 +148,81 @@ def export_onnx(
     provenance: dict[str, dict[str, Any]],
     settings: FluxSettings,
     progress: Callable[[str, object], None] | None = None,
+    base_provenance: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Export each component into export_root/<component>/<fingerprint of its provenance>/, unless
     that folder already holds a finished export; the fused pipeline is loaded only when needed.
 
-    Returns {component: {"onnx_dir", "max_abs_error", "export_seconds", "reused"}, "total_seconds"}.
-    """
-    from export.flux.lora import load_pipeline
-    from export.flux.onnx_export import export_all
+    With `base_provenance` (each component without the LoRA) and settings.weight_patching, a
+    component the LoRA changes is made by patching its base export's weights
+    (export.flux.weight_patch); the base is exported first if it is missing, once per base.
 
+    Returns {component: {"onnx_dir", "method", "max_abs_error" | patch facts, "reused"}, "total_seconds"}.
+    """
     started = time.monotonic()
     report: dict[str, Any] = {}
     todo: dict[str, Path] = {}
     for name, prov in provenance.items():
         onnx_dir = export_root / name / fingerprint(prov)
-        marker = onnx_dir / "export.json"
-        if marker.exists():
-            report[name] = {**json.loads(marker.read_text()), "onnx_dir": str(onnx_dir), "reused": True}
+        if (facts := _finished(onnx_dir)) is not None:
+            report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": True}
             log.info("%s: ONNX export in %s is up to date", name, onnx_dir)
             if progress is not None:
                 progress(name, "reused")
         else:
             shutil.rmtree(onnx_dir, ignore_errors=True)  # a half-written export from an interrupted run
             todo[name] = onnx_dir
+    patchable = {n: d for n, d in todo.items() if n in PATCH_PREFIXES and base_provenance is not None
+                 and base_provenance[n] != provenance[n]}
+    if lora is not None and settings.weight_patching and patchable:
+        assert base_provenance is not None
+        base_dirs = {n: export_root / n / fingerprint(base_provenance[n]) for n in patchable}
+        missing = {n: d for n, d in base_dirs.items() if _finished(d) is None}
+        for d in missing.values():
+            shutil.rmtree(d, ignore_errors=True)
+        # Components the LoRA leaves alone are base exports too: one LoRA-free pipeline load for all.
+        plain = {n: d for n, d in todo.items() if provenance[n] == base_provenance[n]}
+        if missing or plain:  # the base of a patch is exported once per base model
+            log.info("exporting %s without the LoRA (bases to patch: %s)", sorted({*missing, *plain}), sorted(missing))
+            done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress)
+            report.update({n: done[n] for n in plain})
+        report.update(_patch(lora, lora_scale, {n: (base_dirs[n], patchable[n]) for n in patchable}, settings, progress))
+        todo = {n: d for n, d in todo.items() if n not in report}
     if todo:
-        pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
-        for name, onnx_dir in todo.items():
-            (result,) = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]).values()
-            facts = {"max_abs_error": result.max_abs_error, "export_seconds": round(result.export_seconds, 2)}
-            (onnx_dir / "export.json").write_text(json.dumps(facts, indent=2))  # written last: marks it complete
-            report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
+        report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress))
     report["total_seconds"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _patch(lora: str | Path, lora_scale: float, jobs: dict[str, tuple[Path, Path]], settings: FluxSettings,
+           progress: Callable[[str, object], None] | None) -> dict[str, Any]:
+    """Patch each component of `jobs` (name -> (base export, target folder)); components whose
+    LoRA keys the weight map cannot express are left out (the caller re-exports them)."""
+    from export.flux.weight_patch import NotPatchable, layer_deltas, load_lora_state, patch_export
+
+    report: dict[str, Any] = {}
+    state, alphas, metadata = load_lora_state(lora, settings.lora_weight_name)
+    for name, (base_dir, onnx_dir) in jobs.items():
+        if progress is not None:
+            progress(name, None)
+        staging = onnx_dir.with_name(f".{onnx_dir.name}.patch-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            deltas = layer_deltas(state, alphas, metadata, PATCH_PREFIXES[name], lora_scale)
+            result = patch_export(base_dir / name, staging / name, deltas)
+        except (NotPatchable, FileNotFoundError) as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("%s: cannot patch this LoRA in (%s); re-exporting instead", name, e)
+            continue
+        # Not measured per publish: patched == fused re-export is proven by tests/unit/test_weight_patch.py
+        # (<= 1e-5); what is recorded is the base export's own ONNX-vs-PyTorch error.
+        facts = {"method": "patch", "base_onnx_dir": str(base_dir), "max_abs_error": None,
+                 "base_max_abs_error": (_finished(base_dir) or {}).get("max_abs_error"), **result.as_dict()}
+        (staging / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))
+        staging.rename(onnx_dir)
+        report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
+        if progress is not None:
+            progress(name, "patched")
     return report
 
 
@@ -174,7 +260,8 @@ def publish_flux(
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
     per_component = component_provenance(provenance, targets)
     export_root = s.build_dir / "export"
-    report = export_onnx(checkpoint, lora, scale, export_root, per_component, s, progress)
+    report = export_onnx(checkpoint, lora, scale, export_root, per_component, s, progress,
+                         base_provenance=component_provenance(provenance, frozenset()))
 
     deps = flux_deployments(export_settings)
     out: dict[str, Any] = {"report": report, "created": []}
@@ -190,14 +277,21 @@ def publish_flux(
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
         assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
-        gen_dep = replace(deps[GENERATE.name], parameters={**deps[GENERATE.name].parameters, TRIGGER_PARAMETER: trigger_word,
-                                                           **_memory_facts(assets)})
-        gen = publish(repo, gen_dep, target, {"pipeline": assets, "components.json": Path(tmp) / "components.json"},
-                      {**provenance, "lora_targets": sorted(targets), "components": components}, force=force)
-    if gen.created:
-        out["created"].append(GENERATE.name)
+        files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
+        gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
+        published = {}
+        # The streaming twin runs the same pipeline on the same pinned components; its version
+        # number follows generate's, so both doors report the same model_version.
+        for spec in (GENERATE, GENERATE_STREAM):
+            dep = replace(deps[spec.name], parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word,
+                                                       **_memory_facts(assets)})
+            min_version = published[GENERATE.name].version if published else 1
+            published[spec.name] = publish(repo, dep, target, files, gen_provenance, force=force, min_version=min_version)
+    for name, pub in published.items():
+        if pub.created:
+            out["created"].append(name)
+        out[name] = pub.version
     out.update(components)
-    out[GENERATE.name] = gen.version
     return out
 
 
@@ -219,6 +313,8 @@ def publish_and_swap(
     repo: Path,
     triton_http_url: str,
     keep_versions: int = 2,
+    lock: AbstractContextManager[object] | None = None,
+    lock_timeout_s: float = 3600.0,
     **publish_kwargs: Any,
 ) -> dict[str, Any]:
     """Publish a new FLUX export (`publish_flux(repo, **publish_kwargs)`) and load it into a
@@ -231,8 +327,9 @@ def publish_and_swap(
     from export.hot_swap import publish_and_load
 
     started = time.monotonic()
-    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name],
-                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions)
+    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
+                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions,
+                              lock=lock, lock_timeout_s=lock_timeout_s)
     return {
         "model_version": str(result[GENERATE.name]),
         "components": {n: result[n] for n in FLUX_COMPONENTS},

@@ -9,7 +9,9 @@ Layout of one model:
     <repo>/<name>/<version>/fluxserve_manifest.json
 
 A version is assembled in a hidden staging folder and renamed into place, so Triton never sees a
-half-written version. Publishing is idempotent: when the newest version already has the same
+half-written version; within a hot swap (export.hot_swap) the version is first recorded in the
+publish journal (export.publish_journal), so a crash before the swap commits is undone at the
+next start. Version numbers are chosen under the publish lock (export.publish_lock). Publishing is idempotent: when the newest version already has the same
 fingerprint (same inputs and settings), nothing is written.
 """
 
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.triton_config import Deployment, Target, config_text
 from common.paths import MODEL_REPOSITORY
+from export.publish_journal import note_version
+from export.triton_config import Deployment, Target, config_text
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +114,15 @@ def publish(
     provenance: Mapping[str, Any],
     force: bool = False,
     report: Mapping[str, Any] | None = None,
+    min_version: int = 1,
 ) -> Published:
     """Write `files` (relative name -> source path) as a new version of `dep`'s model.
 
     `provenance` describes what the version was built from (checkpoint, LoRA, scale, settings);
     its fingerprint decides idempotency, and it is stored in the manifest with file hashes.
     `report` holds measured facts (parity errors, timings) stored in the manifest but not
-    fingerprinted, so re-running an export does not create a new version.
+    fingerprinted, so re-running an export does not create a new version. A new version is
+    numbered at least `min_version` (keeps a sibling model's numbers aligned with another's).
     """
     name = dep.spec.name
     fp = fingerprint({**provenance, "target": target, "config": config_text(dep, target)})
@@ -128,7 +133,7 @@ def publish(
         log.info("%s: version %d is up to date (fingerprint %s)", name, version, fp)
         return Published(name, version, repo / name / str(version), created=False)
 
-    version = (versions(repo, name) or [0])[-1] + 1
+    version = max((versions(repo, name) or [0])[-1] + 1, min_version)
     staging = repo / name / f".staging-{version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -150,6 +155,7 @@ def publish(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = repo / name / str(version)
+        note_version(repo, name, version)  # before it appears: a crash from here on is undone
         staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -92,6 +92,8 @@ def render_config(dep: Deployment, target: Target) -> mc.ModelConfig:
         policy.max_queue_size = dep.max_queue_size
         policy.timeout_action = mc.ModelQueuePolicy.REJECT
         policy.allow_timeout_override = True
+    if spec.decoupled:
+        cfg.model_transaction_policy.decoupled = True
     for key, value in dep.parameters.items():
         cfg.parameters[key].string_value = value
     # A re-export adds version N+1 and Triton swaps to it; older ones unload after in-flight work.

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
 from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
+from export.publish_journal import recover_repository
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self._check_ports_free()
+        # Serve exactly the last committed set: undo what a publisher that died mid-publish left.
+        recover_repository(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.settings, backend_dir)

@@ -15,6 +15,8 @@ import logging
 import sys
 
 from api.app import serve
+from api.auth import ensure_key_file
+from api.request_id import configure_logging
 from api.settings import ApiSettings
 from runtime.launcher import TritonServer, TritonStartError
 from runtime.supervisor import Supervisor, TritonChild, worker_child
@@ -23,8 +25,21 @@ log = logging.getLogger("fluxserve.stack")
 STOP_GRACE_S = 3
 
 
+def announce_operator_key(settings: ApiSettings) -> None:
+    """The training API needs an operator key: without FLUXSERVE_API_KEYS, make one in the key file
+    once. Only the file's path is logged; whoever may read the file may use the key."""
+    if settings.keys is not None:
+        log.info("operator keys for /train from FLUXSERVE_API_KEYS")
+        return
+    created = ensure_key_file(settings.key_file)
+    log.info("operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; README: Operator key)",
+             "created in" if created else "in", settings.key_file)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
+    api_settings = ApiSettings()
+    announce_operator_key(api_settings)
     triton = TritonServer()
     # The trainer is its own process: a training step must never stall the facade's event loop.
     supervisor = Supervisor([TritonChild(triton), worker_child({"FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url})])
@@ -34,7 +49,7 @@ def main() -> int:
         log.error("%s", e)
         supervisor.stop(STOP_GRACE_S)
         return 1
-    api_settings = ApiSettings(triton_grpc_url=triton.grpc_url)
+    api_settings = api_settings.model_copy(update={"triton_grpc_url": triton.grpc_url})
     try:
         log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
         # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503) and returns;

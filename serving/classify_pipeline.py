@@ -1,7 +1,8 @@
 """Tokenization and post-processing for the `classify` model (plain Python, unit-testable).
 
 The version folder of `classify` holds `tokenizer/` (Hugging Face format) and `labels.json`
-(label order and the recommended uncertainty threshold measured on the validation split).
+(label order, the calibration temperature and the recommended uncertainty threshold, both
+measured on the validation split).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from client.contract import CLASSIFY_LIMITS, LABELS
 class LabelInfo:
     labels: tuple[str, ...]
     threshold: float
+    temperature: float = 1.0
+    """Logits are divided by it before the softmax (fitted on the validation split at training):
+    calibrated scores are what make the uncertainty threshold meaningful."""
 
     @classmethod
     def load(cls, path: Path) -> LabelInfo:
@@ -27,7 +31,10 @@ class LabelInfo:
         labels = tuple(data["labels"])
         if labels != LABELS:
             raise ValueError(f"model labels {labels} do not match the contract {LABELS}")
-        return cls(labels, float(data.get("recommended_threshold", 0.5)))
+        temperature = float(data.get("temperature", 1.0))
+        if not temperature > 0:
+            raise ValueError(f"calibration temperature must be positive, got {temperature}")
+        return cls(labels, float(data.get("recommended_threshold", 0.5)), temperature)
 
 
 class ClassifyPipeline:
@@ -42,14 +49,21 @@ class ClassifyPipeline:
         enc = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="np"
         )
-        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+        # Fast tokenizers already return int64: no copy on the hot path.
+        return {k: enc[k].astype(np.int64, copy=False) for k in ("input_ids", "attention_mask")}
 
     def postprocess(self, logits: np.ndarray) -> tuple[list[str], np.ndarray]:
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        return [self.labels.labels[i] for i in probs.argmax(axis=1)], probs.astype(np.float32)
+        probs = calibrated_softmax(logits, self.labels.temperature)
+        return [self.labels.labels[i] for i in probs.argmax(axis=1)], probs
+
+
+def calibrated_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) as float32; T > 1 softens the over-confident raw scores."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs.astype(np.float32)
 
 
 def validate_text(text: str) -> str | None:

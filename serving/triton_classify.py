@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY
-from serving.classify_pipeline import ClassifyPipeline, validate_text
+from serving.classify_pipeline import ClassifyPipeline, calibrated_softmax, validate_text
 
 
 class TritonPythonModel:
@@ -24,6 +24,10 @@ class TritonPythonModel:
         self.logits_name = CLASSIFIER_ONNX.outputs[0].name
         self.max_batch = CLASSIFIER_ONNX.max_batch_size
         json.loads(args["model_config"])  # fail early on a malformed config
+        self.input_name = CLASSIFY.inputs[0].name
+        self.label_out, self.scores_out = (t.name for t in CLASSIFY.outputs)
+        # Label tensors are built by indexing, not by encoding strings per response.
+        self.label_bytes = np.array([s.encode() for s in self.pipeline.labels.labels], dtype=np.object_)
 
     def _logits(self, texts: list[str]) -> np.ndarray:
         chunks = []
@@ -45,7 +49,7 @@ class TritonPythonModel:
         texts: list[str] = []
         owners: list[tuple[int, int]] = []  # (request index, number of texts)
         for i, request in enumerate(requests):
-            raw = pb_utils.get_input_tensor_by_name(request, CLASSIFY.inputs[0].name).as_numpy().reshape(-1)
+            raw = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1).tolist()
             batch = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t) for t in raw]
             problems = [p for p in map(validate_text, batch) if p]
             if problems:
@@ -57,18 +61,18 @@ class TritonPythonModel:
             texts.extend(batch)
         if texts:
             try:
-                labels, probs = self.pipeline.postprocess(self._logits(texts))
+                probs = calibrated_softmax(self._logits(texts), self.pipeline.labels.temperature)
             except Exception as e:
                 err = pb_utils.TritonError(f"classifier failed: {e}")
                 for i, _ in owners:
                     responses[i] = pb_utils.InferenceResponse(error=err)
                 return responses
+            labels = self.label_bytes[probs.argmax(axis=1)].reshape(-1, 1)
             offset = 0
-            label_out, scores_out = (t.name for t in CLASSIFY.outputs)
             for i, n in owners:
-                lab = np.array([s.encode() for s in labels[offset : offset + n]], dtype=np.object_).reshape(n, 1)
-                responses[i] = pb_utils.InferenceResponse(
-                    [pb_utils.Tensor(label_out, lab), pb_utils.Tensor(scores_out, probs[offset : offset + n])]
-                )
+                responses[i] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor(self.label_out, labels[offset : offset + n]),
+                    pb_utils.Tensor(self.scores_out, probs[offset : offset + n]),
+                ])
                 offset += n
         return responses

@@ -7,20 +7,24 @@ the one `make models` builds (the test target depends on it); fixtures that chan
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from common.paths import MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401  (tests import them from here)
 from runtime import processes
 from runtime.launcher import TritonServer
 from runtime.processes import HttpServer, free_port  # noqa: F401  (tests import it from here)
-from common.paths import MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401  (tests import them from here)
+from tests.redis_server import redis_server  # noqa: F401  (a real Redis, as a session fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
+"""The operator key every facade the tests start accepts (as FLUXSERVE_API_KEYS `tests:<key>`)."""
 
 
 def require_models(*names: str) -> None:
@@ -42,11 +46,23 @@ def triton() -> Iterator[object]:
     server.stop()
 
 
-Facade = HttpServer
+class Facade:
+    """A facade under test: its process, and clients that send the test operator key by default."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server, self.proc, self.url, self.log_path = server, server.proc, server.url, server.log_path
+
+    def client(self, timeout_s: float = 60.0, api_key: str | None = TEST_API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
-def start_facade(triton_grpc_url: str, extra_env: dict[str, str] | None = None, ready_path: str = "/healthz") -> HttpServer:
-    return processes.start_facade(triton_grpc_url, extra_env, ready_path)
+def start_facade(triton_grpc_url: str, extra_env: dict[str, str] | None = None, ready_path: str = "/healthz") -> Facade:
+    env = {"FLUXSERVE_API_KEYS": f"tests:{TEST_API_KEY}", **(extra_env or {})}
+    return Facade(processes.start_facade(triton_grpc_url, env, ready_path))
 
 
 @pytest.fixture(scope="session")

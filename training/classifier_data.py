@@ -11,6 +11,9 @@ from pathlib import Path
 from client.contract import LABELS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
+HELD_OUT_DIR = DATA_DIR / "held_out"
+"""Hand-written hard cases kept out of training, validation and test alike: `load_examples` reads
+only the top-level files, so these judge the finished model on messages no split has seen."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ def load_examples(data_dir: Path = DATA_DIR) -> list[Example]:
     return out
 
 
+def load_held_out(held_out_dir: Path = HELD_OUT_DIR) -> list[Example]:
+    """The held-out hard cases (same format; never part of any split)."""
+    return load_examples(held_out_dir)
+
+
 def stratified_split(
     examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0
 ) -> Splits:
@@ -74,7 +82,8 @@ def stratified_split(
 
 def dataset_sha256(data_dir: Path = DATA_DIR) -> str:
     h = hashlib.sha256()
-    for path in sorted(data_dir.glob("*.jsonl")):
-        h.update(path.name.encode())
+    # Held-out files count too: the metrics report them, so changing them means re-evaluating.
+    for path in sorted(data_dir.rglob("*.jsonl")):
+        h.update(str(path.relative_to(data_dir)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -6,7 +6,9 @@ message the user can act on (`DatasetError`, which the API maps to a 4xx) instea
 worker minutes later.
 
 The archive is untrusted input. The checks below follow that order on purpose:
-1. cheap facts about the file (size, is it a zip at all);
+1. cheap facts about the file (size, is it a zip at all, and from the end-of-central-directory
+   record alone: how many entries and how large a directory it declares, so a zip of millions of
+   entries is refused before any of its directory is parsed);
 2. the central directory only (names, flags, modes, declared sizes, ratios) — nothing is
    decompressed until every entry passes;
 3. streaming extraction that counts the bytes it actually gets and stops at the declared size
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
+
+from client.contract import TRAIN_LIMITS
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ class DatasetError(ValueError):
 class DatasetLimits:
     """Upper bounds for an uploaded dataset. Defaults suit a single-user LoRA job."""
 
-    max_zip_bytes: int = 200 * MiB
+    max_zip_bytes: int = TRAIN_LIMITS.max_upload_bytes
+    """The API passes its setting (JobSettings.max_upload_bytes) here."""
     max_files: int = 500
     """Images + captions (ignored `__MACOSX/` entries and dotfiles are not counted)."""
     max_images: int = 200
@@ -77,6 +82,13 @@ class DatasetLimits:
     min_images: int = 1
     max_caption_bytes: int = 64 * 1024
     """Captions end up in a T5 prompt that is truncated anyway; bigger files are mistakes."""
+    max_central_directory_bytes: int = 1 * MiB
+    """Enough for 4 * max_files entries with long names; parsing it costs milliseconds."""
+
+    @property
+    def max_entries(self) -> int:
+        # Room for what is ignored but counted by zip tools (__MACOSX doubles a zip, folders).
+        return 4 * self.max_files
 
 
 @dataclass(frozen=True)
@@ -183,8 +195,8 @@ class _Entry:
 def _plan(zf: zipfile.ZipFile, limits: DatasetLimits) -> list[_Entry]:
     """Every check that needs only the central directory. Nothing is decompressed here."""
     infos = zf.infolist()
-    # A bound on parsing work even when most entries would be ignored (__MACOSX doubles a zip).
-    if len(infos) > 4 * limits.max_files:
+    # The end record was checked already (_check_directory); this counts what was really parsed.
+    if len(infos) > limits.max_entries:
         raise DatasetError(f"the zip has {len(infos)} entries; at most {limits.max_files} files are allowed")
     seen: set[str] = set()
     entries: list[_Entry] = []
@@ -231,6 +243,52 @@ def _plan(zf: zipfile.ZipFile, limits: DatasetLimits) -> list[_Entry]:
     if len(images) > limits.max_images:
         raise DatasetError(f"the zip has {len(images)} images; at most {limits.max_images} are allowed")
     return entries
+
+
+_EOCD = struct.Struct("<4sHHHHIIH")  # signature, disks, entries (disk, total), dir size, dir offset, comment
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, offset of the zip64 end record, disks
+_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # ..., entries (disk, total), dir size, dir offset
+_MAX_COMMENT = 0xFFFF
+
+
+def _directory_facts(zip_path: Path, size: int) -> tuple[int, int]:
+    """(entries, central directory bytes) as the end record declares them, from at most 64 KiB
+    read at the end of the file and nothing else: flat memory and time whatever the zip holds."""
+    with zip_path.open("rb") as fh:
+        tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
+        fh.seek(tail_start)
+        tail = fh.read()
+        # Without a comment the record is the last 22 bytes; else search back (as zipfile does).
+        pos = len(tail) - _EOCD.size if tail[-_EOCD.size:][:4] == _EOCD_SIG else tail.rfind(_EOCD_SIG)
+        if pos < 0 or len(tail) - pos < _EOCD.size:
+            raise DatasetError("the upload is not a zip archive", 415)
+        _, _, _, _, entries, dir_bytes, dir_offset, _ = _EOCD.unpack_from(tail, pos)
+        if entries != 0xFFFF and dir_bytes != 0xFFFFFFFF and dir_offset != 0xFFFFFFFF:
+            return entries, dir_bytes
+        # ZIP64: the real figures are in the zip64 end record the locator (just before) points to.
+        locator_at = tail_start + pos - _ZIP64_LOCATOR.size
+        if locator_at < 0:
+            raise DatasetError("the zip archive is corrupt")
+        fh.seek(locator_at)
+        sig, _, record_at, _ = _ZIP64_LOCATOR.unpack(fh.read(_ZIP64_LOCATOR.size))
+        if sig != b"PK\x06\x07" or record_at + _ZIP64_EOCD.size > size:
+            raise DatasetError("the zip archive is corrupt")
+        fh.seek(record_at)
+        record = _ZIP64_EOCD.unpack(fh.read(_ZIP64_EOCD.size))
+        if record[0] != b"PK\x06\x06":
+            raise DatasetError("the zip archive is corrupt")
+        return record[7], record[8]
+
+
+def _check_directory(zip_path: Path, size: int, limits: DatasetLimits) -> None:
+    entries, dir_bytes = _directory_facts(zip_path, size)
+    if entries > limits.max_entries:
+        raise DatasetError(f"the zip has {entries} entries; at most {limits.max_files} files are allowed")
+    if dir_bytes > limits.max_central_directory_bytes:
+        raise DatasetError(
+            f"the zip's directory is {dir_bytes} bytes; at most {limits.max_central_directory_bytes} are allowed", 413
+        )
 
 
 def _read_entry(zf: zipfile.ZipFile, entry: _Entry, limit: int) -> bytes:
@@ -339,6 +397,7 @@ def validate_and_extract(
     size = zip_path.stat().st_size
     if size > limits.max_zip_bytes:
         raise DatasetError(f"the zip is {size} bytes; at most {limits.max_zip_bytes} are allowed", 413)
+    _check_directory(zip_path, size, limits)
     if not zipfile.is_zipfile(zip_path):
         raise DatasetError("the upload is not a zip archive", 415)
     digest = _sha256(zip_path)

@@ -10,11 +10,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from huey.api import Huey
 
 from training.jobs import JobSettings, JobStore, job_dir, job_store
+from training.liveness import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,13 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
         on_progress=_progress_writer(store, job_id),
         should_stop=lambda: store.cancel_requested(job_id),
     )
-    result: dict[str, Any] = {"lora_dir": str(jd / "lora"), "manifest": manifest}
+    # Paths in a job's result are relative to the job's folder: callers never see host paths.
+    result: dict[str, Any] = {"lora_dir": "lora", "manifest": manifest}
     if params.get("publish", True):
         result["publish"] = _publish(store, job_id, result, lambda: publish_and_swap(
             repo=settings.model_repository,
+            lock=publish_lock(settings),
+            lock_timeout_s=settings.publish_lock_timeout_s,
             triton_http_url=settings.triton_http_url,
             keep_versions=settings.keep_versions,
             checkpoint=checkpoint,
@@ -66,18 +71,35 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
 
 def _publish(store: JobStore, job_id: str, result: dict[str, Any], publish_fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The job's publish step: recorded as running, then succeeded, or failed with the reason
-    (training's result is kept either way; the previous model version keeps serving)."""
+    (training's result is kept either way; the previous model version keeps serving).
+
+    A cancel that arrived before this point wins (InterruptedError: nothing is published); from
+    here on the job refuses cancels (409) until the publish has committed or rolled back."""
+    if not store.begin_publish(job_id):
+        raise InterruptedError("cancelled before publishing")
     store.update(job_id, result={**result, "publish": {"status": "running"}})
     try:
         published = publish_fn()
     except Exception as e:
         log.exception("publish failed for job %s", job_id)
         raise PublishError(str(e), {**result, "publish": {"status": "failed", "error": str(e)}}) from e
+    finally:
+        store.end_publish(job_id)
     return {"status": "succeeded", **published}
 
 
+def publish_lock(settings: JobSettings) -> AbstractContextManager[object] | None:
+    """With Redis, the cross-machine lock (the repository's file lock is always taken too)."""
+    if not settings.redis_url:
+        return None
+    from export.publish_lock import redis_lock
+    from training.redis_jobs import PUBLISH_LOCK_KEY, redis_client
+
+    return redis_lock(redis_client(settings.redis_url), PUBLISH_LOCK_KEY, timeout_s=settings.publish_lock_timeout_s)
+
+
 def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from export.classifier import publish_and_swap_classifier
+    from export.classifier import publish_and_swap_classifier, serving_classifier_accuracy
     from training.classifier import ClassifierTrainSettings, train_classifier
 
     jd = job_dir(settings, job_id)
@@ -85,17 +107,33 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
     data_dir = jd / "data" if (jd / "data").is_dir() else None
     cls_settings = ClassifierTrainSettings(output_dir=jd / "model", **({"data_dir": data_dir} if data_dir else {}), **overrides)
     metrics = train_classifier(cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id))
-    result: dict[str, Any] = {"model_dir": str(jd / "model"), "test": metrics["test"], "validation": metrics["validation"]}
+    result: dict[str, Any] = {"model_dir": "model", "test": metrics["test"], "validation": metrics["validation"]}
     if params.get("publish", True):
+        _accuracy_gate(result, metrics["test"]["accuracy"], serving_classifier_accuracy(settings.model_repository, settings.triton_http_url))
         def publish() -> dict[str, Any]:
             pub = publish_and_swap_classifier(jd / "model", settings.model_repository, settings.triton_http_url,
-                                              work_dir=jd / "onnx", keep_versions=settings.keep_versions)
+                                              work_dir=jd / "onnx", keep_versions=settings.keep_versions,
+                                              lock=publish_lock(settings), lock_timeout_s=settings.publish_lock_timeout_s)
             parity = float(pub["parity_max_abs_logit_error"])  # type: ignore[arg-type]
+            precision = pub.get("precision") or {}
             return {"model_version": str(pub["classify"].version),  # type: ignore[union-attr]
-                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity}
+                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity,
+                    "precision": precision.get("served", "fp32"), "precision_reason": precision.get("reason")}
 
         result["publish"] = _publish(store, job_id, result, publish)
     return result
+
+
+def _accuracy_gate(result: dict[str, Any], new: float, serving: float | None) -> None:
+    """Publish only a classifier at least as accurate on the test split as the one serving; both
+    figures go into the result either way. Unknown serving accuracy (nothing published with
+    metrics yet) does not block."""
+    result["accuracy_gate"] = {"test_accuracy": new, "serving_test_accuracy": serving}
+    if serving is not None and new < serving:
+        result["publish"] = {"status": "refused"}
+        raise PublishError(
+            f"test accuracy {new:.4f} is below the serving model's {serving:.4f}; the serving model is kept", result
+        )
 
 
 class PublishError(RuntimeError):
@@ -107,14 +145,23 @@ class PublishError(RuntimeError):
 RUNNERS = {"flux_lora": run_flux_lora, "classifier": run_classifier}
 
 
-def run_job(settings: JobSettings, job_id: str) -> None:
+def run_job(settings: JobSettings, job_id: str, worker_id: str | None = None) -> None:
+    """Run one job as `worker_id` (a worker's heartbeat id); without one (a job run in-process),
+    a heartbeat of its own keeps the job alive for the reaper while it runs."""
     store = job_store(settings)
-    if not store.start(job_id):
+    if worker_id is None:
+        with Heartbeat(store, settings) as beat:
+            return _run_job(settings, store, job_id, beat.worker_id)
+    return _run_job(settings, store, job_id, worker_id)
+
+
+def _run_job(settings: JobSettings, store: JobStore, job_id: str, worker_id: str) -> None:
+    if not store.start(job_id, worker_id):
         log.info("job %s is not queued any more (cancelled?); skipping", job_id)
         return
     job = store.get(job_id)
     assert job is not None
-    log.info("job %s (%s) started", job_id, job.kind)
+    log.info("job %s (%s) started on %s", job_id, job.kind, worker_id)
     try:
         result = RUNNERS[job.kind](settings, store, job_id, job.params)
     except InterruptedError:
@@ -130,11 +177,12 @@ def run_job(settings: JobSettings, job_id: str) -> None:
         log.info("job %s succeeded", job_id)
 
 
-def register_tasks(huey: Huey, settings: JobSettings) -> Callable[[str], Any]:
-    """Register the job task on `huey`; returns the enqueue function."""
+def register_tasks(huey: Huey, settings: JobSettings, worker_id: str | None = None) -> Callable[[str], Any]:
+    """Register the job task on `huey`; returns the enqueue function. The worker passes its
+    heartbeat id; the facade (which only enqueues) passes none."""
 
     @huey.task(name=TASK_NAME)
     def _run(job_id: str) -> None:
-        run_job(settings, job_id)
+        run_job(settings, job_id, worker_id)
 
     return _run

@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from api.auth import require_inference_key
 from api.schemas import ClassifyBatchResponse, ClassifyRequest, ClassifyResult, ErrorResponse
 from api.state import AppState, get_state
 from client.contract import CLASSIFY
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[Depends(require_inference_key)])
 
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
 

@@ -9,16 +9,19 @@ from typing import Annotated, get_args
 
 from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
+from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import require_inference_key
 from api.cancellation import all_or_nothing, bounded
-from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
 from api.state import AppState, get_state
+from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from client.contract import GENERATE, OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
 MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse, "description": "busy or recovering: see Retry-After"},
@@ -48,13 +51,16 @@ def raw_format(accept: str) -> str | None:
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**ERRORS, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
+    responses={**ERRORS, 200: {"content": {**{m: {} for m in MEDIA_TYPES.values()}, EVENT_STREAM: {}},
+                               "description": "JSON; raw image bytes with Accept: image/*; progress events with Accept: text/event-stream"}},
 )
 async def generate(body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> GenerateResponse | Response:
     settings = state.settings
     seed = body.seed if body.seed is not None else random_seed()
     trigger = await state.trigger_word()
     prompt = with_trigger(body.prompt, trigger, settings.add_trigger_word)
+    if wants_event_stream(request):
+        return EventSourceResponse(generation_events(state, body, prompt, seed))
     raw = raw_format(request.headers.get("accept", ""))
     if raw and body.num_images != 1:
         raise InvalidInputError("raw image responses carry one image: use num_images=1 or Accept: application/json")

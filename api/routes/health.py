@@ -24,9 +24,11 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 only when a request would succeed: Triton up, every required model ready and proven by
-    a recent inference (api/readiness.py); models whose stub died are reported and reloaded."""
+    a recent inference (api/readiness.py); models whose stub died are reported and reloaded. A
+    deliberate 503 otherwise (load balancers read the status; the fuzz tests accept this 503)."""
     ready, problems = await state.readiness.check(state.settings.required_models)
-    body = {"ready": ready, "models": list(state.settings.required_models), "triton": state.settings.triton_grpc_url}
+    # No addresses here: /readyz is public, and where Triton listens is nobody's business outside.
+    body = {"ready": ready, "models": list(state.settings.required_models)}
     if problems:
         body["problems"] = problems
     return JSONResponse(status_code=200 if ready else 503, content=body,

@@ -1,8 +1,10 @@
 """POST /train (multipart) -> 202 job id; GET /train, GET /train/{id}, DELETE /train/{id},
-GET /train/{id}/events (server-sent progress events).
+GET /train/{id}/events (server-sent progress events). Every route needs the operator key
+(api.auth); the key's name is recorded as the job's owner.
 
-The upload is validated (zip safety, images, trigger word, settings) before anything is queued,
-so a bad dataset is a 4xx with a message and never a failed job.
+The upload streams straight into the job's folder with the upload limit enforced as it arrives
+(api.upload), and is validated (zip safety, images, trigger word, settings) before anything is
+queued: a bad dataset is a 4xx with a message, never a failed job, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,128 +12,210 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
+from api.auth import require_operator
 from api.errors import envelope
+from api.job_liveness import refuse_new_job
+from api.job_view import public_job
+from api.schemas import ErrorResponse
 from api.state import AppState, get_state
+from api.upload import UploadError, receive_multipart
+from client.contract import TRAIN_LIMITS
+from training.classifier_params import ClassifierJobParams
 from training.jobs import TERMINAL, JobSettings, job_dir
-from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
+from training.lora_dataset import DatasetError, DatasetLimits, save_prepared, validate_and_extract
 from training.lora_settings import LoraTrainSettings
 
-router = APIRouter(tags=["train"])
-CHUNK = 1 << 20
+router = APIRouter(tags=["train"], dependencies=[Depends(require_operator)])
+ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+JobId = Annotated[str, PathParam(max_length=64)]
+UPLOAD_FIELD = "dataset"
+FORM_FIELDS = frozenset({"trigger_word", "kind", "steps", "rank", "learning_rate", "resolution", "seed", "batch_size", "publish"})
+_BOOL = TypeAdapter(bool)
+
+# The multipart body is parsed by api.upload rather than by FastAPI (which would spool the file to
+# a temp file first), so its schema is declared here for /docs and clients.
+_FORM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        UPLOAD_FIELD: {"type": "string", "format": "binary", "description": "zip of png/jpeg/webp images with optional same-name .txt captions (flux_lora)"},
+        "kind": {"type": "string", "enum": ["flux_lora", "classifier"], "default": "flux_lora"},
+        "trigger_word": {"type": "string", "maxLength": 100},
+        "steps": {"type": "integer", "description": "LoRA training steps; for kind=classifier: epochs"},
+        "rank": {"type": "integer"}, "learning_rate": {"type": "number"}, "resolution": {"type": "integer"},
+        "seed": {"type": "integer"}, "batch_size": {"type": "integer"},
+        "publish": {"type": "boolean", "default": True, "description": "re-export and serve the result when training succeeds"},
+    },
+}
+_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}}
 
 
-def _validation_message(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+def _allowed(schema: dict[str, Any]) -> str:
+    """"allowed: 1..5000" from a field's JSON schema (bounds, enum), or "" when it has none."""
+    for option in schema.get("anyOf", [schema]):
+        lo = option.get("minimum", option.get("exclusiveMinimum"))
+        hi = option.get("maximum", option.get("exclusiveMaximum"))
+        if lo is not None or hi is not None:
+            left = "(" if "exclusiveMinimum" in option else "["
+            right = ")" if "exclusiveMaximum" in option else "]"
+            return f" (allowed range {left}{lo if lo is not None else ''}, {hi if hi is not None else ''}{right})"
+    return ""
 
 
-async def _save_upload(upload: UploadFile, dest, limit: int) -> int:
-    size = 0
-    with dest.open("wb") as fh:
-        while chunk := await upload.read(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise OverflowError(f"upload larger than {limit} bytes")
-            fh.write(chunk)
-    return size
+def _validation_message(e: ValidationError, model: type[BaseModel], aliases: dict[str, str] | None = None) -> str:
+    props = model.model_json_schema().get("properties", {})
+    parts = []
+    for err in e.errors():
+        name = str(err["loc"][0]) if err["loc"] else "body"
+        shown = (aliases or {}).get(name, name)
+        parts.append(f"{shown}: {err['msg']}{_allowed(props.get(name, {}))}")
+    return "; ".join(parts)
 
 
-@router.post("/train", status_code=202)
-async def create_job(
-    state: Annotated[AppState, Depends(get_state)],
-    dataset: Annotated[UploadFile | None, File(description="zip of png/jpeg/webp images with optional same-name .txt captions")] = None,
-    trigger_word: Annotated[str | None, Form()] = None,
-    kind: Annotated[str, Form(description="flux_lora (default) or classifier")] = "flux_lora",
-    steps: Annotated[int | None, Form()] = None,
-    rank: Annotated[int | None, Form()] = None,
-    learning_rate: Annotated[float | None, Form()] = None,
-    resolution: Annotated[int | None, Form()] = None,
-    seed: Annotated[int | None, Form()] = None,
-    batch_size: Annotated[int | None, Form()] = None,
-    publish: Annotated[bool, Form(description="re-export and serve the result when training succeeds")] = True,
-) -> JSONResponse:
-    settings: JobSettings = state.job_settings
-    if kind not in ("flux_lora", "classifier"):
-        return envelope(422, "invalid_request", "kind must be 'flux_lora' or 'classifier'")
-    if kind == "classifier":
-        overrides = {k: v for k, v in {"epochs": steps, "learning_rate": learning_rate, "seed": seed, "batch_size": batch_size}.items() if v is not None}
-        job = state.jobs.create("classifier", {"train": overrides, "publish": publish})
-        state.enqueue(job.id)
-        return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status})
-
-    if dataset is None:
-        return envelope(422, "invalid_request", "dataset: a zip file is required for flux_lora jobs")
-    if trigger_word is None:
-        return envelope(422, "invalid_request", "trigger_word: field required")
-    fields = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "resolution": resolution, "seed": seed, "batch_size": batch_size}
+def _classifier_params(fields: dict[str, str]) -> dict[str, Any]:
+    overrides = {"epochs": fields.get("steps"), "learning_rate": fields.get("learning_rate"),
+                 "seed": fields.get("seed"), "batch_size": fields.get("batch_size")}
     try:
-        train = LoraTrainSettings(**{k: v for k, v in fields.items() if v is not None})
+        params = ClassifierJobParams(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        return envelope(422, "invalid_request", _validation_message(e))
+        raise UploadError(_validation_message(e, ClassifierJobParams, {"epochs": "steps (classifier epochs)"})) from None
+    return params.model_dump(exclude_none=True)
 
-    job = state.jobs.create("flux_lora", {}, job_id=None)
-    folder = job_dir(settings, job.id)
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _lora_settings(fields: dict[str, str]) -> LoraTrainSettings:
+    if "trigger_word" not in fields:
+        raise UploadError("trigger_word: field required")
+    values = {k: fields[k] for k in ("steps", "rank", "learning_rate", "resolution", "seed", "batch_size") if k in fields}
     try:
-        await _save_upload(dataset, folder / "upload.zip", settings.max_upload_bytes)
-        prepared = await run_in_threadpool(validate_and_extract, folder / "upload.zip", folder / "dataset", trigger_word)
-        await run_in_threadpool(save_prepared, prepared)
-    except (DatasetError, OverflowError) as e:
-        state.jobs.delete(job.id)
-        shutil.rmtree(folder, ignore_errors=True)
-        status = getattr(e, "http_status", 413)
-        return envelope(status, "invalid_dataset", str(e))
-    except BaseException:
-        state.jobs.delete(job.id)
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    (folder / "upload.zip").unlink(missing_ok=True)
-    params: dict[str, Any] = {
+        return LoraTrainSettings(**values)
+    except ValidationError as e:
+        raise UploadError(_validation_message(e, LoraTrainSettings)) from None
+
+
+def _publish_flag(fields: dict[str, str]) -> bool:
+    try:
+        return _BOOL.validate_python(fields.get("publish", "true"))
+    except ValidationError:
+        raise UploadError("publish: must be true or false") from None
+
+
+async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tuple[str, dict[str, Any]]:
+    """Stream and validate the request into `folder`; the job's kind and params, or UploadError /
+    DatasetError (the caller removes the folder)."""
+    upload_path = folder / "upload.zip"
+    upload = await receive_multipart(request, UPLOAD_FIELD, upload_path, settings.max_upload_bytes, FORM_FIELDS)
+    fields = upload.fields
+    kind = fields.get("kind", "flux_lora")
+    if kind not in ("flux_lora", "classifier"):
+        raise UploadError("kind must be 'flux_lora' or 'classifier'")
+    publish = _publish_flag(fields)
+    if kind == "classifier":
+        return kind, {"train": _classifier_params(fields), "publish": publish}
+    train = _lora_settings(fields)
+    if upload.file_bytes is None:
+        raise UploadError(f"{UPLOAD_FIELD}: a zip file is required for flux_lora jobs")
+    limits = DatasetLimits(max_zip_bytes=settings.max_upload_bytes)
+    prepared = await run_in_threadpool(validate_and_extract, upload_path, folder / "dataset", fields["trigger_word"], limits)
+    await run_in_threadpool(save_prepared, prepared)
+    upload_path.unlink(missing_ok=True)
+    return kind, {
         "train": train.model_dump(), "trigger_word": prepared.trigger_word, "publish": publish,
         "dataset": {"images": prepared.count, "sha256": prepared.sha256},
     }
-    state.jobs.update(job.id, params=params)
-    state.enqueue(job.id)
-    return JSONResponse(status_code=202, content={"job_id": job.id, "status": "queued"})
 
 
-@router.get("/train")
-async def list_jobs(state: Annotated[AppState, Depends(get_state)], limit: int = 100) -> dict[str, list[dict]]:
-    return {"jobs": [j.public() for j in state.jobs.list(limit)]}
+@router.post("/train", status_code=202, openapi_extra=_OPENAPI, responses={**ERRORS, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}})
+async def create_job(
+    request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
+) -> JSONResponse:
+    settings: JobSettings = state.job_settings
+    # Before the upload is read: no worker alive or a full queue is a 503 at once, not after 200 MB.
+    if (refusal := await refuse_new_job(state.jobs, settings)) is not None:
+        return refusal
+    job_id = uuid.uuid4().hex
+    folder = job_dir(settings, job_id)
+    folder.mkdir(parents=True)
+    try:
+        kind, params = await _prepare(request, settings, folder)
+    except (UploadError, DatasetError) as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        status = e.status if isinstance(e, UploadError) else e.http_status
+        return envelope(status, "invalid_dataset" if isinstance(e, DatasetError) else "invalid_request", str(e))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if kind == "classifier":
+        shutil.rmtree(folder, ignore_errors=True)  # the worker makes its own; nothing was uploaded for it
+    # The record is created only now: a refused upload never shows up as a job, not even briefly.
+    job = state.jobs.create(kind, params, job_id=job_id, owner=owner)
+    return _enqueue(state, job.id)
 
 
-@router.get("/train/{job_id}")
-async def get_job(job_id: str, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+def _enqueue(state: AppState, job_id: str) -> JSONResponse:
+    """The record (`new`, invisible) exists; send the queue message, then make it `queued`. A
+    crash between the two leaves a `new` record that the reaper fails after submit_timeout_s."""
+    try:
+        state.enqueue(job_id)
+    except Exception:
+        state.jobs.update(job_id, status="failed", error="could not reach the job queue")
+        raise
+    state.jobs.mark_queued(job_id)
+    return JSONResponse(status_code=202, content={"job_id": job_id, "status": "queued"})
+
+
+@router.get("/train", responses=ERRORS)
+async def list_jobs(
+    state: Annotated[AppState, Depends(get_state)], limit: Annotated[int, Query(ge=1, le=TRAIN_LIMITS.max_list_limit)] = 100
+) -> dict[str, list[dict]]:
+    return {"jobs": [public_job(j, job_dir(state.job_settings, j.id)) for j in state.jobs.list(limit)]}
+
+
+@router.get("/train/{job_id}", responses=ERRORS)
+async def get_job(job_id: JobId, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     job = state.jobs.get(job_id)
     if job is None:
-        return envelope(404, "not_found", f"no job {job_id}")
-    return JSONResponse(job.public())
+        return envelope(404, "not_found", "no such job")
+    return JSONResponse(public_job(job, job_dir(state.job_settings, job.id)))
 
 
-@router.delete("/train/{job_id}")
-async def cancel_job(job_id: str, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+@router.delete("/train/{job_id}", responses={**ERRORS, 409: {"model": ErrorResponse}})
+async def cancel_job(job_id: JobId, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     store = state.jobs
     job = store.get(job_id)
     if job is None:
-        return envelope(404, "not_found", f"no job {job_id}")
+        return envelope(404, "not_found", "no such job")
     if job.status in TERMINAL:
-        return envelope(409, "conflict", f"job {job_id} already {job.status}")
-    job = store.cancel(job_id)
-    return JSONResponse(job.public())
+        return envelope(409, "conflict", f"job already {job.status}")
+    job, outcome = store.cancel(job_id)
+    if outcome == "publishing":
+        # Publishing is short and transactional: it commits or rolls back, never half-aborts.
+        return envelope(409, "conflict", "the job is publishing its model and cannot be cancelled now")
+    if outcome == "finished":
+        return envelope(409, "conflict", f"job already {job.status}")
+    return JSONResponse(public_job(job, job_dir(state.job_settings, job.id)))
 
 
-@router.get("/train/{job_id}/events")
-async def job_events(job_id: str, request: Request, state: Annotated[AppState, Depends(get_state)], poll_s: float = 0.5):
+@router.get("/train/{job_id}/events", responses=ERRORS)
+async def job_events(
+    job_id: JobId,
+    request: Request,
+    state: Annotated[AppState, Depends(get_state)],
+    poll_s: Annotated[float, Query(ge=TRAIN_LIMITS.min_poll_s, le=TRAIN_LIMITS.max_poll_s, allow_inf_nan=False)] = 0.5,
+):
     store = state.jobs
     if store.get(job_id) is None:
-        return envelope(404, "not_found", f"no job {job_id}")
+        return envelope(404, "not_found", "no such job")
+    folder = job_dir(state.job_settings, job_id)
 
     async def stream():
         last = None
@@ -143,7 +227,7 @@ async def job_events(job_id: str, request: Request, state: Annotated[AppState, D
                 return
             if job.updated_unix != last:
                 last = job.updated_unix
-                yield {"event": "status" if job.status in TERMINAL else "progress", "data": json.dumps(job.public())}
+                yield {"event": "status" if job.status in TERMINAL else "progress", "data": json.dumps(public_job(job, folder))}
             if job.status in TERMINAL:
                 return
             await asyncio.sleep(poll_s)

@@ -6,8 +6,10 @@ and sample inputs whose dynamic axes are all >= 2 and pairwise different: a size
 specialised to 1, and equal sample sizes can make the exporter tie two axes together.
 
 Layout written by `export_all(pipeline, out_dir)`: `out_dir/<model name>/model.onnx` (plus
-`model.onnx.data` when the weights exceed protobuf's 2 GB limit, i.e. for FLUX.1-dev's 12B
-transformer), where the model names come from `client.contract`.
+`model.onnx.data` when the weights exceed protobuf's 2 GB limit), where the model names come from
+`client.contract`. The transformer and CLIP, the components a LoRA changes, keep their weights
+one file per tensor in `weights/` with a `weight_map.json` (export.flux.weight_map), so a LoRA is
+later applied by rewriting only the tensors it changes (export.flux.weight_patch).
 
 Tensor semantics (all float32 unless noted):
 - flux_text_encoder: input_ids int64 (B, 77) -> pooled_embeds (B, D_clip); CLIP `pooler_output`.
@@ -26,6 +28,7 @@ Tensor semantics (all float32 unless noted):
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ import torch
 
 from common.ort_session import make_session
 from client.contract import FLUX_IO_NAMES, FLUX_MAX_BATCH, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE_LIMITS
+from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR, externalize_and_map
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +169,21 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], dynamic: dict[str, dict[int, object]],
-            check: dict[str, np.ndarray], out_dir: Path, opset: int) -> ExportResult:
-    """torch.onnx (dynamo) export of `module`, then an ONNX Runtime vs PyTorch check on `check`."""
+            check: dict[str, np.ndarray], out_dir: Path, opset: int,
+            weight_map: tuple[torch.nn.Module, str, set[str]] | None = None) -> ExportResult:
+    """torch.onnx (dynamo) export of `module`, then an ONNX Runtime vs PyTorch check on `check`.
+
+    With `weight_map` = (inner module, its parameter prefix, required layers), weights are stored
+    one file per tensor and the Linear layer -> initializer map is built and saved beside the
+    model (export.flux.weight_map), so a LoRA can later be patched in without re-exporting."""
 
     input_names, output_names = FLUX_IO_NAMES[name]
     path = Path(out_dir) / name / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(ONNX_FILE + "*"):
         stale.unlink()
+    shutil.rmtree(path.parent / WEIGHTS_DIR, ignore_errors=True)
+    (path.parent / WEIGHT_MAP_FILE).unlink(missing_ok=True)
     module = module.eval()
     external = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD_BYTES
     started = time.monotonic()
@@ -183,6 +194,9 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
             output_names=list(output_names), dynamic_shapes={n: dynamic[n] for n in input_names}, optimize=True,
         )
     program.save(str(path), external_data=external)
+    if weight_map is not None:
+        externalize_and_map(path, *weight_map)
+        external = True
     export_s = time.monotonic() - started
 
     started = time.monotonic()
@@ -205,7 +219,8 @@ def export_text_encoder(text_encoder: torch.nn.Module, out_dir: Path, opset: int
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     return _export(FLUX_TEXT_ENCODER, ClipPooled(text_encoder),
                    {"input_ids": _token_ids(vocab, 2, max_length, 0, eos)}, {"input_ids": {0: batch}},
-                   {"input_ids": _token_ids(vocab, 3, max_length, 1, eos)}, out_dir, opset)
+                   {"input_ids": _token_ids(vocab, 3, max_length, 1, eos)}, out_dir, opset,
+                   weight_map=(text_encoder, "text_encoder.", set()))
 
 
 def export_text_encoder_2(text_encoder_2: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -231,7 +246,10 @@ def export_transformer(transformer: torch.nn.Module, out_dir: Path, opset: int =
     # Sample: a 4x6-token image (64x96 px) with 12 text tokens; check: 3 rows, 10x8 tokens, 20 text.
     sample = transformer_inputs(transformer, 2, 8, 12, 12, seed=0)
     check = transformer_inputs(transformer, 3, 20, 16, 20, seed=1)
-    return _export(FLUX_TRANSFORMER, BatchMajorFluxTransformer(transformer), sample, dynamic, check, out_dir, opset)
+    from export.flux.lora import lora_target_modules
+
+    return _export(FLUX_TRANSFORMER, BatchMajorFluxTransformer(transformer), sample, dynamic, check, out_dir, opset,
+                   weight_map=(transformer, "transformer.", set(lora_target_modules(transformer))))
 
 
 def export_vae_decoder(vae: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:

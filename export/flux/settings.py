@@ -49,6 +49,9 @@ class FluxSettings(BaseSettings):
     max_sequence_length: int | None = None
     """T5 tokens per prompt; None = what the checkpoint's marker says (512 for hub models)."""
     onnx_opset: int = 18
+    weight_patching: bool = True
+    """Publish a LoRA by patching the base export's weights (seconds) instead of fusing it and
+    re-exporting the component (a full trace); falls back to re-exporting what cannot be patched."""
 
     @property
     def local_checkpoint_dir(self) -> Path:

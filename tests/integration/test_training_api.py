@@ -75,7 +75,8 @@ class Stack:
 
     def wait(self, job_id: str, statuses: set[str], timeout_s: float = 600) -> dict:
         deadline = time.monotonic() + timeout_s
-        with self.http() as http:
+        # A poll may wait on SQLite behind the worker's writes: on a loaded machine that passed 60 s.
+        with self.http(300) as http:
             while time.monotonic() < deadline:
                 job = http.get(f"/train/{job_id}").json()
                 if job["status"] in statuses:
@@ -335,23 +336,60 @@ def test_bad_fields_refused(stack: Stack, fields: dict, fragment: str) -> None:
     assert fragment in r.json()["error"]["message"]
 
 
+def _serving_classify_manifest(stack: Stack) -> Path:
+    from export.model_control import ready_versions
+
+    return stack.repo / "classify" / ready_versions(stack.triton.http_url, "classify")[-1] / "fluxserve_manifest.json"
+
+
+def test_classifier_job_worse_than_serving_is_not_published(stack: Stack) -> None:
+    """The accuracy gate: a classifier that scores below the serving one on the test split ends
+    `failed` with both figures, and the serving version does not change."""
+    from export.model_control import ready_versions
+
+    serving_before = ready_versions(stack.triton.http_url, "classify")
+    with stack.http() as http:
+        # One epoch at the smallest learning rate allowed: barely trained, far below the default.
+        r = http.post("/train", data={"kind": "classifier", "steps": "1", "learning_rate": "1e-7", "seed": "0"})
+    assert r.status_code == 202, r.text
+    job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "failed", job
+    gate = job["result"]["accuracy_gate"]
+    assert gate["test_accuracy"] < gate["serving_test_accuracy"], gate
+    assert f"{gate['test_accuracy']:.4f}" in job["error"] and f"{gate['serving_test_accuracy']:.4f}" in job["error"]
+    assert job["result"]["publish"]["status"] == "refused"
+    assert ready_versions(stack.triton.http_url, "classify") == serving_before
+
+
 def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
     """The classifier fine-tuning as a job kind: trained, exported, swapped in, answering."""
+    # One epoch does not reach the default model's accuracy: stand in a weaker serving model by
+    # rewriting its recorded figure (a new file: the repository copy is hard-linked to the real one).
+    manifest_path = _serving_classify_manifest(stack)
+    serving = json.loads(manifest_path.read_text())
+    serving.setdefault("report", {})["test_accuracy"] = 0.5
+    manifest_path.unlink()
+    manifest_path.write_text(json.dumps(serving))
     with stack.http() as http:
         before = http.post("/classify", json={"text": "can I see you in the kitchen?"})
         assert before.status_code == 200
         r = http.post("/train", data={"kind": "classifier", "steps": "1", "seed": "0"})
     assert r.status_code == 202, r.text
-    job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
+    job_id = r.json()["job_id"]
+    job = stack.wait(job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job
     assert job["result"]["publish"]["status"] == "succeeded"
     assert 0.5 < job["result"]["test"]["accuracy"] <= 1.0
+    assert job["result"]["accuracy_gate"] == {"test_accuracy": job["result"]["test"]["accuracy"], "serving_test_accuracy": 0.5}
     new_version = job["result"]["publish"]["model_version"]
     from export.model_control import ready_versions
 
     assert new_version in ready_versions(stack.triton.http_url, "classify")
     manifest = json.loads((stack.repo / "classify" / new_version / "fluxserve_manifest.json").read_text())
-    assert manifest["provenance"]["classifier"] == job["result"]["model_dir"]
+    # The job shows paths relative to its folder; the manifest (internal) keeps the real one.
+    assert job["result"]["model_dir"] == "model"
+    assert Path(manifest["provenance"]["classifier"]) == stack.jobs_dir / job_id / "model"
+    assert manifest["report"]["test_accuracy"] == job["result"]["test"]["accuracy"]
     with stack.http() as http:
         after = http.post("/classify", json={"texts": ["see you tomorrow", "make an image of you in Paris"]})
     assert after.status_code == 200, after.text
@@ -359,25 +397,24 @@ def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
 
 
 def test_classifier_swap_changes_the_uncertainty_threshold(stack: Stack, tmp_path: Path) -> None:
-    """`uncertain` uses the threshold of the classify version that answered: after a swap to a
-    version published with threshold 1.5 (every answer is below it), the facade flags everything,
-    with no restart and no cache to expire."""
+    """`uncertain` uses the threshold of the classify version that answered: swapping in versions
+    published with threshold 0 (nothing is uncertain), then 1.5 (everything is) flips the flag at
+    once, with no facade restart and no cache to expire."""
     from common.paths import CLASSIFIER_MODEL_DIR
 
-    text = {"text": "make an image of you in Paris"}
-    with stack.http() as http:
-        assert http.post("/classify", json=text).json()["uncertain"] is False
     model = tmp_path / "model"
     shutil.copytree(CLASSIFIER_MODEL_DIR, model)
     labels = json.loads((model / "labels.json").read_text())
-    (model / "labels.json").write_text(json.dumps({**labels, "recommended_threshold": 1.5}))
     cli = Path(sys.executable).parent / "fluxserve-export"
-    run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
-                          "classifier", "--model-dir", str(model)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    with stack.http() as http:
-        after = http.post("/classify", json=text).json()
-    assert after["uncertain"] is True and after["label"] == "image_request", after
+    seen = []
+    for threshold in (0.0, 1.5):
+        (model / "labels.json").write_text(json.dumps({**labels, "recommended_threshold": threshold}))
+        run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
+                              "classifier", "--model-dir", str(model)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        with stack.http() as http:
+            seen.append(http.post("/classify", json={"text": "make an image of you in Paris"}).json()["uncertain"])
+    assert seen == [False, True]
 
 
 def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_path: Path, monkeypatch) -> None:

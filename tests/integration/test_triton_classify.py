@@ -13,6 +13,7 @@ import pytest
 from client.contract import CLASSIFY, LABELS
 from client.errors import InvalidInputError
 from client.triton_client import TritonClient
+from export.repository import latest_manifest
 from runtime.launcher import TritonStartError
 from tests.conftest import MODEL_REPOSITORY, start_triton, triton_metric
 
@@ -39,10 +40,14 @@ def test_batch_equals_singles(triton) -> None:
     with TritonClient(triton.grpc_url) as client:
         batch = client.classify(texts)
         singles = [client.classify([t])[0] for t in texts]
+    # int8 is dynamically quantized: activation scales are computed per batch, so a text's scores
+    # move slightly with its batch-mates (measured ~1e-4); fp32 only reorders sums.
+    precision = (latest_manifest(MODEL_REPOSITORY, "classifier_onnx") or {}).get("report", {}).get("precision") or {}
+    atol = 1e-2 if precision.get("served") == "int8" else 1e-4
     for b, s in zip(batch, singles):
         assert b.label == s.label
         # Padding to the batch's longest text must not change the answer (attention mask).
-        assert np.allclose([b.scores[k] for k in LABELS], [s.scores[k] for k in LABELS], atol=1e-4)
+        assert np.allclose([b.scores[k] for k in LABELS], [s.scores[k] for k in LABELS], atol=atol)
 
 
 def test_empty_text_is_invalid_argument_from_server(triton) -> None:

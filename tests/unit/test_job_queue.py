@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from huey import RedisHuey, SqliteHuey
+from huey.serializer import SignedSerializer
 
-from training.jobs import JobSettings, make_huey
+from training.jobs import JobSettings, QueueConfigError, make_huey
 
 
 def test_default_queue_is_embedded_sqlite_in_the_jobs_folder(tmp_path: Path) -> None:
@@ -18,8 +20,16 @@ def test_default_queue_is_embedded_sqlite_in_the_jobs_folder(tmp_path: Path) -> 
 
 def test_redis_url_switches_the_queue_to_redis(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FLUXSERVE_JOBS_REDIS_URL", "redis://queue.internal:6390/3")
+    monkeypatch.setenv("FLUXSERVE_JOBS_QUEUE_SECRET", "s3cret")
     huey = make_huey(JobSettings(jobs_dir=tmp_path))
     assert isinstance(huey, RedisHuey)
     kwargs = huey.storage.pool.connection_kwargs  # parsed from the URL; nothing is dialled yet
     assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("queue.internal", 6390, 3)
     assert not (tmp_path / "queue.sqlite").exists()
+    assert isinstance(huey.serializer, SignedSerializer)  # whoever writes to Redis cannot run code
+
+
+def test_redis_queue_without_a_secret_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FLUXSERVE_JOBS_REDIS_URL", "redis://queue.internal:6390/3")
+    with pytest.raises(QueueConfigError, match="QUEUE_SECRET"):
+        make_huey(JobSettings(jobs_dir=tmp_path))

@@ -1,0 +1,131 @@
+"""Server-sent events for /generate and /chat (`Accept: text/event-stream`).
+
+Events, each `data` one JSON object:
+- `progress`: `{"image", "step", "total", "elapsed_s", "fraction"}` after every denoising step
+  of image `image` (0-based); `fraction` is the request's overall progress in [0, 1].
+- `image`: the same object the JSON answer of /generate has (`images`, `seed`, ...), last.
+- `error`: the error envelope `{"error": {"type", "message"}}`; nothing follows it.
+/chat sends a `classification` event first.
+
+Streams come from Triton's decoupled `generate_stream` model. When the HTTP client goes away,
+sse-starlette cancels the generator; leaving `AsyncTritonClient.generate_stream` cancels the
+gRPC stream, and the model stops at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from api.errors import STATUS
+from api.schemas import GenerateRequest, GenerateResponse
+from api.state import AppState
+from client.codec import GenerateResult
+from client.errors import FluxServeError
+
+log = logging.getLogger(__name__)
+
+EVENT_STREAM = "text/event-stream"
+ERROR_KINDS = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}
+
+
+def wants_event_stream(request: Request) -> bool:
+    return EVENT_STREAM in request.headers.get("accept", "")
+
+
+def event(name: str, payload: Any) -> dict[str, str]:
+    return {"event": name, "data": json.dumps(payload)}
+
+
+def error_event(exc: BaseException) -> dict[str, str]:
+    """The error envelope as an event: our own messages only, never a stack trace."""
+    if isinstance(exc, FluxServeError):
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+        kind, message = ERROR_KINDS.get(status, "error"), str(exc)
+    else:
+        log.error("streamed request failed", exc_info=exc)
+        kind, message = "internal_error", "internal error; see the server log"
+    return event("error", {"error": {"type": kind, "message": message}})
+
+
+async def generation_events(state: AppState, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
+    """A streamed generation is admitted like a unary one (api.admission: over the per-request
+    cost it is refused, and when the estimated wait is too long it is shed), as an `error` event."""
+    admission = state.admission.generation(body.width, body.height, body.steps, body.num_images)
+    try:
+        await admission.__aenter__()
+    except FluxServeError as e:
+        yield error_event(e)
+        return
+    try:
+        async for item in _admitted_generation_events(state, body, prompt, seed):
+            yield item
+    finally:
+        await admission.__aexit__(None, None, None)
+
+
+async def _admitted_generation_events(state: AppState, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
+    """`progress` events for all `body.num_images` images (run concurrently, so they share
+    transformer steps in Triton), then one `image` event; or an `error` event."""
+    from api.routes.generate import encode_image  # the JSON answer's own encoder
+
+    started = time.perf_counter()
+    events: asyncio.Queue = asyncio.Queue()
+    done_steps = [0] * body.num_images
+    total_steps = body.steps * body.num_images
+
+    async def one(index: int) -> GenerateResult:
+        async for progress, result in state.triton_generate.generate_stream(
+                prompt, seed + index, body.width, body.height, body.steps, body.guidance):
+            if result is not None:  # the final response repeats the last step: no second event
+                return result
+            done_steps[index] = progress.step
+            await events.put(event("progress", {
+                "image": index, "step": progress.step, "total": progress.total,
+                "elapsed_s": round(progress.elapsed_s, 4), "fraction": round(sum(done_steps) / total_steps, 4),
+            }))
+        raise RuntimeError("stream ended without an image")  # the client raises first; belt and braces
+
+    async with state.generate_slots:
+        tasks = [asyncio.create_task(one(i)) for i in range(body.num_images)]
+        gathered = asyncio.gather(*tasks)
+        getter: asyncio.Task | None = None
+        try:
+            while not gathered.done() or not events.empty():
+                getter = asyncio.create_task(events.get())
+                await asyncio.wait({getter, gathered}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            results: list[GenerateResult] = gathered.result()
+        except FluxServeError as e:
+            yield error_event(e)
+            return
+        except Exception as e:  # noqa: BLE001  (reported as an `error` event, logged above)
+            yield error_event(e)
+            return
+        finally:
+            # Client gone (this generator cancelled) or one image failed: stop the others in Triton.
+            for task in [*tasks, *([getter] if getter else [])]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    infer_s = time.perf_counter() - started
+    state.metrics.items.labels("generate").inc(len(results))
+    encoded = [encode_image(r.image, body.output_format) for r in results]
+    answer = GenerateResponse(
+        images=[base64.b64encode(b).decode() for b in encoded],
+        seed=seed,
+        model_version=results[0].model_version,
+        prompt=prompt,
+        output_format=body.output_format,
+        timings={"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)},
+    )
+    yield event("image", answer.model_dump())

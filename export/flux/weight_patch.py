@@ -1,0 +1,199 @@
+"""Apply a LoRA to an exported ONNX model by rewriting only the weights it changes.
+
+`W' = W + scale * (B @ A)` for each layer the LoRA adapts, computed exactly as PEFT fuses it
+(`(B @ A) * scaling`, scaling = lora_scale * alpha / rank), then written in the layout of the
+initializer the weight map names (transposed for MatMul, a block of rows/columns when fused).
+The patched export is a folder like a full export: `model.onnx`, `weight_map.json` and every
+unchanged `weights/*` file are hard links to the base export; only the changed tensors are new
+files. A patch always starts from the base export (the LoRA-free one), never from a previously
+patched model, so patching A then B gives exactly B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from export.flux.weight_map import WEIGHTS_DIR, Binding, WeightMap
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up"
+                     r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
+_DOWN = {"lora_A", "lora_down", "lora.down", "lora_linear_layer.down"}
+
+_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
+                 onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64}
+
+
+class NotPatchable(ValueError):
+    """The LoRA changes something the weight map cannot express; re-export instead."""
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    down: torch.Tensor
+    """lora_A: (rank, in)."""
+    up: torch.Tensor
+    """lora_B: (out, rank)."""
+    scale: float
+
+    def weight_delta(self) -> torch.Tensor:
+        """(out, in), as PEFT's get_delta_weight computes it for a Linear layer."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+def load_lora_state(lora: str | Path, weight_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """(state dict, network alphas, adapter metadata) as diffusers' FLUX loader reads them, so
+    Kohya / ai-toolkit / xlabs layouts are converted (and alphas folded) exactly as when loading."""
+    from diffusers import FluxPipeline
+
+    from export.flux.lora import resolve_lora
+
+    source, name = resolve_lora(lora, weight_name)
+    state, alphas, metadata = FluxPipeline.lora_state_dict(source, weight_name=name, return_alphas=True,
+                                                           return_lora_metadata=True)
+    return state, alphas or {}, metadata or {}
+
+
+def layer_deltas(state: dict[str, torch.Tensor], alphas: dict[str, Any], metadata: dict, component_prefix: str,
+                 lora_scale: float) -> dict[str, LayerDelta]:
+    """The deltas a LoRA state dict applies to one component (keys starting `component_prefix`,
+    e.g. "transformer."), keyed by layer path inside that component. Raises NotPatchable for
+    keys that are not plain low-rank Linear updates (biases, DoRA magnitudes, full diffs) and for
+    per-module alpha/rank patterns carried in adapter metadata."""
+    meta = _component_metadata(metadata, component_prefix)
+    if meta.get("alpha_pattern") or meta.get("rank_pattern"):
+        raise NotPatchable("adapter metadata with per-module alpha/rank patterns")
+    sub = {k[len(component_prefix):]: v for k, v in state.items() if k.startswith(component_prefix)}
+    if component_prefix == "text_encoder." and sub:
+        # What diffusers' text-encoder loader does first: old attention-processor names
+        # (`self_attn.to_q_lora.down`, as its Kohya converter emits) become PEFT names (`q_proj.lora_A`).
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+        sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+    pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in sub.items():
+        m = _SUFFIX.match(key)
+        if m is None:
+            raise NotPatchable(f"LoRA key {key!r} is not a low-rank Linear weight")
+        pairs[m["path"]]["down" if m["kind"] in _DOWN else "up"] = value
+    deltas = {}
+    for path, pair in pairs.items():
+        if set(pair) != {"down", "up"}:
+            raise NotPatchable(f"{component_prefix}{path}: needs both lora_A and lora_B")
+        rank = pair["down"].shape[0]
+        alpha = alphas.get(f"{component_prefix}{path}.alpha", meta.get("lora_alpha", rank))
+        alpha = float(alpha.item() if isinstance(alpha, torch.Tensor) else alpha)
+        deltas[path] = LayerDelta(pair["down"], pair["up"], lora_scale * alpha / rank)
+    return deltas
+
+
+def _component_metadata(metadata: dict, component_prefix: str) -> dict:
+    comp = component_prefix.rstrip(".")
+    if isinstance(metadata.get(comp), dict):
+        return metadata[comp]
+    return {k[len(component_prefix):]: v for k, v in metadata.items() if k.startswith(component_prefix)}
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    layers: int
+    changed_tensors: int
+    changed_bytes: int
+    """Size of the tensors written: the only new bytes on disk."""
+    linked_files: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"patched_layers": self.layers, "changed_tensors": self.changed_tensors,
+                "changed_bytes": self.changed_bytes, "linked_files": self.linked_files,
+                "patch_seconds": round(self.seconds, 3)}
+
+
+def _read(model_dir: Path, b: Binding) -> torch.Tensor:
+    data = bytearray((model_dir / b.location).read_bytes())
+    return torch.frombuffer(data, dtype=_TORCH_DTYPES[b.dtype]).reshape(b.shape)
+
+
+def _resolve(path: str, layers: dict[str, tuple[Binding, ...]]) -> str:
+    """CLIP LoRAs name layers `text_model.encoder...`; transformers 5's CLIPTextModel dropped the
+    `text_model` wrapper and its loader strips that prefix, so the map knows `encoder...`."""
+    if path not in layers and path.startswith("text_model.") and path[len("text_model."):] in layers:
+        return path[len("text_model."):]
+    return path
+
+
+def patched_tensors(base_dir: Path, weight_map: WeightMap, deltas: dict[str, LayerDelta]) -> dict[str, tuple[Binding, torch.Tensor]]:
+    """initializer name -> (binding, new value) for every initializer the deltas touch."""
+    deltas = {_resolve(p, weight_map.layers): d for p, d in deltas.items()}
+    unknown = sorted(set(deltas) - set(weight_map.layers))
+    if unknown:
+        raise NotPatchable(f"LoRA adapts layers the weight map does not cover: {unknown[:5]}")
+    by_init: dict[str, list[tuple[Binding, torch.Tensor]]] = defaultdict(list)
+    for path, delta in deltas.items():
+        d = delta.weight_delta()
+        for b in weight_map.layers[path]:
+            if tuple(d.shape) != (b.stop - b.start, b.shape[0] if b.transposed else b.shape[1]):
+                raise NotPatchable(f"{path}: LoRA delta {tuple(d.shape)} does not fit initializer {b.initializer} {b.shape}")
+            by_init[b.initializer].append((b, d))
+    out = {}
+    for name, parts in by_init.items():
+        base = _read(base_dir, parts[0][0])
+        new = base.float().clone()
+        for b, d in parts:
+            if b.transposed:
+                new[:, b.start:b.stop] += d.t()
+            else:
+                new[b.start:b.stop, :] += d
+        out[name] = (parts[0][0], new.to(base.dtype))
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def patch_export(base_dir: Path, out_dir: Path, deltas: dict[str, LayerDelta]) -> PatchReport:
+    """Write the patched export of `base_dir` (model.onnx + weight_map.json + weights/) into
+    `out_dir`, which must not exist yet (callers write a completion marker after this)."""
+    started = time.monotonic()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    weight_map = WeightMap.load(base_dir)
+    new = patched_tensors(base_dir, weight_map, deltas)
+    changed = {b.location for b, _ in new.values()}
+    out_dir.mkdir(parents=True)
+    (out_dir / WEIGHTS_DIR).mkdir()
+    changed_bytes = 0
+    for binding, value in new.values():
+        data = value.contiguous().view(torch.uint8).numpy().tobytes()
+        tmp = out_dir / (binding.location + ".tmp")
+        tmp.write_bytes(data)
+        tmp.rename(out_dir / binding.location)  # never rewrite a file in place: others may link it
+        changed_bytes += len(data)
+    linked = 0
+    for src in sorted(p for p in base_dir.rglob("*") if p.is_file()):
+        rel = src.relative_to(base_dir).as_posix()
+        if rel in changed or rel == "export.json":
+            continue
+        dst = out_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(src, dst)
+        linked += 1
+    report = PatchReport(len(deltas), len(new), changed_bytes, linked, time.monotonic() - started)
+    log.info("patched %d layers (%d tensors, %.1f MB written, %d files linked) in %.2fs -> %s", report.layers,
+             report.changed_tensors, changed_bytes / 1e6, linked, report.seconds, out_dir)
+    return report

@@ -1,0 +1,106 @@
+"""Keep one Triton in step with a shared model repository: `python -m runtime.repository_sync`.
+
+With several Triton replicas on one shared repository (Kubernetes: a ReadWriteMany volume), the
+worker that publishes a LoRA loads the new versions into the one replica its Service call reaches.
+This loop runs beside every replica (a sidecar in the Triton pod, talking to 127.0.0.1) and loads
+whatever changed in the repository into its own Triton through the model-control API, so every
+replica serves a published version within one poll interval.
+
+Why a sidecar and not Triton's own `--model-control-mode=poll`: poll mode forbids the model-control
+API, which the worker's publish (load, and roll back on failure) and `fluxserve-export --triton-url`
+need; and it loads changed models in no particular order, while a pipeline must load after the
+component versions it pins. Here the component models load first and the pipelines last.
+Versions appear atomically (staging folder, then rename), so a poll never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from client.contract import CLASSIFY, ENDPOINTS, GENERATE
+from export.model_control import load_models
+from export.repository import SOURCE_REPOSITORY, versions
+
+log = logging.getLogger("fluxserve.repository_sync")
+
+# Models that call other models (BLS): loaded after everything else that changed in the same poll.
+PIPELINES: tuple[str, ...] = (CLASSIFY.name, GENERATE.name)
+
+Fingerprint = tuple[tuple[int, ...], int]
+"""A model's version folders and its config.pbtxt modification time (ns)."""
+
+
+class SyncSettings(BaseSettings):
+    """Environment prefix: FLUXSERVE_SYNC_."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_SYNC_")
+
+    model_repository: Path = SOURCE_REPOSITORY
+    triton_http_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_http_port}"
+    interval_s: float = 10.0
+    load_timeout_s: float = 900.0
+
+
+def snapshot(repo: Path) -> dict[str, Fingerprint]:
+    """Fingerprints of the exported models (those with a config.pbtxt) in `repo`."""
+    out: dict[str, Fingerprint] = {}
+    for config in sorted(repo.glob("*/config.pbtxt")):
+        name = config.parent.name
+        out[name] = (tuple(versions(repo, name)), config.stat().st_mtime_ns)
+    return out
+
+
+def changed_models(before: Mapping[str, Fingerprint], now: Mapping[str, Fingerprint]) -> list[str]:
+    """Models new or changed since `before`, components first and pipelines last."""
+    changed = [name for name, fp in now.items() if before.get(name) != fp]
+    return sorted(changed, key=lambda n: (n in PIPELINES, PIPELINES.index(n) if n in PIPELINES else 0, n))
+
+
+def sync_once(settings: SyncSettings, before: Mapping[str, Fingerprint]) -> dict[str, Fingerprint]:
+    """Load what changed since `before`; returns the state now in sync. When a load fails, the
+    returned state keeps the old fingerprint of that model, so the next poll tries again."""
+    now = snapshot(settings.model_repository)
+    done = dict(before)
+    for name in changed_models(before, now):
+        try:
+            load_models(settings.triton_http_url, [name], timeout_s=settings.load_timeout_s)
+        except Exception as e:  # Triton restarting, or a version it refuses: retried next poll
+            log.warning("loading %s into %s failed (retrying next poll): %s", name, settings.triton_http_url, e)
+            break  # a pipeline must not load before a component that failed
+        log.info("loaded %s versions %s", name, list(now[name][0]))
+        done[name] = now[name]
+    return done
+
+
+def run(settings: SyncSettings, stop: threading.Event) -> None:
+    """Poll until `stop` is set. The starting state is the repository as it is now: Triton loaded
+    all of it at start-up (the launcher's --load-model), so only later changes need a load."""
+    state = snapshot(settings.model_repository)
+    log.info("watching %s for %s every %.0f s", settings.model_repository, settings.triton_http_url, settings.interval_s)
+    while not stop.wait(settings.interval_s):
+        state = sync_once(settings, state)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--interval-s", type=float)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SyncSettings(**({"interval_s": args.interval_s} if args.interval_s else {}))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run(settings, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The job store's state machine, heartbeats and reaper, on both backends: SQLite (embedded
+default) and a real Redis server (tests/redis_server.py). Same tests, same expectations."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from training.jobs import NEVER_QUEUED, WORKER_LOST, JobSettings, JobStore, SqliteJobStore
+from training.liveness import prune_job_folders
+from training.redis_jobs import RedisJobStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path: Path):
+    def make(**overrides) -> JobStore:
+        settings = JobSettings(jobs_dir=tmp_path / "jobs", **overrides)
+        if request.param == "sqlite":
+            return SqliteJobStore(settings)
+        server = request.getfixturevalue("redis_server")
+        return RedisJobStore(settings.model_copy(update={"redis_url": server.url}))
+
+    if request.param == "redis":
+        request.getfixturevalue("redis_server").flush()
+    return make
+
+
+def test_a_record_is_invisible_until_queued_and_runs_on_one_worker(make_store) -> None:
+    store = make_store()
+    job = store.create("classifier", {"train": {}})
+    assert store.get(job.id) is None and store.list() == []  # not enqueued yet
+    assert store.waiting() == 1
+    store.mark_queued(job.id)
+    assert store.get(job.id).status == "queued"
+    assert [j.id for j in store.list()] == [job.id]
+
+    wins = []
+    barrier = threading.Barrier(4)
+
+    def take(worker: str) -> None:
+        barrier.wait()
+        if store.start(job.id, worker):
+            wins.append(worker)
+
+    threads = [threading.Thread(target=take, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    running = store.get(job.id)
+    assert (running.status, running.worker, running.phase) == ("running", wins[0], "training")
+    store.mark_queued(job.id)  # a late facade does not move a running job back
+    assert store.get(job.id).status == "running"
+
+
+def test_cancel_rules(make_store) -> None:
+    store = make_store()
+    waiting, training, publishing = (store.create("classifier", {}) for _ in range(3))
+    for j in (waiting, training, publishing):
+        store.mark_queued(j.id)
+    store.start(training.id, "w")
+    store.start(publishing.id, "w")
+    assert store.begin_publish(publishing.id)
+
+    job, outcome = store.cancel(waiting.id)
+    assert (outcome, job.status) == ("cancelled", "cancelled")
+    assert store.start(waiting.id, "w") is False  # the worker skips it
+    job, outcome = store.cancel(training.id)
+    assert (outcome, job.status, job.cancel_requested) == ("requested", "running", True)
+    assert store.begin_publish(training.id) is False  # a cancel before publishing wins
+    job, outcome = store.cancel(publishing.id)
+    assert (outcome, job.cancel_requested) == ("publishing", False)  # answered 409, publish goes on
+    assert store.cancel(waiting.id)[1] == "finished"
+    assert store.cancel("nope") == (None, "missing")
+
+
+def test_reaper_fails_only_the_lost_workers_jobs(make_store) -> None:
+    store = make_store(worker_timeout_s=1.0)
+    jobs = {}
+    for worker in ("lost", "alive"):
+        store.heartbeat(worker)
+        jobs[worker] = store.create("classifier", {})
+        store.mark_queued(jobs[worker].id)
+        assert store.start(jobs[worker].id, worker)
+    waiting = store.create("classifier", {})
+    store.mark_queued(waiting.id)
+
+    deadline = time.monotonic() + 30
+    while store.get(jobs["lost"].id).status == "running":
+        assert time.monotonic() < deadline, "the lost worker's job was never reaped"
+        store.heartbeat("alive")  # only "alive" keeps beating
+        store.reap()
+        time.sleep(0.1)
+    assert store.alive_workers() == ["alive"]
+    lost = store.get(jobs["lost"].id)
+    assert (lost.status, lost.error) == ("failed", WORKER_LOST)
+    assert store.get(jobs["alive"].id).status == "running"
+    assert store.get(waiting.id).status == "queued"  # waiting jobs belong to no worker
+
+
+def test_a_record_never_enqueued_is_failed_after_the_submit_timeout(make_store) -> None:
+    store = make_store(submit_timeout_s=0.0)
+    job = store.create("classifier", {})
+    assert [j.id for j in store.reap()] == [job.id]
+    failed = store.get(job.id)
+    assert (failed.status, failed.error) == ("failed", NEVER_QUEUED)
+
+
+def test_finished_job_folders_are_pruned_after_retention(make_store, tmp_path: Path) -> None:
+    store = make_store(retention_s=3600.0)
+    done, running = store.create("classifier", {}), store.create("classifier", {})
+    store.mark_queued(done.id)
+    store.mark_queued(running.id)
+    store.start(done.id, "w")
+    store.start(running.id, "w")
+    store.update(done.id, status="succeeded")
+    settings = store.settings
+    for j in (done.id, running.id, "orphan-upload"):
+        (settings.jobs_dir / j).mkdir(parents=True)
+        (settings.jobs_dir / j / "model.onnx").write_bytes(b"x")
+    assert prune_job_folders(settings, store) == []  # all younger than the retention
+    later = time.time() + 2 * 3600
+    assert sorted(prune_job_folders(settings, store, now=later)) == sorted([done.id, "orphan-upload"])
+    assert (settings.jobs_dir / running.id / "model.onnx").exists()
+    assert store.get(done.id).status == "succeeded"  # the record stays

@@ -1,0 +1,66 @@
+"""Operator keys: parsing, constant-time matching, the key file `make up` creates."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from api.auth import KeyConfigError, KeyRing, default_key_name, ensure_key_file, load_keyring, parse_keys
+
+KEY_A = "a" * 20
+KEY_B = "b-" + "x" * 30
+
+
+def test_parse_named_and_unnamed_keys() -> None:
+    keys = parse_keys(f" ops:{KEY_A} , {KEY_B},")
+    assert keys == [("ops", KEY_A), (default_key_name(KEY_B), KEY_B)]
+    assert default_key_name(KEY_B).startswith("key-") and KEY_B not in default_key_name(KEY_B)
+
+
+@pytest.mark.parametrize("spec", ["short", f"bad name:{KEY_A}", f"a:{KEY_A},a:{KEY_B}", "ops:with space in the key"])
+def test_unusable_keys_refused_without_quoting_them(spec: str) -> None:
+    with pytest.raises(KeyConfigError) as err:
+        parse_keys(spec)
+    assert KEY_A not in str(err.value) and "with space" not in str(err.value)
+
+
+def test_match_returns_the_key_name() -> None:
+    ring = KeyRing(parse_keys(f"old:{KEY_A},new:{KEY_B}"))
+    assert ring.match(KEY_A) == "old" and ring.match(KEY_B) == "new"
+    assert ring.match(KEY_A[:-1]) is None and ring.match("") is None and ring.match(KEY_A + "a") is None
+    assert KeyRing([]).match(KEY_A) is None and not KeyRing([]).configured
+
+
+def test_setting_wins_over_the_file(tmp_path) -> None:
+    path = tmp_path / "api_key"
+    path.write_text(KEY_B + "\n")
+    assert load_keyring(f"env:{KEY_A}", path).names == ["env"]
+    assert load_keyring(None, path).match(KEY_B)
+    assert not load_keyring(None, tmp_path / "missing").configured
+
+
+def test_key_file_created_once_private(tmp_path) -> None:
+    path = tmp_path / ".fluxserve" / "api_key"
+    assert ensure_key_file(path) is True
+    key = path.read_text().strip()
+    assert len(key) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert ensure_key_file(path) is False and path.read_text().strip() == key  # never overwritten
+    assert load_keyring(None, path).match(key)
+
+
+def test_make_up_creates_the_key_once_and_logs_only_its_path(tmp_path, caplog) -> None:
+    import logging
+
+    from api.settings import ApiSettings
+    from runtime.stack import announce_operator_key
+
+    settings = ApiSettings(key_file=tmp_path / ".fluxserve" / "api_key")
+    with caplog.at_level(logging.INFO, logger="fluxserve.stack"):
+        announce_operator_key(settings)
+        key = settings.key_file.read_text().strip()
+        announce_operator_key(settings)
+    assert settings.key_file.read_text().strip() == key
+    assert str(settings.key_file) in caplog.text and key not in caplog.text
+    assert "created in" in caplog.messages[0] and "created" not in caplog.messages[1]
