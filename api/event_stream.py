@@ -93,33 +93,33 @@ async def _admitted_generation_events(state: AppState, body: GenerateRequest, pr
             }))
         raise RuntimeError("stream ended without an image")  # the client raises first; belt and braces
 
-    async with state.generate_slots:
-        tasks = [asyncio.create_task(one(i)) for i in range(body.num_images)]
-        gathered = asyncio.gather(*tasks)
-        getter: asyncio.Task | None = None
-        try:
-            while not gathered.done() or not events.empty():
-                getter = asyncio.create_task(events.get())
-                await asyncio.wait({getter, gathered}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            results: list[GenerateResult] = gathered.result()
-        except FluxServeError as e:
-            yield error_event(e)
-            return
-        except Exception as e:  # noqa: BLE001  (reported as an `error` event, logged above)
-            yield error_event(e)
-            return
-        finally:
-            # Client gone (this generator cancelled) or one image failed: stop the others in Triton.
-            for task in [*tasks, *([getter] if getter else [])]:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    tasks = [asyncio.create_task(one(i)) for i in range(body.num_images)]
+    gathered = asyncio.gather(*tasks)
+    getter: asyncio.Task | None = None
+    try:
+        while not gathered.done() or not events.empty():
+            getter = asyncio.create_task(events.get())
+            await asyncio.wait({getter, gathered}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        results: list[GenerateResult] = gathered.result()
+    except FluxServeError as e:
+        yield error_event(e)
+        return
+    except Exception as e:  # noqa: BLE001  (reported as an `error` event, logged above)
+        yield error_event(e)
+        return
+    finally:
+        # Client gone (this generator cancelled) or one image failed: stop the others in Triton.
+        for task in [*tasks, *([getter] if getter else [])]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     infer_s = time.perf_counter() - started
     state.metrics.items.labels("generate").inc(len(results))
-    encoded = [encode_image(r.image, body.output_format) for r in results]
+    # Encoding large images takes tens of ms of CPU: off the event loop, as for unary answers.
+    encoded = await asyncio.to_thread(lambda: [encode_image(r.image, body.output_format) for r in results])
     answer = GenerateResponse(
         images=[base64.b64encode(b).decode() for b in encoded],
         seed=seed,

@@ -36,8 +36,6 @@ class ApiSettings(BaseSettings):
     access_log: bool = False
     """One log line per request. Off by default: at full /classify load it costs ~7% of the facade's
     CPU, and the Prometheus counters at /metrics carry the same counts by route and status."""
-    max_concurrent_generations: int = 16
-    """Generations in flight through this facade; beyond it requests wait, bounding memory."""
     keys: SecretStr | None = None
     """FLUXSERVE_API_KEYS: operator keys, comma-separated, each `key` or `name:key` (the name is
     recorded as a job's owner). Several at once allow rotation. Unset: the key file below."""
