@@ -84,7 +84,9 @@ def run(settings: SyncSettings, stop: threading.Event) -> None:
     """Poll until `stop` is set. The starting state is the repository as it is now: Triton loaded
     all of it at start-up (the launcher's --load-model), so only later changes need a load."""
     state = snapshot(settings.model_repository)
-    log.info("watching %s for %s every %.0f s", settings.model_repository, settings.triton_http_url, settings.interval_s)
+    log.info(
+        "watching %s for %s every %.0f s", settings.model_repository, settings.triton_http_url, settings.interval_s
+    )
     while not stop.wait(settings.interval_s):
         state = sync_once(settings, state)
 

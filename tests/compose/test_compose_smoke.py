@@ -3,12 +3,13 @@ compose_test.sh) against the running stack, through the facade's published port 
 unless FLUXSERVE_COMPOSE_API_URL and FLUXSERVE_COMPOSE_CMD (the compose command line, JSON) are set.
 
 Order matters (module-scoped stack): classify, generate, a training job published and served,
-then Triton killed and brought back by its restart policy."""
+then Triton's process killed and the container brought back by its restart policy."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -33,7 +34,9 @@ def container_ids(service: str) -> list[str]:
 
 
 def inspect(container: str, fmt: str) -> str:
-    return subprocess.run(["docker", "inspect", "-f", fmt, container], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["docker", "inspect", "-f", fmt, container], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,9 @@ def test_generate_small(http: httpx.Client) -> None:
 
 
 def test_training_job_published_and_served(http: httpx.Client) -> None:
-    before = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1}).json()["model_version"]
+    before = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1}).json()[
+        "model_version"
+    ]
     data = {"trigger_word": TRIGGER, "steps": "10", "learning_rate": "0.01", "resolution": "64", "seed": "0"}
     r = http.post("/train", data=data, files={"dataset": ("data.zip", solid_color_zip(4, 64), "application/zip")})
     assert r.status_code == 202, r.text
@@ -106,15 +111,23 @@ def test_training_job_published_and_served(http: httpx.Client) -> None:
     assert served.status_code == 200 and served.json()["model_version"] == new_version
 
 
-def test_killed_triton_comes_back(http: httpx.Client) -> None:
+def test_crashed_triton_comes_back(http: httpx.Client) -> None:
+    """Triton's server process dies (SIGKILL from the host): the launcher exits with it, and the
+    restart policy brings the container back, which reloads the repository volume. (`docker compose
+    kill triton` is not this case: the engine records a kill as a manual stop and, by design, no
+    restart policy restarts it; observed with engine 20.10 here.)"""
     triton = container_ids("triton")[0]
     restarts = int(inspect(triton, "{{.RestartCount}}"))
-    compose("kill", "triton")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and http.get("/readyz", timeout=5).status_code == 200:
-        time.sleep(0.5)  # the facade notices Triton is gone
-    wait_ready(http, 600)
+    top = subprocess.run(
+        ["docker", "top", triton, "-eo", "pid,comm"], capture_output=True, text=True, check=True
+    ).stdout
+    server_pid = next(int(line.split()[0]) for line in top.splitlines()[1:] if line.split()[1] == "tritonserver")
+    os.kill(server_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and int(inspect(triton, "{{.RestartCount}}")) == restarts:
+        time.sleep(0.5)
     assert int(inspect(triton, "{{.RestartCount}}")) > restarts
+    wait_ready(http, 900)
     r = http.post("/classify", json={"text": "draw me a lighthouse"})
     assert r.status_code == 200, r.text
     # The published LoRA version survived the restart (Triton reloads the repository volume).

@@ -18,7 +18,7 @@ from tests.conftest import PROJECT_ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
-MODEL = '''
+MODEL = """
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -30,9 +30,11 @@ class TritonPythonModel:
     def execute(self, requests):
         out = np.array([self.version], dtype=np.int32)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("version", out)]) for _ in requests]
-'''
-CONFIG = ('name: "{name}"\nbackend: "python"\nmax_batch_size: 0\nversion_policy {{ latest {{ num_versions: 1 }} }}\n'
-          'input {{ name: "x" data_type: TYPE_FP32 dims: 1 }}\noutput {{ name: "version" data_type: TYPE_INT32 dims: 1 }}\n')
+"""
+CONFIG = (
+    'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\nversion_policy {{ latest {{ num_versions: 1 }} }}\n'
+    'input {{ name: "x" data_type: TYPE_FP32 dims: 1 }}\noutput {{ name: "version" data_type: TYPE_INT32 dims: 1 }}\n'
+)
 
 
 def publish_version(repo: Path, name: str, version: int) -> None:
@@ -69,8 +71,13 @@ def test_new_version_in_shared_repository_reaches_this_triton(tmp_path: Path) ->
         (repo / name).mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name))
         publish_version(repo, name, 1)
-    settings = TritonSettings(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_file=PROJECT_ROOT / "build" / "logs" / "test-repository-sync.log")
+    settings = TritonSettings(
+        model_repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=PROJECT_ROOT / "build" / "logs" / "test-repository-sync.log",
+    )
     with TritonServer(settings) as server:
         sync = SyncSettings(model_repository=repo, triton_http_url=server.http_url)
         state = snapshot(repo)

@@ -34,8 +34,18 @@ def compose_command() -> list[str]:
 
 
 def render(profile: str, env_file: Path = EXAMPLE_ENV) -> dict:
-    cmd = [*compose_command(), "--project-directory", str(PROJECT_ROOT), "-f", str(PROJECT_ROOT / "docker-compose.yml"),
-           "--env-file", str(env_file), "--profile", profile, "config"]
+    cmd = [
+        *compose_command(),
+        "--project-directory",
+        str(PROJECT_ROOT),
+        "-f",
+        str(PROJECT_ROOT / "docker-compose.yml"),
+        "--env-file",
+        str(env_file),
+        "--profile",
+        profile,
+        "config",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -93,7 +103,7 @@ def test_workers_scale_and_share_the_repository_and_job_folders(rendered: tuple[
     def mounts(service: dict) -> dict[str, str]:
         out = {}
         for v in service.get("volumes", []):
-            source, target = (v.split(":")[:2] if isinstance(v, str) else (v["source"], v["target"]))
+            source, target = v.split(":")[:2] if isinstance(v, str) else (v["source"], v["target"])
             out[target] = source
         return out
 
@@ -119,8 +129,10 @@ def test_redis_password_comes_from_the_env_file(tmp_path: Path) -> None:
     assert services["redis"]["environment"]["REDIS_PASSWORD"] == "s3cret-from-file"
     assert services["api"]["environment"]["FLUXSERVE_JOBS_REDIS_URL"] == "redis://:s3cret-from-file@redis:6379/0"
     assert "s3cret" not in " ".join(services["redis"].get("entrypoint", []))  # not on a command line
-    assert any(str(v).startswith("redis-data:") or (isinstance(v, dict) and v.get("source") == "redis-data")
-               for v in services["redis"]["volumes"])
+    assert any(
+        str(v).startswith("redis-data:") or (isinstance(v, dict) and v.get("source") == "redis-data")
+        for v in services["redis"]["volumes"]
+    )
 
 
 def test_gpu_profile_reserves_nvidia_gpus() -> None:

@@ -19,8 +19,12 @@ PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 
 
 def _requirements(section: str) -> list[str]:
-    out = subprocess.run([sys.executable, str(DOCKER / "requirements.py"), str(PROJECT_ROOT / "pyproject.toml"), section],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(DOCKER / "requirements.py"), str(PROJECT_ROOT / "pyproject.toml"), section],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split()
 
 
@@ -92,7 +96,9 @@ def test_gpu_image_is_the_triton_release_of_the_pinned_client() -> None:
     minor = int(re.search(r"==2\.(\d+)\.", client).group(1))
     months = (2024 * 12 + 10 - 1) + (minor - 51)
     expected = f"{months // 12 % 100:02d}.{months % 12 + 1:02d}"
-    tag = re.search(r"ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", (DOCKER / "Dockerfile.gpu").read_text())
+    tag = re.search(
+        r"ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", (DOCKER / "Dockerfile.gpu").read_text()
+    )
     assert tag and tag.group(1) == expected
 
 

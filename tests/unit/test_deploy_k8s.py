@@ -12,8 +12,12 @@ import yaml
 from tests.conftest import PROJECT_ROOT
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
-KUBERNETES_VERSION = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["fluxserve"]["kubernetes-version"]
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]' installs kubernetes-validate")
+KUBERNETES_VERSION = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["fluxserve"][
+    "kubernetes-version"
+]
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="pip install -e '.[test]' installs kubernetes-validate"
+)
 
 
 def resources() -> list[tuple[str, dict]]:
@@ -27,7 +31,9 @@ def by_kind(kind: str, name: str) -> dict:
     return next(doc for _, doc in resources() if doc["kind"] == kind and doc["metadata"]["name"] == name)
 
 
-@pytest.mark.parametrize(("file", "resource"), resources(), ids=lambda x: x if isinstance(x, str) else x["metadata"]["name"])
+@pytest.mark.parametrize(
+    ("file", "resource"), resources(), ids=lambda x: x if isinstance(x, str) else x["metadata"]["name"]
+)
 def test_manifest_validates_strictly(file: str, resource: dict) -> None:
     kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
 
