@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER  # noqa: E402
 from export.flux.lora import LORA_WEIGHT_NAME, load_pipeline, lora_target_modules  # noqa: E402
-from export.flux.onnx_export import BatchMajorFluxTransformer, ClipPooled, export_all, transformer_inputs  # noqa: E402
+from export.flux.onnx_export import BatchMajorFluxTransformer, ClipPooled, _token_ids, export_all, transformer_inputs  # noqa: E402
 from export.flux.settings import FluxSettings  # noqa: E402
 from export.flux.weight_map import WEIGHTS_DIR, WeightMap, build_weight_map, read_initializer, save_per_tensor  # noqa: E402
 from export.flux.weight_patch import LayerDelta, NotPatchable, layer_deltas, patch_export  # noqa: E402
@@ -39,11 +39,11 @@ pytestmark = pytest.mark.slow
 
 MAX_PARITY = 1e-5
 """The issue's bound for patched vs fused-and-re-exported output (both ONNX Runtime)."""
+TOKEN_IDS = np.zeros((3, 77), np.int64)
+"""CLIP inputs for every test, filled from the checkpoint's config by a fixture."""
 MAX_ORT_VS_TORCH = 1e-4
 """ONNX Runtime vs PyTorch on the same weights differ by fp32 reordering (~1e-5 here); a delta in
 the wrong layout or the wrong initializer moves the output by O(0.1)."""
-TOKEN_IDS = np.random.default_rng(5).integers(3, 1000, (3, 77), dtype=np.int64)
-TOKEN_IDS[:, 30] = 1  # CLIP pools at the end-of-text token (id 1 in the local build), where a tokenizer puts one
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -58,6 +58,15 @@ def run_transformer(model_dir: Path, feeds: dict[str, np.ndarray]) -> np.ndarray
 
 def run_clip(model_dir: Path) -> np.ndarray:
     return session(model_dir / FLUX_TEXT_ENCODER / "model.onnx").run(None, {"input_ids": TOKEN_IDS})[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clip_token_ids(tiny_checkpoint: Path) -> None:
+    """Token ids inside the local CLIP's vocabulary, with the end-of-text token CLIP pools at."""
+    import json
+
+    cfg = json.loads((tiny_checkpoint / "text_encoder" / "config.json").read_text())
+    TOKEN_IDS[...] = _token_ids(cfg["vocab_size"], 3, 77, 5, cfg["eos_token_id"])
 
 
 @pytest.fixture(scope="module")
