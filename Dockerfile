@@ -4,6 +4,7 @@ FROM python:3.11-slim
 WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml Makefile ./
+COPY common ./common
 COPY client ./client
 COPY api ./api
 COPY export ./export

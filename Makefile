@@ -23,7 +23,7 @@ install: $(STAMP)
 # Train the classifier (if not trained), build the local FLUX (if not built) and export both
 # into model_repository/. Idempotent: unchanged models keep their version.
 models: install
-	$(BIN)/fluxserve-export defaults
+	$(BIN)/fluxserve-train defaults
 
 up: models
 	$(BIN)/python -m runtime.stack

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import ENDPOINTS
+from client.contract import DEFAULT_TRIGGER_WORD, ENDPOINTS
 
 
 class ApiSettings(BaseSettings):
@@ -19,7 +19,7 @@ class ApiSettings(BaseSettings):
     """Models that must be ready for /readyz to answer 200."""
     classify_threshold: float | None = None
     """Overrides the uncertainty threshold the deployed classifier was published with."""
-    trigger_word: str = "Super Realism"
+    trigger_word: str = DEFAULT_TRIGGER_WORD
     """Used when the deployed generate model does not say which trigger words its LoRA has."""
     add_trigger_word: bool = True
     """Prepend the LoRA's trigger words to prompts that lack them (case-insensitive check)."""

@@ -26,11 +26,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from client.contract import ENDPOINTS, GENERATE_DEFAULTS, LABELS
+from common.paths import CLASSIFIER_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CLASSIFIER_DIR = PROJECT_ROOT / "build" / "classifier" / "model"
+DEFAULT_CLASSIFIER_DIR = CLASSIFIER_MODEL_DIR
 
 
 class ClassifyBody(BaseModel):

@@ -8,6 +8,8 @@ the benchmark skips the baseline's generate target with the reason.
 
 from __future__ import annotations
 
+from common.flux_assets import read_max_sequence_length
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ class FluxSource:
 def flux_source() -> FluxSource:
     """What `generate` is exported from, per export.flux's settings (env FLUXSERVE_FLUX_)."""
     try:
-        from export.flux.checkpoint import checkpoint_max_sequence_length
         from export.flux.settings import FluxSettings
     except ImportError as e:
         raise FluxUnavailable(f"export.flux is not available: {e}") from e
@@ -43,7 +44,7 @@ def flux_source() -> FluxSource:
     for local in (p for p in (checkpoint, lora) if p and (p.startswith("/") or p.startswith("."))):
         if not Path(local).exists():
             raise FluxUnavailable(f"{local} is not built (run `make models`)")
-    max_len = s.max_sequence_length or checkpoint_max_sequence_length(checkpoint)
+    max_len = s.max_sequence_length or read_max_sequence_length(checkpoint)
     return FluxSource(checkpoint, lora, s.lora_scale, s.lora_weight_name, s.trigger_word, max_len)
 
 

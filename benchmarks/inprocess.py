@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.contract import CLASSIFY_LIMITS
+from common.ort_session import make_session
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,10 @@ def ort_sweep(
     max_batches: int = 100_000,
 ) -> dict[str, object]:
     """Texts/s at each batch size (each measured for `duration_s`, after one warm-up batch)."""
-    import onnxruntime as ort
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path, threads, spinning=True)
     outputs = [o.name for o in session.get_outputs()]
     pool = list(texts)
     rows = []

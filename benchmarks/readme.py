@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 README = PROJECT_ROOT / "README.md"
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 SECTIONS: dict[str, Path] = {"run": RESULTS / "latest.md", "swap": RESULTS / "swap.md"}

@@ -29,13 +29,13 @@ from benchmarks.report import Result, add_ratios, headline, render_markdown, wri
 from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, TargetName, make_target
 from benchmarks.workload import GenerateParams, chat_texts
 from client.contract import CLASSIFY, GENERATE
+from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
-CLASSIFIER_DIR = PROJECT_ROOT / "build" / "classifier" / "model"
-CLASSIFIER_ONNX = PROJECT_ROOT / "build" / "classifier" / "onnx" / "model.onnx"
+CLASSIFIER_DIR = CLASSIFIER_MODEL_DIR
+CLASSIFIER_ONNX = CLASSIFIER_MODEL_DIR.parent / "onnx" / "model.onnx"
 
 
 @dataclass(frozen=True)

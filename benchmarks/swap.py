@@ -32,10 +32,10 @@ from benchmarks.environment import environment
 from benchmarks.report import write_json
 from client.contract import GENERATE
 from training.worker import running_worker
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = PROJECT_ROOT / "benchmarks" / "results" / "swap.json"
 
 

@@ -35,10 +35,10 @@ from client.contract import CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import write_config
 from export.triton_config import DynamicBatching, parse_config
+from common.paths import BUILD_DIR, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECOMMENDATION_FILE = PROJECT_ROOT / "benchmarks" / "recommended_batching.json"
 
 
@@ -175,7 +175,7 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
     if not servers.stack_built(s.model_repository, servers.CLASSIFY_STACK):
         raise RuntimeError(f"classify is not built in {s.model_repository}: run `make models`")
     texts = chat_texts()
-    scratch_root = PROJECT_ROOT / "build"  # same filesystem as the repository, so weights hard-link
+    scratch_root = BUILD_DIR  # same filesystem as the repository, so weights hard-link
     scratch_root.mkdir(parents=True, exist_ok=True)
     runs: dict[Candidate, list[dict[str, Any]]] = {c: [] for c in s.candidates}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=scratch_root) as tmp:

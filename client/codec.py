@@ -22,6 +22,8 @@ class ClassifyResult:
     label: str
     score: float
     scores: dict[str, float]
+    model_version: str = ""
+    """The `classify` version that answered (its threshold is the one to apply)."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,12 @@ def classify_inputs(texts: list[str]) -> tuple[list[grpcclient.InferInput], list
 def decode_classify(result: grpcclient.InferResult) -> list[ClassifyResult]:
     labels = result.as_numpy(CLASSIFY.outputs[0].name).reshape(-1)
     scores = result.as_numpy(CLASSIFY.outputs[1].name)
+    version = result.get_response().model_version
     out = []
     for lab, row in zip(labels, scores):
         label = lab.decode() if isinstance(lab, bytes) else str(lab)
         probs = {name: float(p) for name, p in zip(LABELS, row)}
-        out.append(ClassifyResult(label=label, score=probs[label], scores=probs))
+        out.append(ClassifyResult(label=label, score=probs[label], scores=probs, model_version=version))
     return out
 
 

@@ -146,6 +146,16 @@ GENERATE = ModelSpec(
 )
 
 # Transformer input names as NVIDIA's FLUX ONNX export spells them.
+DEFAULT_TRIGGER_WORD = "Super Realism"
+"""Trigger words of the production LoRA (strangerzonehf/Flux-Super-Realism-LoRA); the local LoRA uses
+them too. The facade prepends the deployed LoRA's trigger words, falling back to these."""
+
+# Parameters written into deployed models' config.pbtxt (`parameters`) and read back by the facade.
+THRESHOLD_PARAMETER = "recommended_threshold"
+"""classify: the uncertainty threshold measured on the validation split when it was published."""
+TRIGGER_PARAMETER = "trigger_word"
+"""generate: the trigger words of the LoRA fused into that version."""
+
 FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
     "hidden_states",
     "encoder_hidden_states",

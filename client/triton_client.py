@@ -25,8 +25,6 @@ from client.contract import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS
 from client.errors import FluxServeError, translate
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
-THRESHOLD_PARAMETER = "recommended_threshold"
-TRIGGER_PARAMETER = "trigger_word"
 
 
 def random_seed() -> int:
@@ -106,22 +104,23 @@ class AsyncTritonClient:
         except InferenceServerException:
             return False
 
-    async def model_parameter(self, model: str, key: str) -> str | None:
-        """A parameter the deployed model was published with (its config.pbtxt `parameters`)."""
+    async def model_parameter(self, model: str, key: str, version: str = "") -> str | None:
+        """A parameter a deployed model version was published with (its config.pbtxt `parameters`);
+        version "" means the one Triton would pick now."""
         try:
-            cfg = await self._client.get_model_config(model, as_json=True, client_timeout=5.0)
+            cfg = await self._client.get_model_config(model, version, as_json=True, client_timeout=5.0)
         except InferenceServerException as e:
             raise translate(e) from e
         return _config_parameter(cfg, key)
 
-    async def classify_threshold(self) -> float | None:
-        """The uncertainty threshold the deployed classifier was published with."""
-        value = await self.model_parameter(CLASSIFY.name, THRESHOLD_PARAMETER)
-        return float(value) if value else None
-
-    async def trigger_word(self) -> str | None:
-        """The trigger words of the LoRA fused into the deployed `generate` model."""
-        return await self.model_parameter(GENERATE.name, TRIGGER_PARAMETER)
+    async def newest_ready_version(self, model: str) -> str | None:
+        """The newest ready version of `model`: the one a request sent now without a version runs on."""
+        try:
+            meta = await self._client.get_model_metadata(model, as_json=True, client_timeout=5.0)
+        except InferenceServerException as e:
+            raise translate(e) from e
+        versions = [v for v in meta.get("versions", []) if str(v).isdigit()]
+        return max(versions, key=int) if versions else None
 
     async def classify(self, texts: list[str]) -> list[ClassifyResult]:
         inputs, outputs = classify_inputs(list(texts))

@@ -16,12 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS
-from client.triton_client import THRESHOLD_PARAMETER
+from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
+from common.ort_session import make_session
 from export.deployments import classifier_deployments
 from export.repository import Published, fingerprint, publish, tree_hashes
 from export.triton_config import Target
@@ -91,7 +90,7 @@ def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path
     enc = tokenizer(PARITY_SENTENCES, padding=True, truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="pt")
     with torch.no_grad():
         ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = make_session(onnx_path, 0, spinning=True)
     got = sess.run(None, {"input_ids": enc["input_ids"].numpy().astype(np.int64), "attention_mask": enc["attention_mask"].numpy().astype(np.int64)})[0]
     return float(np.abs(got - ref).max())
 

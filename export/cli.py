@@ -4,7 +4,8 @@ Idempotent: a model whose inputs and settings did not change keeps its current v
 
     fluxserve-export classifier                 # fine-tuned classifier -> classify + classifier_onnx
     fluxserve-export flux --size small          # local FLUX + LoRA -> generate + flux_* models
-    fluxserve-export defaults                   # what `make up` serves
+
+`fluxserve-train defaults` trains the classifier if needed and exports everything `make up` serves.
 
 With `--triton-url HOST:PORT` (Triton's HTTP port) the new versions are also loaded into that
 running server with no downtime; if that fails they are removed and the old versions keep serving.
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.paths import CLASSIFIER_MODEL_DIR
 from export.repository import SOURCE_REPOSITORY
 
 log = logging.getLogger("fluxserve.export")
@@ -69,8 +71,6 @@ def export_flux(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.classifier import ClassifierTrainSettings
-
     parser = argparse.ArgumentParser(prog="fluxserve-export", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also load the new versions into this running Triton (its HTTP port, e.g. 127.0.0.1:8000)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classifier")
-    c.add_argument("--model-dir", type=Path, default=ClassifierTrainSettings().output_dir)
+    c.add_argument("--model-dir", type=Path, default=CLASSIFIER_MODEL_DIR)
     f = sub.add_parser("flux", help="fuse a LoRA into FLUX and export generate + flux_* models")
     f.add_argument("--checkpoint", help="diffusers FLUX folder or hub id (default: FLUXSERVE_FLUX_BASE_MODEL or the local build)")
     f.add_argument("--lora", help="LoRA folder, .safetensors or hub id (default: FLUXSERVE_FLUX_LORA or the local LoRA)")
@@ -87,7 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--trigger-word")
     f.add_argument("--size", choices=("tiny", "small"), help="local random-weight build to use when no checkpoint is given")
     f.add_argument("--real", action="store_true", help="FLUX.1-dev + Super-Realism LoRA (needs a hub and a GPU)")
-    sub.add_parser("defaults", help="train (if needed) and export everything `make up` serves")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("onnx_ir", "onnxscript"):  # a line per folded initializer / rewritten node otherwise
@@ -102,21 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from training.classifier import ClassifierTrainSettings
-
     if args.cmd == "classifier":
         export_classifier(args.model_dir, args.repo, args.target, args.force, args.triton_url)
     elif args.cmd == "flux":
         export_flux(args.repo, args.target, args.force, args.checkpoint, args.lora, args.lora_scale, args.trigger_word,
                     args.size, args.real, args.triton_url)
-    elif args.cmd == "defaults":
-        from training.classifier import is_up_to_date, train_classifier
-
-        settings = ClassifierTrainSettings()
-        if not is_up_to_date(settings):
-            train_classifier(settings)
-        export_classifier(settings.output_dir, args.repo, args.target, args.force, args.triton_url)
-        export_flux(args.repo, args.target, args.force, triton_url=args.triton_url)
     return 0
 
 

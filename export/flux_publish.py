@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
-from client.triton_client import TRIGGER_PARAMETER
+from client.contract import FLUX_COMPONENTS, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, TRIGGER_PARAMETER
+from common.flux_assets import copy_loop_assets
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
 from export.repository import MANIFEST, fingerprint, publish, sha256_file
@@ -260,8 +260,6 @@ def publish_flux(
         components[name] = pub.version
         if pub.created:
             out["created"].append(name)
-
-    from serving.flux_loop import copy_loop_assets
 
     export_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from export.triton_config import Deployment, Target, config_text
+from common.paths import MODEL_REPOSITORY
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+SOURCE_REPOSITORY = MODEL_REPOSITORY
 MANIFEST = "fluxserve_manifest.json"
 
 

@@ -5,7 +5,7 @@ python orchestration or an ONNX compute model, and how it is batched. `render_co
 into Triton's own `ModelConfig` protobuf for a target:
 
 * cpu: every model runs in the python backend; ONNX models through ONNX Runtime's CPU provider
-  (serving/onnx_model.py), because the only Triton build that runs here has no ORT backend.
+  (serving/triton_onnx.py), because the only Triton build that runs here has no ORT backend.
 * gpu: ONNX models become `onnxruntime_onnx` with the TensorRT accelerator (or `tensorrt_plan`
   when an engine was built); the python orchestration models stay the same code.
 

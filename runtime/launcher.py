@@ -1,7 +1,7 @@
 """Run the real Triton Inference Server shipped in the `nvidia-pytriton` wheel.
 
 The wheel carries `tritonserver` (Triton 2.51, python backend only). Two fixes make it work on a
-plain Python install (verified, see DESIGN.md):
+plain Python install (verified on these machines):
 
 * the python backend stub is copied into a project-owned backend directory beside
   `libtriton_python.so` (Triton looks for the stub next to the backend library), so we never
@@ -34,10 +34,10 @@ import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class TritonSettings(BaseSettings):
@@ -49,8 +49,8 @@ class TritonSettings(BaseSettings):
     http_port: int = ENDPOINTS.triton_http_port
     grpc_port: int = ENDPOINTS.triton_grpc_port
     metrics_port: int = ENDPOINTS.triton_metrics_port
-    model_repository: Path = PROJECT_ROOT / "model_repository"
-    backend_dir: Path = PROJECT_ROOT / "build" / "triton_backends"
+    model_repository: Path = MODEL_REPOSITORY
+    backend_dir: Path = BUILD_DIR / "triton_backends"
     log_file: Path | None = None
     startup_timeout_s: float = 180.0
     log_verbose: int = 0
@@ -162,13 +162,14 @@ def _error_lines(log_text: str, limit: int = 12) -> str:
 
 
 class TritonServer:
-    """A tritonserver subprocess: start, wait until ready, load/unload models, stop cleanly."""
+    """A tritonserver subprocess: start, wait until ready, stop cleanly (models load through
+    export.model_control)."""
 
     def __init__(self, settings: TritonSettings | None = None) -> None:
         self.settings = settings or TritonSettings()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.settings.log_file or (
-            PROJECT_ROOT / "build" / "logs" / f"triton-{self.settings.grpc_port}.log"
+            BUILD_DIR / "logs" / f"triton-{self.settings.grpc_port}.log"
         )
 
     @property
@@ -234,16 +235,6 @@ class TritonServer:
         raise TritonStartError(
             f"Triton not ready after {self.settings.startup_timeout_s:.0f}s:\n{_error_lines(self.log_text())}"
         )
-
-    def load_model(self, name: str) -> None:
-        """Load (or reload, picking up new versions) a model; raises with Triton's message."""
-        client = triton_http.InferenceServerClient(self.http_url, network_timeout=600.0)
-        try:
-            client.load_model(name)
-        except Exception as e:
-            raise TritonStartError(f"loading {name!r} failed: {e}\n{_error_lines(self.log_text())}") from e
-        finally:
-            client.close()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         proc, self.process = self.process, None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,24 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.flux_assets import read_max_sequence_length
 from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
 
 log = logging.getLogger(__name__)
 
 ComponentFn = Callable[..., np.ndarray]
 """Called as fn(*arrays in input order) or fn(**{input name: array}); returns the one output."""
-
-CHECKPOINT_MARKER = "fluxserve_checkpoint.json"
-"""Written by export.flux.checkpoint for local builds; holds the T5 max_sequence_length."""
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
-"""FLUX.1-dev's T5 context, used when the checkpoint does not say otherwise."""
-
-LOOP_ASSETS: tuple[str, ...] = (
-    "model_index.json", "scheduler", "tokenizer", "tokenizer_2", "transformer/config.json", "vae/config.json",
-    CHECKPOINT_MARKER,
-)
-"""What FluxLoop reads from a checkpoint: configs and tokenizers, never weights."""
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -54,32 +42,6 @@ class GenerationRequest:
     steps: int
     guidance: float
     seed: int
-
-
-def copy_loop_assets(checkpoint_dir: Path, dst: Path) -> Path:
-    """Copy the configs and tokenizers FluxLoop needs (no weights) into dst; returns dst."""
-    checkpoint_dir, dst = Path(checkpoint_dir), Path(dst)
-    for rel in LOOP_ASSETS:
-        src = checkpoint_dir / rel
-        if not src.exists():
-            if rel == CHECKPOINT_MARKER:  # hub checkpoints have none: the loop falls back to 512
-                continue
-            raise FileNotFoundError(f"{src} is missing: not a diffusers FLUX checkpoint")
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(src, target)
-    return dst
-
-
-def read_max_sequence_length(checkpoint_dir: Path) -> int:
-    """T5 tokens per prompt: the local build's marker value, else FLUX.1-dev's 512."""
-    marker = Path(checkpoint_dir) / CHECKPOINT_MARKER
-    if marker.exists():
-        return int(json.loads(marker.read_text())["max_sequence_length"])
-    return DEFAULT_MAX_SEQUENCE_LENGTH
 
 
 def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
@@ -209,16 +171,11 @@ def ort_callables(onnx_dir: Path, intra_op_threads: int = 0,
     Reads `onnx_dir/<model name>/model.onnx` as written by export.flux.onnx_export.export_all.
     intra_op_threads=0 lets ONNX Runtime pick (all cores).
     """
-    import onnxruntime as ort
+    from common.ort_session import make_session
 
     def make(name: str) -> ComponentFn:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = Path(onnx_dir) / name / "model.onnx"
-        session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        # Spinning on: in-process use owns the cores (Triton's stubs turn it off).
+        session = make_session(Path(onnx_dir) / name / "model.onnx", intra_op_threads, providers, spinning=True)
         input_names, (output_name,) = FLUX_IO_NAMES[name]
         # An exporter may drop an input the graph never reads (guidance without guidance embedding).
         present = {i.name for i in session.get_inputs()}

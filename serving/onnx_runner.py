@@ -11,25 +11,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime as ort  # noqa: F401  (type of BatchedOnnxRunner.session)
 
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-
-
-def make_session(path: Path, intra_op_threads: int = 1, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Several model instances share few cores: threads that spin between batches burn the CPU
-    # another process needs, so they sleep instead.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _pad_axis1(arrays: list[np.ndarray], value: int = 0) -> list[np.ndarray]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.onnx_runner import BatchedOnnxRunner, make_session
+from common.ort_session import make_session
+from serving.onnx_runner import BatchedOnnxRunner
 
 
 def _param(config: dict, key: str, default: str) -> str:

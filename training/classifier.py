@@ -25,10 +25,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from client.contract import CLASSIFY_LIMITS, LABELS
 from training.classifier_data import DATA_DIR, Example, Splits, dataset_sha256, load_examples, stratified_split
 from training.metrics import recommend_threshold, score
+from common.paths import CLASSIFIER_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MINILM = "all-minilm-l6-v2"
 """Alias for the offline default, resolved to the model folder inside the installed package."""
 
@@ -40,7 +40,7 @@ class ClassifierTrainSettings(BaseSettings):
 
     base_model: str = MINILM
     data_dir: Path = DATA_DIR
-    output_dir: Path = PROJECT_ROOT / "build" / "classifier" / "model"
+    output_dir: Path = CLASSIFIER_MODEL_DIR
     epochs: int = 5
     batch_size: int = 16
     learning_rate: float = 5e-5

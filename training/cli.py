@@ -9,7 +9,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from export.repository import SOURCE_REPOSITORY
 from training.classifier import ClassifierTrainSettings, is_up_to_date, train_classifier
+
+
+def defaults(repo: Path, target: str = "cpu") -> int:
+    """What `make models` runs: train the classifier when its data or settings changed, then export
+    it and the default FLUX (both idempotent: unchanged models keep their version)."""
+    from export.cli import export_classifier, export_flux
+
+    settings = ClassifierTrainSettings()
+    if not is_up_to_date(settings):
+        train_classifier(settings)
+    export_classifier(settings.output_dir, repo, target, force=False)
+    export_flux(repo, target, force=False)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,8 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls.add_argument("--output-dir", type=Path)
     cls.add_argument("--epochs", type=int)
     cls.add_argument("--if-stale", action="store_true", help="skip when the output was trained on the current data and settings")
+    dflt = sub.add_parser("defaults", help="train the classifier if needed, then export everything `make up` serves")
+    dflt.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
+    dflt.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnx_ir", "onnxscript"):  # a line per rewritten node during every ONNX export
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.cmd == "defaults":
+        return defaults(args.repo, args.target)
     if args.cmd == "classifier":
         overrides = {k: v for k, v in {"base_model": args.base_model, "output_dir": args.output_dir, "epochs": args.epochs}.items() if v is not None}
         settings = ClassifierTrainSettings(**overrides)

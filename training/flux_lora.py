@@ -16,12 +16,11 @@ What it does, and why it matches inference:
   distributions are encoded once (a fresh latent sample is still drawn every step).
 
 The result is saved with `FluxPipeline.save_lora_weights`, so `FluxPipeline.load_lora_weights`
-(and export.flux.lora.load_pipeline, which fuses it) loads it, plus a `manifest.json`.
+(and export.flux.lora.load_pipeline, which fuses it) loads it, plus its manifest (common.flux_assets.LORA_MANIFEST), whose trigger word export reads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,14 +33,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image, ImageOps
 
+from common.flux_assets import LORA_WEIGHT_NAME, read_max_sequence_length, write_lora_manifest
 from training.lora_dataset import PreparedDataset
 from training.lora_settings import LoraTrainSettings
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-"""The file `save_lora_weights` writes (diffusers' default name, so loaders find it unasked)."""
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fluxserve-flux-lora/1"
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
@@ -177,7 +174,7 @@ def train_lora(
     *,
     options: LoraTrainOptions = LoraTrainOptions(),
 ) -> dict[str, Any]:
-    """Trains a FLUX transformer LoRA on `dataset` and saves it (plus manifest.json) in out_dir.
+    """Trains a FLUX transformer LoRA on `dataset` and saves it (plus its manifest) in out_dir.
 
     `checkpoint` is a diffusers FLUX pipeline directory (or a hub id already in the local cache).
     `on_progress` gets `{"step", "total_steps", "loss", "eta_s", "steps_per_s"}` after every
@@ -190,14 +187,13 @@ def train_lora(
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from export.flux.checkpoint import checkpoint_max_sequence_length
 
     if dataset.count < 1 or len(dataset.captions) != dataset.count:
         raise ValueError("the dataset has no images or its captions do not match its images")
     out_dir = Path(out_dir)
     started = time.monotonic()
     generator = torch.Generator().manual_seed(settings.seed)
-    msl = options.max_sequence_length or checkpoint_max_sequence_length(checkpoint)
+    msl = options.max_sequence_length or read_max_sequence_length(checkpoint)
 
     logger.info("loading FLUX from %s for LoRA training (%d images, %d steps)", checkpoint, dataset.count, settings.steps)
     pipe = FluxPipeline.from_pretrained(str(checkpoint), dtype=torch.float32, local_files_only=options.local_files_only)
@@ -306,7 +302,7 @@ def train_lora(
 
     manifest = _manifest(checkpoint, dataset, settings, options, losses, steps_per_s,
                          time.monotonic() - started, len(state), msl)
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    write_lora_manifest(out_dir, manifest)
     logger.info("LoRA saved to %s: loss %.4f -> %.4f, %.2f steps/s", out_dir,
                 manifest["loss_history"]["mean_first_5"], manifest["loss_history"]["mean_last_5"], steps_per_s)
     return manifest

@@ -26,8 +26,8 @@ from typing import Any, Literal
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from common.paths import BUILD_DIR, MODEL_REPOSITORY
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -39,12 +39,12 @@ class JobSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLUXSERVE_JOBS_")
 
-    jobs_dir: Path = PROJECT_ROOT / "build" / "jobs"
+    jobs_dir: Path = BUILD_DIR / "jobs"
     redis_url: str | None = None
     """Use Redis for the queue (several worker machines); default is embedded SQLite."""
     triton_http_url: str = "127.0.0.1:8000"
     """Triton to load re-exported models into (HTTP model-control API)."""
-    model_repository: Path = PROJECT_ROOT / "model_repository"
+    model_repository: Path = MODEL_REPOSITORY
     base_checkpoint: str | None = None
     """FLUX base to train on and re-export; default: the local checkpoint `make models` builds."""
     max_upload_bytes: int = 200 * 1024 * 1024

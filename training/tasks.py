@@ -6,12 +6,10 @@ Tasks are registered on a huey instance by `register_tasks`, called identically 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from huey.api import Huey
@@ -140,7 +138,3 @@ def register_tasks(huey: Huey, settings: JobSettings) -> Callable[[str], Any]:
         run_job(settings, job_id)
 
     return _run
-
-
-def write_params(path: Path, params: dict[str, Any]) -> None:
-    path.write_text(json.dumps(params, indent=2))

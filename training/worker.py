@@ -15,10 +15,10 @@ from pathlib import Path
 
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger("fluxserve.worker")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager

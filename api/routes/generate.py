@@ -6,11 +6,12 @@ import asyncio
 import base64
 import io
 import time
-from typing import get_args
+from typing import Annotated, get_args
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 
+from api.state import AppState, get_state
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from client.contract import OutputFormat
 from client.errors import InvalidInputError
@@ -47,8 +48,7 @@ def raw_format(accept: str) -> str | None:
     response_model=GenerateResponse,
     responses={**ERRORS, 200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
 )
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | Response:
-    state = request.app.state
+async def generate(body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> GenerateResponse | Response:
     settings = state.settings
     seed = body.seed if body.seed is not None else random_seed()
     trigger = await state.trigger_word()

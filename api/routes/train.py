@@ -12,13 +12,14 @@ import json
 import shutil
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from api.errors import envelope
+from api.state import AppState, get_state
 from training.jobs import TERMINAL, JobSettings, job_dir
 from training.lora_dataset import DatasetError, save_prepared, validate_and_extract
 from training.lora_settings import LoraTrainSettings
@@ -44,7 +45,7 @@ async def _save_upload(upload: UploadFile, dest, limit: int) -> int:
 
 @router.post("/train", status_code=202)
 async def create_job(
-    request: Request,
+    state: Annotated[AppState, Depends(get_state)],
     dataset: Annotated[UploadFile | None, File(description="zip of png/jpeg/webp images with optional same-name .txt captions")] = None,
     trigger_word: Annotated[str | None, Form()] = None,
     kind: Annotated[str, Form(description="flux_lora (default) or classifier")] = "flux_lora",
@@ -56,7 +57,6 @@ async def create_job(
     batch_size: Annotated[int | None, Form()] = None,
     publish: Annotated[bool, Form(description="re-export and serve the result when training succeeds")] = True,
 ) -> JSONResponse:
-    state = request.app.state
     settings: JobSettings = state.job_settings
     if kind not in ("flux_lora", "classifier"):
         return envelope(422, "invalid_request", "kind must be 'flux_lora' or 'classifier'")
@@ -103,21 +103,21 @@ async def create_job(
 
 
 @router.get("/train")
-async def list_jobs(request: Request, limit: int = 100) -> dict[str, list[dict]]:
-    return {"jobs": [j.public() for j in request.app.state.jobs.list(limit)]}
+async def list_jobs(state: Annotated[AppState, Depends(get_state)], limit: int = 100) -> dict[str, list[dict]]:
+    return {"jobs": [j.public() for j in state.jobs.list(limit)]}
 
 
 @router.get("/train/{job_id}")
-async def get_job(job_id: str, request: Request) -> JSONResponse:
-    job = request.app.state.jobs.get(job_id)
+async def get_job(job_id: str, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    job = state.jobs.get(job_id)
     if job is None:
         return envelope(404, "not_found", f"no job {job_id}")
     return JSONResponse(job.public())
 
 
 @router.delete("/train/{job_id}")
-async def cancel_job(job_id: str, request: Request) -> JSONResponse:
-    store = request.app.state.jobs
+async def cancel_job(job_id: str, state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    store = state.jobs
     job = store.get(job_id)
     if job is None:
         return envelope(404, "not_found", f"no job {job_id}")
@@ -128,8 +128,8 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
 
 
 @router.get("/train/{job_id}/events")
-async def job_events(job_id: str, request: Request, poll_s: float = 0.5):
-    store = request.app.state.jobs
+async def job_events(job_id: str, request: Request, state: Annotated[AppState, Depends(get_state)], poll_s: float = 0.5):
+    store = state.jobs
     if store.get(job_id) is None:
         return envelope(404, "not_found", f"no job {job_id}")
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, REAL_T5_MAX_SEQUENCE_LENGTH, LocalSize
+from common.flux_assets import CHECKPOINT_MARKER
+from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, LocalSize
 
 log = logging.getLogger(__name__)
 
-MARKER = "fluxserve_checkpoint.json"
-"""Written last by build_local_flux: its presence means the checkpoint is complete."""
 BUILDER_VERSION = 1
 """Bump when the architecture or training corpus changes, so old builds are rebuilt."""
 
@@ -217,7 +216,7 @@ def _marker(size: LocalSize, seed: int) -> dict[str, object]:
 
 def is_complete(out_dir: Path, size: LocalSize, seed: int) -> bool:
     """True when out_dir holds a finished build of exactly this size, seed and builder version."""
-    marker = Path(out_dir) / MARKER
+    marker = Path(out_dir) / CHECKPOINT_MARKER
     if not marker.exists() or not (Path(out_dir) / "model_index.json").exists():
         return False
     try:
@@ -247,22 +246,11 @@ def build_local_flux(out_dir: Path, size: LocalSize = "tiny", seed: int = 0) -> 
         staging = Path(tmp) / "checkpoint"
         pipe = FluxPipeline(**_components(spec, seed))
         pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / MARKER).write_text(json.dumps(_marker(size, seed), indent=2))
+        (staging / CHECKPOINT_MARKER).write_text(json.dumps(_marker(size, seed), indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     return out_dir
-
-
-def checkpoint_max_sequence_length(checkpoint: str | Path) -> int:
-    """T5 tokens per prompt for a checkpoint: the local marker's value, else FLUX.1-dev's 512.
-
-    Works on a full checkpoint or on a copy holding only its configs and tokenizers.
-    """
-    marker = Path(checkpoint) / MARKER
-    if marker.exists():
-        return int(json.loads(marker.read_text())["max_sequence_length"])
-    return REAL_T5_MAX_SEQUENCE_LENGTH
 
 
 def parameter_count(pipeline: object) -> dict[str, int]:

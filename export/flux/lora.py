@@ -14,19 +14,17 @@ MLP/output projections, which is where FLUX LoRA trainers (ai-toolkit, kohya) pu
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from common import flux_assets
+from common.flux_assets import LORA_WEIGHT_NAME, write_lora_manifest
 from export.flux.settings import REAL_LORA, REAL_LORA_WEIGHT_NAME, TRIGGER_WORD
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-"""What FluxPipeline.save_lora_weights writes and load_lora_weights looks for by default."""
-LORA_MANIFEST = "fluxserve_lora.json"
 
 DOUBLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -70,18 +68,17 @@ def build_local_lora(checkpoint_dir: Path, out_dir: Path, rank: int = 4, seed: i
                                    safe_serialization=True)
     manifest = {"trigger_word": trigger_word, "rank": rank, "seed": seed, "weight_name": LORA_WEIGHT_NAME,
                 "base_checkpoint": str(Path(checkpoint_dir).resolve()), "target_modules": len(layers) // 2}
-    (out_dir / LORA_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_lora_manifest(out_dir, manifest)
     log.info("local LoRA (rank %d, %d modules) written to %s", rank, len(layers) // 2, out_dir)
     return out_dir
 
 
 def read_lora_manifest(lora: str | Path) -> dict[str, object]:
-    """The manifest of a local LoRA directory; for others, what is known (the real LoRA's trigger)."""
-    path = Path(lora)
-    manifest = path / LORA_MANIFEST if path.is_dir() else path.parent / LORA_MANIFEST
-    if manifest.exists():
-        return json.loads(manifest.read_text())
-    return {"trigger_word": TRIGGER_WORD} if str(lora) == REAL_LORA else {}
+    """The manifest of a local LoRA (trained or built here); for the real hub LoRA, its known trigger."""
+    manifest = flux_assets.read_lora_manifest(lora)
+    if not manifest and str(lora) == REAL_LORA:
+        return {"trigger_word": TRIGGER_WORD}
+    return manifest
 
 
 def resolve_lora(lora: str | Path, weight_name: str | None = None) -> tuple[str, str | None]:

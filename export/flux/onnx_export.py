@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.ort_session import make_session
 from client.contract import FLUX_IO_NAMES, FLUX_MAX_BATCH, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE_LIMITS
 from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR, externalize_and_map
 
@@ -175,7 +176,6 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
     With `weight_map` = (inner module, its parameter prefix, required layers), weights are stored
     one file per tensor and the Linear layer -> initializer map is built and saved beside the
     model (export.flux.weight_map), so a LoRA can later be patched in without re-exporting."""
-    import onnxruntime as ort
 
     input_names, output_names = FLUX_IO_NAMES[name]
     path = Path(out_dir) / name / ONNX_FILE
@@ -202,9 +202,7 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
     started = time.monotonic()
     with torch.no_grad():
         ref = module(*(torch.from_numpy(check[n]) for n in input_names)).numpy()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(path, 0, spinning=True)
     (got,) = sess.run(list(output_names), {n: check[n] for n in input_names})
     err = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
     check_s = time.monotonic() - started

@@ -12,18 +12,18 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+from client.contract import DEFAULT_TRIGGER_WORD
+from common.flux_assets import DEFAULT_MAX_SEQUENCE_LENGTH
+from common.paths import BUILD_DIR
 
 REAL_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 """The production base model (12B-parameter transformer, guidance-distilled)."""
 REAL_LORA = "strangerzonehf/Flux-Super-Realism-LoRA"
 REAL_LORA_WEIGHT_NAME = "super-realism.safetensors"
 """The file inside REAL_LORA; the repository also holds images, so name it explicitly."""
-TRIGGER_WORD = "Super Realism"
-"""The real LoRA's trigger phrase; the local LoRA uses the same one."""
+TRIGGER_WORD = DEFAULT_TRIGGER_WORD
 
-REAL_T5_MAX_SEQUENCE_LENGTH = 512
-"""FLUX.1-dev's T5 context (FluxPipeline's default and maximum)."""
+REAL_T5_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_SEQUENCE_LENGTH
 LOCAL_T5_MAX_SEQUENCE_LENGTH = 64
 """The local models' T5 context: short, because text tokens join every attention call."""
 
@@ -45,7 +45,7 @@ class FluxSettings(BaseSettings):
     trigger_word: str = TRIGGER_WORD
     local_size: LocalSize = "small"
     local_seed: int = 0
-    build_dir: Path = PROJECT_ROOT / "build" / "flux"
+    build_dir: Path = BUILD_DIR / "flux"
     max_sequence_length: int | None = None
     """T5 tokens per prompt; None = what the checkpoint's marker says (512 for hub models)."""
     onnx_opset: int = 18

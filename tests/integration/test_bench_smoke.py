@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from client.contract import CLASSIFY
+from common.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLASSIFY_TARGETS = ("facade-classify", "triton-classify", "baseline-classify")
 SMOKE_REQUESTS = 20
 

@@ -17,7 +17,7 @@ from PIL import Image
 from client.contract import FLUX_TRANSFORMER, GENERATE
 from client.triton_client import TritonClient
 from export.flux.lora import load_pipeline
-from serving.flux_loop import read_max_sequence_length
+from common.flux_assets import read_max_sequence_length
 from tests.conftest import MODEL_REPOSITORY, start_facade, start_triton, triton_metric
 
 pytestmark = pytest.mark.integration

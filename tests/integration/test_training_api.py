@@ -149,7 +149,7 @@ def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str
 
 def facade_prompt_for(stack: Stack, prompt: str, expect: str, timeout_s: float = 30) -> str:
     """The prompt /generate sends to the model, once it equals `expect` or at the timeout: the
-    facade re-reads the deployed LoRA's trigger words every few seconds (api.app.TRIGGER_TTL_S)."""
+    facade adds the trigger words of the newest ready `generate` version (api.state.AppState)."""
     deadline = time.monotonic() + timeout_s
     with stack.http(300) as http:
         while True:
@@ -358,6 +358,28 @@ def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
     assert all(abs(sum(res["scores"].values()) - 1) < 1e-4 for res in after.json()["results"])
 
 
+def test_classifier_swap_changes_the_uncertainty_threshold(stack: Stack, tmp_path: Path) -> None:
+    """`uncertain` uses the threshold of the classify version that answered: after a swap to a
+    version published with threshold 1.5 (every answer is below it), the facade flags everything,
+    with no restart and no cache to expire."""
+    from common.paths import CLASSIFIER_MODEL_DIR
+
+    text = {"text": "make an image of you in Paris"}
+    with stack.http() as http:
+        assert http.post("/classify", json=text).json()["uncertain"] is False
+    model = tmp_path / "model"
+    shutil.copytree(CLASSIFIER_MODEL_DIR, model)
+    labels = json.loads((model / "labels.json").read_text())
+    (model / "labels.json").write_text(json.dumps({**labels, "recommended_threshold": 1.5}))
+    cli = Path(sys.executable).parent / "fluxserve-export"
+    run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
+                          "classifier", "--model-dir", str(model)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with stack.http() as http:
+        after = http.post("/classify", json=text).json()
+    assert after["uncertain"] is True and after["label"] == "image_request", after
+
+
 def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_path: Path, monkeypatch) -> None:
     """A LoRA job whose new transformer cannot be loaded by Triton: the job's publish step is
     marked failed, the new version folders are rolled back and the old version keeps serving.
@@ -413,6 +435,23 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     with stack.http(300) as http:
         r = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1})
     assert r.status_code == 200 and r.json()["model_version"] == old_version
+
+
+def test_export_cli_serves_a_trained_loras_own_trigger_word(stack: Stack) -> None:
+    """A LoRA trained by a job, re-exported through the CLI without --trigger-word, serves with the
+    trigger word it was trained with: training writes the LoRA manifest export reads (one name)."""
+    from common.flux_assets import LORA_MANIFEST
+
+    job = stack.submit(steps=4, publish="false").json()
+    done = stack.wait(job["job_id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    lora_dir = stack.jobs_dir / job["job_id"] / "lora"
+    assert json.loads((lora_dir / LORA_MANIFEST).read_text())["trigger_word"] == TRIGGER
+    cli = Path(sys.executable).parent / "fluxserve-export"
+    run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
+                          "flux", "--lora", str(lora_dir)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert facade_prompt_for(stack, "x", expect=f"{TRIGGER}, x") == f"{TRIGGER}, x"
 
 
 def test_export_cli_swaps_in_a_lora_from_elsewhere(stack: Stack) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from export.flux.checkpoint import build_local_flux
-from export.flux.lora import LORA_WEIGHT_NAME, build_local_lora, load_pipeline
+from common.flux_assets import LORA_WEIGHT_NAME
+from export.flux.lora import build_local_lora, load_pipeline
 
 
 @pytest.fixture(scope="session")

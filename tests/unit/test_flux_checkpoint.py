@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import FluxPipeline  # noqa: E402
 
-from export.flux.checkpoint import MARKER, SCHEDULER_CONFIG, build_local_flux, checkpoint_max_sequence_length  # noqa: E402
-from export.flux.lora import LORA_MANIFEST, LORA_WEIGHT_NAME, load_pipeline, resolve_lora  # noqa: E402
+from common.flux_assets import CHECKPOINT_MARKER as MARKER, LORA_MANIFEST, LORA_WEIGHT_NAME, read_max_sequence_length  # noqa: E402
+from export.flux.checkpoint import SCHEDULER_CONFIG, build_local_flux  # noqa: E402
+from export.flux.lora import load_pipeline, resolve_lora  # noqa: E402
 from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, REAL_LORA, REAL_LORA_WEIGHT_NAME, TRIGGER_WORD  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -45,8 +46,8 @@ def test_checkpoint_loads_offline_with_flux_layout(tiny_checkpoint: Path) -> Non
     for key, value in SCHEDULER_CONFIG.items():
         assert pipe.scheduler.config[key] == value, key
     assert pipe.tokenizer.model_max_length == 77
-    assert checkpoint_max_sequence_length(tiny_checkpoint) == LOCAL_T5_MAX_SEQUENCE_LENGTH
-    assert checkpoint_max_sequence_length(tiny_checkpoint.parent / "no-such-checkpoint") == 512
+    assert read_max_sequence_length(tiny_checkpoint) == LOCAL_T5_MAX_SEQUENCE_LENGTH
+    assert read_max_sequence_length(tiny_checkpoint.parent / "no-such-checkpoint") == 512
 
 
 def test_tokenizers_cover_the_prompt_vocabulary(tiny_checkpoint: Path) -> None:

@@ -21,9 +21,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from common.flux_assets import LORA_MANIFEST, LORA_WEIGHT_NAME, read_max_sequence_length
 from training.flux_lora import (
-    LORA_WEIGHT_NAME,
-    MANIFEST_NAME,
     LoraTrainSettings,
     _bake_alpha,
     load_image_tensor,
@@ -95,7 +94,7 @@ def test_manifest(trained, dataset: PreparedDataset, checkpoint: Path) -> None:
     out, manifest, _ = trained
     import json
 
-    assert json.loads((out / MANIFEST_NAME).read_text()) == manifest
+    assert json.loads((out / LORA_MANIFEST).read_text()) == manifest
     assert manifest["trigger_word"] == TRIGGER
     assert manifest["dataset"] == {"sha256": dataset.sha256, "count": 4}
     assert manifest["base_checkpoint"] == str(checkpoint)
@@ -159,7 +158,6 @@ def test_deterministic_for_a_seed(checkpoint: Path, dataset: PreparedDataset, tm
 def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoint: Path, dataset: PreparedDataset) -> None:
     from diffusers import FluxPipeline
 
-    from export.flux.checkpoint import checkpoint_max_sequence_length
     from export.flux.lora import load_pipeline
 
     out, _, _ = trained
@@ -174,7 +172,7 @@ def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoi
         with torch.no_grad():
             latents = pipe(TRIGGER, height=64, width=64, num_inference_steps=4, guidance_scale=TRAIN.guidance,
                            generator=torch.Generator().manual_seed(0), output_type="latent",
-                           max_sequence_length=checkpoint_max_sequence_length(checkpoint)).images
+                           max_sequence_length=read_max_sequence_length(checkpoint)).images
             unpacked = FluxPipeline._unpack_latents(latents, 64, 64, pipe.vae_scale_factor)
             image = pipe.vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample
         return latents, image.mean(dim=(0, 2, 3))
