@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 # here against about 3 with passive waits (torch reads this once, when it loads).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install models up test test-fast compose-test bench bench-smoke bench-sweep clean
+.PHONY: install models up lint test test-fast compose-test bench bench-smoke bench-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ models: install
 up: models
 	$(BIN)/python -m runtime.stack
 
-test: models
+# ruff (pinned in the test extra, configured in pyproject.toml): lint rules and the formatter's layout.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint models
 	$(BIN)/python -m pytest -ra --timeout=900 $(PYTEST_ARGS)
 
 # The docker compose cpu stack for real (not part of `make test`): Docker engine (installed and

@@ -128,7 +128,9 @@ class MemoryBudget:
                 f"of {budget / 2**20:,.0f} MiB: use a smaller width x height or fewer num_images"
             )
         if self.in_flight + needed > budget:
-            raise OverloadedError("generation memory is fully used by requests in flight; retry later", retry_after_s=2.0)
+            raise OverloadedError(
+                "generation memory is fully used by requests in flight; retry later", retry_after_s=2.0
+            )
 
     @asynccontextmanager
     async def held(self, needed: int) -> AsyncIterator[None]:
@@ -154,10 +156,20 @@ class Admission:
         self.settings = settings
         self._model_facts = model_facts
         self._facts: tuple[float, ModelFacts] | None = None
-        self.generate = CostQueue("generation", "megapixel-steps", settings.generate_max_wait_s,
-                                  settings.generate_initial_rate_mps, settings.rate_smoothing)
-        self.classify = CostQueue("classification", "texts", settings.classify_max_wait_s,
-                                  settings.classify_initial_rate_texts, settings.rate_smoothing)
+        self.generate = CostQueue(
+            "generation",
+            "megapixel-steps",
+            settings.generate_max_wait_s,
+            settings.generate_initial_rate_mps,
+            settings.rate_smoothing,
+        )
+        self.classify = CostQueue(
+            "classification",
+            "texts",
+            settings.classify_max_wait_s,
+            settings.classify_initial_rate_texts,
+            settings.rate_smoothing,
+        )
         self.memory = MemoryBudget()
 
     async def facts(self) -> ModelFacts:
@@ -207,7 +219,8 @@ async def deployed_model_facts(triton: AsyncTritonClient) -> ModelFacts:
         return int(value) if value else default
 
     default = TransformerShape()
-    shape = TransformerShape(number(ATTENTION_HEADS_PARAMETER, default.attention_heads),
-                             number(TEXT_TOKENS_PARAMETER, default.text_tokens))
+    shape = TransformerShape(
+        number(ATTENTION_HEADS_PARAMETER, default.attention_heads), number(TEXT_TOKENS_PARAMETER, default.text_tokens)
+    )
     # On CPU every model runs in the python backend; on GPU the transformer is an engine.
     return ModelFacts(on_gpu=transformer.get("backend") != "python", shape=shape)

@@ -55,8 +55,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             reaper.cancel()
             await state.close()
 
-    app = FastAPI(title="fluxserve", version="0.1.0", lifespan=lifespan,
-                  description="FLUX.1-dev image generation and an image-request classifier, served by Triton.")
+    app = FastAPI(
+        title="fluxserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="FLUX.1-dev image generation and an image-request classifier, served by Triton.",
+    )
     app.state.fluxserve = state
     upload_limit = job_settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
 
@@ -95,8 +99,17 @@ def serve(settings: ApiSettings) -> None:
 
     # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults;
     # log_config=None: uvicorn's lines go through our handler, request id included.
-    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=settings.access_log,
-                          timeout_graceful_shutdown=STOP_GRACE_S, log_config=None)).run()
+    Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=settings.access_log,
+            timeout_graceful_shutdown=STOP_GRACE_S,
+            log_config=None,
+        )
+    ).run()
 
 
 def main() -> None:

@@ -24,12 +24,18 @@ class BodyTooLarge(HTTPException):
 
 
 def _payload_too_large(limit: int) -> tuple[dict, bytes]:
-    body = json.dumps({"error": {"type": "payload_too_large", "message": f"request body larger than {limit} bytes"}}).encode()
+    body = json.dumps(
+        {"error": {"type": "payload_too_large", "message": f"request body larger than {limit} bytes"}}
+    ).encode()
     start = {
         "type": "http.response.start",
         "status": 413,
         # The rest of the body is not read, so this connection cannot carry another request.
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
     }
     return start, body
 

@@ -32,8 +32,9 @@ async def _finish(tasks: Sequence[asyncio.Future[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def bounded(request: Request, work: Coroutine[Any, Any, T], timeout_s: float,
-                  stopping: asyncio.Event | None = None) -> T:
+async def bounded(
+    request: Request, work: Coroutine[Any, Any, T], timeout_s: float, stopping: asyncio.Event | None = None
+) -> T:
     """`await work`, unless the client disconnects (RequestCancelledError), `timeout_s` passes
     (RequestTimeoutError) or the server begins to stop (`stopping` set: ServerUnavailableError,
     503 + Retry-After) first; the work is cancelled in all three cases. A server stopping must end

@@ -40,8 +40,16 @@ STATUS: dict[type[FluxServeError], int] = {
 
 
 # Stable `type` for the statuses Starlette/FastAPI raise themselves (unknown route, wrong method...).
-HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type"}
+HTTP_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 # What a caller reads when Triton produced the error: a short, stable sentence per kind.
 SERVER_MESSAGES: dict[type[FluxServeError], str] = {
     InvalidInputError: "the inference server refused the request as invalid",
@@ -93,8 +101,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
             request.app.state.fluxserve.readiness.model_failed(exc)
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        kind = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed",
-                499: "cancelled"}.get(status, "error")
+        kind = {
+            422: "invalid_request",
+            503: "unavailable",
+            504: "timeout",
+            502: "inference_failed",
+            499: "cancelled",
+        }.get(status, "error")
         log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None

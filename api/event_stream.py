@@ -55,7 +55,9 @@ def error_event(exc: BaseException) -> dict[str, str]:
     return event("error", {"error": {"type": kind, "message": message}})
 
 
-async def generation_events(state: AppState, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
+async def generation_events(
+    state: AppState, body: GenerateRequest, prompt: str, seed: int
+) -> AsyncIterator[dict[str, str]]:
     """A streamed generation is admitted like a unary one (api.admission: over the per-request
     cost it is refused, and when the estimated wait is too long it is shed), as an `error` event."""
     admission = state.admission.generation(body.width, body.height, body.steps, body.num_images)
@@ -71,7 +73,9 @@ async def generation_events(state: AppState, body: GenerateRequest, prompt: str,
         await admission.__aexit__(None, None, None)
 
 
-async def _admitted_generation_events(state: AppState, body: GenerateRequest, prompt: str, seed: int) -> AsyncIterator[dict[str, str]]:
+async def _admitted_generation_events(
+    state: AppState, body: GenerateRequest, prompt: str, seed: int
+) -> AsyncIterator[dict[str, str]]:
     """`progress` events for all `body.num_images` images (run concurrently, so they share
     transformer steps in Triton), then one `image` event; or an `error` event."""
     from api.routes.generate import encode_image  # the JSON answer's own encoder
@@ -83,14 +87,23 @@ async def _admitted_generation_events(state: AppState, body: GenerateRequest, pr
 
     async def one(index: int) -> GenerateResult:
         async for progress, result in state.triton_generate.generate_stream(
-                prompt, seed + index, body.width, body.height, body.steps, body.guidance):
+            prompt, seed + index, body.width, body.height, body.steps, body.guidance
+        ):
             if result is not None:  # the final response repeats the last step: no second event
                 return result
             done_steps[index] = progress.step
-            await events.put(event("progress", {
-                "image": index, "step": progress.step, "total": progress.total,
-                "elapsed_s": round(progress.elapsed_s, 4), "fraction": round(sum(done_steps) / total_steps, 4),
-            }))
+            await events.put(
+                event(
+                    "progress",
+                    {
+                        "image": index,
+                        "step": progress.step,
+                        "total": progress.total,
+                        "elapsed_s": round(progress.elapsed_s, 4),
+                        "fraction": round(sum(done_steps) / total_steps, 4),
+                    },
+                )
+            )
         raise RuntimeError("stream ended without an image")  # the client raises first; belt and braces
 
     tasks = [asyncio.create_task(one(i)) for i in range(body.num_images)]

@@ -41,6 +41,7 @@ async def refuse_new_job(store: JobStore, settings: JobSettings) -> JSONResponse
     if not await run_in_threadpool(store.alive_workers):
         return _unavailable("no_worker", "no training worker is running; retry later", NO_WORKER_RETRY_AFTER_S)
     if await run_in_threadpool(store.waiting) >= settings.max_queued_jobs:
-        return _unavailable("queue_full", f"{settings.max_queued_jobs} jobs are already waiting; retry later",
-                            QUEUE_FULL_RETRY_AFTER_S)
+        return _unavailable(
+            "queue_full", f"{settings.max_queued_jobs} jobs are already waiting; retry later", QUEUE_FULL_RETRY_AFTER_S
+        )
     return None

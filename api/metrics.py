@@ -22,7 +22,9 @@ class ApiMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
-        self.items = Counter("fluxserve_items_total", "texts classified / images generated", ["kind"], registry=self.registry)
+        self.items = Counter(
+            "fluxserve_items_total", "texts classified / images generated", ["kind"], registry=self.registry
+        )
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

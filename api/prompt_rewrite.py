@@ -42,7 +42,7 @@ def image_prompt(message: str) -> str:
     match = _REQUEST.match(original)
     if match is None:
         return original
-    rest = _TAIL.sub("", original[match.end():]).strip()
+    rest = _TAIL.sub("", original[match.end() :]).strip()
     if not re.search(r"[^\W\d_]", rest):
         return original
     return rest

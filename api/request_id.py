@@ -80,9 +80,16 @@ class RequestIdMiddleware:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            body = json.dumps({"error": {"type": "internal_error", "message": f"internal error; request id {rid}"}}).encode()
-            await stamped_send({"type": "http.response.start", "status": 500,
-                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                {"error": {"type": "internal_error", "message": f"internal error; request id {rid}"}}
+            ).encode()
+            await stamped_send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
         finally:
             _current.reset(token)

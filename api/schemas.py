@@ -21,7 +21,12 @@ Text = Annotated[str, Field(min_length=1, max_length=CLASSIFY_LIMITS.max_text_ch
 class ClassifyRequest(BaseModel):
     """Exactly one of `text` (one message) or `texts` (a batch)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "can I see you in the kitchen?"}, {"texts": ["selfie?", "see you tomorrow"]}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"text": "can I see you in the kitchen?"}, {"texts": ["selfie?", "see you tomorrow"]}]
+        },
+    )
 
     text: Text | None = None
     texts: Annotated[list[Text], Field(min_length=1, max_length=CLASSIFY_LIMITS.max_texts_per_request)] | None = None
@@ -37,7 +42,9 @@ class ClassifyResult(BaseModel):
     label: str = Field(description=f"one of {list(LABELS)}")
     score: float = Field(description="probability of `label`")
     scores: dict[str, float]
-    uncertain: bool = Field(description="score below the recommended threshold: decide with `scores`, do not trust `label` blindly")
+    uncertain: bool = Field(
+        description="score below the recommended threshold: decide with `scores`, do not trust `label` blindly"
+    )
 
 
 class ClassifyBatchResponse(BaseModel):
@@ -54,13 +61,22 @@ class ErrorResponse(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]},
+    )
 
     prompt: Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
-    width: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.width
-    height: Annotated[int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)] = GENERATE_DEFAULTS.height
+    width: Annotated[
+        int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
+    ] = GENERATE_DEFAULTS.width
+    height: Annotated[
+        int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
+    ] = GENERATE_DEFAULTS.height
     steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
-    guidance: Annotated[float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)] = GENERATE_DEFAULTS.guidance
+    guidance: Annotated[
+        float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)
+    ] = GENERATE_DEFAULTS.guidance
     seed: Annotated[int, Field(ge=0, le=GENERATE_LIMITS.max_seed)] | None = None
     num_images: Annotated[int, Field(ge=1, le=GENERATE_LIMITS.max_num_images)] = GENERATE_DEFAULTS.num_images
     output_format: OutputFormat = "png"
@@ -94,13 +110,22 @@ ChatKind = Literal["image", "conversation", "uncertain"]
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"message": "make an image of you in Paris", "generate": {"width": 512, "height": 512, "steps": 8}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"message": "make an image of you in Paris", "generate": {"width": 512, "height": 512, "steps": 8}}
+            ]
+        },
+    )
 
     message: Text
     generate: ChatGenerateOptions | None = None  # type: ignore[valid-type]
 
 
 class ChatResponse(BaseModel):
-    kind: ChatKind = Field(description="image: generated from the message; conversation: not an image request; uncertain: the classifier is not sure, nothing generated")
+    kind: ChatKind = Field(
+        description="image: generated from the message; conversation: not an image request; uncertain: the classifier is not sure, nothing generated"
+    )
     classification: ClassifyResult
     image: GenerateResponse | None = Field(description="the /generate answer when kind is image, else null")

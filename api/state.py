@@ -55,7 +55,9 @@ class AppState:
     metrics: ApiMetrics
     keyring: KeyRing
     """The operator keys (api.auth): required on /train, and on inference when configured."""
-    thresholds: VersionedParameter = field(default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER))
+    thresholds: VersionedParameter = field(
+        default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER)
+    )
     triggers: VersionedParameter = field(default_factory=lambda: VersionedParameter(GENERATE.name, TRIGGER_PARAMETER))
     # Opened by the lifespan: they bind to the running event loop.
     triton: AsyncTritonClient | None = None

@@ -58,9 +58,12 @@ class _Receiver:
 
     def callbacks(self) -> dict:
         return {
-            "on_part_begin": self.part_begin, "on_header_field": self.header_field,
-            "on_header_value": self.header_value, "on_header_end": self.header_end,
-            "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,
+            "on_part_begin": self.part_begin,
+            "on_header_field": self.header_field,
+            "on_header_value": self.header_value,
+            "on_header_end": self.header_end,
+            "on_headers_finished": self.headers_finished,
+            "on_part_data": self.part_data,
             "on_part_end": self.part_end,
         }
 

@@ -72,8 +72,11 @@ def create_app(classifier_dir: Path = DEFAULT_CLASSIFIER_DIR, with_generate: boo
             from benchmarks.flux_baseline import load_flux_pipeline
 
             app.state.flux, app.state.flux_source = load_flux_pipeline()
-        app.state.info = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "generate": app.state.flux is not None}
+        app.state.info = {
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "generate": app.state.flux is not None,
+        }
         log.info("baseline ready: %s", app.state.info)
         yield
 
@@ -101,7 +104,9 @@ def create_app(classifier_dir: Path = DEFAULT_CLASSIFIER_DIR, with_generate: boo
     @app.post("/generate", response_model=None)
     def generate(body: GenerateBody) -> dict[str, Any] | JSONResponse:
         if app.state.flux is None:
-            return JSONResponse(status_code=503, content={"error": {"type": "unavailable", "message": "generation is not enabled"}})
+            return JSONResponse(
+                status_code=503, content={"error": {"type": "unavailable", "message": "generation is not enabled"}}
+            )
         import torch
 
         source = app.state.flux_source
@@ -111,8 +116,13 @@ def create_app(classifier_dir: Path = DEFAULT_CLASSIFIER_DIR, with_generate: boo
             prompt = f"{source.trigger_word}, {prompt}"
         with lock:
             images = app.state.flux(
-                prompt=prompt, max_sequence_length=source.max_sequence_length, width=body.width, height=body.height,
-                num_inference_steps=body.steps, guidance_scale=body.guidance, num_images_per_prompt=body.num_images,
+                prompt=prompt,
+                max_sequence_length=source.max_sequence_length,
+                width=body.width,
+                height=body.height,
+                num_inference_steps=body.steps,
+                guidance_scale=body.guidance,
+                num_images_per_prompt=body.num_images,
                 generator=torch.Generator("cpu").manual_seed(body.seed),
             ).images
         encoded = []
@@ -136,8 +146,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Same server settings as the facade (api.app.main), so the comparison is about architecture.
-    uvicorn.run(create_app(args.classifier_dir, args.generate), host=args.host, port=args.port, log_level="info",
-                access_log=False)
+    uvicorn.run(
+        create_app(args.classifier_dir, args.generate),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

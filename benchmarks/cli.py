@@ -1,14 +1,14 @@
 """`fluxserve-bench`: load benchmarks of fluxserve against its baseline, and a batching sweep.
 
-    fluxserve-bench run [--smoke] [--duration-s 10] [--concurrency 1 8 32] [--rate 50]
-                        [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
-                        [--out benchmarks/results]
-    fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 classifier, both doors
-    fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
-    fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
-    fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
-    fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
-    fluxserve-bench readme                                     # put the latest tables into README.md
+fluxserve-bench run [--smoke] [--duration-s 10] [--concurrency 1 8 32] [--rate 50]
+                    [--targets facade-classify triton-classify baseline-classify ort-inprocess ...]
+                    [--out benchmarks/results]
+fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 classifier, both doors
+fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
+fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
+fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
+fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
+fluxserve-bench readme                                     # put the latest tables into README.md
 """
 
 from __future__ import annotations
@@ -30,17 +30,24 @@ from benchmarks.workload import GenerateParams
 def _run(args: argparse.Namespace) -> int:
     from benchmarks.runner import RunSettings, run, smoke_settings
 
-    s = RunSettings(out_dir=args.out, targets=tuple(args.targets), log_dir=args.log_dir, plots=not args.no_plots,
-                    wait_idle_s=args.wait_idle_s)
+    s = RunSettings(
+        out_dir=args.out,
+        targets=tuple(args.targets),
+        log_dir=args.log_dir,
+        plots=not args.no_plots,
+        wait_idle_s=args.wait_idle_s,
+    )
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     if args.smoke:
         s = smoke_settings(s)
     overrides = {
-        "duration_s": args.duration_s, "open_duration_s": args.duration_s if args.duration_s else None,
+        "duration_s": args.duration_s,
+        "open_duration_s": args.duration_s if args.duration_s else None,
         "concurrency": tuple(args.concurrency) if args.concurrency else None,
         "rate_rps": (args.rate or None) if args.rate is not None else None,
-        "max_requests": args.max_requests, "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+        "max_requests": args.max_requests,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
         "generate_concurrency": tuple(args.generate_concurrency) if args.generate_concurrency else None,
         "generate_max_requests": args.generate_max_requests,
     }
@@ -69,8 +76,14 @@ def _precision(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from benchmarks.sweep import Candidate, SweepSettings, sweep
 
-    s = SweepSettings(concurrency=args.concurrency, duration_s=args.duration_s, repeats=args.repeats,
-                      tie_tolerance=args.tie_tolerance, out=args.out, log_dir=args.log_dir)
+    s = SweepSettings(
+        concurrency=args.concurrency,
+        duration_s=args.duration_s,
+        repeats=args.repeats,
+        tie_tolerance=args.tie_tolerance,
+        out=args.out,
+        log_dir=args.log_dir,
+    )
     if args.candidates:
         s = replace(s, candidates=tuple(Candidate.parse(c) for c in args.candidates))
     if args.model_repository:
@@ -83,8 +96,13 @@ def _sweep(args: argparse.Namespace) -> int:
 def _swap(args: argparse.Namespace) -> int:
     from benchmarks.swap import SwapSettings, render_markdown, swap
 
-    s = SwapSettings(concurrency=args.concurrency, train_steps=args.train_steps, out=args.out, log_dir=args.log_dir,
-                     compare_full_export=args.compare_full_export)
+    s = SwapSettings(
+        concurrency=args.concurrency,
+        train_steps=args.train_steps,
+        out=args.out,
+        log_dir=args.log_dir,
+        compare_full_export=args.compare_full_export,
+    )
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     sys.stdout.write(render_markdown(swap(s)))
@@ -94,7 +112,9 @@ def _swap(args: argparse.Namespace) -> int:
 def _overload(args: argparse.Namespace) -> int:
     from benchmarks.overload import OverloadSettings, overload, render_markdown
 
-    s = OverloadSettings(duration_s=args.duration_s, multipliers=tuple(args.multipliers), out=args.out, log_dir=args.log_dir)
+    s = OverloadSettings(
+        duration_s=args.duration_s, multipliers=tuple(args.multipliers), out=args.out, log_dir=args.log_dir
+    )
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     sys.stdout.write(render_markdown(overload(s)))
@@ -139,11 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS_DIR)
     r.add_argument("--log-dir", type=Path, default=LOG_DIR, help="server logs")
     r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--wait-idle-s", type=float, default=0.0,
-                   help="first wait up to this long for other work on the machine to finish")
+    r.add_argument(
+        "--wait-idle-s",
+        type=float,
+        default=0.0,
+        help="first wait up to this long for other work on the machine to finish",
+    )
     r.set_defaults(fn=_run)
 
-    pr = sub.add_parser("precision", help="fp32 vs int8 classifier: facade, Triton gRPC, baseline, in-process ORT limit")
+    pr = sub.add_parser(
+        "precision", help="fp32 vs int8 classifier: facade, Triton gRPC, baseline, in-process ORT limit"
+    )
     pr.add_argument("--concurrency", type=int, nargs="+", default=[32])
     pr.add_argument("--duration-s", type=float, default=10.0)
     pr.set_defaults(fn=_precision)
@@ -167,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--model-repository", type=Path)
     sw.add_argument("--out", type=Path, default=SWAP_RESULT)
     sw.add_argument("--log-dir", type=Path, default=LOG_DIR)
-    sw.add_argument("--no-full-export", dest="compare_full_export", action="store_false",
-                    help="skip the idle job published by a full fuse + re-export (weight patching off)")
+    sw.add_argument(
+        "--no-full-export",
+        dest="compare_full_export",
+        action="store_false",
+        help="skip the idle job published by a full fuse + re-export (weight patching off)",
+    )
     sw.set_defaults(fn=_swap)
 
     from benchmarks.overload import RESULT_FILE as OVERLOAD_RESULT

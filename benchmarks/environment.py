@@ -11,8 +11,20 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PACKAGES: tuple[str, ...] = ("torch", "onnxruntime", "tritonclient", "transformers", "diffusers", "nvidia-pytriton",
-                             "fastapi", "uvicorn", "uvloop", "aiohttp", "grpcio", "numpy")
+PACKAGES: tuple[str, ...] = (
+    "torch",
+    "onnxruntime",
+    "tritonclient",
+    "transformers",
+    "diffusers",
+    "nvidia-pytriton",
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "aiohttp",
+    "grpcio",
+    "numpy",
+)
 
 
 def cpu_model() -> str:
@@ -37,6 +49,7 @@ def memory_gib() -> float | None:
 
 def cpu_busy_fraction(sample_s: float = 1.0) -> float | None:
     """Share of all cores busy over `sample_s` (from /proc/stat): other work skews every figure."""
+
     def read() -> tuple[int, int]:
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
@@ -102,7 +115,9 @@ def _size_mb(paths: list[Path]) -> float:
     return round(sum(p.stat().st_size for p in paths if p.is_file()) / 1e6, 1)
 
 
-def model_facts(classifier_dir: Path, classifier_onnx: Path, repo: Path, generate_models: tuple[str, ...]) -> dict[str, object]:
+def model_facts(
+    classifier_dir: Path, classifier_onnx: Path, repo: Path, generate_models: tuple[str, ...]
+) -> dict[str, object]:
     facts: dict[str, object] = {
         "classifier": {
             "checkpoint": str(classifier_dir),

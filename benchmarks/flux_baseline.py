@@ -8,12 +8,12 @@ the benchmark skips the baseline's generate target with the reason.
 
 from __future__ import annotations
 
-from common.flux_assets import read_max_sequence_length
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.flux_assets import read_max_sequence_length
 
 log = logging.getLogger(__name__)
 

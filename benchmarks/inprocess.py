@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def _feeds(tokenizer: object, texts: list[str]) -> dict[str, np.ndarray]:
-    enc = tokenizer(texts, padding="longest", truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="np")  # type: ignore[operator]
+    enc = tokenizer(
+        texts, padding="longest", truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="np"
+    )  # type: ignore[operator]
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
@@ -46,6 +48,7 @@ def ort_sweep(
     rows = []
     offset = 0
     for bs in batch_sizes:
+
         def batch() -> list[str]:
             nonlocal offset
             chunk = [pool[(offset + j) % len(pool)] for j in range(bs)]
@@ -61,10 +64,19 @@ def ort_sweep(
             latencies.append(time.perf_counter() - t0)
             n_batches += 1
         wall = time.perf_counter() - started
-        row = {"batch_size": bs, "batches": n_batches, "texts_per_s": round(n_batches * bs / wall, 2),
-               "batch_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 3)}
+        row = {
+            "batch_size": bs,
+            "batches": n_batches,
+            "texts_per_s": round(n_batches * bs / wall, 2),
+            "batch_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 3),
+        }
         log.info("ORT in-process batch %d: %.1f texts/s", bs, row["texts_per_s"])
         rows.append(row)
     best = max(rows, key=lambda r: r["texts_per_s"])
-    return {"threads": threads, "onnx": str(onnx_path), "sweep": rows,
-            "best_batch_size": best["batch_size"], "best_texts_per_s": best["texts_per_s"]}
+    return {
+        "threads": threads,
+        "onnx": str(onnx_path),
+        "sweep": rows,
+        "best_batch_size": best["batch_size"],
+        "best_texts_per_s": best["texts_per_s"],
+    }

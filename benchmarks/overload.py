@@ -77,8 +77,13 @@ class Endpoint:
 
     def body(self, i: int) -> tuple[str, dict[str, Any]]:
         if self.model == GENERATE.name:
-            return "/generate", {"prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], "width": self.s.generate_side,
-                                 "height": self.s.generate_side, "steps": self.s.generate_steps, "seed": i}
+            return "/generate", {
+                "prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)],
+                "width": self.s.generate_side,
+                "height": self.s.generate_side,
+                "steps": self.s.generate_steps,
+                "seed": i,
+            }
         return "/classify", {"text": self.texts[i % len(self.texts)]}
 
     async def __call__(self, i: int) -> None:
@@ -132,8 +137,11 @@ async def _lone(endpoint: Endpoint, n: int) -> float:
     """Median of `n` sequential requests, each on a fresh connection: a pooled keep-alive
     connection left idle after a load point may have been closed by the server meanwhile."""
     pooled = endpoint.session
-    async with aiohttp.ClientSession(base_url=endpoint.url, connector=aiohttp.TCPConnector(force_close=True),
-                                     timeout=aiohttp.ClientTimeout(total=endpoint.s.client_timeout_s)) as fresh:
+    async with aiohttp.ClientSession(
+        base_url=endpoint.url,
+        connector=aiohttp.TCPConnector(force_close=True),
+        timeout=aiohttp.ClientTimeout(total=endpoint.s.client_timeout_s),
+    ) as fresh:
         endpoint.session = fresh
         try:
             for i in range(n):
@@ -149,8 +157,11 @@ async def _lone(endpoint: Endpoint, n: int) -> float:
 
 async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: OverloadSettings) -> dict[str, Any]:
     endpoint = Endpoint(model, facade_url, s)
-    async with aiohttp.ClientSession(base_url=facade_url, connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=s.client_timeout_s)) as session:
+    async with aiohttp.ClientSession(
+        base_url=facade_url,
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=s.client_timeout_s),
+    ) as session:
         endpoint.session = session
         lone_s = await _lone(endpoint, s.lone_requests)
         cap = await closed_loop(endpoint, s.capacity_concurrency[model], s.capacity_s, 100_000)
@@ -161,34 +172,59 @@ async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: Over
         for m in s.multipliers:
             rate = capacity_rps * m
             before = scrape(metrics_url)
-            stats = await open_loop(endpoint, rate, s.duration_s, max_requests=int(rate * s.duration_s * 2) + 10,
-                                    max_in_flight=100_000, drain_timeout_s=s.client_timeout_s + 5)
+            stats = await open_loop(
+                endpoint,
+                rate,
+                s.duration_s,
+                max_requests=int(rate * s.duration_s * 2) + 10,
+                max_in_flight=100_000,
+                drain_timeout_s=s.client_timeout_s + 5,
+            )
             out = endpoint.reset()
             idle_s = await _wait_idle(metrics_url, model, s.idle_timeout_s)
             work = _work(scrape(metrics_url), model) - _work(before, model)
             useful = len(out.served_s) * (s.generate_steps if model == GENERATE.name else 1)
             lone_after_s = await _lone(endpoint, 1)
-            points.append({
-                "multiplier": m, "offered_rps": round(rate, 2), "sent": stats.sent,
-                "served": len(out.served_s), "rejected": len(out.rejected_s), "failed": sum(out.failed.values()),
-                "failed_by_kind": out.failed, "rejected_without_retry_after": out.rejected_without_retry_after,
-                "served_p50_ms": _pct(out.served_s, 50), "served_p99_ms": _pct(out.served_s, 99),
-                "p99_vs_lone": round(float(np.percentile(out.served_s, 99)) / lone_s, 1) if out.served_s else None,
-                "reject_p50_ms": _pct(out.rejected_s, 50), "reject_max_ms": _pct(out.rejected_s, 100),
-                "lone_after_ms": round(lone_after_s * 1000, 1), "lone_after_vs_lone": round(lone_after_s / lone_s, 2),
-                "idle_after_s": idle_s,
-                "abandoned_work_share": round(max(0.0, work - useful) / work, 3) if work else 0.0,
-            })
+            points.append(
+                {
+                    "multiplier": m,
+                    "offered_rps": round(rate, 2),
+                    "sent": stats.sent,
+                    "served": len(out.served_s),
+                    "rejected": len(out.rejected_s),
+                    "failed": sum(out.failed.values()),
+                    "failed_by_kind": out.failed,
+                    "rejected_without_retry_after": out.rejected_without_retry_after,
+                    "served_p50_ms": _pct(out.served_s, 50),
+                    "served_p99_ms": _pct(out.served_s, 99),
+                    "p99_vs_lone": round(float(np.percentile(out.served_s, 99)) / lone_s, 1) if out.served_s else None,
+                    "reject_p50_ms": _pct(out.rejected_s, 50),
+                    "reject_max_ms": _pct(out.rejected_s, 100),
+                    "lone_after_ms": round(lone_after_s * 1000, 1),
+                    "lone_after_vs_lone": round(lone_after_s / lone_s, 2),
+                    "idle_after_s": idle_s,
+                    "abandoned_work_share": round(max(0.0, work - useful) / work, 3) if work else 0.0,
+                }
+            )
             log.info("%s at %gx: %s", model, m, points[-1])
-    return {"model": model, "lone_ms": round(lone_s * 1000, 1), "capacity_rps": round(capacity_rps, 2), "points": points}
+    return {
+        "model": model,
+        "lone_ms": round(lone_s * 1000, 1),
+        "capacity_rps": round(capacity_rps, 2),
+        "points": points,
+    }
 
 
 def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
     s = s or OverloadSettings()
-    result: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
-                              "endpoints": []}
-    with triton(s.model_repository, [*CLASSIFY_STACK, *GENERATE_STACK], s.log_dir, tag="overload") as server, \
-            facade(server.grpc_url, [CLASSIFY.name, GENERATE.name], s.log_dir) as api:
+    result: dict[str, Any] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+        "endpoints": [],
+    }
+    with (
+        triton(s.model_repository, [*CLASSIFY_STACK, *GENERATE_STACK], s.log_dir, tag="overload") as server,
+        facade(server.grpc_url, [CLASSIFY.name, GENERATE.name], s.log_dir) as api,
+    ):
         for model in (GENERATE.name, CLASSIFY.name):
             result["endpoints"].append(asyncio.run(_bench_endpoint(model, api.url, server.metrics_url, s)))
     s.out.parent.mkdir(parents=True, exist_ok=True)

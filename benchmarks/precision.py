@@ -70,8 +70,15 @@ def _row(variant: str, name: str, result: dict[str, Any], conc: int) -> dict[str
     r = next((r for r in target["runs"] if r["mode"] == "closed" and r["concurrency"] == conc), None)
     if r is None:
         return None
-    return {"variant": variant, "target": name, "req_s": r["throughput_rps"], "p99_ms": r["p99_ms"], "errors": r["errors"],
-            "cpu_ms_per_request": r["cpu"]["cpu_ms_per_request"], "total_cpu_ms": r["cpu"]["total_cpu_ms_per_request"]}
+    return {
+        "variant": variant,
+        "target": name,
+        "req_s": r["throughput_rps"],
+        "p99_ms": r["p99_ms"],
+        "errors": r["errors"],
+        "cpu_ms_per_request": r["cpu"]["cpu_ms_per_request"],
+        "total_cpu_ms": r["cpu"]["total_cpu_ms_per_request"],
+    }
 
 
 def bench_precision(s: PrecisionBenchSettings) -> dict[str, Any]:
@@ -86,11 +93,21 @@ def bench_precision(s: PrecisionBenchSettings) -> dict[str, Any]:
         out["rows"].append(base_row)
     for variant, graph in graphs.items():
         repo = scratch_repository(s.model_repository, graph, SCRATCH / variant)
-        res = run(replace(base, targets=(f"{FACADE}-{classify}", f"{TRITON}-{classify}", ORT_INPROCESS),
-                          model_repository=repo, classifier_onnx=graph, out_dir=s.out_dir / variant))
+        res = run(
+            replace(
+                base,
+                targets=(f"{FACADE}-{classify}", f"{TRITON}-{classify}", ORT_INPROCESS),
+                model_repository=repo,
+                classifier_onnx=graph,
+                out_dir=s.out_dir / variant,
+            )
+        )
         limit = (res.get("ort_inprocess") or {}).get("best_texts_per_s")
-        out["ort_limit"][variant] = {"graph": str(graph), "best_texts_per_s": limit,
-                                     "best_batch_size": (res.get("ort_inprocess") or {}).get("best_batch_size")}
+        out["ort_limit"][variant] = {
+            "graph": str(graph),
+            "best_texts_per_s": limit,
+            "best_batch_size": (res.get("ort_inprocess") or {}).get("best_batch_size"),
+        }
         for name in (f"{FACADE}-{classify}", f"{TRITON}-{classify}"):
             row = _row(variant, name, res, conc)
             if row:
@@ -104,23 +121,35 @@ def bench_precision(s: PrecisionBenchSettings) -> dict[str, Any]:
 
 
 def render_markdown(out: dict[str, Any]) -> str:
-    lines = [f"Classifier precision, {out['concurrency']} closed-loop clients, {out['duration_s']:.0f} s per point "
-             "(tokenization included everywhere):", "",
-             "| graph | target | req/s | p99 ms | errors | vs baseline | of ORT limit (same graph) | CPU ms / request |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Classifier precision, {out['concurrency']} closed-loop clients, {out['duration_s']:.0f} s per point "
+        "(tokenization included everywhere):",
+        "",
+        "| graph | target | req/s | p99 ms | errors | vs baseline | of ORT limit (same graph) | CPU ms / request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in out["rows"]:
         vs = f"{r['vs_baseline']:.2f}×" if r.get("vs_baseline") else "–"
         of = f"{r['of_ort_limit'] * 100:.0f}%" if r.get("of_ort_limit") else "–"
-        lines.append(f"| {r['variant']} | {r['target']} | {r['req_s']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {vs} | {of} "
-                     f"| {r['total_cpu_ms']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['target']} | {r['req_s']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {vs} | {of} "
+            f"| {r['total_cpu_ms']:.2f} |"
+        )
     lines += ["", "| graph | in-process ORT limit texts/s | at batch |", "|---|---:|---:|"]
     for variant, lim in out["ort_limit"].items():
         lines.append(f"| {variant} | {lim['best_texts_per_s']} | {lim['best_batch_size']} |")
     groups = sorted({g for r in out["rows"] for g in r["cpu_ms_per_request"]}, key=lambda g: (g != "load_generator", g))
-    lines += ["", "CPU ms per request by process:", "",
-              "| graph | target | " + " | ".join(f"`{g}`" for g in groups) + " |", "|---|---|" + "---:|" * len(groups)]
+    lines += [
+        "",
+        "CPU ms per request by process:",
+        "",
+        "| graph | target | " + " | ".join(f"`{g}`" for g in groups) + " |",
+        "|---|---|" + "---:|" * len(groups),
+    ]
     for r in out["rows"]:
-        lines.append(f"| {r['variant']} | {r['target']} | "
-                     + " | ".join(f"{r['cpu_ms_per_request'].get(g, 0):.2f}" for g in groups) + " |")
+        lines.append(
+            f"| {r['variant']} | {r['target']} | "
+            + " | ".join(f"{r['cpu_ms_per_request'].get(g, 0):.2f}" for g in groups)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
-

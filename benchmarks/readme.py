@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+
 from common.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)

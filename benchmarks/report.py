@@ -61,7 +61,10 @@ def headline(result: Result, model: str, concurrency: int) -> dict[str, Any]:
             continue
         run = next((r for r in target["runs"] if r["mode"] == "closed" and r["concurrency"] == concurrency), None)
         if run is not None:
-            rows[name] = {k: run.get(k) for k in ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "errors", "vs_baseline", "of_ort_limit")}
+            rows[name] = {
+                k: run.get(k)
+                for k in ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "errors", "vs_baseline", "of_ort_limit")
+            }
     out: dict[str, Any] = {"concurrency": concurrency, "targets": rows}
     facade = rows.get(f"{FACADE}-{model}")
     base = rows.get(f"{BASELINE}-{model}")
@@ -144,8 +147,10 @@ def _load_table(result: Result, model: str, mode: str) -> list[str]:
     for name, _target, run in rows:
         load = run["concurrency"] if mode == "closed" else _num(run["rate_rps"], 0)
         vs = run.get("vs_baseline") or {}
-        line = (f"| {name} | {load} | {_num(run['throughput_rps'])} | {_num(run['p50_ms'])} | {_num(run['p90_ms'])} "
-                f"| {_num(run['p99_ms'])} | {run['errors']} | {_x(vs.get('throughput_x'))} | {_x(vs.get('p99_x'))} |")
+        line = (
+            f"| {name} | {load} | {_num(run['throughput_rps'])} | {_num(run['p50_ms'])} | {_num(run['p90_ms'])} "
+            f"| {_num(run['p99_ms'])} | {run['errors']} | {_x(vs.get('throughput_x'))} | {_x(vs.get('p99_x'))} |"
+        )
         if is_classify:
             line += f" {_pct(run.get('of_ort_limit'))} |"
         lines.append(line)
@@ -154,7 +159,9 @@ def _load_table(result: Result, model: str, mode: str) -> list[str]:
 
 def _split_table(result: Result, model: str) -> list[str]:
     models = TRITON_SPLIT_MODELS.get(model, (model,))
-    head = "| target | load | " + " | ".join(f"`{m}` queue µs | `{m}` compute µs | `{m}` avg batch" for m in models) + " |"
+    head = (
+        "| target | load | " + " | ".join(f"`{m}` queue µs | `{m}` compute µs | `{m}` avg batch" for m in models) + " |"
+    )
     sep = "|---|---|" + "---:|---:|---:|" * len(models)
     lines = [head, sep]
     for name, target in _sorted_targets(result, model):
@@ -166,7 +173,11 @@ def _split_table(result: Result, model: str) -> list[str]:
             cells = []
             for m in models:
                 d = triton.get(m, {})
-                cells += [_num(d.get("avg_queue_us"), 0), _num(d.get("avg_compute_infer_us"), 0), _num(d.get("avg_batch"), 2)]
+                cells += [
+                    _num(d.get("avg_queue_us"), 0),
+                    _num(d.get("avg_compute_infer_us"), 0),
+                    _num(d.get("avg_batch"), 2),
+                ]
             lines.append(f"| {name} | {load} | " + " | ".join(cells) + " |")
     return lines if len(lines) > 2 else []
 
@@ -182,15 +193,24 @@ def _cpu_table(result: Result, model: str) -> list[str]:
     if not rows:
         return []
     # Groups that did real work here (idle stubs of the other model's components are left out).
-    groups = sorted({g for _, cpu in rows for g, ms in cpu["cpu_ms_per_request"].items() if ms >= 0.05},
-                    key=lambda g: (g != "load_generator", g))
-    lines = [f"| target ({conc} clients) | cores busy | CPU ms / request | " + " | ".join(f"`{g}`" for g in groups)
-             + " | other processes (cores) |", "|---|---:|---:|" + "---:|" * len(groups) + "---:|"]
+    groups = sorted(
+        {g for _, cpu in rows for g, ms in cpu["cpu_ms_per_request"].items() if ms >= 0.05},
+        key=lambda g: (g != "load_generator", g),
+    )
+    lines = [
+        f"| target ({conc} clients) | cores busy | CPU ms / request | "
+        + " | ".join(f"`{g}`" for g in groups)
+        + " | other processes (cores) |",
+        "|---|---:|---:|" + "---:|" * len(groups) + "---:|",
+    ]
     for name, cpu in rows:
         cells = [_num(cpu["cpu_ms_per_request"].get(g), 2) if g in cpu["cpu_ms_per_request"] else "–" for g in groups]
-        lines.append(f"| {name} | {_num(cpu.get('cores_busy'), 2)} / {cpu.get('cores')} | "
-                     f"{_num(cpu.get('total_cpu_ms_per_request'), 2)} | " + " | ".join(cells)
-                     + f" | {_num(cpu.get('other_cores_busy'), 2)} |")
+        lines.append(
+            f"| {name} | {_num(cpu.get('cores_busy'), 2)} / {cpu.get('cores')} | "
+            f"{_num(cpu.get('total_cpu_ms_per_request'), 2)} | "
+            + " | ".join(cells)
+            + f" | {_num(cpu.get('other_cores_busy'), 2)} |"
+        )
     return lines
 
 
@@ -211,7 +231,13 @@ def _other_work(result: Result) -> list[tuple[str, str, float]]:
         for run in target["runs"]:
             other = (run.get("cpu") or {}).get("other_cores_busy")
             if other is not None and other > OTHER_WORK_LIMIT:
-                flagged.append((name, f"{run['concurrency']} clients" if run["mode"] == "closed" else f"{run['rate_rps']:g} req/s", other))
+                flagged.append(
+                    (
+                        name,
+                        f"{run['concurrency']} clients" if run["mode"] == "closed" else f"{run['rate_rps']:g} req/s",
+                        other,
+                    )
+                )
     return flagged
 
 
@@ -223,8 +249,10 @@ def _background_note(result: Result) -> list[str]:
         notes.append(f"the machine was {busy * 100:.0f}% busy with other work when the run started")
     if flagged:
         worst = max(flagged, key=lambda f: f[2])
-        notes.append(f"{len(flagged)} load points ran beside other work (worst: {worst[0]} at {worst[1]}, "
-                     f"{worst[2]:.2f} cores used by other processes)")
+        notes.append(
+            f"{len(flagged)} load points ran beside other work (worst: {worst[0]} at {worst[1]}, "
+            f"{worst[2]:.2f} cores used by other processes)"
+        )
     if notes:
         return ["", f"**Caution:** {'; '.join(notes)}. Those figures understate what this machine can do."]
     return []
@@ -258,30 +286,52 @@ def render_markdown(result: Result) -> str:
             out += ["Open loop:", "", *open_, ""]
         split = _split_table(result, model)
         if split:
-            bls = ("compute of `classify` includes its BLS call to `classifier_onnx`" if model == CLASSIFY.name
-                   else "compute of `generate` includes its BLS calls to the FLUX components")
-            out += [f"Inside Triton (per request, deltas of Triton's own metrics over each run; {bls}):", "", *split, ""]
+            bls = (
+                "compute of `classify` includes its BLS call to `classifier_onnx`"
+                if model == CLASSIFY.name
+                else "compute of `generate` includes its BLS calls to the FLUX components"
+            )
+            out += [
+                f"Inside Triton (per request, deltas of Triton's own metrics over each run; {bls}):",
+                "",
+                *split,
+                "",
+            ]
         cpu = _cpu_table(result, model)
         if cpu:
-            out += ["Where the CPU goes (CPU time per request by process, from the kernel's counters; "
-                    "`triton:<model>` are Triton's python-backend stubs):", "", *cpu, ""]
+            out += [
+                "Where the CPU goes (CPU time per request by process, from the kernel's counters; "
+                "`triton:<model>` are Triton's python-backend stubs):",
+                "",
+                *cpu,
+                "",
+            ]
         head = (result.get("headline") or {}).get(model)
         if head and "facade_throughput_x_baseline" in head:
-            line = (f"At {head['concurrency']} clients the facade serves **{_x(head['facade_throughput_x_baseline'])}** "
-                    f"the baseline's throughput with a {'lower' if head.get('facade_p99_lower_than_baseline') else 'higher'} p99")
+            line = (
+                f"At {head['concurrency']} clients the facade serves **{_x(head['facade_throughput_x_baseline'])}** "
+                f"the baseline's throughput with a {'lower' if head.get('facade_p99_lower_than_baseline') else 'higher'} p99"
+            )
             if head.get("facade_of_ort_limit") is not None:
                 line += f", **{_pct(head['facade_of_ort_limit'])}** of the in-process ORT limit"
             out += [line + ".", ""]
         gains = (head or {}).get("gain_over_sequential") or {}
         if gains:
-            out += [f"{head['concurrency']} concurrent clients vs 1 (sequential), throughput: "
-                    + ", ".join(f"{name} **{_x(g)}**" for name, g in gains.items()) + ".", ""]
+            out += [
+                f"{head['concurrency']} concurrent clients vs 1 (sequential), throughput: "
+                + ", ".join(f"{name} **{_x(g)}**" for name, g in gains.items())
+                + ".",
+                "",
+            ]
     ort = result.get("ort_inprocess")
     if ort:
         sweep = ", ".join(f"{r['batch_size']}: {_num(r['texts_per_s'], 0)}" for r in ort["sweep"])
-        out += [f"In-process ONNX Runtime limit (no server, {ort['threads']} intra-op threads, tokenization included): "
-                f"**{_num(ort['best_texts_per_s'], 0)} texts/s** at batch {ort['best_batch_size']} "
-                f"(texts/s by batch size: {sweep}).", ""]
+        out += [
+            f"In-process ONNX Runtime limit (no server, {ort['threads']} intra-op threads, tokenization included): "
+            f"**{_num(ort['best_texts_per_s'], 0)} texts/s** at batch {ort['best_batch_size']} "
+            f"(texts/s by batch size: {sweep}).",
+            "",
+        ]
     if result.get("skipped"):
         out += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped"].items()) + ".", ""]
     text = "\n".join(out).rstrip() + "\n"

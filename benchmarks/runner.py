@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +82,22 @@ class RunSettings:
 def smoke_settings(base: RunSettings) -> RunSettings:
     """A few seconds of load per target: 2 clients, 20 requests, tiny generate requests."""
     return replace(
-        base, smoke=True, concurrency=(2,), duration_s=60.0, max_requests=20, rate_rps=20.0, open_duration_s=60.0,
-        warmup_s=10.0, warmup_requests=4, generate_concurrency=(2,), generate_max_requests=4,
-        generate_duration_s=300.0, generate_warmup_requests=1, generate=GenerateParams(64, 64, 2, 3.5),
-        batch_sizes=(1, 8), ort_duration_s=0.3,
+        base,
+        smoke=True,
+        concurrency=(2,),
+        duration_s=60.0,
+        max_requests=20,
+        rate_rps=20.0,
+        open_duration_s=60.0,
+        warmup_s=10.0,
+        warmup_requests=4,
+        generate_concurrency=(2,),
+        generate_max_requests=4,
+        generate_duration_s=300.0,
+        generate_warmup_requests=1,
+        generate=GenerateParams(64, 64, 2, 3.5),
+        batch_sizes=(1, 8),
+        ort_duration_s=0.3,
     )
 
 
@@ -101,8 +113,13 @@ Measured = list[tuple[LoadPoint, LoadStats, dict[str, Any] | None, dict[str, obj
 
 
 async def _measure_target(
-    name: TargetName, url: str, s: RunSettings, metrics_url: str | None, triton_models: Sequence[str],
-    texts: list[str], meter: CpuMeter,
+    name: TargetName,
+    url: str,
+    s: RunSettings,
+    metrics_url: str | None,
+    triton_models: Sequence[str],
+    texts: list[str],
+    meter: CpuMeter,
 ) -> Measured:
     plan = _plan(name.model, s)
     is_generate = name.model == GENERATE.name
@@ -117,15 +134,31 @@ async def _measure_target(
             before = scrape(metrics_url) if metrics_url else None
             cpu_before = meter.snapshot()
             if point.mode == "closed":
-                duration, max_n = (s.generate_duration_s, s.generate_max_requests) if is_generate else (s.duration_s, s.max_requests)
+                duration, max_n = (
+                    (s.generate_duration_s, s.generate_max_requests) if is_generate else (s.duration_s, s.max_requests)
+                )
                 stats = await closed_loop(target, int(point.value), duration, max_n)
             else:
-                duration, max_n = (s.generate_duration_s, s.generate_max_requests) if is_generate else (s.open_duration_s, s.max_requests)
+                duration, max_n = (
+                    (s.generate_duration_s, s.generate_max_requests)
+                    if is_generate
+                    else (s.open_duration_s, s.max_requests)
+                )
                 stats = await open_loop(target, point.value, duration, max_n)
             cpu = cpu_delta(cpu_before, meter.snapshot(), stats.wall_s, stats.ok)
-            deltas = model_deltas(before, scrape(metrics_url), triton_models) if metrics_url and before is not None else None
-            log.info("%s %s %g: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors", name, point.mode, point.value,
-                     stats.throughput_rps, stats.percentile_ms(50), stats.percentile_ms(99), stats.errors)
+            deltas = (
+                model_deltas(before, scrape(metrics_url), triton_models) if metrics_url and before is not None else None
+            )
+            log.info(
+                "%s %s %g: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors",
+                name,
+                point.mode,
+                point.value,
+                stats.throughput_rps,
+                stats.percentile_ms(50),
+                stats.percentile_ms(99),
+                stats.errors,
+            )
             out.append((point, stats, deltas, cpu))
     finally:
         await target.aclose()
@@ -169,8 +202,9 @@ def _select_targets(s: RunSettings) -> tuple[list[TargetName], bool, dict[str, s
     return names, want_ort, skipped
 
 
-def _record(result: Result, raw: dict[tuple[str, str, float], LoadStats], name: TargetName, url: str,
-            measured: Measured) -> None:
+def _record(
+    result: Result, raw: dict[tuple[str, str, float], LoadStats], name: TargetName, url: str, measured: Measured
+) -> None:
     runs = []
     for point, stats, deltas, cpu in measured:
         run = stats.summary()
@@ -205,15 +239,17 @@ def run(s: RunSettings) -> Result:
     started = time.monotonic()
     background = background_load()
     if (background["cpu_busy_fraction"] or 0) > BUSY_WARNING:
-        log.warning("the machine is already %.0f%% busy before the run: figures will be skewed",
-                    100 * background["cpu_busy_fraction"])
+        log.warning(
+            "the machine is already %.0f%% busy before the run: figures will be skewed",
+            100 * background["cpu_busy_fraction"],
+        )
     names, want_ort, skipped = _select_targets(s)
     texts = chat_texts()
     gen_models = servers.GENERATE_STACK
     result: Result = {
         "schema_version": 1,
         "kind": "run",
-        "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "smoke": s.smoke,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "environment": environment(model_facts(s.classifier_dir, s.classifier_onnx, s.model_repository, gen_models)),
@@ -237,8 +273,11 @@ def run(s: RunSettings) -> Result:
             meter = CpuMeter({"triton": triton.process.pid})
             result["environment"]["triton_version"] = _triton_version(triton)
             required = [m for m in (CLASSIFY.name, GENERATE.name) if m in models]
-            facade = (stack.enter_context(servers.facade(triton.grpc_url, required, s.log_dir))
-                      if any(n.door == FACADE for n in served) else None)
+            facade = (
+                stack.enter_context(servers.facade(triton.grpc_url, required, s.log_dir))
+                if any(n.door == FACADE for n in served)
+                else None
+            )
             if facade is not None:
                 meter.add("facade", facade.proc.pid)
             for name in served:
@@ -260,14 +299,21 @@ def run(s: RunSettings) -> Result:
     if want_ort:
         from benchmarks.inprocess import ort_sweep
 
-        result["ort_inprocess"] = ort_sweep(s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_threads,
-                                            s.ort_duration_s)
+        result["ort_inprocess"] = ort_sweep(
+            s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_threads, s.ort_duration_s
+        )
     result["background_after_run"] = background_load()
     add_ratios(result)
     result["headline"] = {}
     for model, conc in ((CLASSIFY.name, s.concurrency), (GENERATE.name, s.generate_concurrency)):
         if any(t["model"] == model for t in result["targets"].values()):
-            head_conc = 32 if model == CLASSIFY.name and 32 in conc else 4 if 4 in conc and model == GENERATE.name else max(conc)
+            head_conc = (
+                32
+                if model == CLASSIFY.name and 32 in conc
+                else 4
+                if 4 in conc and model == GENERATE.name
+                else max(conc)
+            )
             result["headline"][model] = headline(result, model, head_conc)
     result["files"] = write_outputs(result, raw, s, started)
     return result
@@ -278,13 +324,18 @@ def write_outputs(result: Result, raw: RawRuns, s: RunSettings, started: float) 
     plots: list[str] = []
     if s.plots:
         ort_limit = (result.get("ort_inprocess") or {}).get("best_texts_per_s")
-        for model, conc, rate in ((CLASSIFY.name, s.concurrency, s.rate_rps), (GENERATE.name, s.generate_concurrency, s.generate_rate_rps)):
+        for model, conc, rate in (
+            (CLASSIFY.name, s.concurrency, s.rate_rps),
+            (GENERATE.name, s.generate_concurrency, s.generate_rate_rps),
+        ):
             head = (result.get("headline") or {}).get(model)
             if not head:
                 continue
             for path in (
                 latency_plot(raw, model, head["concurrency"], rate, s.out_dir / f"latency_{model}.png"),
-                throughput_plot(raw, model, s.out_dir / f"throughput_{model}.png", ort_limit if model == CLASSIFY.name else None),
+                throughput_plot(
+                    raw, model, s.out_dir / f"throughput_{model}.png", ort_limit if model == CLASSIFY.name else None
+                ),
             ):
                 if path is not None:
                     plots.append(str(path))

@@ -12,12 +12,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, GENERATE, ENDPOINTS
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, ENDPOINTS, FLUX_COMPONENTS, GENERATE
+from common.paths import BUILD_DIR, MODEL_REPOSITORY
 from runtime import processes
 from runtime.launcher import TritonServer
 from runtime.processes import HttpServer, free_port
-from common.paths import BUILD_DIR, MODEL_REPOSITORY
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +43,34 @@ def triton(repo: Path, models: Iterable[str], log_dir: Path = LOG_DIR, tag: str 
 
 
 @contextmanager
-def facade(triton_grpc_url: str, required_models: Iterable[str], log_dir: Path = LOG_DIR,
-           timeout_s: float = 60.0, extra_env: dict[str, str] | None = None) -> Iterator[HttpServer]:
+def facade(
+    triton_grpc_url: str,
+    required_models: Iterable[str],
+    log_dir: Path = LOG_DIR,
+    timeout_s: float = 60.0,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[HttpServer]:
     """The real facade (`python -m api.app`), configured by its FLUXSERVE_API_ environment."""
     with processes.facade(triton_grpc_url, required_models, log_dir, timeout_s, extra_env) as server:
         yield server
 
 
 @contextmanager
-def baseline(classifier_dir: Path, with_generate: bool, log_dir: Path = LOG_DIR,
-             timeout_s: float = 300.0) -> Iterator[HttpServer]:
+def baseline(
+    classifier_dir: Path, with_generate: bool, log_dir: Path = LOG_DIR, timeout_s: float = 300.0
+) -> Iterator[HttpServer]:
     """The prototype-style app (benchmarks/baseline_app.py): models in-process, one request at a time."""
     port = free_port()
-    args = ["-m", "benchmarks.baseline_app", "--host", ENDPOINTS.host, "--port", str(port),
-            "--classifier-dir", str(classifier_dir)]
+    args = [
+        "-m",
+        "benchmarks.baseline_app",
+        "--host",
+        ENDPOINTS.host,
+        "--port",
+        str(port),
+        "--classifier-dir",
+        str(classifier_dir),
+    ]
     if with_generate:
         args.append("--generate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -66,4 +79,3 @@ def baseline(classifier_dir: Path, with_generate: bool, log_dir: Path = LOG_DIR,
         yield server
     finally:
         server.stop()
-

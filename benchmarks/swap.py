@@ -20,7 +20,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from benchmarks import servers
 from benchmarks.environment import environment
 from benchmarks.report import write_json
 from client.contract import GENERATE
-from training.worker import running_worker
 from common.paths import PROJECT_ROOT
+from training.worker import running_worker
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class SwapSettings:
     log_dir: Path = servers.LOG_DIR
 
 
-def solid_color_zip(n: int = 4, size: int = 64, color: tuple[int, int, int] = (220, 30, 30),
-                    caption: str | None = "a plain red square") -> bytes:
+def solid_color_zip(
+    n: int = 4, size: int = 64, color: tuple[int, int, int] = (220, 30, 30), caption: str | None = "a plain red square"
+) -> bytes:
     """A training upload of `n` identical solid-colour squares (PNG), with captions when given."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -84,8 +85,15 @@ class Response:
 async def _generate_load(url: str, s: SwapSettings, t0: float, stop: asyncio.Event, out: list[Response]) -> None:
     """Closed-loop /generate clients until `stop`; every response is appended to `out` as it lands
     (the job watcher reads it live to see when the new version serves)."""
-    body = {"prompt": "a red square", "width": s.image_side, "height": s.image_side, "steps": s.generate_steps, "seed": 1}
+    body = {
+        "prompt": "a red square",
+        "width": s.image_side,
+        "height": s.image_side,
+        "steps": s.generate_steps,
+        "seed": 1,
+    }
     async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=600)) as http:
+
         async def client() -> None:
             while not stop.is_set():
                 sent = time.monotonic() - t0
@@ -114,16 +122,24 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
     return total
 
 
-async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int,
-                   api_key: str) -> dict[str, Any]:
+async def _run_job(
+    url: str, s: SwapSettings, t0: float, responses: list[Response] | None, seed: int, api_key: str
+) -> dict[str, Any]:
     """Post a job and follow it to the end. With `responses` (a /generate load running), also wait
     until a response carries the new version; without, serving starts when the job ends (its
     publish step returns once Triton has loaded the new version)."""
     form = aiohttp.FormData()
-    for k, v in {"trigger_word": s.trigger_word, "steps": s.train_steps, "learning_rate": s.learning_rate,
-                 "resolution": s.resolution, "seed": seed}.items():
+    for k, v in {
+        "trigger_word": s.trigger_word,
+        "steps": s.train_steps,
+        "learning_rate": s.learning_rate,
+        "resolution": s.resolution,
+        "seed": seed,
+    }.items():
         form.add_field(k, str(v))
-    form.add_field("dataset", solid_color_zip(s.images, s.resolution), filename="data.zip", content_type="application/zip")
+    form.add_field(
+        "dataset", solid_color_zip(s.images, s.resolution), filename="data.zip", content_type="application/zip"
+    )
     marks: dict[str, float] = {}
     auth = {"Authorization": f"Bearer {api_key}"}  # the training API needs the operator key
     async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=60), headers=auth) as http:
@@ -139,7 +155,7 @@ async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Respons
             try:
                 async with http.get(f"/train/{job_id}") as r:
                     job = await r.json()
-            except asyncio.TimeoutError:  # a slow poll (an export hogging the cores) is not a failed job
+            except TimeoutError:  # a slow poll (an export hogging the cores) is not a failed job
                 continue
             now = time.monotonic() - posted
             if job["status"] == "running":
@@ -158,7 +174,7 @@ async def _run_job(url: str, s: SwapSettings, t0: float, responses: list[Respons
         if responses is None:
             marks["serving"] = marks["job_done"]
         else:
-            while not any(r.model_version == new_version for r in responses[-s.concurrency:]):
+            while not any(r.model_version == new_version for r in responses[-s.concurrency :]):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"job {job_id} published version {new_version}, but /generate never served it")
                 await asyncio.sleep(0.2)
@@ -192,7 +208,9 @@ def _job_figures(job: dict[str, Any]) -> dict[str, Any]:
     report = publish.get("report", {})
     parts = {k: v for k, v in report.items() if isinstance(v, dict) and not v.get("reused", True)}
     return {
-        "training_s": round(marks["publish_started"] - marks["running"], 2) if {"running", "publish_started"} <= set(marks) else None,
+        "training_s": round(marks["publish_started"] - marks["running"], 2)
+        if {"running", "publish_started"} <= set(marks)
+        else None,
         "publish_method": "+".join(sorted({v.get("method", "export") for v in parts.values()})) or "none",
         "changed_tensor_bytes": sum(v.get("changed_bytes", 0) for v in parts.values()),
         "bytes_written": job.get("bytes_written"),
@@ -231,8 +249,9 @@ async def _measure(facade_url: str, s: SwapSettings, repo: Path, api_key: str) -
         "under_load": {
             **_job_figures(loaded),
             "old_version": min((r.model_version for r in responses if r.model_version), key=int),
-            "generate_load": _summarize(responses, loaded["posted_at_s"], marks.get("publish_started", marks["job_done"]),
-                                        marks["serving"]),
+            "generate_load": _summarize(
+                responses, loaded["posted_at_s"], marks.get("publish_started", marks["job_done"]), marks["serving"]
+            ),
         },
     }
 
@@ -245,11 +264,18 @@ def swap(s: SwapSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fluxserve-swap-") as tmp:
         repo, jobs = Path(tmp) / "repo", Path(tmp) / "jobs"
         for name in generate_models:  # hard links: versions are only ever added, never modified
-            shutil.copytree(s.model_repository / name, repo / name, copy_function=os.link,
-                            ignore=shutil.ignore_patterns(".staging-*", "__pycache__"))
+            shutil.copytree(
+                s.model_repository / name,
+                repo / name,
+                copy_function=os.link,
+                ignore=shutil.ignore_patterns(".staging-*", "__pycache__"),
+            )
         with servers.triton(repo, generate_models, s.log_dir, tag="swap") as triton:
-            env = {"FLUXSERVE_JOBS_JOBS_DIR": str(jobs), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
-                   "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url}
+            env = {
+                "FLUXSERVE_JOBS_JOBS_DIR": str(jobs),
+                "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
+                "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url,
+            }
             api_key = secrets.token_urlsafe(24)  # a throw-away operator key for this run's facade
             facade_env = {**env, "FLUXSERVE_API_KEYS": f"bench:{api_key}"}
             with servers.facade(triton.grpc_url, [GENERATE.name], s.log_dir, extra_env=facade_env) as facade:
@@ -268,7 +294,7 @@ def swap(s: SwapSettings) -> dict[str, Any]:
 def _write(measured: dict[str, Any], s: SwapSettings) -> dict[str, Any]:
     result = {
         "kind": "swap",
-        "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "environment": environment({}),
         **measured,
@@ -298,44 +324,58 @@ def render_markdown(r: dict[str, Any]) -> str:
 
     rows = [
         ("POST /train → job id", both("post_to_job_id_ms", "{:.0f}") + " ms"),
-        ("training steps/s", both("training_steps_per_s", "{:.1f}")
-         + f" ({st['train_steps']} steps; loss {u['training_loss_first_last'][0]:.3f} → {u['training_loss_first_last'][1]:.3f})"),
+        (
+            "training steps/s",
+            both("training_steps_per_s", "{:.1f}")
+            + f" ({st['train_steps']} steps; loss {u['training_loss_first_last'][0]:.3f} → {u['training_loss_first_last'][1]:.3f})",
+        ),
         (f"publish ({a['publish_method']} + Triton load)", both("publish_s", "{:.1f}") + " s"),
         ("POST /train → new version serving", both("post_to_serving_s", "{:.1f}") + " s"),
         ("POST /train → serving, minus training", f"{_minus_training(a):.1f} / {_minus_training(u):.1f} s"),
-        ("bytes written per publish (changed tensors)",
-         f"{_mb(a['bytes_written'])} / {_mb(u['bytes_written'])} MB ({_mb(a['changed_tensor_bytes'])} MB)"),
+        (
+            "bytes written per publish (changed tensors)",
+            f"{_mb(a['bytes_written'])} / {_mb(u['bytes_written'])} MB ({_mb(a['changed_tensor_bytes'])} MB)",
+        ),
     ]
     full = r.get("full_export")
-    compare = [] if not full else [
-        "",
-        "| idle job, publish by | weight patch | full fuse + re-export |",
-        "|---|---|---|",
-        f"| publish seconds | {a['publish_s']:.1f} | {full['publish_s']:.1f} |",
-        f"| POST /train → serving, minus training | {_minus_training(a):.1f} s | {_minus_training(full):.1f} s |",
-        f"| bytes written | {_mb(a['bytes_written'])} MB | {_mb(full['bytes_written'])} MB |",
-    ]
+    compare = (
+        []
+        if not full
+        else [
+            "",
+            "| idle job, publish by | weight patch | full fuse + re-export |",
+            "|---|---|---|",
+            f"| publish seconds | {a['publish_s']:.1f} | {full['publish_s']:.1f} |",
+            f"| POST /train → serving, minus training | {_minus_training(a):.1f} s | {_minus_training(full):.1f} s |",
+            f"| bytes written | {_mb(a['bytes_written'])} MB | {_mb(full['bytes_written'])} MB |",
+        ]
+    )
     load_rows = [
-        ("/generate requests during the job / during the swap", f"{g['requests_during_job']} / {g['requests_during_swap']}"),
+        (
+            "/generate requests during the job / during the swap",
+            f"{g['requests_during_job']} / {g['requests_during_swap']}",
+        ),
         ("failed requests", f"{g['failed']} of {g['requests_total']}"),
         ("versions never went back", "yes" if g["versions_monotonic"] else "**no**"),
         ("/generate p50 / p99 during the job", f"{g['p50_ms_during_job']} / {g['p99_ms_during_job']} ms"),
     ]
-    return "\n".join([
-        f"### Training job and hot swap ({r['started_utc']})",
-        "",
-        f"LoRA jobs on {st['images']} solid-colour {st['resolution']}px squares, trigger word `{st['trigger_word']}`, "
-        f"learning rate {st['learning_rate']}: first on an idle server, then while {st['concurrency']} clients keep "
-        f"sending /generate ({st['image_side']}×{st['image_side']}, {st['generate_steps']} steps) on the same 2 cores "
-        f"(version {u['old_version']} → {u['new_version']}).",
-        "",
-        "| what | idle / under load |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
-        *compare,
-        "",
-        "| /generate during the loaded job | measured |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in load_rows),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"### Training job and hot swap ({r['started_utc']})",
+            "",
+            f"LoRA jobs on {st['images']} solid-colour {st['resolution']}px squares, trigger word `{st['trigger_word']}`, "
+            f"learning rate {st['learning_rate']}: first on an idle server, then while {st['concurrency']} clients keep "
+            f"sending /generate ({st['image_side']}×{st['image_side']}, {st['generate_steps']} steps) on the same 2 cores "
+            f"(version {u['old_version']} → {u['new_version']}).",
+            "",
+            "| what | idle / under load |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in rows),
+            *compare,
+            "",
+            "| /generate during the loaded job | measured |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in load_rows),
+            "",
+        ]
+    )

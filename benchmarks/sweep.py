@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.targets import GrpcClassify
 from benchmarks.workload import chat_texts
 from client.contract import CLASSIFY
+from common.paths import BUILD_DIR, PROJECT_ROOT
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import write_config
 from export.triton_config import DynamicBatching, parse_config
-from common.paths import BUILD_DIR, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Candidate:
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
-        """"DELAY_US" or "DELAY_US:B1,B2,..." (e.g. "2000:8,16,32")."""
+        """ "DELAY_US" or "DELAY_US:B1,B2,..." (e.g. "2000:8,16,32")."""
         delay, _, sizes = text.partition(":")
         return cls(int(delay), tuple(int(b) for b in sizes.split(",") if b.strip()))
 
@@ -84,6 +84,7 @@ class SweepSettings:
 
 def copy_classifier_models(src: Path, dst: Path) -> None:
     """The classifier's models into `dst`; files hard-linked where possible, configs copied."""
+
     def link_or_copy(s: str, d: str) -> None:
         if s.endswith(".pbtxt"):
             shutil.copy2(s, d)
@@ -94,8 +95,12 @@ def copy_classifier_models(src: Path, dst: Path) -> None:
             shutil.copy2(s, d)
 
     for name in servers.CLASSIFY_STACK:
-        shutil.copytree(src / name, dst / name, copy_function=link_or_copy,
-                        ignore=shutil.ignore_patterns(".staging-*", "__pycache__"))
+        shutil.copytree(
+            src / name,
+            dst / name,
+            copy_function=link_or_copy,
+            ignore=shutil.ignore_patterns(".staging-*", "__pycache__"),
+        )
 
 
 def write_candidate(repo: Path, cand: Candidate) -> None:
@@ -103,8 +108,10 @@ def write_candidate(repo: Path, cand: Candidate) -> None:
 
     Parameters the published configs carry (the uncertainty threshold) are kept.
     """
-    settings = ExportSettings(classify_max_queue_delay_us=cand.max_queue_delay_us,
-                              classify_preferred_batch_sizes=cand.preferred_batch_sizes or None)
+    settings = ExportSettings(
+        classify_max_queue_delay_us=cand.max_queue_delay_us,
+        classify_preferred_batch_sizes=cand.preferred_batch_sizes or None,
+    )
     for name, dep in classifier_deployments(settings).items():
         published = parse_config((repo / name / "config.pbtxt").read_text())
         params = {k: v.string_value for k, v in published.parameters.items()}
@@ -140,8 +147,15 @@ def measure_candidate(workdir: Path, cand: Candidate, texts: list[str], s: Sweep
     write_candidate(workdir, cand)
     with servers.triton(workdir, servers.CLASSIFY_STACK, s.log_dir, tag="sweep") as triton:
         m = asyncio.run(_load(triton.grpc_url, texts, s, triton.metrics_url, CpuMeter({"triton": triton.process.pid})))
-    log.info("%s: %.1f req/s, p99 %.1f ms, avg batch %s, %d errors, other work %s cores", cand.label,
-             m["throughput_rps"], m["p99_ms"], m["classify_avg_batch"], m["errors"], m["other_cores_busy"])
+    log.info(
+        "%s: %.1f req/s, p99 %.1f ms, avg batch %s, %d errors, other work %s cores",
+        cand.label,
+        m["throughput_rps"],
+        m["p99_ms"],
+        m["classify_avg_batch"],
+        m["errors"],
+        m["other_cores_busy"],
+    )
     return m
 
 
@@ -188,7 +202,10 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
     measured = {c: _median_run(r) for c, r in runs.items()}
     best = choose(measured, s.tie_tolerance)
     recommendation = {
-        "classify": {"max_queue_delay_us": best.max_queue_delay_us, "preferred_batch_sizes": list(best.preferred_batch_sizes)},
+        "classify": {
+            "max_queue_delay_us": best.max_queue_delay_us,
+            "preferred_batch_sizes": list(best.preferred_batch_sizes),
+        },
         "measured": {c.label: m for c, m in measured.items()},
         "method": {
             "door": "Triton gRPC (tritonclient.grpc.aio), closed loop",
@@ -199,7 +216,7 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
             "selected": best.label,
             "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "measured_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "measured_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "elapsed_s": round(time.monotonic() - started, 1),
         },
     }

@@ -120,8 +120,16 @@ class HttpGenerate:
 
     async def __call__(self, i: int) -> None:
         p = self.params
-        body = {"prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], "width": p.width, "height": p.height,
-                "steps": p.steps, "guidance": p.guidance, "seed": i, "num_images": 1, "output_format": "png"}
+        body = {
+            "prompt": GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)],
+            "width": p.width,
+            "height": p.height,
+            "steps": p.steps,
+            "guidance": p.guidance,
+            "seed": i,
+            "num_images": 1,
+            "output_format": "png",
+        }
         images = (await _post_json(self.client, "/generate", body)).get("images") or []
         if len(images) != 1 or not base64.b64decode(images[0]).startswith(b"\x89PNG"):
             raise BadResponse("expected one base64 PNG image")
@@ -137,8 +145,14 @@ class GrpcGenerate:
 
     async def __call__(self, i: int) -> None:
         p = self.params
-        result = await self.client.generate(GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)], seed=i, width=p.width,
-                                            height=p.height, steps=p.steps, guidance=p.guidance)
+        result = await self.client.generate(
+            GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)],
+            seed=i,
+            width=p.width,
+            height=p.height,
+            steps=p.steps,
+            guidance=p.guidance,
+        )
         if tuple(result.image.shape) != (p.height, p.width, 3):
             raise BadResponse(f"image shape {result.image.shape}, expected {(p.height, p.width, 3)}")
 

@@ -36,7 +36,9 @@ def generate_with_progress(client: TritonClient, args: argparse.Namespace) -> Ge
     from tqdm import tqdm
 
     with tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr) as bar:
-        for progress, result in client.generate_stream(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance):
+        for progress, result in client.generate_stream(
+            args.prompt, args.seed, args.width, args.height, args.steps, args.guidance
+        ):
             bar.total = progress.total
             bar.update(progress.step - bar.n)
             if result is not None:
@@ -95,7 +97,14 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("dataset", nargs="?", type=Path, help="zip of images (+ same-name .txt captions)")
     s.add_argument("--kind", choices=["flux_lora", "classifier"], default="flux_lora")
     s.add_argument("--trigger-word")
-    for name, kind in (("steps", int), ("rank", int), ("learning-rate", float), ("resolution", int), ("seed", int), ("batch-size", int)):
+    for name, kind in (
+        ("steps", int),
+        ("rank", int),
+        ("learning-rate", float),
+        ("resolution", int),
+        ("seed", int),
+        ("batch-size", int),
+    ):
         s.add_argument(f"--{name}", type=kind)
     s.add_argument("--no-publish", action="store_true", help="train only; do not serve the result")
     ls = actions.add_parser("list", help="recent jobs")
@@ -112,15 +121,30 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with FacadeClient(args.api_url, api_key=key) as api:
             if args.action == "submit":
-                params = {"steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed, "batch_size": args.batch_size}
+                params = {
+                    "steps": args.steps,
+                    "learning_rate": args.learning_rate,
+                    "seed": args.seed,
+                    "batch_size": args.batch_size,
+                }
                 if args.kind == "classifier":
-                    out = api.submit_classifier(epochs=params.pop("steps"), publish=not args.no_publish, **{k: v for k, v in params.items() if v is not None})
+                    out = api.submit_classifier(
+                        epochs=params.pop("steps"),
+                        publish=not args.no_publish,
+                        **{k: v for k, v in params.items() if v is not None},
+                    )
                 else:
                     if args.dataset is None or not args.trigger_word:
                         log.error("a LoRA job needs a dataset zip and --trigger-word")
                         return 2
-                    out = api.submit_lora(args.dataset, args.trigger_word, publish=not args.no_publish,
-                                          rank=args.rank, resolution=args.resolution, **params)
+                    out = api.submit_lora(
+                        args.dataset,
+                        args.trigger_word,
+                        publish=not args.no_publish,
+                        rank=args.rank,
+                        resolution=args.resolution,
+                        **params,
+                    )
             elif args.action == "list":
                 out = api.jobs(args.limit)
             elif args.action == "get":

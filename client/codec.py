@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from client.contract import CLASSIFY, CLASSIFY_LIMITS, FLUX_IO_NAMES, FLUX_SCALAR_INPUTS, GENERATE, GENERATE_LIMITS, GENERATE_STREAM, LABELS
+from client.contract import (
+    CLASSIFY,
+    CLASSIFY_LIMITS,
+    FLUX_IO_NAMES,
+    FLUX_SCALAR_INPUTS,
+    GENERATE,
+    GENERATE_LIMITS,
+    GENERATE_STREAM,
+    LABELS,
+)
 from client.errors import InvalidInputError
 
 
@@ -134,10 +143,14 @@ def decode_generate_stream(result: grpcclient.InferResult, seed: int) -> tuple[G
     return progress, GenerateResult(image=pixels, seed=seed, model_version=result.get_response().model_version)
 
 
-def flux_component_feeds(model: str, args: Sequence[np.ndarray], kwargs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def flux_component_feeds(
+    model: str, args: Sequence[np.ndarray], kwargs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """A FLUX component call's arrays by input name (positional in contract order, or by name),
     shaped for Triton's wire: per-item scalars are [B] to the graph but [B, 1] on the wire."""
     input_names = FLUX_IO_NAMES[model][0]
     feeds = dict(zip(input_names, args)) | dict(kwargs)
-    return {name: np.ascontiguousarray(feeds[name].reshape(-1, 1) if name in FLUX_SCALAR_INPUTS else feeds[name])
-            for name in input_names}
+    return {
+        name: np.ascontiguousarray(feeds[name].reshape(-1, 1) if name in FLUX_SCALAR_INPUTS else feeds[name])
+        for name in input_names
+    }

@@ -252,8 +252,14 @@ _FLUX_DIMS: dict[str, dict[str, tuple[int, ...]]] = {
     FLUX_TEXT_ENCODER: {"input_ids": (-1,), "pooled_embeds": (-1,)},
     FLUX_TEXT_ENCODER_2: {"input_ids": (-1,), "text_embeds": (-1, -1)},
     FLUX_TRANSFORMER: {
-        "hidden_states": (-1, -1), "encoder_hidden_states": (-1, -1), "pooled_projections": (-1,),
-        "timestep": (1,), "img_ids": (-1, 3), "txt_ids": (-1, 3), "guidance": (1,), "latent": (-1, -1),
+        "hidden_states": (-1, -1),
+        "encoder_hidden_states": (-1, -1),
+        "pooled_projections": (-1,),
+        "timestep": (1,),
+        "img_ids": (-1, 3),
+        "txt_ids": (-1, 3),
+        "guidance": (1,),
+        "latent": (-1, -1),
     },
     FLUX_VAE_DECODER: {"latent": (-1, -1, -1), "images": (3, -1, -1)},
 }

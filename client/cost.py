@@ -30,8 +30,9 @@ def generate_cost_mps(width: int, height: int, steps: int, images: int = 1) -> f
     return width * height * steps * images / 1e6
 
 
-MAX_CONTRACT_COST_MPS = generate_cost_mps(GENERATE_LIMITS.max_side, GENERATE_LIMITS.max_side, GENERATE_LIMITS.max_steps,
-                                          GENERATE_LIMITS.max_num_images)
+MAX_CONTRACT_COST_MPS = generate_cost_mps(
+    GENERATE_LIMITS.max_side, GENERATE_LIMITS.max_side, GENERATE_LIMITS.max_steps, GENERATE_LIMITS.max_num_images
+)
 """The largest request the contract's per-field limits allow (the GPU deployment's maximum)."""
 
 

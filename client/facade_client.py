@@ -64,11 +64,19 @@ class FacadeClient:
             raise cls(r.status_code, kind, message)
         return r.json()
 
-    def submit_lora(self, dataset: str | Path, trigger_word: str, publish: bool = True, **params: Any) -> dict[str, Any]:
+    def submit_lora(
+        self, dataset: str | Path, trigger_word: str, publish: bool = True, **params: Any
+    ) -> dict[str, Any]:
         """POST /train with a zip of images; `params`: steps, rank, learning_rate, resolution, seed, batch_size."""
-        fields = {"trigger_word": trigger_word, "publish": str(publish).lower(), **{k: str(v) for k, v in params.items() if v is not None}}
+        fields = {
+            "trigger_word": trigger_word,
+            "publish": str(publish).lower(),
+            **{k: str(v) for k, v in params.items() if v is not None},
+        }
         with Path(dataset).open("rb") as fh:
-            return self._call("POST", "/train", data=fields, files={"dataset": (Path(dataset).name, fh, "application/zip")})
+            return self._call(
+                "POST", "/train", data=fields, files={"dataset": (Path(dataset).name, fh, "application/zip")}
+            )
 
     def submit_classifier(self, epochs: int | None = None, publish: bool = True, **params: Any) -> dict[str, Any]:
         """POST /train kind=classifier; `params`: learning_rate, seed, batch_size."""

@@ -52,6 +52,8 @@ def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", int(max_reconnect_backoff_s * 1000)),
     ]
+
+
 StreamEvent = tuple[GenerateProgress, GenerateResult | None]
 """One `generate_stream` response: progress after a step, and the image with the last one."""
 
@@ -128,14 +130,18 @@ class TritonClient:
         seed = random_seed() if seed is None else seed
         inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
         answers: queue.Queue = queue.Queue()
-        self._client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s)
+        self._client.start_stream(
+            callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s
+        )
         try:
             self._client.async_stream_infer(GENERATE_STREAM.name, inputs)
             while True:
                 try:
                     result, error = answers.get(timeout=self.timeout_s)
                 except queue.Empty:
-                    raise RequestTimeoutError(f"no answer from {GENERATE_STREAM.name} within {self.timeout_s} s") from None
+                    raise RequestTimeoutError(
+                        f"no answer from {GENERATE_STREAM.name} within {self.timeout_s} s"
+                    ) from None
                 if error is not None:
                     raise translate(error) from error
                 progress, done = decode_generate_stream(result, seed)
@@ -223,8 +229,9 @@ class AsyncTritonClient:
     ) -> GenerateResult:
         inputs, outputs = generate_inputs(prompt, seed, width, height, steps, guidance)
         try:
-            result = await self._client.infer(GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s,
-                                              timeout=int(self.timeout_s * 1e6))
+            result = await self._client.infer(
+                GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s, timeout=int(self.timeout_s * 1e6)
+            )
         except InferenceServerException as e:
             raise translate(e) from e
         return decode_generate(result, seed)
@@ -263,4 +270,12 @@ class AsyncTritonClient:
             responses.cancel()
 
 
-__all__ = ["AsyncTritonClient", "ClassifyResult", "FluxServeError", "GenerateProgress", "GenerateResult", "StreamEvent", "TritonClient"]
+__all__ = [
+    "AsyncTritonClient",
+    "ClassifyResult",
+    "FluxServeError",
+    "GenerateProgress",
+    "GenerateResult",
+    "StreamEvent",
+    "TritonClient",
+]

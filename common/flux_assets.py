@@ -22,7 +22,12 @@ LORA_MANIFEST = "fluxserve_lora.json"
 export reads it (write_lora_manifest / read_lora_manifest are the only pair that touch it)."""
 
 LOOP_ASSETS: tuple[str, ...] = (
-    "model_index.json", "scheduler", "tokenizer", "tokenizer_2", "transformer/config.json", "vae/config.json",
+    "model_index.json",
+    "scheduler",
+    "tokenizer",
+    "tokenizer_2",
+    "transformer/config.json",
+    "vae/config.json",
     CHECKPOINT_MARKER,
 )
 """What the denoising loop (serving.flux_loop.FluxLoop) reads from a checkpoint: configs and

@@ -32,9 +32,11 @@ def session_options(intra_op_threads: int = 1, spinning: bool = False) -> ort.Se
     return opts
 
 
-def make_session(path: Path, intra_op_threads: int = 1, providers: Sequence[str] | None = None,
-                 spinning: bool = False) -> ort.InferenceSession:
+def make_session(
+    path: Path, intra_op_threads: int = 1, providers: Sequence[str] | None = None, spinning: bool = False
+) -> ort.InferenceSession:
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(intra_op_threads, spinning),
-                                providers=list(providers or CPU_PROVIDERS))
+    return ort.InferenceSession(
+        str(path), session_options(intra_op_threads, spinning), providers=list(providers or CPU_PROVIDERS)
+    )

@@ -64,7 +64,10 @@ def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 18) -> 
     wrapped = _LogitsOnly(model).eval()
     # Sample with batch 2 and a non-trivial length: a size-1 axis would be specialised.
     sample = tokenizer(PARITY_SENTENCES[:2], padding="max_length", max_length=16, return_tensors="pt")
-    batch, seq = torch.export.Dim("batch", max=CLASSIFIER_ONNX.max_batch_size * 4), torch.export.Dim("sequence", max=CLASSIFY_LIMITS.max_tokens)
+    batch, seq = (
+        torch.export.Dim("batch", max=CLASSIFIER_ONNX.max_batch_size * 4),
+        torch.export.Dim("sequence", max=CLASSIFY_LIMITS.max_tokens),
+    )
     names = [t.name for t in CLASSIFIER_ONNX.inputs]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -89,15 +92,25 @@ def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 18) -> 
 
 def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path) -> float:
     """Max abs logit difference on a batch of a size and length the export did not see."""
-    enc = tokenizer(PARITY_SENTENCES, padding=True, truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="pt")
+    enc = tokenizer(
+        PARITY_SENTENCES, padding=True, truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="pt"
+    )
     with torch.no_grad():
         ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
     sess = make_session(onnx_path, 0, spinning=True)
-    got = sess.run(None, {"input_ids": enc["input_ids"].numpy().astype(np.int64), "attention_mask": enc["attention_mask"].numpy().astype(np.int64)})[0]
+    got = sess.run(
+        None,
+        {
+            "input_ids": enc["input_ids"].numpy().astype(np.int64),
+            "attention_mask": enc["attention_mask"].numpy().astype(np.int64),
+        },
+    )[0]
     return float(np.abs(got - ref).max())
 
 
-def _served_onnx(model_dir: Path, onnx_path: Path, work_dir: Path, target: Target, requested: Precision, rebuilt: bool) -> tuple[Path, dict | None]:
+def _served_onnx(
+    model_dir: Path, onnx_path: Path, work_dir: Path, target: Target, requested: Precision, rebuilt: bool
+) -> tuple[Path, dict | None]:
     """The graph `classifier_onnx` serves, and the precision report for its manifest.
 
     CPU: fp32 or int8 by measurement (export/classifier_precision.py), cached per fp32 export and
@@ -115,14 +128,22 @@ def _served_onnx(model_dir: Path, onnx_path: Path, work_dir: Path, target: Targe
     labels = json.loads((model_dir / "labels.json").read_text())
     cfg = AutoConfig.from_pretrained(model_dir)
     served, choice = build_and_choose(
-        model_dir, onnx_path, work_dir, requested, AutoTokenizer.from_pretrained(model_dir),
-        cfg.num_attention_heads, cfg.hidden_size, float(labels.get("temperature", 1.0)),
+        model_dir,
+        onnx_path,
+        work_dir,
+        requested,
+        AutoTokenizer.from_pretrained(model_dir),
+        cfg.num_attention_heads,
+        cfg.hidden_size,
+        float(labels.get("temperature", 1.0)),
     )
     cache.write_text(json.dumps({"key": key, "path": str(served), "choice": choice.as_dict()}, indent=2))
     return served, choice.as_dict()
 
 
-def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False) -> dict[str, Published | float]:
+def publish_classifier(
+    model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False
+) -> dict[str, Published | float]:
     """Export (when the model changed) and write both Triton models; returns versions and error."""
     settings = ExportSettings()
     deps = classifier_deployments(settings)
@@ -139,31 +160,62 @@ def publish_classifier(model_dir: Path, repo: Path, target: Target = "cpu", work
         marker.write_text(fp)
     served, precision = _served_onnx(model_dir, onnx_path, work_dir, target, settings.classifier_precision, rebuilt)
     onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
-    onnx_pub = publish(repo, deps["classifier_onnx"], target, {"model.onnx": served}, onnx_provenance, force=force,
-                       report={"parity_max_abs_logit_error": parity, "precision": precision})
+    onnx_pub = publish(
+        repo,
+        deps["classifier_onnx"],
+        target,
+        {"model.onnx": served},
+        onnx_provenance,
+        force=force,
+        report={"parity_max_abs_logit_error": parity, "precision": precision},
+    )
     tok_dir = work_dir / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
     # The facade reads the uncertainty threshold from the deployed model's config: one source.
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
-    cls_pub = publish(repo, cls_dep, target, {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}, provenance, force=force,
-                      report={"test_accuracy": _test_accuracy(model_dir)})
-    return {"classifier_onnx": onnx_pub, "classify": cls_pub, "parity_max_abs_logit_error": parity, "precision": precision}
+    cls_pub = publish(
+        repo,
+        cls_dep,
+        target,
+        {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"},
+        provenance,
+        force=force,
+        report={"test_accuracy": _test_accuracy(model_dir)},
+    )
+    return {
+        "classifier_onnx": onnx_pub,
+        "classify": cls_pub,
+        "parity_max_abs_logit_error": parity,
+        "precision": precision,
+    }
 
 
 def publish_and_swap_classifier(
-    model_dir: Path, repo: Path, triton_http_url: str, work_dir: Path | None = None, keep_versions: int = 2,
-    target: Target = "cpu", force: bool = False, lock: AbstractContextManager[object] | None = None,
+    model_dir: Path,
+    repo: Path,
+    triton_http_url: str,
+    work_dir: Path | None = None,
+    keep_versions: int = 2,
+    target: Target = "cpu",
+    force: bool = False,
+    lock: AbstractContextManager[object] | None = None,
     lock_timeout_s: float = 3600.0,
 ) -> dict[str, Published | float]:
     """Publish a fine-tuned classifier and load it into a running Triton; on failure the new
     versions are removed and the previous classifier keeps serving (export.hot_swap.SwapError)."""
     from export.hot_swap import publish_and_load
 
-    return publish_and_load(repo, triton_http_url, ["classifier_onnx", "classify"],
-                            lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
-                            keep_versions=keep_versions, lock=lock, lock_timeout_s=lock_timeout_s)
+    return publish_and_load(
+        repo,
+        triton_http_url,
+        ["classifier_onnx", "classify"],
+        lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
+        keep_versions=keep_versions,
+        lock=lock,
+        lock_timeout_s=lock_timeout_s,
+    )
 
 
 def _test_accuracy(model_dir: Path) -> float | None:

@@ -40,7 +40,15 @@ per-tensor int8 flipped one label (-0.59 points, so fp32 would be served) and mo
 0.0054 on average; per-channel flipped none, 0.0035 on average."""
 MAX_ACCURACY_DROP = 0.005
 """int8 may cost at most half a point of test accuracy (the issue's bar)."""
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "FastGelu", "BiasGelu", "Gelu")
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "EmbedLayerNormalization",
+    "FastGelu",
+    "BiasGelu",
+    "Gelu",
+)
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,17 @@ def score_onnx(path: Path, tokenizer: object, texts: list[str], temperature: flo
     sess = make_session(path, 0, spinning=True)
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding="longest", truncation=True, max_length=CLASSIFY_LIMITS.max_tokens, return_tensors="np")
-        logits = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=CLASSIFY_LIMITS.max_tokens,
+            return_tensors="np",
+        )
+        logits = sess.run(
+            None,
+            {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)},
+        )[0]
         z = logits.astype(np.float64) / temperature
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
@@ -133,7 +150,9 @@ def score_onnx(path: Path, tokenizer: object, texts: list[str], temperature: flo
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)))
 
 
-def choose(requested: Precision, fp32_acc: float | None, int8_acc: float | None, max_drop: float = MAX_ACCURACY_DROP) -> tuple[Literal["fp32", "int8"], str]:
+def choose(
+    requested: Precision, fp32_acc: float | None, int8_acc: float | None, max_drop: float = MAX_ACCURACY_DROP
+) -> tuple[Literal["fp32", "int8"], str]:
     if requested == "fp32":
         return "fp32", "forced by setting"
     if requested == "int8":
@@ -143,12 +162,21 @@ def choose(requested: Precision, fp32_acc: float | None, int8_acc: float | None,
     drop = fp32_acc - int8_acc
     if drop <= max_drop + 1e-12:
         return "int8", f"int8 test accuracy {int8_acc:.4f} within {max_drop * 100:.1f} points of fp32 {fp32_acc:.4f}"
-    return "fp32", f"int8 test accuracy {int8_acc:.4f} is {drop * 100:.2f} points below fp32 {fp32_acc:.4f} (> {max_drop * 100:.1f})"
+    return (
+        "fp32",
+        f"int8 test accuracy {int8_acc:.4f} is {drop * 100:.2f} points below fp32 {fp32_acc:.4f} (> {max_drop * 100:.1f})",
+    )
 
 
 def build_and_choose(
-    model_dir: Path, raw_fp32: Path, work_dir: Path, requested: Precision, tokenizer: object,
-    num_heads: int, hidden_size: int, temperature: float,
+    model_dir: Path,
+    raw_fp32: Path,
+    work_dir: Path,
+    requested: Precision,
+    tokenizer: object,
+    num_heads: int,
+    hidden_size: int,
+    temperature: float,
 ) -> tuple[Path, PrecisionChoice]:
     """Build the fp32 (fused when it helps) and int8 graphs, score both, return the one to serve."""
     fused = work_dir / "fused.onnx"
@@ -170,9 +198,17 @@ def build_and_choose(
             diff = float(np.abs(p8 - p32).max())
     served, reason = choose(requested, fp32_acc, int8_acc)
     choice = PrecisionChoice(
-        served=served, reason=reason, requested=requested, fp32_accuracy=fp32_acc, int8_accuracy=int8_acc,
-        n_test=len(test[0]) if test else 0, label_agreement=agree, max_abs_score_diff=diff, fused_ops=fused_ops,
-        fp32_bytes=fp32.stat().st_size, int8_bytes=int8.stat().st_size if int8 else None,
+        served=served,
+        reason=reason,
+        requested=requested,
+        fp32_accuracy=fp32_acc,
+        int8_accuracy=int8_acc,
+        n_test=len(test[0]) if test else 0,
+        label_agreement=agree,
+        max_abs_score_diff=diff,
+        fused_ops=fused_ops,
+        fp32_bytes=fp32.stat().st_size,
+        int8_bytes=int8.stat().st_size if int8 else None,
     )
     log.info("classifier precision: serving %s (%s)", served, reason)
     return (int8 if served == "int8" else fp32), choice

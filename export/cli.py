@@ -40,8 +40,15 @@ def export_classifier(model_dir: Path, repo: Path, target: str, force: bool, tri
 
 
 def export_flux(
-    repo: Path, target: str, force: bool, checkpoint: str | None = None, lora: str | None = None,
-    lora_scale: float | None = None, trigger_word: str | None = None, size: str | None = None, real: bool = False,
+    repo: Path,
+    target: str,
+    force: bool,
+    checkpoint: str | None = None,
+    lora: str | None = None,
+    lora_scale: float | None = None,
+    trigger_word: str | None = None,
+    size: str | None = None,
+    real: bool = False,
     triton_url: str | None = None,
 ) -> None:
     from tqdm import tqdm
@@ -59,18 +66,36 @@ def export_flux(
         else:
             bar.update(1)
 
-    kwargs = {"checkpoint": checkpoint, "lora": lora, "lora_scale": lora_scale, "trigger_word": trigger_word,
-              "target": target, "settings": settings, "force": force, "progress": progress}
+    kwargs = {
+        "checkpoint": checkpoint,
+        "lora": lora,
+        "lora_scale": lora_scale,
+        "trigger_word": trigger_word,
+        "target": target,
+        "settings": settings,
+        "force": force,
+        "progress": progress,
+    }
     if triton_url:
         swapped = publish_and_swap(repo, triton_url, **kwargs)
         bar.close()
-        log.info("generate: version %s now serving on %s (new: %s); export report: %s", swapped["model_version"],
-                 triton_url, swapped["created"] or "none", swapped["report"])
+        log.info(
+            "generate: version %s now serving on %s (new: %s); export report: %s",
+            swapped["model_version"],
+            triton_url,
+            swapped["created"] or "none",
+            swapped["report"],
+        )
         return
     with repository_lock(repo):
         result = publish_flux(repo, **kwargs)  # type: ignore[arg-type]
     bar.close()
-    log.info("generate: version %s (new: %s); export report: %s", result["generate"], result["created"] or "none", result["report"])
+    log.info(
+        "generate: version %s (new: %s); export report: %s",
+        result["generate"],
+        result["created"] or "none",
+        result["report"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,17 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--force", action="store_true", help="write a new version even if nothing changed")
-    parser.add_argument("--triton-url", metavar="HOST:PORT",
-                        help="also load the new versions into this running Triton (its HTTP port, e.g. 127.0.0.1:8000)")
+    parser.add_argument(
+        "--triton-url",
+        metavar="HOST:PORT",
+        help="also load the new versions into this running Triton (its HTTP port, e.g. 127.0.0.1:8000)",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classifier")
     c.add_argument("--model-dir", type=Path, default=CLASSIFIER_MODEL_DIR)
     f = sub.add_parser("flux", help="fuse a LoRA into FLUX and export generate + flux_* models")
-    f.add_argument("--checkpoint", help="diffusers FLUX folder or hub id (default: FLUXSERVE_FLUX_BASE_MODEL or the local build)")
-    f.add_argument("--lora", help="LoRA folder, .safetensors or hub id (default: FLUXSERVE_FLUX_LORA or the local LoRA)")
+    f.add_argument(
+        "--checkpoint", help="diffusers FLUX folder or hub id (default: FLUXSERVE_FLUX_BASE_MODEL or the local build)"
+    )
+    f.add_argument(
+        "--lora", help="LoRA folder, .safetensors or hub id (default: FLUXSERVE_FLUX_LORA or the local LoRA)"
+    )
     f.add_argument("--lora-scale", type=float)
     f.add_argument("--trigger-word")
-    f.add_argument("--size", choices=("tiny", "small"), help="local random-weight build to use when no checkpoint is given")
+    f.add_argument(
+        "--size", choices=("tiny", "small"), help="local random-weight build to use when no checkpoint is given"
+    )
     f.add_argument("--real", action="store_true", help="FLUX.1-dev + Super-Realism LoRA (needs a hub and a GPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -107,8 +141,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "classifier":
         export_classifier(args.model_dir, args.repo, args.target, args.force, args.triton_url)
     elif args.cmd == "flux":
-        export_flux(args.repo, args.target, args.force, args.checkpoint, args.lora, args.lora_scale, args.trigger_word,
-                    args.size, args.real, args.triton_url)
+        export_flux(
+            args.repo,
+            args.target,
+            args.force,
+            args.checkpoint,
+            args.lora,
+            args.lora_scale,
+            args.trigger_word,
+            args.size,
+            args.real,
+            args.triton_url,
+        )
     return 0
 
 

@@ -13,7 +13,15 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_COMPONENTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER, GENERATE, GENERATE_STREAM
+from client.contract import (
+    CLASSIFIER_ONNX,
+    CLASSIFY,
+    FLUX_COMPONENTS,
+    FLUX_SCALAR_INPUTS,
+    FLUX_TRANSFORMER,
+    GENERATE,
+    GENERATE_STREAM,
+)
 from export.triton_config import Deployment, DynamicBatching
 
 RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
@@ -61,7 +69,11 @@ def _recommended(path: Path) -> dict:
 def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
     s = settings or ExportSettings()
     rec = _recommended(s.batching_recommendation)
-    delay = s.classify_max_queue_delay_us if s.classify_max_queue_delay_us is not None else rec.get("max_queue_delay_us", 2000)
+    delay = (
+        s.classify_max_queue_delay_us
+        if s.classify_max_queue_delay_us is not None
+        else rec.get("max_queue_delay_us", 2000)
+    )
     preferred = s.classify_preferred_batch_sizes or tuple(rec.get("preferred_batch_sizes", ()))
     return {
         CLASSIFY.name: Deployment(
@@ -85,10 +97,15 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
     """`generate` and `generate_stream` (python BLS) and the four FLUX components they call."""
     s = settings or ExportSettings()
     deps = {
-        GENERATE.name: Deployment(spec=GENERATE, kind="python", instance_count=s.generate_instances,
-                                  max_queue_size=s.generate_max_queue_size),
-        GENERATE_STREAM.name: Deployment(spec=GENERATE_STREAM, kind="python", instance_count=s.generate_stream_instances,
-                                         max_queue_size=s.generate_max_queue_size),
+        GENERATE.name: Deployment(
+            spec=GENERATE, kind="python", instance_count=s.generate_instances, max_queue_size=s.generate_max_queue_size
+        ),
+        GENERATE_STREAM.name: Deployment(
+            spec=GENERATE_STREAM,
+            kind="python",
+            instance_count=s.generate_stream_instances,
+            max_queue_size=s.generate_max_queue_size,
+        ),
     }
     for name, spec in FLUX_COMPONENTS.items():
         is_transformer = name == FLUX_TRANSFORMER
@@ -96,10 +113,10 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
             spec=spec,
             kind="onnx",
             instance_count=1,
-            dynamic_batching=DynamicBatching(
-                (), s.flux_transformer_max_queue_delay_us if is_transformer else 1000
-            ),
-            parameters={"intra_op_threads": str(s.flux_transformer_threads if is_transformer else s.flux_component_threads)},
+            dynamic_batching=DynamicBatching((), s.flux_transformer_max_queue_delay_us if is_transformer else 1000),
+            parameters={
+                "intra_op_threads": str(s.flux_transformer_threads if is_transformer else s.flux_component_threads)
+            },
             flatten_inputs=tuple(t.name for t in spec.inputs if t.name in FLUX_SCALAR_INPUTS),
             # A request that began before a hot swap pins the component version it started with.
             versions_live=2,

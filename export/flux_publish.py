@@ -66,7 +66,9 @@ def default_lora(settings: FluxSettings | None = None) -> Path | str:
         return s.lora
     from export.flux.lora import build_local_lora
 
-    return build_local_lora(Path(default_checkpoint(s)), s.local_lora_dir, seed=s.local_seed, trigger_word=s.trigger_word)
+    return build_local_lora(
+        Path(default_checkpoint(s)), s.local_lora_dir, seed=s.local_seed, trigger_word=s.trigger_word
+    )
 
 
 def source_fingerprint(path: str | Path) -> dict[str, str]:
@@ -119,8 +121,14 @@ def component_provenance(provenance: dict[str, Any], lora_targets: frozenset[str
     }
 
 
-def _export_fused(checkpoint: str | Path, lora: str | Path | None, lora_scale: float, todo: dict[str, Path],
-                  settings: FluxSettings, progress: Callable[[str, object], None] | None) -> dict[str, Any]:
+def _export_fused(
+    checkpoint: str | Path,
+    lora: str | Path | None,
+    lora_scale: float,
+    todo: dict[str, Path],
+    settings: FluxSettings,
+    progress: Callable[[str, object], None] | None,
+) -> dict[str, Any]:
     """Full export of the components in `todo` (name -> folder) from the LoRA-fused pipeline."""
     from export.flux.lora import load_pipeline
     from export.flux.onnx_export import export_all
@@ -129,7 +137,11 @@ def _export_fused(checkpoint: str | Path, lora: str | Path | None, lora_scale: f
     pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
     for name, onnx_dir in todo.items():
         (result,) = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]).values()
-        facts = {"method": "export", "max_abs_error": result.max_abs_error, "export_seconds": round(result.export_seconds, 2)}
+        facts = {
+            "method": "export",
+            "max_abs_error": result.max_abs_error,
+            "export_seconds": round(result.export_seconds, 2),
+        }
         (onnx_dir / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))  # written last: marks it complete
         report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
     return report
@@ -172,8 +184,11 @@ def export_onnx(
         else:
             shutil.rmtree(onnx_dir, ignore_errors=True)  # a half-written export from an interrupted run
             todo[name] = onnx_dir
-    patchable = {n: d for n, d in todo.items() if n in PATCH_PREFIXES and base_provenance is not None
-                 and base_provenance[n] != provenance[n]}
+    patchable = {
+        n: d
+        for n, d in todo.items()
+        if n in PATCH_PREFIXES and base_provenance is not None and base_provenance[n] != provenance[n]
+    }
     if lora is not None and settings.weight_patching and patchable:
         assert base_provenance is not None
         base_dirs = {n: export_root / n / fingerprint(base_provenance[n]) for n in patchable}
@@ -186,7 +201,9 @@ def export_onnx(
             log.info("exporting %s without the LoRA (bases to patch: %s)", sorted({*missing, *plain}), sorted(missing))
             done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress)
             report.update({n: done[n] for n in plain})
-        report.update(_patch(lora, lora_scale, {n: (base_dirs[n], patchable[n]) for n in patchable}, settings, progress))
+        report.update(
+            _patch(lora, lora_scale, {n: (base_dirs[n], patchable[n]) for n in patchable}, settings, progress)
+        )
         todo = {n: d for n, d in todo.items() if n not in report}
     if todo:
         report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress))
@@ -194,8 +211,13 @@ def export_onnx(
     return report
 
 
-def _patch(lora: str | Path, lora_scale: float, jobs: dict[str, tuple[Path, Path]], settings: FluxSettings,
-           progress: Callable[[str, object], None] | None) -> dict[str, Any]:
+def _patch(
+    lora: str | Path,
+    lora_scale: float,
+    jobs: dict[str, tuple[Path, Path]],
+    settings: FluxSettings,
+    progress: Callable[[str, object], None] | None,
+) -> dict[str, Any]:
     """Patch each component of `jobs` (name -> (base export, target folder)); components whose
     LoRA keys the weight map cannot express are left out (the caller re-exports them)."""
     from export.flux.weight_patch import NotPatchable, layer_deltas, load_lora_state, patch_export
@@ -216,8 +238,13 @@ def _patch(lora: str | Path, lora_scale: float, jobs: dict[str, tuple[Path, Path
             continue
         # Not measured per publish: patched == fused re-export is proven by tests/unit/test_weight_patch.py
         # (<= 1e-5); what is recorded is the base export's own ONNX-vs-PyTorch error.
-        facts = {"method": "patch", "base_onnx_dir": str(base_dir), "max_abs_error": None,
-                 "base_max_abs_error": (_finished(base_dir) or {}).get("max_abs_error"), **result.as_dict()}
+        facts = {
+            "method": "patch",
+            "base_onnx_dir": str(base_dir),
+            "max_abs_error": None,
+            "base_max_abs_error": (_finished(base_dir) or {}).get("max_abs_error"),
+            **result.as_dict(),
+        }
         (staging / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))
         staging.rename(onnx_dir)
         report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
@@ -260,22 +287,39 @@ def publish_flux(
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
     per_component = component_provenance(provenance, targets)
     export_root = s.build_dir / "export"
-    report = export_onnx(checkpoint, lora, scale, export_root, per_component, s, progress,
-                         base_provenance=component_provenance(provenance, frozenset()))
+    report = export_onnx(
+        checkpoint,
+        lora,
+        scale,
+        export_root,
+        per_component,
+        s,
+        progress,
+        base_provenance=component_provenance(provenance, frozenset()),
+    )
 
     deps = flux_deployments(export_settings)
     out: dict[str, Any] = {"report": report, "created": []}
     components: dict[str, int] = {}
     for name in FLUX_COMPONENTS:
-        pub = publish(repo, deps[name], target, _component_files(Path(report[name]["onnx_dir"]), name), per_component[name],
-                      force=force, report={"parity_max_abs_error": report[name]["max_abs_error"]})
+        pub = publish(
+            repo,
+            deps[name],
+            target,
+            _component_files(Path(report[name]["onnx_dir"]), name),
+            per_component[name],
+            force=force,
+            report={"parity_max_abs_error": report[name]["max_abs_error"]},
+        )
         components[name] = pub.version
         if pub.created:
             out["created"].append(name)
 
     export_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=export_root) as tmp:
-        assets = copy_loop_assets(Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline")
+        assets = copy_loop_assets(
+            Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline"
+        )
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
         files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
         gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
@@ -283,10 +327,14 @@ def publish_flux(
         # The streaming twin runs the same pipeline on the same pinned components; its version
         # number follows generate's, so both doors report the same model_version.
         for spec in (GENERATE, GENERATE_STREAM):
-            dep = replace(deps[spec.name], parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word,
-                                                       **_memory_facts(assets)})
+            dep = replace(
+                deps[spec.name],
+                parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word, **_memory_facts(assets)},
+            )
             min_version = published[GENERATE.name].version if published else 1
-            published[spec.name] = publish(repo, dep, target, files, gen_provenance, force=force, min_version=min_version)
+            published[spec.name] = publish(
+                repo, dep, target, files, gen_provenance, force=force, min_version=min_version
+            )
     for name, pub in published.items():
         if pub.created:
             out["created"].append(name)
@@ -298,15 +346,19 @@ def publish_flux(
 def _memory_facts(pipeline_assets: Path) -> dict[str, str]:
     """What the facade's memory guard needs to know about this transformer (client.cost)."""
     config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
-    return {ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
-            TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets))}
+    return {
+        ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
+        TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets)),
+    }
 
 
 def _hub_snapshot(repo_id: str | Path) -> Path:
     """Local folder of a hub checkpoint's configs/tokenizers (needs a hub or a warm cache)."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(repo_id), allow_patterns=["*.json", "*.txt", "*.model", "tokenizer*/*", "scheduler/*"]))
+    return Path(
+        snapshot_download(str(repo_id), allow_patterns=["*.json", "*.txt", "*.model", "tokenizer*/*", "scheduler/*"])
+    )
 
 
 def publish_and_swap(
@@ -327,9 +379,15 @@ def publish_and_swap(
     from export.hot_swap import publish_and_load
 
     started = time.monotonic()
-    result = publish_and_load(repo, triton_http_url, [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
-                              lambda: publish_flux(repo, **publish_kwargs), keep_versions=keep_versions,
-                              lock=lock, lock_timeout_s=lock_timeout_s)
+    result = publish_and_load(
+        repo,
+        triton_http_url,
+        [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
+        lambda: publish_flux(repo, **publish_kwargs),
+        keep_versions=keep_versions,
+        lock=lock,
+        lock_timeout_s=lock_timeout_s,
+    )
     return {
         "model_version": str(result[GENERATE.name]),
         "components": {n: result[n] for n in FLUX_COMPONENTS},

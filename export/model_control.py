@@ -31,4 +31,7 @@ def ready_versions(http_url: str, name: str) -> list[str]:
         index = client.get_model_repository_index()
     finally:
         client.close()
-    return sorted((m.get("version", "") for m in index if m.get("name") == name and m.get("state") == "READY"), key=lambda v: int(v or 0))
+    return sorted(
+        (m.get("version", "") for m in index if m.get("name") == name and m.get("state") == "READY"),
+        key=lambda v: int(v or 0),
+    )

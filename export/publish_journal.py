@@ -54,8 +54,14 @@ def begin(repo: Path, names: Iterable[str]) -> None:
     for name in names:
         config = repo / name / CONFIG
         (repo / name).mkdir(parents=True, exist_ok=True)
-        _write(_path(repo, name), {"config_before": config.read_text() if config.exists() else None,
-                                   "versions_before": _versions(repo / name), "versions": []})
+        _write(
+            _path(repo, name),
+            {
+                "config_before": config.read_text() if config.exists() else None,
+                "versions_before": _versions(repo / name),
+                "versions": [],
+            },
+        )
 
 
 def _versions(model_dir: Path) -> list[int]:

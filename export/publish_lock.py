@@ -44,7 +44,9 @@ def repository_lock(repo: Path, timeout_s: float = 3600.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise PublishLockTimeout(f"another publish holds the model repository lock (waited {timeout_s:.0f}s)") from None
+                    raise PublishLockTimeout(
+                        f"another publish holds the model repository lock (waited {timeout_s:.0f}s)"
+                    ) from None
                 time.sleep(POLL_S)
         try:
             yield
@@ -57,7 +59,9 @@ def repository_lock(repo: Path, timeout_s: float = 3600.0) -> Iterator[None]:
 @contextmanager
 def redis_lock(client: Any, key: str, timeout_s: float = 3600.0, lease_s: float = 30.0) -> Iterator[None]:
     """Exclusive across machines sharing one Redis (`client`: a redis.Redis)."""
-    lock = client.lock(key, timeout=lease_s, sleep=POLL_S, blocking=True, blocking_timeout=timeout_s, thread_local=False)
+    lock = client.lock(
+        key, timeout=lease_s, sleep=POLL_S, blocking=True, blocking_timeout=timeout_s, thread_local=False
+    )
     if not lock.acquire():
         raise PublishLockTimeout(f"another publish holds the Redis publish lock (waited {timeout_s:.0f}s)")
     stop = threading.Event()

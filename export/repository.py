@@ -72,9 +72,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file below root, keyed by its relative path (manifest excluded)."""
     return {
-        str(p.relative_to(root)): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
 
 

@@ -50,8 +50,10 @@ class Deployment:
     Requests whose own timeout passes while queued are rejected too. 0: unbounded."""
 
 
-_DTYPE = {name: getattr(mc, name) for name in ("TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32",
-                                                "TYPE_INT64", "TYPE_UINT8", "TYPE_BOOL")}
+_DTYPE = {
+    name: getattr(mc, name)
+    for name in ("TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32", "TYPE_INT64", "TYPE_UINT8", "TYPE_BOOL")
+}
 
 
 def _tensor(t: TensorSpec, flat: bool, is_input: bool) -> mc.ModelInput | mc.ModelOutput:

@@ -40,7 +40,6 @@ from export.publish_journal import recover_repository
 log = logging.getLogger(__name__)
 
 
-
 class TritonSettings(BaseSettings):
     """Knobs for the Triton process. Environment prefix: FLUXSERVE_TRITON_."""
 
@@ -169,9 +168,7 @@ class TritonServer:
     def __init__(self, settings: TritonSettings | None = None) -> None:
         self.settings = settings or TritonSettings()
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = self.settings.log_file or (
-            BUILD_DIR / "logs" / f"triton-{self.settings.grpc_port}.log"
-        )
+        self.log_path = self.settings.log_file or (BUILD_DIR / "logs" / f"triton-{self.settings.grpc_port}.log")
 
     @property
     def http_url(self) -> str:
@@ -212,8 +209,13 @@ class TritonServer:
         log_fh = self.log_path.open("wb")
         # New session: Ctrl-C in `make up` reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
-            cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True,
-            cwd=PROJECT_ROOT, preexec_fn=_die_with_parent,
+            cmd,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            env=server_environment(),
+            start_new_session=True,
+            cwd=PROJECT_ROOT,
+            preexec_fn=_die_with_parent,
         )
         log_fh.close()
         self.wait_ready()

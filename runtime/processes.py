@@ -37,20 +37,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_triton(repo: Path, models: Iterable[str] = ("*",), log_dir: Path = LOG_DIR, tag: str = "triton",
-                 **overrides: object) -> TritonServer:
+def start_triton(
+    repo: Path, models: Iterable[str] = ("*",), log_dir: Path = LOG_DIR, tag: str = "triton", **overrides: object
+) -> TritonServer:
     """Triton serving `repo` on three free loopback ports, ready when this returns."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = TritonSettings(
-        model_repository=repo, http_port=http, grpc_port=grpc, metrics_port=metrics, models=tuple(models),
-        log_file=log_dir / f"{tag}-{grpc}.log", **overrides,
+        model_repository=repo,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        models=tuple(models),
+        log_file=log_dir / f"{tag}-{grpc}.log",
+        **overrides,
     )
     return TritonServer(settings).start()
 
 
 @contextmanager
-def triton(repo: Path, models: Iterable[str] = ("*",), log_dir: Path = LOG_DIR, tag: str = "triton") -> Iterator[TritonServer]:
+def triton(
+    repo: Path, models: Iterable[str] = ("*",), log_dir: Path = LOG_DIR, tag: str = "triton"
+) -> Iterator[TritonServer]:
     server = start_triton(repo, models, log_dir, tag)
     try:
         yield server
@@ -96,32 +104,57 @@ class HttpServer:
                 self.proc.wait()
 
 
-def start_http_server(name: str, args: list[str], env: Mapping[str, str], port: int, ready_path: str = "/readyz",
-                      log_dir: Path = LOG_DIR, timeout_s: float = 60.0) -> HttpServer:
+def start_http_server(
+    name: str,
+    args: list[str],
+    env: Mapping[str, str],
+    port: int,
+    ready_path: str = "/readyz",
+    log_dir: Path = LOG_DIR,
+    timeout_s: float = 60.0,
+) -> HttpServer:
     """Run `python <args>` (an app listening on `port`) and return once `ready_path` answers 200."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=dict(env), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=PROJECT_ROOT, env=dict(env), stdout=fh, stderr=subprocess.STDOUT
+        )
     server = HttpServer(name, proc, f"http://{ENDPOINTS.host}:{port}", log_path)
     server.wait_ready(ready_path, timeout_s)
     return server
 
 
-def start_facade(triton_grpc_url: str, extra_env: Mapping[str, str] | None = None, ready_path: str = "/readyz",
-                 required_models: Iterable[str] | None = None, log_dir: Path = LOG_DIR, timeout_s: float = 60.0) -> HttpServer:
+def start_facade(
+    triton_grpc_url: str,
+    extra_env: Mapping[str, str] | None = None,
+    ready_path: str = "/readyz",
+    required_models: Iterable[str] | None = None,
+    log_dir: Path = LOG_DIR,
+    timeout_s: float = 60.0,
+) -> HttpServer:
     """The real facade (`python -m api.app`) on a free port, configured by its FLUXSERVE_API_ environment."""
     port = free_port()
-    env = {**os.environ, **(extra_env or {}), "FLUXSERVE_API_HOST": ENDPOINTS.host, "FLUXSERVE_API_PORT": str(port),
-           "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url}
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "FLUXSERVE_API_HOST": ENDPOINTS.host,
+        "FLUXSERVE_API_PORT": str(port),
+        "FLUXSERVE_API_TRITON_GRPC_URL": triton_grpc_url,
+    }
     if required_models is not None:
         env["FLUXSERVE_API_REQUIRED_MODELS"] = json.dumps(list(required_models))
     return start_http_server("facade", ["-m", "api.app"], env, port, ready_path, log_dir, timeout_s)
 
 
 @contextmanager
-def facade(triton_grpc_url: str, required_models: Iterable[str] | None = None, log_dir: Path = LOG_DIR,
-           timeout_s: float = 60.0, extra_env: Mapping[str, str] | None = None) -> Iterator[HttpServer]:
+def facade(
+    triton_grpc_url: str,
+    required_models: Iterable[str] | None = None,
+    log_dir: Path = LOG_DIR,
+    timeout_s: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[HttpServer]:
     server = start_facade(triton_grpc_url, extra_env, "/readyz", required_models, log_dir, timeout_s)
     try:
         yield server

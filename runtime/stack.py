@@ -32,8 +32,11 @@ def announce_operator_key(settings: ApiSettings) -> None:
         log.info("operator keys for /train from FLUXSERVE_API_KEYS")
         return
     created = ensure_key_file(settings.key_file)
-    log.info("operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; README: Operator key)",
-             "created in" if created else "in", settings.key_file)
+    log.info(
+        "operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; README: Operator key)",
+        "created in" if created else "in",
+        settings.key_file,
+    )
 
 
 def main() -> int:
@@ -51,7 +54,9 @@ def main() -> int:
         return 1
     api_settings = api_settings.model_copy(update={"triton_grpc_url": triton.grpc_url})
     try:
-        log.info("facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port)
+        log.info(
+            "facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port
+        )
         # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503) and returns;
         # then the worker and Triton stop.
         serve(api_settings)

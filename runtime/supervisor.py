@@ -95,7 +95,9 @@ class TritonChild:
 class ProcessChild:
     """A plain child process (the training worker), in its own process group."""
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None
+    ) -> None:
         self.name, self.argv, self.env, self.log_path = name, argv, dict(env or {}), log_path
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -112,8 +114,14 @@ class ProcessChild:
             out = self.log_path.open("ab")
         try:
             # Its own session: Ctrl-C reaches only the stack, which stops children in order.
-            self.process = subprocess.Popen(self.argv, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, stdout=out,
-                                            stderr=subprocess.STDOUT if out else None, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+            )
         finally:
             if out is not None:
                 out.close()
@@ -160,8 +168,13 @@ class Supervisor:
                     in_a_row[child.name] = 0
                 in_a_row[child.name] += 1
                 delay = self.backoff.delay(in_a_row[child.name])
-                log.warning("%s died (exit code %s); restarting in %.1fs (attempt %d)", child.name, child.exit_code(),
-                            delay, in_a_row[child.name])
+                log.warning(
+                    "%s died (exit code %s); restarting in %.1fs (attempt %d)",
+                    child.name,
+                    child.exit_code(),
+                    delay,
+                    in_a_row[child.name],
+                )
                 if self._stop.wait(delay):
                     return
                 started = time.monotonic()
@@ -172,8 +185,12 @@ class Supervisor:
                     continue
                 self.restarts[child.name] += 1
                 up_since[child.name] = time.monotonic()
-                log.warning("%s restarted in %.1fs (restart #%d)", child.name, time.monotonic() - started,
-                            self.restarts[child.name])
+                log.warning(
+                    "%s restarted in %.1fs (restart #%d)",
+                    child.name,
+                    time.monotonic() - started,
+                    self.restarts[child.name],
+                )
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Stop watching, then stop every child at once (each gets `timeout_s`, then is killed),
@@ -182,7 +199,9 @@ class Supervisor:
         if self._thread.is_alive():
             # A restart in progress may block in Triton's start; stopping the child ends it.
             self._thread.join(timeout=1.0)
-        stoppers = [threading.Thread(target=child.stop, args=(timeout_s,), name=f"stop {child.name}") for child in self.children]
+        stoppers = [
+            threading.Thread(target=child.stop, args=(timeout_s,), name=f"stop {child.name}") for child in self.children
+        ]
         for t in stoppers:
             t.start()
         for t in stoppers:

@@ -46,9 +46,7 @@ class ClassifyPipeline:
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         # Pad to the longest in this batch (not to max_tokens): chat messages are short, and
         # padding to 128 would multiply encoder work several times over.
-        enc = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="np"
-        )
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="np")
         # Fast tokenizers already return int64: no copy on the hot path.
         return {k: enc[k].astype(np.int64, copy=False) for k in ("input_ids", "attention_mask")}
 

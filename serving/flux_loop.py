@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.flux_assets import read_max_sequence_length
 from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+from common.flux_assets import read_max_sequence_length
 
 log = logging.getLogger(__name__)
 
 ComponentFn = Callable[..., np.ndarray]
 """Called as fn(*arrays in input order) or fn(**{input name: array}); returns the one output."""
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -54,8 +55,15 @@ def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
 class FluxLoop:
     """Tokenize, encode, denoise and decode one prompt; returns uint8 (H, W, 3)."""
 
-    def __init__(self, checkpoint_dir: Path, encode_clip: ComponentFn, encode_t5: ComponentFn,
-                 transformer: ComponentFn, decode_vae: ComponentFn, max_sequence_length: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        encode_clip: ComponentFn,
+        encode_t5: ComponentFn,
+        transformer: ComponentFn,
+        decode_vae: ComponentFn,
+        max_sequence_length: int | None = None,
+    ) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.image_processor import VaeImageProcessor
         from transformers import CLIPTokenizer, T5TokenizerFast
@@ -86,10 +94,24 @@ class FluxLoop:
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(CLIP ids (1, 77), T5 ids (1, max_sequence_length)), int64, as FluxPipeline pads them."""
-        clip = self.tokenizer([prompt], padding="max_length", max_length=self.clip_max_length, truncation=True,
-                              return_overflowing_tokens=False, return_length=False, return_tensors="np").input_ids
-        t5 = self.tokenizer_2([prompt], padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                              return_overflowing_tokens=False, return_length=False, return_tensors="np").input_ids
+        clip = self.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=self.clip_max_length,
+            truncation=True,
+            return_overflowing_tokens=False,
+            return_length=False,
+            return_tensors="np",
+        ).input_ids
+        t5 = self.tokenizer_2(
+            [prompt],
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_overflowing_tokens=False,
+            return_length=False,
+            return_tensors="np",
+        ).input_ids
         return clip.astype(np.int64), t5.astype(np.int64)
 
     def initial_latents(self, width: int, height: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +122,9 @@ class FluxLoop:
         h = 2 * (int(height) // (self.vae_scale_factor * 2))
         w = 2 * (int(width) // (self.vae_scale_factor * 2))
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        noise = randn_tensor((1, self.num_channels_latents, h, w), generator=generator, device=torch.device("cpu"),
-                             dtype=torch.float32)
+        noise = randn_tensor(
+            (1, self.num_channels_latents, h, w), generator=generator, device=torch.device("cpu"), dtype=torch.float32
+        )
         latents = FluxPipeline._pack_latents(noise, 1, self.num_channels_latents, h, w)
         ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, torch.device("cpu"), torch.float32)
         return latents, ids
@@ -113,8 +136,13 @@ class FluxLoop:
         scheduler = self._scheduler_cls.from_config(self.scheduler_config)
         cfg = scheduler.config
         sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
         timesteps, _ = retrieve_timesteps(scheduler, steps, torch.device("cpu"), sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         return scheduler, timesteps
@@ -154,8 +182,9 @@ class FluxLoop:
             timestep = (t.expand(latents.shape[0]).to(latents.dtype) / 1000).numpy()
             feeds = fixed | {"hidden_states": latents.numpy(), "timestep": timestep}
             noise = _call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names))
-            latents = scheduler.step(torch.from_numpy(np.asarray(noise, dtype=np.float32)), t, latents,
-                                     return_dict=False)[0]
+            latents = scheduler.step(
+                torch.from_numpy(np.asarray(noise, dtype=np.float32)), t, latents, return_dict=False
+            )[0]
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
         return self.decode(latents, req.width, req.height)
@@ -164,8 +193,9 @@ class FluxLoop:
 # ----------------------------------------------------------------------------- backends
 
 
-def ort_callables(onnx_dir: Path, intra_op_threads: int = 0,
-                  providers: list[str] | None = None) -> tuple[ComponentFn, ComponentFn, ComponentFn, ComponentFn]:
+def ort_callables(
+    onnx_dir: Path, intra_op_threads: int = 0, providers: list[str] | None = None
+) -> tuple[ComponentFn, ComponentFn, ComponentFn, ComponentFn]:
     """(encode_clip, encode_t5, transformer, decode_vae) on ONNX Runtime sessions.
 
     Reads `onnx_dir/<model name>/model.onnx` as written by export.flux.onnx_export.export_all.
@@ -196,6 +226,7 @@ def torch_callables(pipeline) -> tuple[ComponentFn, ComponentFn, ComponentFn, Co
     The reference backend: with it, FluxLoop must reproduce the pipeline bit for bit, which
     separates loop bugs from export error.
     """
+
     def as_dict(name: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         feeds = dict(zip(FLUX_IO_NAMES[name][0], args)) | kwargs
         return {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
@@ -213,12 +244,20 @@ def torch_callables(pipeline) -> tuple[ComponentFn, ComponentFn, ComponentFn, Co
     @torch.no_grad()
     def transformer(*args, **kwargs) -> np.ndarray:
         f = as_dict(FLUX_TRANSFORMER, args, kwargs)
-        return pipeline.transformer(
-            hidden_states=f["hidden_states"], encoder_hidden_states=f["encoder_hidden_states"],
-            pooled_projections=f["pooled_projections"], timestep=f["timestep"], img_ids=f["img_ids"][0],
-            txt_ids=f["txt_ids"][0], return_dict=False,
-            guidance=f["guidance"] if pipeline.transformer.config.guidance_embeds else None,
-        )[0].float().numpy()
+        return (
+            pipeline.transformer(
+                hidden_states=f["hidden_states"],
+                encoder_hidden_states=f["encoder_hidden_states"],
+                pooled_projections=f["pooled_projections"],
+                timestep=f["timestep"],
+                img_ids=f["img_ids"][0],
+                txt_ids=f["txt_ids"][0],
+                return_dict=False,
+                guidance=f["guidance"] if pipeline.transformer.config.guidance_embeds else None,
+            )[0]
+            .float()
+            .numpy()
+        )
 
     @torch.no_grad()
     def vae(*args, **kwargs) -> np.ndarray:

@@ -14,8 +14,9 @@ class Stopped(Exception):
     """The request was cancelled or ran past its deadline; its loop stops here."""
 
 
-def stop_check(is_cancelled: Callable[[], bool], timeout_us: int = 0,
-               clock: Callable[[], float] = time.monotonic) -> Callable[..., None]:
+def stop_check(
+    is_cancelled: Callable[[], bool], timeout_us: int = 0, clock: Callable[[], float] = time.monotonic
+) -> Callable[..., None]:
     """A callable (usable as FluxLoop's `on_step`) that raises Stopped when the work should end.
     `timeout_us` is the request's own timeout as Triton passes it (0: none)."""
     deadline = clock() + timeout_us / 1e6 if timeout_us > 0 else None

@@ -70,9 +70,11 @@ class TritonPythonModel:
             labels = self.label_bytes[probs.argmax(axis=1)].reshape(-1, 1)
             offset = 0
             for i, n in owners:
-                responses[i] = pb_utils.InferenceResponse([
-                    pb_utils.Tensor(self.label_out, labels[offset : offset + n]),
-                    pb_utils.Tensor(self.scores_out, probs[offset : offset + n]),
-                ])
+                responses[i] = pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor(self.label_out, labels[offset : offset + n]),
+                        pb_utils.Tensor(self.scores_out, probs[offset : offset + n]),
+                    ]
+                )
                 offset += n
         return responses

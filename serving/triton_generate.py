@@ -20,7 +20,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from client.codec import flux_component_feeds
-from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GENERATE_DEFAULTS
+from client.contract import (
+    FLUX_IO_NAMES,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE,
+    GENERATE_DEFAULTS,
+)
 from serving.flux_loop import FluxLoop, GenerationRequest
 from serving.generate_request import read_request
 from serving.stop_check import Stopped, stop_check
@@ -73,6 +81,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:  # max_batch_size 0: one request per loop, instances run in parallel
+
             def get(name: str) -> np.ndarray | None:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
@@ -80,7 +89,9 @@ class TritonPythonModel:
             try:
                 req: GenerationRequest = read_request(get, GENERATE_DEFAULTS)
             except ValueError as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+                )
                 continue
             try:
                 check = _stop_check(request)
@@ -91,7 +102,11 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
                 continue
             except ComponentError as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}", pb_utils.TritonError.UNAVAILABLE)))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"generation failed: {e}", pb_utils.TritonError.UNAVAILABLE)
+                    )
+                )
                 continue
             except Exception as e:  # never crash the instance: fail this request only
                 log.exception("generate failed")

@@ -35,9 +35,25 @@ class RedisServer:
         self.password = secrets.token_hex(16)
         self.log_path = workdir / "redis.log"
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-               "--requirepass", self.password, "--save", "", "--appendonly", "no", "--dir", str(workdir),
-               "--logfile", str(self.log_path)]
+        cmd = [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--requirepass",
+            self.password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(self.log_path),
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
@@ -48,7 +64,9 @@ class RedisServer:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start: {self.log_path.read_text()[-2000:] if self.log_path.exists() else ''}")
+                raise RuntimeError(
+                    f"redis-server did not start: {self.log_path.read_text()[-2000:] if self.log_path.exists() else ''}"
+                )
             time.sleep(0.1)
 
     @property

@@ -23,7 +23,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from client.contract import CLASSIFY_LIMITS, LABELS
-from training.classifier_params import BatchSize, Epochs, LearningRate, Seed
 from common.paths import CLASSIFIER_MODEL_DIR
 from export.classifier_precision import TEST_SPLIT_FILE
 from training.classifier_data import (
@@ -36,6 +35,7 @@ from training.classifier_data import (
     load_held_out,
     stratified_split,
 )
+from training.classifier_params import BatchSize, Epochs, LearningRate, Seed
 from training.metrics import fit_temperature, flagging, score, softmax, uncertainty_threshold
 
 log = logging.getLogger(__name__)
@@ -89,16 +89,22 @@ def load_base(name: str) -> tuple[torch.nn.Module, object]:
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, tokenizer: object, texts: list[str], max_tokens: int, batch_size: int = 64) -> np.ndarray:
+def predict_logits(
+    model: torch.nn.Module, tokenizer: object, texts: list[str], max_tokens: int, batch_size: int = 64
+) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        enc = tokenizer(
+            texts[i : i + batch_size], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
         out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
-def predict_proba(model: torch.nn.Module, tokenizer: object, texts: list[str], max_tokens: int, temperature: float = 1.0) -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module, tokenizer: object, texts: list[str], max_tokens: int, temperature: float = 1.0
+) -> np.ndarray:
     return softmax(predict_logits(model, tokenizer, texts, max_tokens), temperature)
 
 
@@ -109,15 +115,27 @@ def _evaluate(model, tokenizer, examples: list[Example], max_tokens: int) -> tup
     return score(y, logits.argmax(axis=1)).as_dict(), y, logits
 
 
-def _calibrated_report(examples: list[Example], y: np.ndarray, logits: np.ndarray, temperature: float, threshold: float) -> dict:
+def _calibrated_report(
+    examples: list[Example], y: np.ndarray, logits: np.ndarray, temperature: float, threshold: float
+) -> dict:
     """Accuracy, flagging of errors and the errors themselves on one set, with calibrated scores."""
     probs = softmax(logits, temperature)
     wrong = [
-        {"text": e.text, "label": e.label, "tag": e.tag, "p_image_request": round(float(p[LABELS.index("image_request")]), 4),
-         "uncertain": bool(p.max() < threshold)}
-        for e, p, t in zip(examples, probs, y) if p.argmax() != t
+        {
+            "text": e.text,
+            "label": e.label,
+            "tag": e.tag,
+            "p_image_request": round(float(p[LABELS.index("image_request")]), 4),
+            "uncertain": bool(p.max() < threshold),
+        }
+        for e, p, t in zip(examples, probs, y)
+        if p.argmax() != t
     ]
-    return {**score(y, probs.argmax(axis=1)).as_dict(), "flagging": flagging(y, probs, threshold).as_dict(), "errors": wrong}
+    return {
+        **score(y, probs.argmax(axis=1)).as_dict(),
+        "flagging": flagging(y, probs, threshold).as_dict(),
+        "errors": wrong,
+    }
 
 
 def train_classifier(
@@ -152,7 +170,13 @@ def train_classifier(
             if should_stop and should_stop():
                 raise InterruptedError("training cancelled")
             batch = order[i : i + settings.batch_size]
-            enc = tokenizer([e.text for e in batch], padding=True, truncation=True, max_length=settings.max_tokens, return_tensors="pt")
+            enc = tokenizer(
+                [e.text for e in batch],
+                padding=True,
+                truncation=True,
+                max_length=settings.max_tokens,
+                return_tensors="pt",
+            )
             labels = torch.tensor([e.label_id for e in batch])
             loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
             loss.backward()
@@ -163,9 +187,13 @@ def train_classifier(
             step += 1
             if on_progress:
                 elapsed = time.monotonic() - started
-                on_progress({"step": step, "total_steps": total, "loss": float(loss), "eta_s": elapsed / step * (total - step)})
+                on_progress(
+                    {"step": step, "total_steps": total, "loss": float(loss), "eta_s": elapsed / step * (total - step)}
+                )
         val, _, _ = _evaluate(model, tokenizer, splits.validation, settings.max_tokens)
-        log.info("epoch %d/%d: loss=%.4f validation accuracy=%.4f", epoch, settings.epochs, float(loss), val["accuracy"])
+        log.info(
+            "epoch %d/%d: loss=%.4f validation accuracy=%.4f", epoch, settings.epochs, float(loss), val["accuracy"]
+        )
         if val["accuracy"] > best_acc:
             best_acc, best_epoch = val["accuracy"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -184,19 +212,34 @@ def train_classifier(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # The export measures fp32 vs int8 on exactly the messages this run held out as test.
-    (out / TEST_SPLIT_FILE).write_text("".join(
-        json.dumps({"text": e.text, "label": e.label, "tag": e.tag}, ensure_ascii=False) + "\n" for e in splits.test
-    ), encoding="utf-8")
-    (out / "labels.json").write_text(json.dumps(
-        {"labels": list(LABELS), "temperature": temperature, "recommended_threshold": thr.threshold,
-         "threshold_validation": thr.as_dict()}, indent=2
-    ))
+    (out / TEST_SPLIT_FILE).write_text(
+        "".join(
+            json.dumps({"text": e.text, "label": e.label, "tag": e.tag}, ensure_ascii=False) + "\n" for e in splits.test
+        ),
+        encoding="utf-8",
+    )
+    (out / "labels.json").write_text(
+        json.dumps(
+            {
+                "labels": list(LABELS),
+                "temperature": temperature,
+                "recommended_threshold": thr.threshold,
+                "threshold_validation": thr.as_dict(),
+            },
+            indent=2,
+        )
+    )
     metrics = {
         "base_model": settings.base_model,
         "data_sha256": dataset_sha256(settings.data_dir),
         "settings": settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"}),
         "best_epoch": best_epoch,
-        "sizes": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test), "held_out": len(held_out)},
+        "sizes": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+            "held_out": len(held_out),
+        },
         "validation": val,
         "test": test,
         "temperature": temperature,
@@ -210,9 +253,16 @@ def train_classifier(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     flags = metrics["calibrated"]["test"]["flagging"]
-    log.info("test accuracy=%.4f f1(image_request)=%.4f; T=%.2f threshold=%.3f flags %.0f%% of test errors, %.1f%% of correct; saved to %s",
-             test["accuracy"], test["f1_image_request"], temperature, thr.threshold,
-             100 * flags["errors_flagged"], 100 * flags["correct_flagged"], out)
+    log.info(
+        "test accuracy=%.4f f1(image_request)=%.4f; T=%.2f threshold=%.3f flags %.0f%% of test errors, %.1f%% of correct; saved to %s",
+        test["accuracy"],
+        test["f1_image_request"],
+        temperature,
+        thr.threshold,
+        100 * flags["errors_flagged"],
+        100 * flags["correct_flagged"],
+        out,
+    )
     return metrics
 
 

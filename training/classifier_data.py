@@ -58,9 +58,7 @@ def load_held_out(held_out_dir: Path = HELD_OUT_DIR) -> list[Example]:
     return load_examples(held_out_dir)
 
 
-def stratified_split(
-    examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0
-) -> Splits:
+def stratified_split(examples: list[Example], validation: float = 0.15, test: float = 0.15, seed: int = 0) -> Splits:
     """Split per (label, tag) stratum so hard cases appear in every split, not just in train."""
     rng = random.Random(seed)
     strata: dict[tuple[str, str], list[Example]] = {}

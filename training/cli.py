@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls.add_argument("--base-model", help="all-minilm-l6-v2 (offline default), facebook/bart-large-mnli, or a path")
     cls.add_argument("--output-dir", type=Path)
     cls.add_argument("--epochs", type=int)
-    cls.add_argument("--if-stale", action="store_true", help="skip when the output was trained on the current data and settings")
+    cls.add_argument(
+        "--if-stale", action="store_true", help="skip when the output was trained on the current data and settings"
+    )
     dflt = sub.add_parser("defaults", help="train the classifier if needed, then export everything `make up` serves")
     dflt.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     dflt.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
@@ -44,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "defaults":
         return defaults(args.repo, args.target)
     if args.cmd == "classifier":
-        overrides = {k: v for k, v in {"base_model": args.base_model, "output_dir": args.output_dir, "epochs": args.epochs}.items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in {"base_model": args.base_model, "output_dir": args.output_dir, "epochs": args.epochs}.items()
+            if v is not None
+        }
         settings = ClassifierTrainSettings(**overrides)
         if args.if_stale and is_up_to_date(settings):
             logging.getLogger(__name__).info("classifier already trained at %s", settings.output_dir)

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,7 +99,7 @@ def _batch_order(count: int, steps: int, batch_size: int, generator: torch.Gener
     needed = steps * batch_size
     while len(stream) < needed:
         stream.extend(torch.randperm(count, generator=generator).tolist())
-    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+    return [stream[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
 @dataclass
@@ -115,8 +115,9 @@ def _encode_captions(pipe: Any, captions: Sequence[str], max_sequence_length: in
     unique = list(dict.fromkeys(captions))
     embeds, pooled, text_ids = [], [], None
     for caption in unique:
-        e, p, ids = pipe.encode_prompt(prompt=caption, prompt_2=caption, device=torch.device("cpu"),
-                                       max_sequence_length=max_sequence_length)
+        e, p, ids = pipe.encode_prompt(
+            prompt=caption, prompt_2=caption, device=torch.device("cpu"), max_sequence_length=max_sequence_length
+        )
         embeds.append(e)
         pooled.append(p)
         text_ids = ids
@@ -187,7 +188,6 @@ def train_lora(
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-
     if dataset.count < 1 or len(dataset.captions) != dataset.count:
         raise ValueError("the dataset has no images or its captions do not match its images")
     out_dir = Path(out_dir)
@@ -195,7 +195,9 @@ def train_lora(
     generator = torch.Generator().manual_seed(settings.seed)
     msl = options.max_sequence_length or read_max_sequence_length(checkpoint)
 
-    logger.info("loading FLUX from %s for LoRA training (%d images, %d steps)", checkpoint, dataset.count, settings.steps)
+    logger.info(
+        "loading FLUX from %s for LoRA training (%d images, %d steps)", checkpoint, dataset.count, settings.steps
+    )
     pipe = FluxPipeline.from_pretrained(str(checkpoint), dtype=torch.float32, local_files_only=options.local_files_only)
     transformer, vae = pipe.transformer, pipe.vae
     for module in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -217,8 +219,12 @@ def train_lora(
     schedule_sigmas = scheduler.sigmas.clone().float()
     num_train_timesteps = scheduler.config.num_train_timesteps
 
-    lora_config = LoraConfig(r=settings.rank, lora_alpha=settings.effective_alpha, init_lora_weights="gaussian",
-                             target_modules=list(options.target_modules))
+    lora_config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.effective_alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(options.target_modules),
+    )
     # PEFT draws the gaussian lora_A from the global RNG: seed it, but only inside a fork, so a
     # worker's other users of torch's RNG are not disturbed.
     with torch.random.fork_rng(devices=[]):
@@ -227,8 +233,13 @@ def train_lora(
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"no LoRA parameters: target modules {options.target_modules} matched nothing")
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=options.adam_betas,
-                                  weight_decay=options.adam_weight_decay, eps=options.adam_eps)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=settings.learning_rate,
+        betas=options.adam_betas,
+        weight_decay=options.adam_weight_decay,
+        eps=options.adam_eps,
+    )
     transformer.train()
 
     _, channels, lat_h, lat_w = latent_mean.shape
@@ -252,8 +263,13 @@ def train_lora(
         noise = torch.randn(x0.shape, generator=generator)
 
         u = compute_density_for_timestep_sampling(
-            weighting_scheme=options.weighting_scheme, batch_size=bsz, logit_mean=options.logit_mean,
-            logit_std=options.logit_std, mode_scale=options.mode_scale, generator=generator)
+            weighting_scheme=options.weighting_scheme,
+            batch_size=bsz,
+            logit_mean=options.logit_mean,
+            logit_std=options.logit_std,
+            mode_scale=options.mode_scale,
+            generator=generator,
+        )
         t_index = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
         timesteps = schedule_timesteps[t_index]
         sigmas = schedule_sigmas[t_index].view(bsz, 1, 1, 1)
@@ -289,34 +305,56 @@ def train_lora(
         steps_per_s = step / elapsed if elapsed > 0 else 0.0
         if on_progress is not None:
             remaining = settings.steps - step
-            on_progress({"step": step, "total_steps": settings.steps, "loss": value,
-                         "eta_s": remaining / steps_per_s if steps_per_s else None, "steps_per_s": steps_per_s})
+            on_progress(
+                {
+                    "step": step,
+                    "total_steps": settings.steps,
+                    "loss": value,
+                    "eta_s": remaining / steps_per_s if steps_per_s else None,
+                    "steps_per_s": steps_per_s,
+                }
+            )
         if step == 1 or step % max(1, settings.steps // 10) == 0:
             logger.info("LoRA step %d/%d loss %.4f (%.2f steps/s)", step, settings.steps, value, steps_per_s)
 
     transformer.eval()
     state = _bake_alpha(get_peft_model_state_dict(transformer), settings.effective_alpha / settings.rank)
     out_dir.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
-                                   safe_serialization=True)
+    FluxPipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+    )
 
-    manifest = _manifest(checkpoint, dataset, settings, options, losses, steps_per_s,
-                         time.monotonic() - started, len(state), msl)
+    manifest = _manifest(
+        checkpoint, dataset, settings, options, losses, steps_per_s, time.monotonic() - started, len(state), msl
+    )
     write_lora_manifest(out_dir, manifest)
-    logger.info("LoRA saved to %s: loss %.4f -> %.4f, %.2f steps/s", out_dir,
-                manifest["loss_history"]["mean_first_5"], manifest["loss_history"]["mean_last_5"], steps_per_s)
+    logger.info(
+        "LoRA saved to %s: loss %.4f -> %.4f, %.2f steps/s",
+        out_dir,
+        manifest["loss_history"]["mean_first_5"],
+        manifest["loss_history"]["mean_last_5"],
+        steps_per_s,
+    )
     return manifest
 
 
-def _manifest(checkpoint: Path | str, dataset: PreparedDataset, settings: LoraTrainSettings,
-              options: LoraTrainOptions, losses: list[float], steps_per_s: float, duration_s: float,
-              tensors: int, max_sequence_length: int) -> dict[str, Any]:
+def _manifest(
+    checkpoint: Path | str,
+    dataset: PreparedDataset,
+    settings: LoraTrainSettings,
+    options: LoraTrainOptions,
+    losses: list[float],
+    steps_per_s: float,
+    duration_s: float,
+    tensors: int,
+    max_sequence_length: int,
+) -> dict[str, Any]:
     import diffusers
     import peft
 
     return {
         "format": MANIFEST_FORMAT,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "trigger_word": dataset.trigger_word,
         "base_checkpoint": str(checkpoint),
         "lora_file": LORA_WEIGHT_NAME,
@@ -324,8 +362,10 @@ def _manifest(checkpoint: Path | str, dataset: PreparedDataset, settings: LoraTr
         # The file has alpha/rank folded into lora_B: load it at scale 1.0 with any loader.
         "alpha_baked_into_weights": True,
         "settings": {**settings.model_dump(), "alpha": settings.effective_alpha},
-        "options": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
-                    "max_sequence_length": max_sequence_length},
+        "options": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+            "max_sequence_length": max_sequence_length,
+        },
         "dataset": {"sha256": dataset.sha256, "count": dataset.count},
         "final_loss": losses[-1],
         "loss_history": _summarize(losses),

@@ -169,8 +169,15 @@ class JobStore(ABC):
     # -- the state machine --------------------------------------------------------------
     def create(self, kind: str, params: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
         now = time.time()
-        job = Job(id=job_id or uuid.uuid4().hex, kind=kind, status="new", created_unix=now, updated_unix=now,
-                  params=params, owner=owner)
+        job = Job(
+            id=job_id or uuid.uuid4().hex,
+            kind=kind,
+            status="new",
+            created_unix=now,
+            updated_unix=now,
+            params=params,
+            owner=owner,
+        )
         self._insert(job)
         return job
 
@@ -191,13 +198,17 @@ class JobStore(ABC):
 
     def start(self, job_id: str, worker_id: str) -> bool:
         """new/queued -> running on `worker_id`, atomically; False when cancelled or already taken."""
-        started = self._transact(job_id, lambda j: {"status": "running", "worker": worker_id, "phase": "training"}
-                                 if j.status in WAITING else None)
+        started = self._transact(
+            job_id,
+            lambda j: {"status": "running", "worker": worker_id, "phase": "training"} if j.status in WAITING else None,
+        )
         return started is not None and started.status == "running" and started.worker == worker_id
 
     def begin_publish(self, job_id: str) -> bool:
         """running -> publishing unless a cancel was requested first (then False)."""
-        job = self._transact(job_id, lambda j: {"phase": "publishing"} if j.status == "running" and not j.cancel_requested else None)
+        job = self._transact(
+            job_id, lambda j: {"phase": "publishing"} if j.status == "running" and not j.cancel_requested else None
+        )
         return job is not None and job.phase == "publishing"
 
     def end_publish(self, job_id: str) -> None:
@@ -236,9 +247,13 @@ class JobStore(ABC):
         failed = []
         for job in self._unfinished():
             if job.status == "running" and job.worker not in alive:
+
                 def decide(j: Job, w: str | None = job.worker) -> dict[str, Any] | None:
-                    return {"status": "failed", "error": WORKER_LOST} if j.status == "running" and j.worker == w else None
+                    return (
+                        {"status": "failed", "error": WORKER_LOST} if j.status == "running" and j.worker == w else None
+                    )
             elif job.status == "new" and now - job.created_unix > self.settings.submit_timeout_s:
+
                 def decide(j: Job) -> dict[str, Any] | None:
                     return {"status": "failed", "error": NEVER_QUEUED} if j.status == "new" else None
             else:
@@ -266,7 +281,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_unix DESC);
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, beat_unix REAL NOT NULL);
 """
-_ADDED_COLUMNS = {"worker": "TEXT", "phase": "TEXT", "owner": "TEXT"}  # added after the first release: migrated in place
+_ADDED_COLUMNS = {
+    "worker": "TEXT",
+    "phase": "TEXT",
+    "owner": "TEXT",
+}  # added after the first release: migrated in place
 
 
 class SqliteJobStore(JobStore):
@@ -310,7 +329,9 @@ class SqliteJobStore(JobStore):
     def _insert(self, job: Job) -> None:
         row = self._encode(asdict(job))
         with self._lock, self._conn() as conn:
-            conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            conn.execute(
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
 
     def _get(self, job_id: str) -> Job | None:
         with self._conn() as conn:
@@ -320,7 +341,9 @@ class SqliteJobStore(JobStore):
     def _set(self, conn: sqlite3.Connection, job_id: str, values: dict[str, Any]) -> None:
         values = self._encode({**values, "updated_unix": time.time()})
         assert set(values) <= set(JOB_FIELDS)
-        conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", (*values.values(), job_id))
+        conn.execute(
+            f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", (*values.values(), job_id)
+        )
 
     def _transact(self, job_id: str, decide: Callable[[Job], dict[str, Any] | None]) -> Job | None:
         with self._lock, self._conn() as conn:
@@ -348,7 +371,9 @@ class SqliteJobStore(JobStore):
 
     def list(self, limit: int = 100) -> list[Job]:
         with self._conn() as conn:
-            rows = conn.execute("SELECT * FROM jobs WHERE status != 'new' ORDER BY created_unix DESC LIMIT ?", (limit,)).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE status != 'new' ORDER BY created_unix DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [self._row(r) for r in rows]
 
     def update(self, job_id: str, **values: Any) -> None:
@@ -361,8 +386,10 @@ class SqliteJobStore(JobStore):
 
     def heartbeat(self, worker_id: str) -> None:
         with self._lock, self._conn() as conn:
-            conn.execute("INSERT INTO workers VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET beat_unix = excluded.beat_unix",
-                         (worker_id, time.time()))
+            conn.execute(
+                "INSERT INTO workers VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET beat_unix = excluded.beat_unix",
+                (worker_id, time.time()),
+            )
 
     def forget_worker(self, worker_id: str) -> None:
         with self._lock, self._conn() as conn:
@@ -384,8 +411,10 @@ class QueueConfigError(RuntimeError):
 def make_huey(settings: JobSettings) -> Huey:
     if settings.redis_url:
         if settings.queue_secret is None or not settings.queue_secret.get_secret_value():
-            raise QueueConfigError("FLUXSERVE_JOBS_QUEUE_SECRET is required with FLUXSERVE_JOBS_REDIS_URL: "
-                                   "queue messages are signed with it")
+            raise QueueConfigError(
+                "FLUXSERVE_JOBS_QUEUE_SECRET is required with FLUXSERVE_JOBS_REDIS_URL: "
+                "queue messages are signed with it"
+            )
         serializer = SignedSerializer(secret=settings.queue_secret.get_secret_value(), salt="fluxserve-jobs")
         return RedisHuey("fluxserve-training", url=settings.redis_url, serializer=serializer)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ class Heartbeat:
     """A worker's liveness, as a context manager: beats from entry (synchronously, so the worker
     counts as alive before it takes a job) until exit, when the worker is forgotten at once."""
 
-    def __init__(self, store: JobStore, settings: JobSettings, worker_id: str | None = None,
-                 housekeeping: bool = False) -> None:
+    def __init__(
+        self, store: JobStore, settings: JobSettings, worker_id: str | None = None, housekeeping: bool = False
+    ) -> None:
         self.store, self.settings = store, settings
         self.worker_id = worker_id or new_worker_id()
         self.housekeeping = housekeeping

@@ -215,7 +215,9 @@ def _plan(zf: zipfile.ZipFile, limits: DatasetLimits) -> list[_Entry]:
             raise DatasetError(f"{_display(info.filename)}: encrypted zip entries are not supported")
         if info.is_dir() or _is_ignored(path):
             continue
-        if info.file_size >= _RATIO_MIN_BYTES and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1):
+        if info.file_size >= _RATIO_MIN_BYTES and info.file_size > limits.max_compression_ratio * max(
+            info.compress_size, 1
+        ):
             raise DatasetError(
                 f"{_display(info.filename)}: compression ratio is suspiciously high "
                 f"(over {limits.max_compression_ratio:g}:1); the zip looks like a zip bomb"
@@ -237,7 +239,8 @@ def _plan(zf: zipfile.ZipFile, limits: DatasetLimits) -> list[_Entry]:
     images = [e for e in entries if not e.is_caption]
     if len(images) < limits.min_images:
         raise DatasetError(
-            "the zip contains no images" if not images
+            "the zip contains no images"
+            if not images
             else f"the zip has {len(images)} images; at least {limits.min_images} are needed"
         )
     if len(images) > limits.max_images:
@@ -260,7 +263,7 @@ def _directory_facts(zip_path: Path, size: int) -> tuple[int, int]:
         fh.seek(tail_start)
         tail = fh.read()
         # Without a comment the record is the last 22 bytes; else search back (as zipfile does).
-        pos = len(tail) - _EOCD.size if tail[-_EOCD.size:][:4] == _EOCD_SIG else tail.rfind(_EOCD_SIG)
+        pos = len(tail) - _EOCD.size if tail[-_EOCD.size :][:4] == _EOCD_SIG else tail.rfind(_EOCD_SIG)
         if pos < 0 or len(tail) - pos < _EOCD.size:
             raise DatasetError("the upload is not a zip archive", 415)
         _, _, _, _, entries, dir_bytes, dir_offset, _ = _EOCD.unpack_from(tail, pos)
@@ -464,18 +467,26 @@ PREPARED_INDEX = "dataset.json"
 def save_prepared(dataset: PreparedDataset) -> Path:
     """Record a validated dataset in its root, so the worker process can load it by folder."""
     index = dataset.root / PREPARED_INDEX
-    index.write_text(json.dumps({
-        "images": [str(p.relative_to(dataset.root)) for p in dataset.images],
-        "captions": dataset.captions,
-        "sha256": dataset.sha256,
-        "trigger_word": dataset.trigger_word,
-    }, indent=2))
+    index.write_text(
+        json.dumps(
+            {
+                "images": [str(p.relative_to(dataset.root)) for p in dataset.images],
+                "captions": dataset.captions,
+                "sha256": dataset.sha256,
+                "trigger_word": dataset.trigger_word,
+            },
+            indent=2,
+        )
+    )
     return index
 
 
 def load_prepared(root: Path) -> PreparedDataset:
     data = json.loads((root / PREPARED_INDEX).read_text())
     return PreparedDataset(
-        images=[root / p for p in data["images"]], captions=list(data["captions"]),
-        sha256=data["sha256"], trigger_word=data["trigger_word"], root=root,
+        images=[root / p for p in data["images"]],
+        captions=list(data["captions"]),
+        sha256=data["sha256"],
+        trigger_word=data["trigger_word"],
+        root=root,
     )

@@ -126,4 +126,4 @@ class RedisJobStore(JobStore):
 
     def alive_workers(self) -> list[str]:
         prefix = f"{PREFIX}worker:"
-        return [k.decode()[len(prefix):] for k in self.r.scan_iter(match=prefix + "*", count=1000)]
+        return [k.decode()[len(prefix) :] for k in self.r.scan_iter(match=prefix + "*", count=1000)]

@@ -55,21 +55,28 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
     # Paths in a job's result are relative to the job's folder: callers never see host paths.
     result: dict[str, Any] = {"lora_dir": "lora", "manifest": manifest}
     if params.get("publish", True):
-        result["publish"] = _publish(store, job_id, result, lambda: publish_and_swap(
-            repo=settings.model_repository,
-            lock=publish_lock(settings),
-            lock_timeout_s=settings.publish_lock_timeout_s,
-            triton_http_url=settings.triton_http_url,
-            keep_versions=settings.keep_versions,
-            checkpoint=checkpoint,
-            lora=jd / "lora",
-            lora_scale=1.0,  # the trainer bakes alpha/rank into the weights: full strength as trained
-            trigger_word=params["trigger_word"],
-        ))
+        result["publish"] = _publish(
+            store,
+            job_id,
+            result,
+            lambda: publish_and_swap(
+                repo=settings.model_repository,
+                lock=publish_lock(settings),
+                lock_timeout_s=settings.publish_lock_timeout_s,
+                triton_http_url=settings.triton_http_url,
+                keep_versions=settings.keep_versions,
+                checkpoint=checkpoint,
+                lora=jd / "lora",
+                lora_scale=1.0,  # the trainer bakes alpha/rank into the weights: full strength as trained
+                trigger_word=params["trigger_word"],
+            ),
+        )
     return result
 
 
-def _publish(store: JobStore, job_id: str, result: dict[str, Any], publish_fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _publish(
+    store: JobStore, job_id: str, result: dict[str, Any], publish_fn: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """The job's publish step: recorded as running, then succeeded, or failed with the reason
     (training's result is kept either way; the previous model version keeps serving).
 
@@ -105,20 +112,38 @@ def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: 
     jd = job_dir(settings, job_id)
     overrides = {k: v for k, v in params.get("train", {}).items() if v is not None}
     data_dir = jd / "data" if (jd / "data").is_dir() else None
-    cls_settings = ClassifierTrainSettings(output_dir=jd / "model", **({"data_dir": data_dir} if data_dir else {}), **overrides)
-    metrics = train_classifier(cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id))
+    cls_settings = ClassifierTrainSettings(
+        output_dir=jd / "model", **({"data_dir": data_dir} if data_dir else {}), **overrides
+    )
+    metrics = train_classifier(
+        cls_settings, on_progress=_progress_writer(store, job_id), should_stop=lambda: store.cancel_requested(job_id)
+    )
     result: dict[str, Any] = {"model_dir": "model", "test": metrics["test"], "validation": metrics["validation"]}
     if params.get("publish", True):
-        _accuracy_gate(result, metrics["test"]["accuracy"], serving_classifier_accuracy(settings.model_repository, settings.triton_http_url))
+        _accuracy_gate(
+            result,
+            metrics["test"]["accuracy"],
+            serving_classifier_accuracy(settings.model_repository, settings.triton_http_url),
+        )
+
         def publish() -> dict[str, Any]:
-            pub = publish_and_swap_classifier(jd / "model", settings.model_repository, settings.triton_http_url,
-                                              work_dir=jd / "onnx", keep_versions=settings.keep_versions,
-                                              lock=publish_lock(settings), lock_timeout_s=settings.publish_lock_timeout_s)
+            pub = publish_and_swap_classifier(
+                jd / "model",
+                settings.model_repository,
+                settings.triton_http_url,
+                work_dir=jd / "onnx",
+                keep_versions=settings.keep_versions,
+                lock=publish_lock(settings),
+                lock_timeout_s=settings.publish_lock_timeout_s,
+            )
             parity = float(pub["parity_max_abs_logit_error"])  # type: ignore[arg-type]
             precision = pub.get("precision") or {}
-            return {"model_version": str(pub["classify"].version),  # type: ignore[union-attr]
-                    "parity_max_abs_logit_error": None if math.isnan(parity) else parity,
-                    "precision": precision.get("served", "fp32"), "precision_reason": precision.get("reason")}
+            return {
+                "model_version": str(pub["classify"].version),  # type: ignore[union-attr]
+                "parity_max_abs_logit_error": None if math.isnan(parity) else parity,
+                "precision": precision.get("served", "fp32"),
+                "precision_reason": precision.get("reason"),
+            }
 
         result["publish"] = _publish(store, job_id, result, publish)
     return result

@@ -23,10 +23,13 @@ from training.tasks import register_tasks
 log = logging.getLogger("fluxserve.worker")
 
 
-
 @contextmanager
-def running_worker(env: Mapping[str, str] | None = None, log_path: Path | None = None,
-                   stop_timeout_s: float = 30.0, ready_timeout_s: float = 120.0) -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    stop_timeout_s: float = 30.0,
+    ready_timeout_s: float = 120.0,
+) -> Iterator[subprocess.Popen[bytes]]:
     """This worker as a child process (`make up`, benchmarks, tests), configured by FLUXSERVE_JOBS_
     variables in `env`; its output is appended to `log_path` or shared with ours. Yields once the
     worker heartbeats (POST /train answers 503 until some worker does). On exit it gets SIGINT
@@ -36,9 +39,13 @@ def running_worker(env: Mapping[str, str] | None = None, log_path: Path | None =
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.open("ab")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "training.worker"], cwd=PROJECT_ROOT,
-                                env={**os.environ, **(env or {})}, stdout=out,
-                                stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "training.worker"],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
     finally:
         if out is not None:
             out.close()  # the child holds its own descriptor
@@ -57,8 +64,9 @@ def running_worker(env: Mapping[str, str] | None = None, log_path: Path | None =
 
 
 def _wait_alive(proc: subprocess.Popen[bytes], env: Mapping[str, str], timeout_s: float) -> None:
-    settings = JobSettings(**{k.removeprefix("FLUXSERVE_JOBS_").lower(): v for k, v in env.items()
-                              if k.startswith("FLUXSERVE_JOBS_")})
+    settings = JobSettings(
+        **{k.removeprefix("FLUXSERVE_JOBS_").lower(): v for k, v in env.items() if k.startswith("FLUXSERVE_JOBS_")}
+    )
     store = job_store(settings)
     before = set(store.alive_workers())
     deadline = time.monotonic() + timeout_s
@@ -83,8 +91,12 @@ def main() -> int:
     huey = make_huey(settings)
     with Heartbeat(job_store(settings), settings, housekeeping=True) as beat:
         register_tasks(huey, settings, beat.worker_id)
-        log.info("worker %s ready (queue: %s, jobs: %s)", beat.worker_id, "redis" if settings.redis_url else "sqlite",
-                 settings.jobs_dir)
+        log.info(
+            "worker %s ready (queue: %s, jobs: %s)",
+            beat.worker_id,
+            "redis" if settings.redis_url else "sqlite",
+            settings.jobs_dir,
+        )
         consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False, check_worker_health=True)
         consumer.run()
     return 0

@@ -38,7 +38,9 @@ async def classify_message(state: AppState, message: str) -> ClassifyResult:
     (result,) = await state.triton.classify([message])
     threshold = await state.classify_threshold(result.model_version)
     state.metrics.items.labels("classify").inc()
-    return ClassifyResult(label=result.label, score=result.score, scores=result.scores, uncertain=result.score < threshold)
+    return ClassifyResult(
+        label=result.label, score=result.score, scores=result.scores, uncertain=result.score < threshold
+    )
 
 
 def generation_request(body: ChatRequest) -> GenerateRequest:
@@ -47,7 +49,9 @@ def generation_request(body: ChatRequest) -> GenerateRequest:
 
 
 @router.post("/chat", response_model=ChatResponse, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
-async def chat(body: ChatRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> ChatResponse | EventSourceResponse:
+async def chat(
+    body: ChatRequest, request: Request, state: Annotated[AppState, Depends(get_state)]
+) -> ChatResponse | EventSourceResponse:
     if wants_event_stream(request):
         return EventSourceResponse(chat_events(body, state))
     if raw_format(request.headers.get("accept", "")):

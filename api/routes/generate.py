@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import require_inference_key
 from api.cancellation import all_or_nothing, bounded
 from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
-from api.state import AppState, get_state
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from api.state import AppState, get_state
 from client.contract import GENERATE, OutputFormat
 from client.errors import InvalidInputError
 from client.triton_client import random_seed
@@ -24,8 +24,11 @@ from client.triton_client import random_seed
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
 MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
-ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse, "description": "busy or recovering: see Retry-After"},
-          504: {"model": ErrorResponse}}
+ERRORS = {
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse, "description": "busy or recovering: see Retry-After"},
+    504: {"model": ErrorResponse},
+}
 
 
 def encode_image(pixels, fmt: str) -> bytes:
@@ -51,10 +54,17 @@ def raw_format(accept: str) -> str | None:
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**ERRORS, 200: {"content": {**{m: {} for m in MEDIA_TYPES.values()}, EVENT_STREAM: {}},
-                               "description": "JSON; raw image bytes with Accept: image/*; progress events with Accept: text/event-stream"}},
+    responses={
+        **ERRORS,
+        200: {
+            "content": {**{m: {} for m in MEDIA_TYPES.values()}, EVENT_STREAM: {}},
+            "description": "JSON; raw image bytes with Accept: image/*; progress events with Accept: text/event-stream",
+        },
+    },
 )
-async def generate(body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]) -> GenerateResponse | Response:
+async def generate(
+    body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]
+) -> GenerateResponse | Response:
     settings = state.settings
     seed = body.seed if body.seed is not None else random_seed()
     trigger = await state.trigger_word()
@@ -69,7 +79,10 @@ async def generate(body: GenerateRequest, request: Request, state: Annotated[App
         # Images of one request run concurrently, so they share transformer steps in Triton; they
         # share one fate too, and all are cancelled when the client leaves or the deadline passes.
         work = all_or_nothing(
-            *(state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance) for i in range(body.num_images))
+            *(
+                state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance)
+                for i in range(body.num_images)
+            )
         )
         results = await bounded(request, work, settings.generate_timeout_s, state.stopping)
     infer_s = time.perf_counter() - started
@@ -80,7 +93,11 @@ async def generate(body: GenerateRequest, request: Request, state: Annotated[App
     encoded = await run_in_threadpool(lambda: [encode_image(r.image, fmt) for r in results])
     timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
     if raw:
-        headers = {"X-Seed": str(seed), "X-Model-Version": results[0].model_version, "X-Inference-Seconds": str(timings["inference_s"])}
+        headers = {
+            "X-Seed": str(seed),
+            "X-Model-Version": results[0].model_version,
+            "X-Inference-Seconds": str(timings["inference_s"]),
+        }
         return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
     return GenerateResponse(
         images=[base64.b64encode(b).decode() for b in encoded],

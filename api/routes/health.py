@@ -31,8 +31,9 @@ async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse
     body = {"ready": ready, "models": list(state.settings.required_models)}
     if problems:
         body["problems"] = problems
-    return JSONResponse(status_code=200 if ready else 503, content=body,
-                        headers=None if ready else retry_after(DEFAULT_RETRY_AFTER_S))
+    return JSONResponse(
+        status_code=200 if ready else 503, content=body, headers=None if ready else retry_after(DEFAULT_RETRY_AFTER_S)
+    )
 
 
 @router.get("/metrics")

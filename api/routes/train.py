@@ -40,7 +40,9 @@ router = APIRouter(tags=["train"], dependencies=[Depends(require_operator)])
 ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
 JobId = Annotated[str, PathParam(max_length=64)]
 UPLOAD_FIELD = "dataset"
-FORM_FIELDS = frozenset({"trigger_word", "kind", "steps", "rank", "learning_rate", "resolution", "seed", "batch_size", "publish"})
+FORM_FIELDS = frozenset(
+    {"trigger_word", "kind", "steps", "rank", "learning_rate", "resolution", "seed", "batch_size", "publish"}
+)
 _BOOL = TypeAdapter(bool)
 
 # The multipart body is parsed by api.upload rather than by FastAPI (which would spool the file to
@@ -48,20 +50,31 @@ _BOOL = TypeAdapter(bool)
 _FORM_SCHEMA = {
     "type": "object",
     "properties": {
-        UPLOAD_FIELD: {"type": "string", "format": "binary", "description": "zip of png/jpeg/webp images with optional same-name .txt captions (flux_lora)"},
+        UPLOAD_FIELD: {
+            "type": "string",
+            "format": "binary",
+            "description": "zip of png/jpeg/webp images with optional same-name .txt captions (flux_lora)",
+        },
         "kind": {"type": "string", "enum": ["flux_lora", "classifier"], "default": "flux_lora"},
         "trigger_word": {"type": "string", "maxLength": 100},
         "steps": {"type": "integer", "description": "LoRA training steps; for kind=classifier: epochs"},
-        "rank": {"type": "integer"}, "learning_rate": {"type": "number"}, "resolution": {"type": "integer"},
-        "seed": {"type": "integer"}, "batch_size": {"type": "integer"},
-        "publish": {"type": "boolean", "default": True, "description": "re-export and serve the result when training succeeds"},
+        "rank": {"type": "integer"},
+        "learning_rate": {"type": "number"},
+        "resolution": {"type": "integer"},
+        "seed": {"type": "integer"},
+        "batch_size": {"type": "integer"},
+        "publish": {
+            "type": "boolean",
+            "default": True,
+            "description": "re-export and serve the result when training succeeds",
+        },
     },
 }
 _OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}}
 
 
 def _allowed(schema: dict[str, Any]) -> str:
-    """"allowed: 1..5000" from a field's JSON schema (bounds, enum), or "" when it has none."""
+    """ "allowed: 1..5000" from a field's JSON schema (bounds, enum), or "" when it has none."""
     for option in schema.get("anyOf", [schema]):
         lo = option.get("minimum", option.get("exclusiveMinimum"))
         hi = option.get("maximum", option.get("exclusiveMaximum"))
@@ -83,19 +96,27 @@ def _validation_message(e: ValidationError, model: type[BaseModel], aliases: dic
 
 
 def _classifier_params(fields: dict[str, str]) -> dict[str, Any]:
-    overrides = {"epochs": fields.get("steps"), "learning_rate": fields.get("learning_rate"),
-                 "seed": fields.get("seed"), "batch_size": fields.get("batch_size")}
+    overrides = {
+        "epochs": fields.get("steps"),
+        "learning_rate": fields.get("learning_rate"),
+        "seed": fields.get("seed"),
+        "batch_size": fields.get("batch_size"),
+    }
     try:
         params = ClassifierJobParams(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
-        raise UploadError(_validation_message(e, ClassifierJobParams, {"epochs": "steps (classifier epochs)"})) from None
+        raise UploadError(
+            _validation_message(e, ClassifierJobParams, {"epochs": "steps (classifier epochs)"})
+        ) from None
     return params.model_dump(exclude_none=True)
 
 
 def _lora_settings(fields: dict[str, str]) -> LoraTrainSettings:
     if "trigger_word" not in fields:
         raise UploadError("trigger_word: field required")
-    values = {k: fields[k] for k in ("steps", "rank", "learning_rate", "resolution", "seed", "batch_size") if k in fields}
+    values = {
+        k: fields[k] for k in ("steps", "rank", "learning_rate", "resolution", "seed", "batch_size") if k in fields
+    }
     try:
         return LoraTrainSettings(**values)
     except ValidationError as e:
@@ -125,16 +146,25 @@ async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tup
     if upload.file_bytes is None:
         raise UploadError(f"{UPLOAD_FIELD}: a zip file is required for flux_lora jobs")
     limits = DatasetLimits(max_zip_bytes=settings.max_upload_bytes)
-    prepared = await run_in_threadpool(validate_and_extract, upload_path, folder / "dataset", fields["trigger_word"], limits)
+    prepared = await run_in_threadpool(
+        validate_and_extract, upload_path, folder / "dataset", fields["trigger_word"], limits
+    )
     await run_in_threadpool(save_prepared, prepared)
     upload_path.unlink(missing_ok=True)
     return kind, {
-        "train": train.model_dump(), "trigger_word": prepared.trigger_word, "publish": publish,
+        "train": train.model_dump(),
+        "trigger_word": prepared.trigger_word,
+        "publish": publish,
         "dataset": {"images": prepared.count, "sha256": prepared.sha256},
     }
 
 
-@router.post("/train", status_code=202, openapi_extra=_OPENAPI, responses={**ERRORS, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}})
+@router.post(
+    "/train",
+    status_code=202,
+    openapi_extra=_OPENAPI,
+    responses={**ERRORS, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}},
+)
 async def create_job(
     request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
 ) -> JSONResponse:
@@ -175,7 +205,8 @@ def _enqueue(state: AppState, job_id: str) -> JSONResponse:
 
 @router.get("/train", responses=ERRORS)
 async def list_jobs(
-    state: Annotated[AppState, Depends(get_state)], limit: Annotated[int, Query(ge=1, le=TRAIN_LIMITS.max_list_limit)] = 100
+    state: Annotated[AppState, Depends(get_state)],
+    limit: Annotated[int, Query(ge=1, le=TRAIN_LIMITS.max_list_limit)] = 100,
 ) -> dict[str, list[dict]]:
     return {"jobs": [public_job(j, job_dir(state.job_settings, j.id)) for j in state.jobs.list(limit)]}
 
@@ -227,7 +258,10 @@ async def job_events(
                 return
             if job.updated_unix != last:
                 last = job.updated_unix
-                yield {"event": "status" if job.status in TERMINAL else "progress", "data": json.dumps(public_job(job, folder))}
+                yield {
+                    "event": "status" if job.status in TERMINAL else "progress",
+                    "data": json.dumps(public_job(job, folder)),
+                }
             if job.status in TERMINAL:
                 return
             await asyncio.sleep(poll_s)

@@ -76,15 +76,35 @@ class LocalFluxSpec:
 SPECS: dict[str, LocalFluxSpec] = {
     # Seconds per 64x64 image: for tests.
     "tiny": LocalFluxSpec(
-        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6),
-        text_dim=32, pooled_dim=32, clip_layers=2, clip_heads=2, t5_layers=2, t5_heads=2,
-        vae_channels=(8, 16, 16, 16), vae_groups=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        text_dim=32,
+        pooled_dim=32,
+        clip_layers=2,
+        clip_heads=2,
+        t5_layers=2,
+        t5_heads=2,
+        vae_channels=(8, 16, 16, 16),
+        vae_groups=8,
     ),
     # Heavy enough that a CPU benchmark measures compute, not Python overhead.
     "small": LocalFluxSpec(
-        num_layers=4, num_single_layers=8, num_attention_heads=4, attention_head_dim=96, axes_dims_rope=(16, 40, 40),
-        text_dim=256, pooled_dim=256, clip_layers=2, clip_heads=4, t5_layers=2, t5_heads=4,
-        vae_channels=(32, 64, 64, 64), vae_groups=16,
+        num_layers=4,
+        num_single_layers=8,
+        num_attention_heads=4,
+        attention_head_dim=96,
+        axes_dims_rope=(16, 40, 40),
+        text_dim=256,
+        pooled_dim=256,
+        clip_layers=2,
+        clip_heads=4,
+        t5_layers=2,
+        t5_heads=4,
+        vae_channels=(32, 64, 64, 64),
+        vae_groups=16,
     ),
 }
 
@@ -94,16 +114,57 @@ def training_corpus() -> list[str]:
 
     Built from templates so the corpus is deterministic and lives in the code, not in a data file.
     """
-    subjects = ["a red fox", "an old man", "a young woman", "a cat", "a dog", "a mountain lake", "a city street",
-                "a lighthouse", "a bowl of fruit", "a horse", "a child", "a forest path", "a sailing boat",
-                "a castle", "a portrait of a musician", "a field of flowers"]
-    places = ["in snow", "at sunset", "in the rain", "at night", "in a studio", "on the beach", "in autumn",
-              "under neon lights", "in fog", "at golden hour"]
-    styles = ["Super Realism", "photorealistic", "oil painting", "watercolor", "35mm film photograph",
-              "cinematic lighting", "high detail", "soft focus", "black and white photo", "digital art",
-              "shallow depth of field", "bokeh", "wide angle lens", "HDR", "sharp focus, 8k"]
-    sentences = [f"{style}, {subject} {place}" for subject, place, style in
-                 itertools.islice(itertools.product(subjects, places, styles), 0, None, 7)]
+    subjects = [
+        "a red fox",
+        "an old man",
+        "a young woman",
+        "a cat",
+        "a dog",
+        "a mountain lake",
+        "a city street",
+        "a lighthouse",
+        "a bowl of fruit",
+        "a horse",
+        "a child",
+        "a forest path",
+        "a sailing boat",
+        "a castle",
+        "a portrait of a musician",
+        "a field of flowers",
+    ]
+    places = [
+        "in snow",
+        "at sunset",
+        "in the rain",
+        "at night",
+        "in a studio",
+        "on the beach",
+        "in autumn",
+        "under neon lights",
+        "in fog",
+        "at golden hour",
+    ]
+    styles = [
+        "Super Realism",
+        "photorealistic",
+        "oil painting",
+        "watercolor",
+        "35mm film photograph",
+        "cinematic lighting",
+        "high detail",
+        "soft focus",
+        "black and white photo",
+        "digital art",
+        "shallow depth of field",
+        "bokeh",
+        "wide angle lens",
+        "HDR",
+        "sharp focus, 8k",
+    ]
+    sentences = [
+        f"{style}, {subject} {place}"
+        for subject, place, style in itertools.islice(itertools.product(subjects, places, styles), 0, None, 7)
+    ]
     sentences += [
         "Super Realism, a close-up portrait with natural skin texture and soft window light.",
         "The photographer adjusted the aperture, shutter speed and ISO before taking the picture.",
@@ -124,16 +185,30 @@ def _train_clip_tokenizer(corpus: list[str], vocab_size: int):
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     tok = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                             behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(
+                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                ),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos], initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[bos, eos],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     vocab: dict[str, int] = dict(model["vocab"])
@@ -150,12 +225,15 @@ def _train_t5_tokenizer(corpus: list[str], vocab_size: int, max_length: int):
     from transformers import T5TokenizerFast
 
     tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-    ])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
     if [p for p, _ in vocab[:3]] != ["<pad>", "</s>", "<unk>"]:
@@ -175,43 +253,86 @@ def _components(spec: LocalFluxSpec, seed: int) -> dict[str, object]:
     # One seed per component, so changing one component's size does not reshuffle the others.
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=spec.num_layers, num_single_layers=spec.num_single_layers,
-        attention_head_dim=spec.attention_head_dim, num_attention_heads=spec.num_attention_heads,
-        joint_attention_dim=spec.text_dim, pooled_projection_dim=spec.pooled_dim, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers,
+        attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads,
+        joint_attention_dim=spec.text_dim,
+        pooled_projection_dim=spec.pooled_dim,
+        guidance_embeds=True,
         axes_dims_rope=spec.axes_dims_rope,
     )
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.pooled_dim, intermediate_size=spec.pooled_dim * 2,
-        num_hidden_layers=spec.clip_layers, num_attention_heads=spec.clip_heads, max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=spec.pooled_dim, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.pooled_dim,
+            intermediate_size=spec.pooled_dim * 2,
+            num_hidden_layers=spec.clip_layers,
+            num_attention_heads=spec.clip_heads,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            projection_dim=spec.pooled_dim,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     torch.manual_seed(seed + 2)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=spec.text_dim, d_kv=spec.text_dim // spec.t5_heads,
-        d_ff=spec.text_dim * 2, num_layers=spec.t5_layers, num_heads=spec.t5_heads,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
-    ))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=spec.text_dim,
+            d_kv=spec.text_dim // spec.t5_heads,
+            d_ff=spec.text_dim * 2,
+            num_layers=spec.t5_layers,
+            num_heads=spec.t5_heads,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+        )
+    )
     torch.manual_seed(seed + 3)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=spec.vae_channels, layers_per_block=1, norm_num_groups=spec.vae_groups,
-        scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR,
-        use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=spec.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=spec.vae_groups,
+        scaling_factor=VAE_SCALING_FACTOR,
+        shift_factor=VAE_SHIFT_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     for module in (transformer, text_encoder, text_encoder_2, vae):
         module.eval()
-    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return dict(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
 def _marker(size: LocalSize, seed: int) -> dict[str, object]:
-    return {"builder_version": BUILDER_VERSION, "size": size, "seed": seed,
-            "max_sequence_length": SPECS[size].max_sequence_length, "spec": asdict(SPECS[size])}
+    return {
+        "builder_version": BUILDER_VERSION,
+        "size": size,
+        "seed": seed,
+        "max_sequence_length": SPECS[size].max_sequence_length,
+        "spec": asdict(SPECS[size]),
+    }
 
 
 def is_complete(out_dir: Path, size: LocalSize, seed: int) -> bool:

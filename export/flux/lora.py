@@ -26,8 +26,16 @@ from export.flux.settings import REAL_LORA, REAL_LORA_WEIGHT_NAME, TRIGGER_WORD
 log = logging.getLogger(__name__)
 
 
-DOUBLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+DOUBLE_BLOCK_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
 
 
@@ -44,8 +52,9 @@ def lora_target_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Line
     return targets
 
 
-def build_local_lora(checkpoint_dir: Path, out_dir: Path, rank: int = 4, seed: int = 0,
-                     trigger_word: str = TRIGGER_WORD) -> Path:
+def build_local_lora(
+    checkpoint_dir: Path, out_dir: Path, rank: int = 4, seed: int = 0, trigger_word: str = TRIGGER_WORD
+) -> Path:
     """Write a random LoRA for the checkpoint's transformer; returns out_dir.
 
     lora_B is non-zero (a freshly initialised trained LoRA has B = 0 and would change nothing),
@@ -58,16 +67,23 @@ def build_local_lora(checkpoint_dir: Path, out_dir: Path, rank: int = 4, seed: i
     gen = torch.Generator("cpu").manual_seed(seed)
     layers: dict[str, torch.Tensor] = {}
     for name, linear in sorted(lora_target_modules(transformer).items()):
-        a = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features ** 0.5
-        b = torch.randn(linear.out_features, rank, generator=gen) * (0.5 / rank ** 0.5)
+        a = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features**0.5
+        b = torch.randn(linear.out_features, rank, generator=gen) * (0.5 / rank**0.5)
         layers[f"{name}.lora_A.weight"] = a.contiguous()
         layers[f"{name}.lora_B.weight"] = b.contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_lora_weights adds the `transformer.` prefix, exactly as for a trained LoRA.
-    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
-                                   safe_serialization=True)
-    manifest = {"trigger_word": trigger_word, "rank": rank, "seed": seed, "weight_name": LORA_WEIGHT_NAME,
-                "base_checkpoint": str(Path(checkpoint_dir).resolve()), "target_modules": len(layers) // 2}
+    FluxPipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+    )
+    manifest = {
+        "trigger_word": trigger_word,
+        "rank": rank,
+        "seed": seed,
+        "weight_name": LORA_WEIGHT_NAME,
+        "base_checkpoint": str(Path(checkpoint_dir).resolve()),
+        "target_modules": len(layers) // 2,
+    }
     write_lora_manifest(out_dir, manifest)
     log.info("local LoRA (rank %d, %d modules) written to %s", rank, len(layers) // 2, out_dir)
     return out_dir
@@ -110,9 +126,15 @@ def lora_targets(lora: str | Path, weight_name: str | None = None) -> frozenset[
     return frozenset(key.split(".", 1)[0] for key in state)
 
 
-def load_pipeline(checkpoint: str | Path, lora: str | Path | None, lora_scale: float = 1.0,
-                  torch_dtype: torch.dtype = torch.float32, fuse: bool = True,
-                  weight_name: str | None = None, adapter_name: str = "default"):
+def load_pipeline(
+    checkpoint: str | Path,
+    lora: str | Path | None,
+    lora_scale: float = 1.0,
+    torch_dtype: torch.dtype = torch.float32,
+    fuse: bool = True,
+    weight_name: str | None = None,
+    adapter_name: str = "default",
+):
     """Load a FLUX pipeline (local dir or hub id) and apply a LoRA.
 
     fuse=True folds `lora_scale * B @ A` into the base weights and drops the adapters, leaving a

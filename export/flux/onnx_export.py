@@ -37,8 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.contract import (
+    FLUX_IO_NAMES,
+    FLUX_MAX_BATCH,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE_LIMITS,
+)
 from common.ort_session import make_session
-from client.contract import FLUX_IO_NAMES, FLUX_MAX_BATCH, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE_LIMITS
 from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR, externalize_and_map
 
 log = logging.getLogger(__name__)
@@ -101,15 +109,27 @@ class BatchMajorFluxTransformer(torch.nn.Module):
         super().__init__()
         self.transformer = transformer
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
-                txt_ids: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
         # diffusers takes 2-D ids (3-D is deprecated); all rows of a merged batch are equal.
         # Models without guidance embedding (schnell) reject a guidance tensor: keep the input, drop the value.
         return self.transformer(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids[0], txt_ids=txt_ids[0],
-            guidance=guidance if self.transformer.config.guidance_embeds else None, return_dict=False,
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids[0],
+            txt_ids=txt_ids[0],
+            guidance=guidance if self.transformer.config.guidance_embeds else None,
+            return_dict=False,
         )[0]
 
 
@@ -135,8 +155,9 @@ def image_ids(batch: int, latent_h: int, latent_w: int) -> np.ndarray:
     return np.repeat(ids[None].astype(np.float32), batch, axis=0)
 
 
-def transformer_inputs(transformer: torch.nn.Module, batch: int, latent_h: int, latent_w: int, text_len: int,
-                       seed: int) -> dict[str, np.ndarray]:
+def transformer_inputs(
+    transformer: torch.nn.Module, batch: int, latent_h: int, latent_w: int, text_len: int, seed: int
+) -> dict[str, np.ndarray]:
     """Random transformer inputs in the ranges the pipeline produces, keyed by contract names."""
     cfg = transformer.config
     rng = np.random.default_rng(seed)
@@ -168,9 +189,16 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], dynamic: dict[str, dict[int, object]],
-            check: dict[str, np.ndarray], out_dir: Path, opset: int,
-            weight_map: tuple[torch.nn.Module, str, set[str]] | None = None) -> ExportResult:
+def _export(
+    name: str,
+    module: torch.nn.Module,
+    sample: dict[str, np.ndarray],
+    dynamic: dict[str, dict[int, object]],
+    check: dict[str, np.ndarray],
+    out_dir: Path,
+    opset: int,
+    weight_map: tuple[torch.nn.Module, str, set[str]] | None = None,
+) -> ExportResult:
     """torch.onnx (dynamo) export of `module`, then an ONNX Runtime vs PyTorch check on `check`.
 
     With `weight_map` = (inner module, its parameter prefix, required layers), weights are stored
@@ -190,8 +218,14 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
     args = tuple(torch.from_numpy(sample[n]) for n in input_names)
     with torch.no_grad():
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-            output_names=list(output_names), dynamic_shapes={n: dynamic[n] for n in input_names}, optimize=True,
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes={n: dynamic[n] for n in input_names},
+            optimize=True,
         )
     program.save(str(path), external_data=external)
     if weight_map is not None:
@@ -207,20 +241,34 @@ def _export(name: str, module: torch.nn.Module, sample: dict[str, np.ndarray], d
     err = float(np.abs(got - ref).max()) if got.shape == ref.shape else float("inf")
     check_s = time.monotonic() - started
     shapes = {n: tuple(check[n].shape) for n in input_names} | {output_names[0]: tuple(got.shape)}
-    log.info("%s: exported in %.1fs to %s; max |ORT - torch| = %.3g on %s (%.1fs)", name, export_s, path, err,
-             shapes, check_s)
+    log.info(
+        "%s: exported in %.1fs to %s; max |ORT - torch| = %.3g on %s (%.1fs)",
+        name,
+        export_s,
+        path,
+        err,
+        shapes,
+        check_s,
+    )
     return ExportResult(name, path, err, check_s, export_s, shapes, external)
 
 
-def export_text_encoder(text_encoder: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET,
-                        max_length: int = 77) -> ExportResult:
+def export_text_encoder(
+    text_encoder: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET, max_length: int = 77
+) -> ExportResult:
     """CLIP: input_ids (B, max_length) int64 -> pooled_embeds (B, D). Length is fixed (padded)."""
     vocab, eos = text_encoder.config.vocab_size, text_encoder.config.eos_token_id
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-    return _export(FLUX_TEXT_ENCODER, ClipPooled(text_encoder),
-                   {"input_ids": _token_ids(vocab, 2, max_length, 0, eos)}, {"input_ids": {0: batch}},
-                   {"input_ids": _token_ids(vocab, 3, max_length, 1, eos)}, out_dir, opset,
-                   weight_map=(text_encoder, "text_encoder.", set()))
+    return _export(
+        FLUX_TEXT_ENCODER,
+        ClipPooled(text_encoder),
+        {"input_ids": _token_ids(vocab, 2, max_length, 0, eos)},
+        {"input_ids": {0: batch}},
+        {"input_ids": _token_ids(vocab, 3, max_length, 1, eos)},
+        out_dir,
+        opset,
+        weight_map=(text_encoder, "text_encoder.", set()),
+    )
 
 
 def export_text_encoder_2(text_encoder_2: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -228,9 +276,15 @@ def export_text_encoder_2(text_encoder_2: torch.nn.Module, out_dir: Path, opset:
     vocab = text_encoder_2.config.vocab_size
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     length = torch.export.Dim("text_len", min=2, max=_MAX_TEXT_LEN)
-    return _export(FLUX_TEXT_ENCODER_2, T5Embeds(text_encoder_2),
-                   {"input_ids": _token_ids(vocab, 2, 12, 0)}, {"input_ids": {0: batch, 1: length}},
-                   {"input_ids": _token_ids(vocab, 3, 20, 1)}, out_dir, opset)
+    return _export(
+        FLUX_TEXT_ENCODER_2,
+        T5Embeds(text_encoder_2),
+        {"input_ids": _token_ids(vocab, 2, 12, 0)},
+        {"input_ids": {0: batch, 1: length}},
+        {"input_ids": _token_ids(vocab, 3, 20, 1)},
+        out_dir,
+        opset,
+    )
 
 
 def export_transformer(transformer: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -239,17 +293,29 @@ def export_transformer(transformer: torch.nn.Module, out_dir: Path, opset: int =
     tokens = torch.export.Dim("image_tokens", min=2, max=_MAX_IMAGE_TOKENS)
     text = torch.export.Dim("text_len", min=2, max=_MAX_TEXT_LEN)
     dynamic = {
-        "hidden_states": {0: batch, 1: tokens}, "encoder_hidden_states": {0: batch, 1: text},
-        "pooled_projections": {0: batch}, "timestep": {0: batch}, "img_ids": {0: batch, 1: tokens},
-        "txt_ids": {0: batch, 1: text}, "guidance": {0: batch},
+        "hidden_states": {0: batch, 1: tokens},
+        "encoder_hidden_states": {0: batch, 1: text},
+        "pooled_projections": {0: batch},
+        "timestep": {0: batch},
+        "img_ids": {0: batch, 1: tokens},
+        "txt_ids": {0: batch, 1: text},
+        "guidance": {0: batch},
     }
     # Sample: a 4x6-token image (64x96 px) with 12 text tokens; check: 3 rows, 10x8 tokens, 20 text.
     sample = transformer_inputs(transformer, 2, 8, 12, 12, seed=0)
     check = transformer_inputs(transformer, 3, 20, 16, 20, seed=1)
     from export.flux.lora import lora_target_modules
 
-    return _export(FLUX_TRANSFORMER, BatchMajorFluxTransformer(transformer), sample, dynamic, check, out_dir, opset,
-                   weight_map=(transformer, "transformer.", set(lora_target_modules(transformer))))
+    return _export(
+        FLUX_TRANSFORMER,
+        BatchMajorFluxTransformer(transformer),
+        sample,
+        dynamic,
+        check,
+        out_dir,
+        opset,
+        weight_map=(transformer, "transformer.", set(lora_target_modules(transformer))),
+    )
 
 
 def export_vae_decoder(vae: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -268,13 +334,19 @@ ProgressCallback = Callable[[str, "ExportResult | None"], None]
 """progress(model_name, None) when a component starts, progress(model_name, result) when done."""
 
 
-def export_all(pipeline, out_dir: Path, progress: ProgressCallback | None = None,
-               opset: int = DEFAULT_OPSET, only: Iterable[str] | None = None) -> dict[str, ExportResult]:
+def export_all(
+    pipeline,
+    out_dir: Path,
+    progress: ProgressCallback | None = None,
+    opset: int = DEFAULT_OPSET,
+    only: Iterable[str] | None = None,
+) -> dict[str, ExportResult]:
     """Export the four components of a (LoRA-fused) FluxPipeline (or those named in `only`) to
     `out_dir/<model name>/model.onnx`."""
     jobs: dict[str, Callable[[], ExportResult]] = {
-        FLUX_TEXT_ENCODER: lambda: export_text_encoder(pipeline.text_encoder, out_dir, opset,
-                                                       pipeline.tokenizer.model_max_length),
+        FLUX_TEXT_ENCODER: lambda: export_text_encoder(
+            pipeline.text_encoder, out_dir, opset, pipeline.tokenizer.model_max_length
+        ),
         FLUX_TEXT_ENCODER_2: lambda: export_text_encoder_2(pipeline.text_encoder_2, out_dir, opset),
         FLUX_TRANSFORMER: lambda: export_transformer(pipeline.transformer, out_dir, opset),
         FLUX_VAE_DECODER: lambda: export_vae_decoder(pipeline.vae, out_dir, opset),

@@ -64,5 +64,9 @@ class FluxSettings(BaseSettings):
     @classmethod
     def real(cls) -> FluxSettings:
         """The production configuration: FLUX.1-dev with the Super-Realism LoRA fused in."""
-        return cls(base_model=REAL_BASE_MODEL, lora=REAL_LORA, lora_weight_name=REAL_LORA_WEIGHT_NAME,
-                   max_sequence_length=REAL_T5_MAX_SEQUENCE_LENGTH)
+        return cls(
+            base_model=REAL_BASE_MODEL,
+            lora=REAL_LORA,
+            lora_weight_name=REAL_LORA_WEIGHT_NAME,
+            max_sequence_length=REAL_T5_MAX_SEQUENCE_LENGTH,
+        )

@@ -30,7 +30,9 @@ def refit_plan(base_dir: Path, deltas: dict[str, LayerDelta]) -> dict[str, torch
     """TensorRT weight name (= ONNX initializer name) -> its new value, base + delta, in the
     initializer's own layout and dtype (what the parser gave the engine)."""
     weight_map = WeightMap.load(base_dir)
-    return {name: value.contiguous() for name, (_, value) in patched_tensors(Path(base_dir), weight_map, deltas).items()}
+    return {
+        name: value.contiguous() for name, (_, value) in patched_tensors(Path(base_dir), weight_map, deltas).items()
+    }
 
 
 def _trt_weights(trt, value: torch.Tensor):  # noqa: ANN001 (tensorrt is imported lazily)

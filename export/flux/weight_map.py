@@ -77,16 +77,22 @@ class WeightMap:
     """Linear layers whose weight was not found, or shares its initializer with another layer."""
 
     def to_json(self) -> dict:
-        return {"format": WEIGHT_MAP_FORMAT, "module_prefix": self.module_prefix,
-                "layers": {k: [asdict(b) for b in v] for k, v in sorted(self.layers.items())},
-                "unmapped": list(self.unmapped)}
+        return {
+            "format": WEIGHT_MAP_FORMAT,
+            "module_prefix": self.module_prefix,
+            "layers": {k: [asdict(b) for b in v] for k, v in sorted(self.layers.items())},
+            "unmapped": list(self.unmapped),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> WeightMap:
         if d.get("format") != WEIGHT_MAP_FORMAT:
             raise ValueError(f"unknown weight map format {d.get('format')!r}")
-        return cls(d["module_prefix"], {k: tuple(Binding.from_json(b) for b in v) for k, v in d["layers"].items()},
-                   tuple(d["unmapped"]))
+        return cls(
+            d["module_prefix"],
+            {k: tuple(Binding.from_json(b) for b in v) for k, v in d["layers"].items()},
+            tuple(d["unmapped"]),
+        )
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / WEIGHT_MAP_FILE
@@ -135,8 +141,9 @@ def _tensor_bytes(tensor: onnx.TensorProto, source_dir: Path | None) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
-def save_per_tensor(model: onnx.ModelProto, path: Path, inline_below: int = INLINE_BELOW_BYTES,
-                    source_dir: Path | None = None) -> None:
+def save_per_tensor(
+    model: onnx.ModelProto, path: Path, inline_below: int = INLINE_BELOW_BYTES, source_dir: Path | None = None
+) -> None:
     """Save `model` to `path` with each initializer of at least `inline_below` bytes in its own
     file `weights/<sanitised name>`. Initializers still in external files are read from
     `source_dir` one by one (the exporter's single `.data` file for models over 2 GB)."""
@@ -187,7 +194,7 @@ def _block_offsets(big: np.ndarray, part: np.ndarray) -> list[int]:
     if big.ndim != 2 or part.ndim != 2 or big.shape[1] != part.shape[1] or big.shape[0] <= part.shape[0]:
         return []
     candidates = np.flatnonzero((big[: big.shape[0] - part.shape[0] + 1] == part[0]).all(axis=1))
-    return [int(o) for o in candidates if np.array_equal(big[o:o + part.shape[0]], part)]
+    return [int(o) for o in candidates if np.array_equal(big[o : o + part.shape[0]], part)]
 
 
 def build_weight_map(model: onnx.ModelProto, model_dir: Path, module: torch.nn.Module, module_prefix: str) -> WeightMap:
@@ -215,8 +222,11 @@ def build_weight_map(model: onnx.ModelProto, model_dir: Path, module: torch.nn.M
     missing: list[str] = []
     for path, linear in linears.items():
         w = linear.weight
-        dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(w.dtype).removeprefix("torch."))) \
-            if w.dtype != torch.bfloat16 else onnx.TensorProto.BFLOAT16
+        dtype = (
+            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(w.dtype).removeprefix("torch.")))
+            if w.dtype != torch.bfloat16
+            else onnx.TensorProto.BFLOAT16
+        )
         out_f, in_f = w.shape
         hits: list[Binding] = []
         for transposed, tensor in ((False, w), (True, w.t())):
@@ -239,8 +249,17 @@ def build_weight_map(model: onnx.ModelProto, model_dir: Path, module: torch.nn.M
                 for transposed, b, part in ((False, big, w), (True, big.T, w)):
                     for offset in _block_offsets(b, part):
                         t = tensors[name]
-                        found[path].append(Binding(name, locations[name], tuple(t.dims), t.data_type, transposed,
-                                                   offset, offset + w.shape[0]))
+                        found[path].append(
+                            Binding(
+                                name,
+                                locations[name],
+                                tuple(t.dims),
+                                t.data_type,
+                                transposed,
+                                offset,
+                                offset + w.shape[0],
+                            )
+                        )
                         owners.setdefault(name, set()).add(path)
             if found[path]:
                 missing.remove(path)
@@ -248,20 +267,30 @@ def build_weight_map(model: onnx.ModelProto, model_dir: Path, module: torch.nn.M
     ambiguous = set()
     for path, hits in found.items():
         for b in hits:
-            rows_taken = [x for p in owners[b.initializer] if p != path for x in found[p]
-                          if x.initializer == b.initializer and x.start < b.stop and b.start < x.stop]
+            rows_taken = [
+                x
+                for p in owners[b.initializer]
+                if p != path
+                for x in found[p]
+                if x.initializer == b.initializer and x.start < b.stop and b.start < x.stop
+            ]
             if rows_taken:
                 ambiguous.add(path)
     layers = {p: tuple(h) for p, h in found.items() if h and p not in ambiguous}
     unmapped = tuple(sorted(set(missing) | ambiguous))
     if unmapped:
-        log.info("weight map: %d Linear layers not patchable (%s%s)", len(unmapped), ", ".join(unmapped[:5]),
-                 "..." if len(unmapped) > 5 else "")
+        log.info(
+            "weight map: %d Linear layers not patchable (%s%s)",
+            len(unmapped),
+            ", ".join(unmapped[:5]),
+            "..." if len(unmapped) > 5 else "",
+        )
     return WeightMap(module_prefix, layers, unmapped)
 
 
-def externalize_and_map(path: Path, module: torch.nn.Module, module_prefix: str,
-                        required: set[str] | None = None) -> WeightMap:
+def externalize_and_map(
+    path: Path, module: torch.nn.Module, module_prefix: str, required: set[str] | None = None
+) -> WeightMap:
     """Rewrite the exported `path` with per-tensor weight files, build its weight map and save it
     beside it. `required` layers (the LoRA targets) must map, else this raises: a base export
     whose weights cannot be located is not one to patch."""
@@ -281,6 +310,10 @@ def externalize_and_map(path: Path, module: torch.nn.Module, module_prefix: str,
     if missing:
         raise RuntimeError(f"weight map: no unique initializer for LoRA target layers {missing[:5]}")
     weight_map.save(path.parent)
-    log.info("weight map: %d Linear layers mapped (%d unmapped) in %s", len(weight_map.layers),
-             len(weight_map.unmapped), path.parent)
+    log.info(
+        "weight map: %d Linear layers mapped (%d unmapped) in %s",
+        len(weight_map.layers),
+        len(weight_map.unmapped),
+        path.parent,
+    )
     return weight_map

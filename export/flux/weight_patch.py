@@ -28,12 +28,18 @@ from export.flux.weight_map import WEIGHTS_DIR, Binding, WeightMap
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up"
-                     r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
+_SUFFIX = re.compile(
+    r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up"
+    r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$"
+)
 _DOWN = {"lora_A", "lora_down", "lora.down", "lora_linear_layer.down"}
 
-_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
-                 onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64}
+_TORCH_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.DOUBLE: torch.float64,
+}
 
 
 class NotPatchable(ValueError):
@@ -61,13 +67,15 @@ def load_lora_state(lora: str | Path, weight_name: str | None) -> tuple[dict[str
     from export.flux.lora import resolve_lora
 
     source, name = resolve_lora(lora, weight_name)
-    state, alphas, metadata = FluxPipeline.lora_state_dict(source, weight_name=name, return_alphas=True,
-                                                           return_lora_metadata=True)
+    state, alphas, metadata = FluxPipeline.lora_state_dict(
+        source, weight_name=name, return_alphas=True, return_lora_metadata=True
+    )
     return state, alphas or {}, metadata or {}
 
 
-def layer_deltas(state: dict[str, torch.Tensor], alphas: dict[str, Any], metadata: dict, component_prefix: str,
-                 lora_scale: float) -> dict[str, LayerDelta]:
+def layer_deltas(
+    state: dict[str, torch.Tensor], alphas: dict[str, Any], metadata: dict, component_prefix: str, lora_scale: float
+) -> dict[str, LayerDelta]:
     """The deltas a LoRA state dict applies to one component (keys starting `component_prefix`,
     e.g. "transformer."), keyed by layer path inside that component. Raises NotPatchable for
     keys that are not plain low-rank Linear updates (biases, DoRA magnitudes, full diffs) and for
@@ -75,7 +83,7 @@ def layer_deltas(state: dict[str, torch.Tensor], alphas: dict[str, Any], metadat
     meta = _component_metadata(metadata, component_prefix)
     if meta.get("alpha_pattern") or meta.get("rank_pattern"):
         raise NotPatchable("adapter metadata with per-module alpha/rank patterns")
-    sub = {k[len(component_prefix):]: v for k, v in state.items() if k.startswith(component_prefix)}
+    sub = {k[len(component_prefix) :]: v for k, v in state.items() if k.startswith(component_prefix)}
     if component_prefix == "text_encoder." and sub:
         # What diffusers' text-encoder loader does first: old attention-processor names
         # (`self_attn.to_q_lora.down`, as its Kohya converter emits) become PEFT names (`q_proj.lora_A`).
@@ -103,7 +111,7 @@ def _component_metadata(metadata: dict, component_prefix: str) -> dict:
     comp = component_prefix.rstrip(".")
     if isinstance(metadata.get(comp), dict):
         return metadata[comp]
-    return {k[len(component_prefix):]: v for k, v in metadata.items() if k.startswith(component_prefix)}
+    return {k[len(component_prefix) :]: v for k, v in metadata.items() if k.startswith(component_prefix)}
 
 
 @dataclass(frozen=True)
@@ -116,9 +124,13 @@ class PatchReport:
     seconds: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"patched_layers": self.layers, "changed_tensors": self.changed_tensors,
-                "changed_bytes": self.changed_bytes, "linked_files": self.linked_files,
-                "patch_seconds": round(self.seconds, 3)}
+        return {
+            "patched_layers": self.layers,
+            "changed_tensors": self.changed_tensors,
+            "changed_bytes": self.changed_bytes,
+            "linked_files": self.linked_files,
+            "patch_seconds": round(self.seconds, 3),
+        }
 
 
 def _read(model_dir: Path, b: Binding) -> torch.Tensor:
@@ -129,12 +141,14 @@ def _read(model_dir: Path, b: Binding) -> torch.Tensor:
 def _resolve(path: str, layers: dict[str, tuple[Binding, ...]]) -> str:
     """CLIP LoRAs name layers `text_model.encoder...`; transformers 5's CLIPTextModel dropped the
     `text_model` wrapper and its loader strips that prefix, so the map knows `encoder...`."""
-    if path not in layers and path.startswith("text_model.") and path[len("text_model."):] in layers:
-        return path[len("text_model."):]
+    if path not in layers and path.startswith("text_model.") and path[len("text_model.") :] in layers:
+        return path[len("text_model.") :]
     return path
 
 
-def patched_tensors(base_dir: Path, weight_map: WeightMap, deltas: dict[str, LayerDelta]) -> dict[str, tuple[Binding, torch.Tensor]]:
+def patched_tensors(
+    base_dir: Path, weight_map: WeightMap, deltas: dict[str, LayerDelta]
+) -> dict[str, tuple[Binding, torch.Tensor]]:
     """initializer name -> (binding, new value) for every initializer the deltas touch."""
     deltas = {_resolve(p, weight_map.layers): d for p, d in deltas.items()}
     unknown = sorted(set(deltas) - set(weight_map.layers))
@@ -145,7 +159,9 @@ def patched_tensors(base_dir: Path, weight_map: WeightMap, deltas: dict[str, Lay
         d = delta.weight_delta()
         for b in weight_map.layers[path]:
             if tuple(d.shape) != (b.stop - b.start, b.shape[0] if b.transposed else b.shape[1]):
-                raise NotPatchable(f"{path}: LoRA delta {tuple(d.shape)} does not fit initializer {b.initializer} {b.shape}")
+                raise NotPatchable(
+                    f"{path}: LoRA delta {tuple(d.shape)} does not fit initializer {b.initializer} {b.shape}"
+                )
             by_init[b.initializer].append((b, d))
     out = {}
     for name, parts in by_init.items():
@@ -153,9 +169,9 @@ def patched_tensors(base_dir: Path, weight_map: WeightMap, deltas: dict[str, Lay
         new = base.float().clone()
         for b, d in parts:
             if b.transposed:
-                new[:, b.start:b.stop] += d.t()
+                new[:, b.start : b.stop] += d.t()
             else:
-                new[b.start:b.stop, :] += d
+                new[b.start : b.stop, :] += d
         out[name] = (parts[0][0], new.to(base.dtype))
     return out
 
@@ -194,6 +210,13 @@ def patch_export(base_dir: Path, out_dir: Path, deltas: dict[str, LayerDelta]) -
         _link_or_copy(src, dst)
         linked += 1
     report = PatchReport(len(deltas), len(new), changed_bytes, linked, time.monotonic() - started)
-    log.info("patched %d layers (%d tensors, %.1f MB written, %d files linked) in %.2fs -> %s", report.layers,
-             report.changed_tensors, changed_bytes / 1e6, linked, report.seconds, out_dir)
+    log.info(
+        "patched %d layers (%d tensors, %.1f MB written, %d files linked) in %.2fs -> %s",
+        report.layers,
+        report.changed_tensors,
+        changed_bytes / 1e6,
+        linked,
+        report.seconds,
+        out_dir,
+    )
     return report

@@ -42,7 +42,9 @@ def inspect(container: str, fmt: str) -> str:
 @pytest.fixture(scope="module")
 def http() -> httpx.Client:
     # compose_test.sh made the operator key and put it in the stack's env file and here.
-    headers = {"Authorization": f"Bearer {os.environ['FLUXSERVE_API_KEY']}"} if os.environ.get("FLUXSERVE_API_KEY") else {}
+    headers = (
+        {"Authorization": f"Bearer {os.environ['FLUXSERVE_API_KEY']}"} if os.environ.get("FLUXSERVE_API_KEY") else {}
+    )
     with httpx.Client(base_url=API_URL, timeout=300, headers=headers) as client:
         yield client
 

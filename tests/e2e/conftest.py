@@ -17,10 +17,20 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 CHROMIUM = Path(os.environ.get("FLUXSERVE_E2E_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-HOW_TO_ENABLE = ("browser tests need Debian's Chromium at /usr/bin/chromium: run `apt-get update && apt-get install -y "
-                 "chromium` as root (.ci/run does this), or point FLUXSERVE_E2E_CHROMIUM at a Chromium binary")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+HOW_TO_ENABLE = (
+    "browser tests need Debian's Chromium at /usr/bin/chromium: run `apt-get update && apt-get install -y "
+    "chromium` as root (.ci/run does this), or point FLUXSERVE_E2E_CHROMIUM at a Chromium binary"
+)
 SCREENSHOTS = PROJECT_ROOT / "build" / "e2e"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}

@@ -50,8 +50,10 @@ def generate_in_page(page, prompt: str, seed: int, steps: int = 4) -> str:
     page.wait_for_function(f"document.querySelectorAll('#gen-results figure').length > {before}", timeout=300_000)
     img = page.locator("#gen-results figure img").first
     img.wait_for()
-    page.wait_for_function("() => { const i = document.querySelector('#gen-results figure img'); return i.complete && i.naturalWidth > 0; }",
-                           timeout=30_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#gen-results figure img'); return i.complete && i.naturalWidth > 0; }",
+        timeout=30_000,
+    )
     assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     assert page.locator("#gen-progress").evaluate("p => p.value") == 100
     assert page.locator("#gen-percent").inner_text() == "100%"
@@ -73,11 +75,14 @@ def test_generate_pane_shows_progress_and_a_decoded_image(stack, page) -> None:
     assert not [m for m in page.console_messages if m.startswith(("error", "pageerror"))], page.console_messages
 
 
-@pytest.mark.parametrize(("message", "label"), [
-    ("make an image of you in Paris", "image_request"),
-    ("can I see you in the kitchen?", "image_request"),
-    ("see you tomorrow", "conversation"),
-])
+@pytest.mark.parametrize(
+    ("message", "label"),
+    [
+        ("make an image of you in Paris", "image_request"),
+        ("can I see you in the kitchen?", "image_request"),
+        ("see you tomorrow", "conversation"),
+    ],
+)
 def test_classify_pane_prototype_examples(stack, page, message: str, label: str) -> None:
     page.goto(stack.facade.url + "/#classify")
     page.get_by_label("Chat message").fill(message)
@@ -94,12 +99,16 @@ def test_classify_pane_prototype_examples(stack, page, message: str, label: str)
 
 def test_chat_from_the_classify_pane_generates(stack, page) -> None:
     page.goto(stack.facade.url + "/#classify")
-    page.evaluate("() => { for (const id of ['gen-width', 'gen-height']) document.getElementById(id).value = 64;"
-                  " document.getElementById('gen-steps').value = 2; }")
+    page.evaluate(
+        "() => { for (const id of ['gen-width', 'gen-height']) document.getElementById(id).value = 64;"
+        " document.getElementById('gen-steps').value = 2; }"
+    )
     page.get_by_label("Chat message").fill("make an image of you in Paris")
     page.get_by_role("button", name="Send as chat message").click()
-    page.wait_for_function("() => { const i = document.querySelector('#chat-results img'); return i && i.complete && i.naturalWidth > 0; }",
-                           timeout=300_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#chat-results img'); return i && i.complete && i.naturalWidth > 0; }",
+        timeout=300_000,
+    )
     assert page.locator("#chat-kind").inner_text() == "image"
     assert page.locator("#cls-status").inner_text().endswith("you in Paris")
 
@@ -161,7 +170,9 @@ def test_keyboard_and_layout(stack, page, browser) -> None:
 def test_page_is_self_contained(stack, page) -> None:
     """Nothing but this server: no CDN, no web fonts (and the CSP forbids them)."""
     origins: set[str] = set()
-    page.on("request", lambda r: origins.add(re.match(r"^[a-z]+://[^/]+", r.url).group(0) if "://" in r.url else r.url[:5]))
+    page.on(
+        "request", lambda r: origins.add(re.match(r"^[a-z]+://[^/]+", r.url).group(0) if "://" in r.url else r.url[:5])
+    )
     response = page.goto(stack.facade.url + "/")
     page.wait_for_load_state("networkidle")
     assert origins == {stack.facade.url}, origins

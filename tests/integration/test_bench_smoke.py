@@ -116,8 +116,20 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
     """`fluxserve-bench swap` with 2-step jobs: the real worker trains, publishes and swaps, alone
     and while /generate runs; the result records the switch and no failed request."""
     out = tmp_path / "swap.json"
-    cmd = [sys.executable, "-m", "benchmarks.cli", "swap", "--train-steps", "2", "--concurrency", "1",
-           "--out", str(out), "--log-dir", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.cli",
+        "swap",
+        "--train-steps",
+        "2",
+        "--concurrency",
+        "1",
+        "--out",
+        str(out),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -138,8 +150,23 @@ def test_sweep_smoke(tmp_path: Path) -> None:
     from export.triton_config import render_config
 
     out = tmp_path / "rec.json"
-    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", "--candidates", "0", "2000:4,8", "--duration-s", "2",
-           "--concurrency", "4", "--out", str(out), "--log-dir", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.cli",
+        "sweep",
+        "--candidates",
+        "0",
+        "2000:4,8",
+        "--duration-s",
+        "2",
+        "--concurrency",
+        "4",
+        "--out",
+        str(out),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rec = json.loads(out.read_text())
@@ -149,4 +176,7 @@ def test_sweep_smoke(tmp_path: Path) -> None:
     chosen = (rec["classify"]["max_queue_delay_us"], rec["classify"]["preferred_batch_sizes"])
     assert chosen in [(0, []), (2000, [4, 8])]
     cfg = render_config(classifier_deployments(ExportSettings(batching_recommendation=out))[CLASSIFY.name], "cpu")
-    assert (cfg.dynamic_batching.max_queue_delay_microseconds, list(cfg.dynamic_batching.preferred_batch_size)) == chosen
+    assert (
+        cfg.dynamic_batching.max_queue_delay_microseconds,
+        list(cfg.dynamic_batching.preferred_batch_size),
+    ) == chosen

@@ -55,8 +55,15 @@ def test_uncertain_generates_nothing(triton) -> None:
 
 
 def test_chat_streams_classification_then_progress_then_image(facade) -> None:
-    with facade.client(300) as http, http.stream("POST", "/chat", json={"message": "can I see you in the kitchen?", "generate": SMALL},
-                                                 headers={"accept": "text/event-stream"}) as r:
+    with (
+        facade.client(300) as http,
+        http.stream(
+            "POST",
+            "/chat",
+            json={"message": "can I see you in the kitchen?", "generate": SMALL},
+            headers={"accept": "text/event-stream"},
+        ) as r,
+    ):
         assert r.status_code == 200
         events = list(sse_events(r))
     names = [n for n, _ in events]
@@ -66,19 +73,26 @@ def test_chat_streams_classification_then_progress_then_image(facade) -> None:
 
 
 def test_chat_stream_for_conversation_is_only_the_classification(facade) -> None:
-    with facade.client(60) as http, http.stream("POST", "/chat", json={"message": "see you tomorrow"},
-                                                headers={"accept": "text/event-stream"}) as r:
+    with (
+        facade.client(60) as http,
+        http.stream(
+            "POST", "/chat", json={"message": "see you tomorrow"}, headers={"accept": "text/event-stream"}
+        ) as r,
+    ):
         events = list(sse_events(r))
     assert [n for n, _ in events] == ["classification"]
     assert events[0][1]["kind"] == "conversation"
 
 
-@pytest.mark.parametrize("body", [
-    {"message": ""},
-    {"message": "hi", "generate": {"width": 65}},
-    {"message": "hi", "generate": {"prompt": "not allowed here"}},
-    {"text": "wrong field"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"message": ""},
+        {"message": "hi", "generate": {"width": 65}},
+        {"message": "hi", "generate": {"prompt": "not allowed here"}},
+        {"text": "wrong field"},
+    ],
+)
 def test_bad_chat_requests_get_the_envelope(facade, body: dict) -> None:
     with facade.client() as http:
         r = http.post("/chat", json=body)

@@ -44,8 +44,11 @@ def test_test_split_accuracy() -> None:
     assert metrics["test"]["f1_image_request"] >= 0.94, metrics["test"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10's 98% target is not reached yet: 95.3% (8 of 170 test messages, all "
-                   "image requests read as conversation, 7 of them flagged uncertain) with all-MiniLM-L6-v2")
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 10's 98% target is not reached yet: 95.3% (8 of 170 test messages, all "
+    "image requests read as conversation, 7 of them flagged uncertain) with all-MiniLM-L6-v2",
+)
 def test_test_split_accuracy_meets_the_issue_target() -> None:
     metrics = _metrics()
     assert metrics["test"]["accuracy"] >= 0.98, metrics["calibrated"]["test"]["errors"]
@@ -70,7 +73,9 @@ def test_held_out_examples_through_triton(triton) -> None:
 def test_held_out_hard_cases_through_triton(triton) -> None:
     """Messages no split saw: most right, and the wrong ones mostly flagged uncertain."""
     held = load_held_out()
-    threshold = float(json.loads((ClassifierTrainSettings().output_dir / "labels.json").read_text())["recommended_threshold"])
+    threshold = float(
+        json.loads((ClassifierTrainSettings().output_dir / "labels.json").read_text())["recommended_threshold"]
+    )
     with TritonClient(triton.grpc_url) as client:
         results = client.classify([e.text for e in held])
     wrong = [(e.text, r.label, round(r.score, 3)) for e, r in zip(held, results) if r.label != e.label]
@@ -97,7 +102,9 @@ def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> 
     texts = [e.text for e in load_examples()[:32]]
     with torch.no_grad():
         ref = torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits / temperature, -1).numpy()
-    served = MODEL_REPOSITORY / "classifier_onnx" / str(versions(MODEL_REPOSITORY, "classifier_onnx")[-1]) / "model.onnx"
+    served = (
+        MODEL_REPOSITORY / "classifier_onnx" / str(versions(MODEL_REPOSITORY, "classifier_onnx")[-1]) / "model.onnx"
+    )
     in_process = score_onnx(served, tok, texts, temperature, batch_size=len(texts))
     with TritonClient(triton.grpc_url) as client:
         got = np.array([[r.scores["conversation"], r.scores["image_request"]] for r in client.classify(texts)])
@@ -115,4 +122,6 @@ def test_manifest_records_the_precision_choice() -> None:
     assert precision["fp32_accuracy"] is not None and precision["n_test"] >= 90
     if precision["requested"] == "auto":
         assert precision["int8_accuracy"] is not None
-        assert (precision["served"] == "int8") == (precision["fp32_accuracy"] - precision["int8_accuracy"] <= 0.005 + 1e-12)
+        assert (precision["served"] == "int8") == (
+            precision["fp32_accuracy"] - precision["int8_accuracy"] <= 0.005 + 1e-12
+        )

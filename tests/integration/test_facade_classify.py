@@ -76,12 +76,18 @@ def test_health_ready_metrics_docs(facade) -> None:
         http.get("/no/such/path")
         families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
         # Counted by route template and the status the client saw, errors included.
-        counted = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
-                   for s in families["fluxserve_http_requests"].samples if s.name.endswith("_total")}
+        counted = {
+            (s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+            for s in families["fluxserve_http_requests"].samples
+            if s.name.endswith("_total")
+        }
         for key in (("/classify", "POST", "200"), ("/classify", "POST", "422"), ("unmatched", "GET", "404")):
             assert counted.get(key, 0) >= 1, (key, counted)
-        timed = {s.labels["route"]: s.value for s in families["fluxserve_http_request_duration_seconds"].samples
-                 if s.name.endswith("_count")}
+        timed = {
+            s.labels["route"]: s.value
+            for s in families["fluxserve_http_request_duration_seconds"].samples
+            if s.name.endswith("_count")
+        }
         assert timed["/classify"] >= 2
         assert http.get("/docs").status_code == 200
         assert "/classify" in http.get("/openapi.json").json()["paths"]

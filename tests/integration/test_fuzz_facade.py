@@ -79,14 +79,23 @@ def _check(path: str, case, with_key: bool) -> None:
         assert 400 <= response.status_code < 500, response.text  # negative data only: refused, never run
 
 
-@pytest.mark.parametrize(("path", "method", "modes", "with_key", "examples"), ROUTES, ids=[f"{m} {p}" for p, m, *_ in ROUTES])
-def test_fuzz(api_schema, path: str, method: str, modes: tuple[GenerationMode, ...], with_key: bool, examples: int) -> None:
+@pytest.mark.parametrize(
+    ("path", "method", "modes", "with_key", "examples"), ROUTES, ids=[f"{m} {p}" for p, m, *_ in ROUTES]
+)
+def test_fuzz(
+    api_schema, path: str, method: str, modes: tuple[GenerationMode, ...], with_key: bool, examples: int
+) -> None:
     operation = api_schema[path][method]
     for mode in modes:
-
         # No shrinking: a failure is reported as generated (shrinking a slow route takes minutes).
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case) -> None:
             _check(path, case, with_key)

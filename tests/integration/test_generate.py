@@ -16,8 +16,8 @@ from PIL import Image
 
 from client.contract import FLUX_TRANSFORMER, GENERATE
 from client.triton_client import TritonClient
-from export.flux.lora import load_pipeline
 from common.flux_assets import read_max_sequence_length
+from export.flux.lora import load_pipeline
 from tests.conftest import MODEL_REPOSITORY, start_facade, start_triton, triton_metric
 
 pytestmark = pytest.mark.integration
@@ -46,8 +46,14 @@ def test_served_image_matches_diffusers_pipeline(gen_client) -> None:
     checkpoint_msl = read_max_sequence_length(MODEL_REPOSITORY / GENERATE.name / "1" / "pipeline")
     for width, height in [(64, 64), (96, 64)]:
         ref = pipe(
-            PROMPT, width=width, height=height, num_inference_steps=4, guidance_scale=3.5,
-            generator=torch.Generator("cpu").manual_seed(7), output_type="np", max_sequence_length=checkpoint_msl,
+            PROMPT,
+            width=width,
+            height=height,
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            generator=torch.Generator("cpu").manual_seed(7),
+            output_type="np",
+            max_sequence_length=checkpoint_msl,
         ).images[0]
         ref = (ref * 255).round().astype(np.uint8)
         got = gen_client.generate(PROMPT, seed=7, width=width, height=height, steps=4, guidance=3.5).image
@@ -72,7 +78,9 @@ def test_concurrent_requests_share_transformer_steps(triton, gen_client) -> None
     before_exec = triton_metric(triton.metrics_url, "nv_inference_exec_count", FLUX_TRANSFORMER)
     steps = 6
     with ThreadPoolExecutor(4) as pool:
-        images = list(pool.map(lambda s: gen_client.generate(PROMPT, seed=s, width=64, height=64, steps=steps).image, range(4)))
+        images = list(
+            pool.map(lambda s: gen_client.generate(PROMPT, seed=s, width=64, height=64, steps=steps).image, range(4))
+        )
     assert len(images) == 4
     inferences = triton_metric(triton.metrics_url, "nv_inference_count", FLUX_TRANSFORMER) - before_inf
     executions = triton_metric(triton.metrics_url, "nv_inference_exec_count", FLUX_TRANSFORMER) - before_exec
@@ -98,7 +106,9 @@ def test_bad_input_rejected_by_server(triton) -> None:
 
 @pytest.fixture(scope="module")
 def gen_facade(triton):
-    f = start_facade(triton.grpc_url, {"FLUXSERVE_API_REQUIRED_MODELS": '["classify","generate"]'}, ready_path="/readyz")
+    f = start_facade(
+        triton.grpc_url, {"FLUXSERVE_API_REQUIRED_MODELS": '["classify","generate"]'}, ready_path="/readyz"
+    )
     yield f
     f.stop()
 
@@ -173,7 +183,9 @@ def test_raw_accept_with_several_images_is_422(gen_facade) -> None:
 
 def test_triton_failure_mid_request_then_recovers(tmp_path) -> None:
     """The transformer disappears while a generation runs: 503 with a message; then it serves again."""
-    server = start_triton(MODEL_REPOSITORY, models=("classify", "classifier_onnx", *GENERATE_MODELS), log_name="test-triton-failure.log")
+    server = start_triton(
+        MODEL_REPOSITORY, models=("classify", "classifier_onnx", *GENERATE_MODELS), log_name="test-triton-failure.log"
+    )
     facade = start_facade(server.grpc_url, {"FLUXSERVE_API_REQUIRED_MODELS": '["generate"]'}, ready_path="/readyz")
     import tritonclient.http as th
 
@@ -183,7 +195,9 @@ def test_triton_failure_mid_request_then_recovers(tmp_path) -> None:
 
         def slow_request() -> None:
             with facade.client(timeout_s=300) as http:
-                result["r"] = http.post("/generate", json={"prompt": PROMPT, "width": 256, "height": 256, "steps": 40, "seed": 1})
+                result["r"] = http.post(
+                    "/generate", json={"prompt": PROMPT, "width": 256, "height": 256, "steps": 40, "seed": 1}
+                )
 
         t = threading.Thread(target=slow_request)
         t.start()
@@ -201,4 +215,3 @@ def test_triton_failure_mid_request_then_recovers(tmp_path) -> None:
         control.close()
         facade.stop()
         server.stop()
-

@@ -83,7 +83,10 @@ def test_stream_refuses_bad_input_before_sending(client) -> None:
 
 def test_facade_streams_progress_then_the_json_answer(facade) -> None:
     body = {"prompt": "a red fox in snow", "seed": 11, "num_images": 2, **SMALL}
-    with facade.client(300) as http, http.stream("POST", "/generate", json=body, headers={"accept": "text/event-stream"}) as r:
+    with (
+        facade.client(300) as http,
+        http.stream("POST", "/generate", json=body, headers={"accept": "text/event-stream"}) as r,
+    ):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r))
     names = [n for n, _ in events]
@@ -117,7 +120,9 @@ def _assert_work_stopped(triton, before: float, steps_seen: int) -> None:
     settled = wait_until_stable(lambda: _transformer_count(triton))
     ran = settled - before
     # Cancellation is checked after every step: a few steps may finish in flight, not all 100.
-    assert steps_seen <= ran < LONG["steps"] // 2, f"{ran} transformer steps ran after walking away at step {steps_seen}"
+    assert steps_seen <= ran < LONG["steps"] // 2, (
+        f"{ran} transformer steps ran after walking away at step {steps_seen}"
+    )
 
 
 def test_closing_the_python_stream_stops_the_work_in_triton(triton, client) -> None:
@@ -135,15 +140,22 @@ def test_http_client_disconnect_stops_the_work_in_triton(triton, facade) -> None
     wait_until_stable(lambda: _transformer_count(triton))
     before = _transformer_count(triton)
     body = {"prompt": "a red fox in snow", "seed": 4, **LONG}
-    with facade.client(300) as http, http.stream("POST", "/generate", json=body, headers={"accept": "text/event-stream"}) as r:
+    with (
+        facade.client(300) as http,
+        http.stream("POST", "/generate", json=body, headers={"accept": "text/event-stream"}) as r,
+    ):
         for name, data in sse_events(r):
             assert name == "progress"
             if data["step"] >= 2:
                 break  # leaving the block closes the connection mid-stream
     _assert_work_stopped(triton, before, 2)
     # And the server is fine afterwards: the next stream completes.
-    with facade.client(300) as http, http.stream("POST", "/generate", json={"prompt": "ok", "seed": 1, **SMALL},
-                                                 headers={"accept": "text/event-stream"}) as r:
+    with (
+        facade.client(300) as http,
+        http.stream(
+            "POST", "/generate", json={"prompt": "ok", "seed": 1, **SMALL}, headers={"accept": "text/event-stream"}
+        ) as r,
+    ):
         assert [n for n, _ in sse_events(r)][-1] == "image"
 
 

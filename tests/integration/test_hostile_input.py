@@ -39,7 +39,14 @@ MiB = 1 << 20
 UPLOAD_LIMIT = 16 * MiB
 """This facade's upload limit (FLUXSERVE_JOBS_MAX_UPLOAD_BYTES): small, so chunked uploads past it stay quick."""
 BIG = 600 * MiB
-STORE_FILES = {"jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm", "queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm"}
+STORE_FILES = {
+    "jobs.sqlite",
+    "jobs.sqlite-wal",
+    "jobs.sqlite-shm",
+    "queue.sqlite",
+    "queue.sqlite-wal",
+    "queue.sqlite-shm",
+}
 
 
 class Locked:
@@ -103,7 +110,14 @@ def test_every_train_route_needs_the_key(locked: Locked) -> None:
     job_id = r.json()["job_id"]
     before_ids, before_disk = locked.job_ids(), locked.on_disk()
     calls = [
-        ("POST", "/train", {"data": {"trigger_word": "zxq"}, "files": {"dataset": ("d.zip", _zip({"a.png": _png()}), "application/zip")}}),
+        (
+            "POST",
+            "/train",
+            {
+                "data": {"trigger_word": "zxq"},
+                "files": {"dataset": ("d.zip", _zip({"a.png": _png()}), "application/zip")},
+            },
+        ),
         ("GET", "/train", {}),
         ("GET", f"/train/{job_id}", {}),
         ("DELETE", f"/train/{job_id}", {}),
@@ -169,7 +183,9 @@ def _declared(path: str, extra: str = "") -> str:
 
 
 def _chunked(path: str, content_type: str = "application/json", extra: str = "") -> str:
-    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
+    )
 
 
 def _chunks(total: int, size: int = MiB, first: bytes = b"") -> Iterator[bytes]:
@@ -193,23 +209,35 @@ def test_600mb_declared_body_refused_at_once(locked: Locked, path: str) -> None:
     auth = f"Authorization: Bearer {TEST_API_KEY}\r\n"
     status, seconds, sent = _raw_request(locked.facade.url, _declared(path, auth), _declared_body())
     rss_growth = proc.memory_info().rss - rss_before
-    print(f"\n600 MB declared body to {path}: {status} in {seconds:.3f}s after sending {sent / MiB:.0f} MiB; facade RSS +{rss_growth / MiB:.1f} MiB")
+    print(
+        f"\n600 MB declared body to {path}: {status} in {seconds:.3f}s after sending {sent / MiB:.0f} MiB; facade RSS +{rss_growth / MiB:.1f} MiB"
+    )
     assert status == 413
     assert sent < BIG
     assert rss_growth < 64 * MiB
 
 
-@pytest.mark.parametrize(("path", "content_type"), [("/classify", "application/json"), ("/train", "multipart/form-data; boundary=XyZ")])
+@pytest.mark.parametrize(
+    ("path", "content_type"), [("/classify", "application/json"), ("/train", "multipart/form-data; boundary=XyZ")]
+)
 def test_600mb_chunked_body_cut_off(locked: Locked, path: str, content_type: str) -> None:
     proc = psutil.Process(locked.facade.proc.pid)
     rss_before = proc.memory_info().rss
     before_disk = locked.on_disk()
     # A multipart body whose file part never ends: the upload limit cuts it off while streaming.
-    first = b'--XyZ\r\nContent-Disposition: form-data; name="dataset"; filename="d.zip"\r\n\r\n' if path == "/train" else b""
+    first = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="dataset"; filename="d.zip"\r\n\r\n'
+        if path == "/train"
+        else b""
+    )
     auth = f"Authorization: Bearer {TEST_API_KEY}\r\n"
-    status, seconds, sent = _raw_request(locked.facade.url, _chunked(path, content_type, auth), _chunks(BIG, first=first))
+    status, seconds, sent = _raw_request(
+        locked.facade.url, _chunked(path, content_type, auth), _chunks(BIG, first=first)
+    )
     rss_growth = proc.memory_info().rss - rss_before
-    print(f"\n600 MB chunked body to {path}: {status} in {seconds:.3f}s after sending {sent / MiB:.0f} MiB; facade RSS +{rss_growth / MiB:.1f} MiB")
+    print(
+        f"\n600 MB chunked body to {path}: {status} in {seconds:.3f}s after sending {sent / MiB:.0f} MiB; facade RSS +{rss_growth / MiB:.1f} MiB"
+    )
     assert status == 413
     assert sent < BIG
     assert rss_growth < 64 * MiB
@@ -262,6 +290,7 @@ def _gigabyte_of_zeros() -> bytes:
 
 def _huge_png(side: int = 20000) -> bytes:
     """A valid 1-bit greyscale PNG of side x side pixels (about 50 KB: its rows are all zero)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -295,7 +324,9 @@ def test_hostile_dataset_refused(locked: Locked, case: str) -> None:
     with locked.facade.client() as http:
         r = http.post("/train", data={"trigger_word": "zxq"}, files={"dataset": ("d.zip", payload, "application/zip")})
     seconds = time.perf_counter() - started
-    print(f"\nhostile dataset {case} ({len(payload)} bytes): {r.status_code} in {seconds:.3f}s: {r.json()['error']['message']}")
+    print(
+        f"\nhostile dataset {case} ({len(payload)} bytes): {r.status_code} in {seconds:.3f}s: {r.json()['error']['message']}"
+    )
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["type"] in ("invalid_dataset", "invalid_request")
     assert locked.job_ids() == before_ids
@@ -347,8 +378,15 @@ def test_request_id_on_responses_and_log_lines(locked: Locked) -> None:
         unknown = http.get("/no/such/route")
     assert mine.headers["x-request-id"] == "caller-id-123"
     assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
-    assert re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"]) and fresh.headers["x-request-id"] != odd.headers["x-request-id"]
-    assert unknown.status_code == 404 and unknown.headers["x-request-id"] and unknown.json()["error"]["type"] == "not_found"
+    assert (
+        re.fullmatch(r"[0-9a-f]{32}", fresh.headers["x-request-id"])
+        and fresh.headers["x-request-id"] != odd.headers["x-request-id"]
+    )
+    assert (
+        unknown.status_code == 404
+        and unknown.headers["x-request-id"]
+        and unknown.json()["error"]["type"] == "not_found"
+    )
     deadline = time.monotonic() + 10
     while "[caller-id-123]" not in locked.facade.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -396,7 +434,9 @@ def test_cli_takes_the_key_from_flag_or_environment(locked: Locked) -> None:
     env = {k: v for k, v in os.environ.items() if k != "FLUXSERVE_API_KEY"}
 
     def run(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(cli + args, cwd=PROJECT_ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            cli + args, cwd=PROJECT_ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=120
+        )
 
     done = run(["list", "--limit", "5"], {"FLUXSERVE_API_KEY": TEST_API_KEY})
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from tests.conftest import PROJECT_ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
-PROBE = '''
+PROBE = """
 import json, sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -29,7 +29,7 @@ class TritonPythonModel:
         info = json.dumps({"prefix": sys.prefix, "numpy": numpy.__version__, "serving": serving.__file__})
         out = np.array([info.encode()], dtype=np.object_)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("info", out)]) for _ in requests]
-'''
+"""
 CONFIG = 'name: "probe"\nbackend: "python"\nmax_batch_size: 0\ninput { name: "x" data_type: TYPE_FP32 dims: 1 }\noutput { name: "info" data_type: TYPE_STRING dims: 1 }\n'
 
 
@@ -42,8 +42,13 @@ def test_stub_runs_in_this_environment(tmp_path: Path, monkeypatch: pytest.Monke
     # As under make/CI: no venv on PATH, so the stub must not depend on the caller's shell.
     monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
     monkeypatch.delenv("VIRTUAL_ENV", raising=False)
-    settings = TritonSettings(model_repository=tmp_path, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_file=PROJECT_ROOT / "build" / "logs" / "test-probe.log")
+    settings = TritonSettings(
+        model_repository=tmp_path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_file=PROJECT_ROOT / "build" / "logs" / "test-probe.log",
+    )
     with TritonServer(settings) as server:
         client = g.InferenceServerClient(server.grpc_url)
         x = g.InferInput("x", [1], "FP32")
@@ -59,7 +64,9 @@ def test_busy_port_is_refused(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        settings = TritonSettings(model_repository=tmp_path, http_port=port, grpc_port=free_port(), metrics_port=free_port())
+        settings = TritonSettings(
+            model_repository=tmp_path, http_port=port, grpc_port=free_port(), metrics_port=free_port()
+        )
         with pytest.raises(TritonStartError, match="already in use"):
             TritonServer(settings).start()
 
@@ -86,6 +93,10 @@ def test_triton_does_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
     triton_pid = int(proc.stdout.split()[0])
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and psutil.pid_exists(triton_pid) and psutil.Process(triton_pid).status() != "zombie":
+    while (
+        time.monotonic() < deadline
+        and psutil.pid_exists(triton_pid)
+        and psutil.Process(triton_pid).status() != "zombie"
+    ):
         time.sleep(0.2)
     assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == "zombie"

@@ -65,13 +65,22 @@ print(json.dumps(publish_and_load(repo, url, ["classifier_onnx", "classify"], pu
 
 
 def publisher(repo: Path, triton_http_url: str, tag: str, mode: str = "complete") -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", PUBLISHER, str(repo), triton_http_url, tag, mode], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(repo), triton_http_url, tag, mode],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def leftovers(repo: Path) -> list[str]:
-    return sorted(str(p.relative_to(repo)) for name in MODELS for p in (repo / name).iterdir()
-                  if p.name == JOURNAL or p.name.startswith(".staging"))
+    return sorted(
+        str(p.relative_to(repo))
+        for name in MODELS
+        for p in (repo / name).iterdir()
+        if p.name == JOURNAL or p.name.startswith(".staging")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +127,12 @@ def test_a_worker_killed_while_publishing_its_job(repo: Path, triton, tmp_path: 
     versions are rolled back by the reaper and the old version serves on."""
     before = {m: versions(repo, m) for m in MODELS}
     serving = ready_versions(triton.http_url, "classify")
-    env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
-           "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url, **LIVENESS_ENV}
+    env = {
+        "FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"),
+        "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
+        "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url,
+        **LIVENESS_ENV,
+    }
     facade = start_facade(triton.grpc_url, env)
     try:
         with facade.client() as http:
@@ -127,7 +140,11 @@ def test_a_worker_killed_while_publishing_its_job(repo: Path, triton, tmp_path: 
                 r = http.post("/train", data={"kind": "classifier", "steps": "1", "seed": "0"})
                 assert r.status_code == 202, r.text
                 job_id = r.json()["job_id"]
-                job = wait_job(http, job_id, lambda j: j["phase"] == "publishing" or j["status"] != "running" and j["status"] != "queued")
+                job = wait_job(
+                    http,
+                    job_id,
+                    lambda j: j["phase"] == "publishing" or j["status"] != "running" and j["status"] != "queued",
+                )
                 assert (job["status"], job["phase"]) == ("running", "publishing"), job
                 refused = http.delete(f"/train/{job_id}")
                 assert refused.status_code == 409 and "publishing" in refused.json()["error"]["message"]

@@ -93,7 +93,7 @@ def test_an_unsigned_queue_message_is_refused_and_not_executed(stack: RedisStack
         time.sleep(0.1)
 
     def refusals() -> str:
-        return "".join(log.read_bytes()[before[log]:].decode(errors="replace") for _, log in stack.workers.values())
+        return "".join(log.read_bytes()[before[log] :].decode(errors="replace") for _, log in stack.workers.values())
 
     while "Error reading from queue" not in refusals():  # ...and refuses it (the signature check)
         assert time.monotonic() < deadline, refusals()[-2000:]
@@ -133,8 +133,9 @@ with redis_lock(redis_client(sys.argv[1]), sys.argv[2], lease_s=1.0):
 
 def test_the_publish_lock_holds_across_processes_and_frees_when_its_holder_dies(redis_server) -> None:
     key = PUBLISH_LOCK_KEY + ":test"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, redis_server.url, key], cwd=PROJECT_ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, redis_server.url, key], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         # Three leases long: the holder's renewals keep it, so this publisher must give up.

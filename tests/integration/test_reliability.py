@@ -113,8 +113,11 @@ def _send_and_hold(url: str, path: str, body: dict) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
     return sock
 
 
@@ -125,8 +128,11 @@ def test_cancelled_request_stops_within_two_steps(facade: Facade, stats: Stats) 
     steps_before = stats.inferences(FLUX_TRANSFORMER)
     sock = _send_and_hold(facade.url, "/generate", LONG)
     sent = time.monotonic()
-    wait_for(lambda: stats.inferences(FLUX_TRANSFORMER) > steps_before and time.monotonic() - sent >= 1.0, 120,
-             "the generation to be running in Triton")
+    wait_for(
+        lambda: stats.inferences(FLUX_TRANSFORMER) > steps_before and time.monotonic() - sent >= 1.0,
+        120,
+        "the generation to be running in Triton",
+    )
     sock.close()
     steps_at_cancel = stats.inferences(FLUX_TRANSFORMER)
     wait_for(generate_idle(stats, finished, 1), 60, "the cancelled generation to leave Triton")
@@ -159,13 +165,19 @@ def test_burst_of_abandoned_requests_leaves_triton_idle(facade: Facade, stats: S
 
 def test_overload_sheds_with_retry_after(server) -> None:
     """A burst far beyond capacity: some served, the rest refused at once with 503 + Retry-After."""
-    env = {"FLUXSERVE_ADMISSION_GENERATE_MAX_WAIT_S": "1", "FLUXSERVE_ADMISSION_CLASSIFY_MAX_WAIT_S": "0.2",
-           "FLUXSERVE_ADMISSION_CLASSIFY_INITIAL_RATE_TEXTS": "20"}
+    env = {
+        "FLUXSERVE_ADMISSION_GENERATE_MAX_WAIT_S": "1",
+        "FLUXSERVE_ADMISSION_CLASSIFY_MAX_WAIT_S": "0.2",
+        "FLUXSERVE_ADMISSION_CLASSIFY_INITIAL_RATE_TEXTS": "20",
+    }
     f = start_facade(server.grpc_url, env)
     try:
+
         def generate(i: int) -> httpx.Response:
             with f.client(timeout_s=300) as http:
-                return http.post("/generate", json={"prompt": PROMPT, "width": 128, "height": 128, "steps": 8, "seed": i})
+                return http.post(
+                    "/generate", json={"prompt": PROMPT, "width": 128, "height": 128, "steps": 8, "seed": i}
+                )
 
         def classify(i: int) -> httpx.Response:
             with f.client(timeout_s=60) as http:
@@ -186,9 +198,13 @@ def test_overload_sheds_with_retry_after(server) -> None:
 
 
 def _stub_pids(model: str) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and "triton_python_backend_stub" in p.info["cmdline"][0]
-            and any(f"/{model}/" in a or a.endswith(f"/{model}") for a in p.info["cmdline"])]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"]
+        and "triton_python_backend_stub" in p.info["cmdline"][0]
+        and any(f"/{model}/" in a or a.endswith(f"/{model}") for a in p.info["cmdline"])
+    ]
 
 
 def test_dead_stub_is_reported_and_recovered(tmp_path) -> None:
@@ -207,7 +223,10 @@ def test_dead_stub_is_reported_and_recovered(tmp_path) -> None:
             assert http.get("/readyz").status_code == 503
             wait_for(lambda: http.get("/readyz").status_code == 200, 180, "/readyz 200 again after the reload")
             print(f"dead stub: ready again {time.monotonic() - killed:.1f}s after kill -9")
-            assert http.post("/generate", json={"prompt": PROMPT, "width": 64, "height": 64, "steps": 2}).status_code == 200
+            assert (
+                http.post("/generate", json={"prompt": PROMPT, "width": 64, "height": 64, "steps": 2}).status_code
+                == 200
+            )
     finally:
         f.stop()
         server.stop()
@@ -221,18 +240,28 @@ def stack(tmp_path) -> Iterator[tuple[subprocess.Popen, str, dict[str, int]]]:
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port(), "api": free_port()}
     env = {
         **os.environ,
-        "FLUXSERVE_TRITON_HTTP_PORT": str(ports["http"]), "FLUXSERVE_TRITON_GRPC_PORT": str(ports["grpc"]),
-        "FLUXSERVE_TRITON_METRICS_PORT": str(ports["metrics"]), "FLUXSERVE_API_PORT": str(ports["api"]),
-        "FLUXSERVE_TRITON_LOG_FILE": str(tmp_path / "triton.log"), "FLUXSERVE_TRITON_STARTUP_TIMEOUT_S": str(STARTUP_TIMEOUT_S), "FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"),
+        "FLUXSERVE_TRITON_HTTP_PORT": str(ports["http"]),
+        "FLUXSERVE_TRITON_GRPC_PORT": str(ports["grpc"]),
+        "FLUXSERVE_TRITON_METRICS_PORT": str(ports["metrics"]),
+        "FLUXSERVE_API_PORT": str(ports["api"]),
+        "FLUXSERVE_TRITON_LOG_FILE": str(tmp_path / "triton.log"),
+        "FLUXSERVE_TRITON_STARTUP_TIMEOUT_S": str(STARTUP_TIMEOUT_S),
+        "FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"),
     }
     log_path = PROJECT_ROOT / "build" / "logs" / f"test-stack-{ports['api']}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.stack"], cwd=PROJECT_ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.stack"], cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{ports['api']}"
     try:
-        wait_for(lambda: _status(url + "/readyz") == 200, STARTUP_TIMEOUT_S, f"the stack to be ready (log: {log_path})", every_s=1)
+        wait_for(
+            lambda: _status(url + "/readyz") == 200,
+            STARTUP_TIMEOUT_S,
+            f"the stack to be ready (log: {log_path})",
+            every_s=1,
+        )
         yield proc, url, ports
     finally:
         if proc.poll() is None:
@@ -262,7 +291,9 @@ def test_kill_triton_under_the_runner_recovers_then_ctrl_c_stops_all(stack) -> N
     with httpx.Client(base_url=url, timeout=30) as http:
         r = http.post("/classify", json={"text": "hello"})
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
-    wait_for(lambda: _status(url + "/readyz") == 200, STARTUP_TIMEOUT_S, "/readyz 200 after Triton's restart", every_s=1)
+    wait_for(
+        lambda: _status(url + "/readyz") == 200, STARTUP_TIMEOUT_S, "/readyz 200 after Triton's restart", every_s=1
+    )
     print(f"kill -9 tritonserver: ready again after {time.monotonic() - killed:.1f}s")
     with httpx.Client(base_url=url, timeout=60) as http:
         assert http.post("/classify", json={"text": "hello"}).status_code == 200
@@ -277,8 +308,11 @@ def test_kill_triton_under_the_runner_recovers_then_ctrl_c_stops_all(stack) -> N
     proc.send_signal(signal.SIGINT)
     stopping = time.monotonic()
     proc.wait(60)
-    wait_for(lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
-             60, "every process of the stack to exit")
+    wait_for(
+        lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
+        60,
+        "every process of the stack to exit",
+    )
     print(f"Ctrl-C with work in flight: all stopped in {time.monotonic() - stopping:.1f}s")
     assert in_flight.result(60) in (0, 499, 503, 504)
 

@@ -69,7 +69,14 @@ class Stack:
 
     def submit(self, **fields) -> httpx.Response:
         payload = fields.pop("zip", None) or red_zip()
-        data = {"trigger_word": TRIGGER, "steps": "40", "learning_rate": "0.01", "resolution": "64", "seed": "0", **{k: str(v) for k, v in fields.items()}}
+        data = {
+            "trigger_word": TRIGGER,
+            "steps": "40",
+            "learning_rate": "0.01",
+            "resolution": "64",
+            "seed": "0",
+            **{k: str(v) for k, v in fields.items()},
+        }
         with self.http() as http:
             return http.post("/train", data=data, files={"dataset": ("data.zip", payload, "application/zip")})
 
@@ -101,7 +108,10 @@ def red_latent(checkpoint: str) -> np.ndarray:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(checkpoint) / "vae").eval()
-    x = torch.tensor(np.asarray(Image.new("RGB", (64, 64), RED)), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    x = (
+        torch.tensor(np.asarray(Image.new("RGB", (64, 64), RED)), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5
+        - 1
+    )
     with torch.no_grad():
         return vae.encode(x).latent_dist.mean.numpy()
 
@@ -128,18 +138,26 @@ def served_latents(grpc_url: str, repo: Path, generate_version: str, prompt: str
         def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
             inputs = []
             for name, arr in flux_component_feeds(model, args, kwargs).items():
-                inputs.append(grpcclient.InferInput(name, list(arr.shape), FLUX_COMPONENTS[model].input(name).wire_dtype))
+                inputs.append(
+                    grpcclient.InferInput(name, list(arr.shape), FLUX_COMPONENTS[model].input(name).wire_dtype)
+                )
                 inputs[-1].set_data_from_numpy(arr)
                 if capture:
                     captured.append(arr)
-            result = client.infer(model, inputs, model_version=str(components[model]),
-                                  outputs=[grpcclient.InferRequestedOutput(output)])
+            result = client.infer(
+                model, inputs, model_version=str(components[model]), outputs=[grpcclient.InferRequestedOutput(output)]
+            )
             return result.as_numpy(output)
 
         return call
 
-    loop = FluxLoop(version_dir / "pipeline", caller(FLUX_TEXT_ENCODER), caller(FLUX_TEXT_ENCODER_2),
-                    caller(FLUX_TRANSFORMER), caller(FLUX_VAE_DECODER, capture=True))
+    loop = FluxLoop(
+        version_dir / "pipeline",
+        caller(FLUX_TEXT_ENCODER),
+        caller(FLUX_TEXT_ENCODER_2),
+        caller(FLUX_TRANSFORMER),
+        caller(FLUX_VAE_DECODER, capture=True),
+    )
     try:
         for seed in seeds:
             loop(GenerationRequest(prompt, 64, 64, 4, 3.5, seed))
@@ -154,7 +172,9 @@ def facade_prompt_for(stack: Stack, prompt: str, expect: str, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     with stack.http(300) as http:
         while True:
-            seen = http.post("/generate", json={"prompt": prompt, "width": 64, "height": 64, "steps": 1}).json()["prompt"]
+            seen = http.post("/generate", json={"prompt": prompt, "width": 64, "height": 64, "steps": 1}).json()[
+                "prompt"
+            ]
             if seen == expect or time.monotonic() > deadline:
                 return seen
             time.sleep(1)
@@ -174,7 +194,9 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     def load() -> None:
         with stack.http(300) as http:
             while not stop.is_set():
-                r = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 2, "seed": 1})
+                r = http.post(
+                    "/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 2, "seed": 1}
+                )
                 results.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
 
     loader = threading.Thread(target=load)
@@ -212,8 +234,10 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
 
     manifest = job["result"]["manifest"]
     losses = {k: manifest["loss_history"][k] for k in ("mean_first_5", "mean_last_5")}
-    print(f"POST->serving {serving_s:.1f}s; requests during job+swap {len(results)}; "
-          f"training {manifest['steps_per_s']} steps/s")
+    print(
+        f"POST->serving {serving_s:.1f}s; requests during job+swap {len(results)}; "
+        f"training {manifest['steps_per_s']} steps/s"
+    )
     assert job["progress"]["step"] == job["progress"]["total_steps"] == 40
     assert manifest["trigger_word"] == TRIGGER
 
@@ -226,8 +250,10 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     latents_after = served_latents(stack.triton.grpc_url, stack.repo, new_version, TRIGGER, seeds)
     d_before = [float(np.linalg.norm(z - target)) for z in latents_before]
     d_after = [float(np.linalg.norm(z - target)) for z in latents_after]
-    print(f"served latent L2 to the training image's latent, seeds {list(seeds)}: before {d_before} after {d_after}; "
-          f"losses {losses}")
+    print(
+        f"served latent L2 to the training image's latent, seeds {list(seeds)}: before {d_before} after {d_after}; "
+        f"losses {losses}"
+    )
     # Measured about 106 -> 96 (10% closer) for every seed after 40 steps; 4% leaves room for noise.
     assert all(a < 0.96 * b for a, b in zip(d_after, d_before))
     assert manifest["loss_history"]["mean_last_5"] < manifest["loss_history"]["mean_first_5"]
@@ -316,7 +342,9 @@ def _png() -> bytes:
 def test_bad_datasets_refused(stack: Stack, payload: bytes, status: int) -> None:
     with stack.http() as http:
         count = len(http.get("/train").json()["jobs"])
-        r = http.post("/train", data={"trigger_word": TRIGGER}, files={"dataset": ("d.zip", payload, "application/zip")})
+        r = http.post(
+            "/train", data={"trigger_word": TRIGGER}, files={"dataset": ("d.zip", payload, "application/zip")}
+        )
         assert r.status_code == status, r.text
         assert r.json()["error"]["message"]
         assert len(http.get("/train").json()["jobs"]) == count  # nothing queued
@@ -326,7 +354,13 @@ def test_bad_datasets_refused(stack: Stack, payload: bytes, status: int) -> None
 
 @pytest.mark.parametrize(
     ("fields", "fragment"),
-    [({"trigger_word": ""}, "trigger"), ({"steps": "0"}, "steps"), ({"rank": "1000"}, "rank"), ({"resolution": "100"}, "resolution"), ({"kind": "other"}, "kind")],
+    [
+        ({"trigger_word": ""}, "trigger"),
+        ({"steps": "0"}, "steps"),
+        ({"rank": "1000"}, "rank"),
+        ({"resolution": "100"}, "resolution"),
+        ({"kind": "other"}, "kind"),
+    ],
 )
 def test_bad_fields_refused(stack: Stack, fields: dict, fragment: str) -> None:
     data = {"trigger_word": TRIGGER, **fields}
@@ -380,7 +414,10 @@ def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
     assert job["status"] == "succeeded", job
     assert job["result"]["publish"]["status"] == "succeeded"
     assert 0.5 < job["result"]["test"]["accuracy"] <= 1.0
-    assert job["result"]["accuracy_gate"] == {"test_accuracy": job["result"]["test"]["accuracy"], "serving_test_accuracy": 0.5}
+    assert job["result"]["accuracy_gate"] == {
+        "test_accuracy": job["result"]["test"]["accuracy"],
+        "serving_test_accuracy": 0.5,
+    }
     new_version = job["result"]["publish"]["model_version"]
     from export.model_control import ready_versions
 
@@ -409,8 +446,22 @@ def test_classifier_swap_changes_the_uncertainty_threshold(stack: Stack, tmp_pat
     seen = []
     for threshold in (0.0, 1.5):
         (model / "labels.json").write_text(json.dumps({**labels, "recommended_threshold": threshold}))
-        run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
-                              "classifier", "--model-dir", str(model)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [
+                str(cli),
+                "--repo",
+                str(stack.repo),
+                "--triton-url",
+                stack.triton.http_url,
+                "classifier",
+                "--model-dir",
+                str(model),
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         with stack.http() as http:
             seen.append(http.post("/classify", json={"text": "make an image of you in Paris"}).json()["uncertain"])
@@ -425,11 +476,11 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     artifact itself: the real export runs, then its transformer file is replaced with garbage."""
     import export.flux_publish as flux_publish
     from client.contract import FLUX_COMPONENTS
-    from export.repository import versions
     from export.model_control import ready_versions
-    from training.lora_settings import LoraTrainSettings
+    from export.repository import versions
     from training.jobs import JobSettings, job_dir, job_store
     from training.lora_dataset import save_prepared, validate_and_extract
+    from training.lora_settings import LoraTrainSettings
     from training.tasks import run_job
 
     real_publish = flux_publish.publish_flux
@@ -485,8 +536,13 @@ def test_export_cli_serves_a_trained_loras_own_trigger_word(stack: Stack) -> Non
     lora_dir = stack.jobs_dir / job["job_id"] / "lora"
     assert json.loads((lora_dir / LORA_MANIFEST).read_text())["trigger_word"] == TRIGGER
     cli = Path(sys.executable).parent / "fluxserve-export"
-    run = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
-                          "flux", "--lora", str(lora_dir)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url, "flux", "--lora", str(lora_dir)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert facade_prompt_for(stack, "x", expect=f"{TRIGGER}, x") == f"{TRIGGER}, x"
 
@@ -497,9 +553,24 @@ def test_export_cli_swaps_in_a_lora_from_elsewhere(stack: Stack) -> None:
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
         old = direct.generate("a red square", seed=5, width=64, height=64, steps=2)
     cli = Path(sys.executable).parent / "fluxserve-export"
-    done = subprocess.run([str(cli), "--repo", str(stack.repo), "--triton-url", stack.triton.http_url,
-                           "flux", "--lora-scale", "0.25", "--trigger-word", "Elsewhere"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(cli),
+            "--repo",
+            str(stack.repo),
+            "--triton-url",
+            stack.triton.http_url,
+            "flux",
+            "--lora-scale",
+            "0.25",
+            "--trigger-word",
+            "Elsewhere",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
         new = direct.generate("a red square", seed=5, width=64, height=64, steps=2)

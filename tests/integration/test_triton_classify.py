@@ -68,7 +68,10 @@ def test_empty_text_is_invalid_argument_from_server(triton) -> None:
 
 def test_concurrent_requests_are_batched(triton) -> None:
     """Triton's dynamic batcher merges concurrent requests: executions < inferences."""
-    texts = [f"message number {i}: can you show me a photo of a {w}?" for i, w in enumerate(["cat", "dog", "boat", "tree"] * 16)]
+    texts = [
+        f"message number {i}: can you show me a photo of a {w}?"
+        for i, w in enumerate(["cat", "dog", "boat", "tree"] * 16)
+    ]
     before_inf = triton_metric(triton.metrics_url, "nv_inference_count", CLASSIFY.name)
     before_exec = triton_metric(triton.metrics_url, "nv_inference_exec_count", CLASSIFY.name)
     with TritonClient(triton.grpc_url) as client, ThreadPoolExecutor(32) as pool:

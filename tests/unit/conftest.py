@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from export.flux.checkpoint import build_local_flux
 from common.flux_assets import LORA_WEIGHT_NAME
+from export.flux.checkpoint import build_local_flux
 from export.flux.lora import build_local_lora, load_pipeline
 
 

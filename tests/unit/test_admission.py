@@ -130,8 +130,11 @@ def test_stop_check() -> None:
     ("status", "message", "expected"),
     [
         ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", OverloadedError),
-        ("StatusCode.UNAVAILABLE", "generation failed: flux_transformer: Stub process 'flux_transformer_0_0' is not healthy.",
-         ModelFailedError),
+        (
+            "StatusCode.UNAVAILABLE",
+            "generation failed: flux_transformer: Stub process 'flux_transformer_0_0' is not healthy.",
+            ModelFailedError,
+        ),
         ("StatusCode.CANCELLED", "Locally cancelled by application!", RequestCancelledError),
     ],
 )

@@ -20,8 +20,12 @@ def test_highest_throughput_wins() -> None:
 
 
 def test_ties_go_to_the_shortest_delay_then_the_lowest_p99() -> None:
-    measured = {Candidate(5000, (16, 32)): _m(576, 80), Candidate(2000, (8, 16, 32)): _m(565, 95),
-                Candidate(2000): _m(562, 85), Candidate(0): _m(450, 60)}
+    measured = {
+        Candidate(5000, (16, 32)): _m(576, 80),
+        Candidate(2000, (8, 16, 32)): _m(565, 95),
+        Candidate(2000): _m(562, 85),
+        Candidate(0): _m(450, 60),
+    }
     assert choose(measured, 0.03) == Candidate(2000)
     assert choose(measured, 0.0) == Candidate(5000, (16, 32))
 
@@ -45,8 +49,11 @@ def test_generated_config_follows_the_recommendation(tmp_path: Path) -> None:
     rec.write_text(json.dumps({"classify": {"max_queue_delay_us": 1234, "preferred_batch_sizes": [4, 8]}}))
     assert _classify_batching(ExportSettings(batching_recommendation=rec)) == (1234, [4, 8])
     # Explicit settings (FLUXSERVE_EXPORT_CLASSIFY_*) win over the measurement.
-    assert _classify_batching(ExportSettings(batching_recommendation=rec, classify_max_queue_delay_us=100,
-                                             classify_preferred_batch_sizes=(2,))) == (100, [2])
+    assert _classify_batching(
+        ExportSettings(
+            batching_recommendation=rec, classify_max_queue_delay_us=100, classify_preferred_batch_sizes=(2,)
+        )
+    ) == (100, [2])
     assert _classify_batching(ExportSettings(batching_recommendation=tmp_path / "none.json")) == (2000, [])
 
 

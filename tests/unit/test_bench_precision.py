@@ -27,9 +27,15 @@ def test_scratch_repository_swaps_only_the_graph(tmp_path) -> None:
 
 def test_markdown_has_every_row() -> None:
     row = {"req_s": 100.0, "p99_ms": 50.0, "errors": 0, "total_cpu_ms": 4.0, "cpu_ms_per_request": {"facade": 0.5}}
-    out = {"concurrency": 32, "duration_s": 10, "ort_limit": {"int8": {"best_texts_per_s": 900, "best_batch_size": 16}},
-           "rows": [{**row, "variant": "pytorch", "target": "baseline-classify"},
-                    {**row, "variant": "int8", "target": "facade-classify", "vs_baseline": 12.0, "of_ort_limit": 0.9}]}
+    out = {
+        "concurrency": 32,
+        "duration_s": 10,
+        "ort_limit": {"int8": {"best_texts_per_s": 900, "best_batch_size": 16}},
+        "rows": [
+            {**row, "variant": "pytorch", "target": "baseline-classify"},
+            {**row, "variant": "int8", "target": "facade-classify", "vs_baseline": 12.0, "of_ort_limit": 0.9},
+        ],
+    }
     md = render_markdown(json.loads(json.dumps(out)))
     assert "| int8 | facade-classify | 100.0 | 50.0 | 0 | 12.00× | 90% |" in md
     assert "| int8 | 900 | 16 |" in md

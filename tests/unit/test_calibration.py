@@ -56,7 +56,9 @@ def test_flagging_counts() -> None:
 
 def test_served_softmax_applies_the_stored_temperature(tmp_path) -> None:
     path = tmp_path / "labels.json"
-    path.write_text(json.dumps({"labels": ["conversation", "image_request"], "temperature": 2.0, "recommended_threshold": 0.8}))
+    path.write_text(
+        json.dumps({"labels": ["conversation", "image_request"], "temperature": 2.0, "recommended_threshold": 0.8})
+    )
     info = LabelInfo.load(path)
     assert info.temperature == 2.0 and info.threshold == 0.8
     got = calibrated_softmax(np.array([[0.0, 4.0]]), info.temperature)

@@ -73,8 +73,13 @@ def test_hard_cases_are_many_varied_and_partly_held_out() -> None:
 
 def test_issue_examples_are_held_out_with_the_right_labels() -> None:
     held = {_key(e.text): e.label for e in load_held_out()}
-    for text in ("I'll show you around when you visit", "how do you make a selfie stick?",
-                 "can you show me the way to the station?", "tell me more about yourself", "see you in the kitchen"):
+    for text in (
+        "I'll show you around when you visit",
+        "how do you make a selfie stick?",
+        "can you show me the way to the station?",
+        "tell me more about yourself",
+        "see you in the kitchen",
+    ):
         assert held[_key(text)] == "conversation", text
 
 

@@ -27,7 +27,14 @@ def dead_client():
 
 @pytest.mark.parametrize(
     "texts",
-    [[], [""], ["   "], ["x" * (CLASSIFY_LIMITS.max_text_chars + 1)], ["ok"] * (CLASSIFY_LIMITS.max_texts_per_request + 1), [3]],
+    [
+        [],
+        [""],
+        ["   "],
+        ["x" * (CLASSIFY_LIMITS.max_text_chars + 1)],
+        ["ok"] * (CLASSIFY_LIMITS.max_texts_per_request + 1),
+        [3],
+    ],
 )
 def test_bad_texts_refused_locally(dead_client: TritonClient, texts: list) -> None:
     with pytest.raises(InvalidInputError):
@@ -36,7 +43,15 @@ def test_bad_texts_refused_locally(dead_client: TritonClient, texts: list) -> No
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"width": 100}, {"height": 8}, {"width": 4096}, {"steps": 0}, {"steps": 1000}, {"guidance": -1.0}, {"guidance": float("nan")}],
+    [
+        {"width": 100},
+        {"height": 8},
+        {"width": 4096},
+        {"steps": 0},
+        {"steps": 1000},
+        {"guidance": -1.0},
+        {"guidance": float("nan")},
+    ],
 )
 def test_bad_generate_refused_locally(dead_client: TritonClient, kwargs: dict) -> None:
     args = {"width": 64, "height": 64, "steps": 2, "guidance": 3.5, **kwargs}

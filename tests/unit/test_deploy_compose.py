@@ -124,7 +124,9 @@ def test_containers_have_read_only_root_filesystems(rendered: tuple[str, dict]) 
 
 def test_redis_password_comes_from_the_env_file(tmp_path: Path) -> None:
     env_file = tmp_path / "fluxserve.env"
-    env_file.write_text("REDIS_PASSWORD=s3cret-from-file\nFLUXSERVE_QUEUE_SECRET=q-secret\nFLUXSERVE_API_KEYS=op:0123456789abcdef\n")
+    env_file.write_text(
+        "REDIS_PASSWORD=s3cret-from-file\nFLUXSERVE_QUEUE_SECRET=q-secret\nFLUXSERVE_API_KEYS=op:0123456789abcdef\n"
+    )
     services = render("cpu", env_file)["services"]
     assert services["redis"]["environment"]["REDIS_PASSWORD"] == "s3cret-from-file"
     assert services["api"]["environment"]["FLUXSERVE_JOBS_REDIS_URL"] == "redis://:s3cret-from-file@redis:6379/0"

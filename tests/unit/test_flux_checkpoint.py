@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import FluxPipeline  # noqa: E402
 
-from common.flux_assets import CHECKPOINT_MARKER as MARKER, LORA_MANIFEST, LORA_WEIGHT_NAME, read_max_sequence_length  # noqa: E402
+from common.flux_assets import CHECKPOINT_MARKER as MARKER  # noqa: E402
+from common.flux_assets import LORA_MANIFEST, LORA_WEIGHT_NAME, read_max_sequence_length
 from export.flux.checkpoint import SCHEDULER_CONFIG, build_local_flux  # noqa: E402
 from export.flux.lora import load_pipeline, resolve_lora  # noqa: E402
 from export.flux.settings import LOCAL_T5_MAX_SEQUENCE_LENGTH, REAL_LORA, REAL_LORA_WEIGHT_NAME, TRIGGER_WORD  # noqa: E402
@@ -51,13 +52,15 @@ def test_checkpoint_loads_offline_with_flux_layout(tiny_checkpoint: Path) -> Non
 
 
 def test_tokenizers_cover_the_prompt_vocabulary(tiny_checkpoint: Path) -> None:
-    pipe = FluxPipeline.from_pretrained(tiny_checkpoint, text_encoder=None, text_encoder_2=None, transformer=None, vae=None)
+    pipe = FluxPipeline.from_pretrained(
+        tiny_checkpoint, text_encoder=None, text_encoder_2=None, transformer=None, vae=None
+    )
     prompt = "Super Realism, a red fox in snow; ÉTÉ 2024!"
     clip = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
     t5 = pipe.tokenizer_2(prompt, padding="max_length", max_length=64, truncation=True).input_ids
     assert len(clip) == 77 and clip[0] == pipe.tokenizer.bos_token_id
     assert pipe.tokenizer.eos_token_id in clip
-    assert pipe.tokenizer.unk_token_id not in clip[1:clip.index(pipe.tokenizer.eos_token_id)]
+    assert pipe.tokenizer.unk_token_id not in clip[1 : clip.index(pipe.tokenizer.eos_token_id)]
     assert len(t5) == 64 and t5[-1] == pipe.tokenizer_2.pad_token_id and pipe.tokenizer_2.eos_token_id in t5
     assert pipe.tokenizer.decode(clip, skip_special_tokens=True).startswith("super realism")
 
@@ -94,7 +97,9 @@ def test_real_lora_resolves_to_its_weight_file() -> None:
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.6])
-def test_fused_lora_equals_unfused_peft_and_differs_from_base(tiny_checkpoint: Path, tiny_lora: Path, scale: float) -> None:
+def test_fused_lora_equals_unfused_peft_and_differs_from_base(
+    tiny_checkpoint: Path, tiny_lora: Path, scale: float
+) -> None:
     kw = _transformer_inputs()
     base = load_pipeline(tiny_checkpoint, None)
     fused = load_pipeline(tiny_checkpoint, tiny_lora, lora_scale=scale)
@@ -125,11 +130,20 @@ def test_a_new_lora_re_exports_only_the_components_it_changes(tiny_lora: Path, t
     save_file(sd, tmp_path / "with_clip.safetensors")
     assert lora_targets(tmp_path / "with_clip.safetensors") == {"transformer", "text_encoder"}
 
-    prov = {"checkpoint": "c", "checkpoint_files": {"a": "1"}, "onnx_opset": 18, "lora": "l", "lora_files": {"w": "2"},
-            "lora_scale": 1.0, "trigger_word": "t"}
+    prov = {
+        "checkpoint": "c",
+        "checkpoint_files": {"a": "1"},
+        "onnx_opset": 18,
+        "lora": "l",
+        "lora_files": {"w": "2"},
+        "lora_scale": 1.0,
+        "trigger_word": "t",
+    }
     other_lora = {**prov, "lora": "m", "lora_files": {"w": "3"}}
-    for targets, changed in ((frozenset({"transformer"}), {FLUX_TRANSFORMER}),
-                             (frozenset({"transformer", "text_encoder"}), {FLUX_TRANSFORMER, FLUX_TEXT_ENCODER})):
+    for targets, changed in (
+        (frozenset({"transformer"}), {FLUX_TRANSFORMER}),
+        (frozenset({"transformer", "text_encoder"}), {FLUX_TRANSFORMER, FLUX_TEXT_ENCODER}),
+    ):
         a, b = component_provenance(prov, targets), component_provenance(other_lora, targets)
         assert {n for n in a if fingerprint(a[n]) != fingerprint(b[n])} == changed
         assert "trigger_word" not in a[FLUX_TRANSFORMER]  # new trigger words alone re-export nothing

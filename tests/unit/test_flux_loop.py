@@ -17,8 +17,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.contract import FLUX_IO_NAMES, FLUX_TRANSFORMER  # noqa: E402
-from export.flux.onnx_export import export_all, onnx_path  # noqa: E402
 from common.flux_assets import copy_loop_assets  # noqa: E402
+from export.flux.onnx_export import export_all, onnx_path  # noqa: E402
 from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables, torch_callables  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,16 @@ def ort_loop(tiny_checkpoint: Path, onnx_dir: Path) -> FluxLoop:
 
 
 def reference(pipe, req: GenerationRequest, max_sequence_length: int) -> np.ndarray:
-    images = pipe(req.prompt, width=req.width, height=req.height, num_inference_steps=req.steps,
-                  guidance_scale=req.guidance, max_sequence_length=max_sequence_length,
-                  generator=torch.Generator("cpu").manual_seed(req.seed), output_type="np").images
+    images = pipe(
+        req.prompt,
+        width=req.width,
+        height=req.height,
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance,
+        max_sequence_length=max_sequence_length,
+        generator=torch.Generator("cpu").manual_seed(req.seed),
+        output_type="np",
+    ).images
     return (images[0] * 255).round().astype(np.uint8)
 
 
@@ -76,8 +83,9 @@ def test_seed_decides_the_image(ort_loop: FluxLoop) -> None:
     assert np.abs(first.astype(np.int16) - other).mean() > 5
 
 
-def test_loop_calls_components_batch_major_and_reports_steps(tiny_checkpoint: Path, onnx_dir: Path,
-                                                             tmp_path: Path) -> None:
+def test_loop_calls_components_batch_major_and_reports_steps(
+    tiny_checkpoint: Path, onnx_dir: Path, tmp_path: Path
+) -> None:
     """Runs from a weight-free copy of the checkpoint, as the Triton model does."""
     clip, t5, transformer, vae = ort_callables(onnx_dir)
     seen: list[dict[str, tuple[int, ...]]] = []
@@ -92,12 +100,21 @@ def test_loop_calls_components_batch_major_and_reports_steps(tiny_checkpoint: Pa
     assert not list(assets.rglob("*.safetensors"))
     loop = FluxLoop(assets, clip, t5, spy, vae)
     steps: list[tuple[int, int]] = []
-    image = loop(GenerationRequest(PROMPT, 96, 64, steps=3, guidance=3.5, seed=1), on_step=lambda i, n: steps.append((i, n)))
+    image = loop(
+        GenerationRequest(PROMPT, 96, 64, steps=3, guidance=3.5, seed=1), on_step=lambda i, n: steps.append((i, n))
+    )
     assert image.shape == (64, 96, 3)
     assert steps == [(1, 3), (2, 3), (3, 3)]
     n, length = (64 // 16) * (96 // 16), loop.max_sequence_length
-    assert seen[0] == {"hidden_states": (1, n, 64), "encoder_hidden_states": (1, length, 32), "pooled_projections": (1, 32),
-                       "timestep": (1,), "img_ids": (1, n, 3), "txt_ids": (1, length, 3), "guidance": (1,)}
+    assert seen[0] == {
+        "hidden_states": (1, n, 64),
+        "encoder_hidden_states": (1, length, 32),
+        "pooled_projections": (1, 32),
+        "timestep": (1,),
+        "img_ids": (1, n, 3),
+        "txt_ids": (1, length, 3),
+        "guidance": (1,),
+    }
 
 
 def test_timestep_input_is_sigma_scale(ort_loop: FluxLoop) -> None:

@@ -117,9 +117,11 @@ def test_saved_lora_loads_and_changes_the_transformer(trained, checkpoint: Path)
         hidden_states=torch.randn(1, 16, t.config.in_channels, generator=g),
         encoder_hidden_states=torch.randn(1, 8, t.config.joint_attention_dim, generator=g),
         pooled_projections=torch.randn(1, t.config.pooled_projection_dim, generator=g),
-        timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([1.0]),
         img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32),
-        txt_ids=torch.zeros(8, 3), return_dict=False,
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
     )
     with torch.no_grad():
         before = t(**inputs)[0]
@@ -146,8 +148,13 @@ def test_should_stop_cancels_at_a_step_boundary(checkpoint: Path, dataset: Prepa
 def test_deterministic_for_a_seed(checkpoint: Path, dataset: PreparedDataset, tmp_path: Path) -> None:
     def run(name: str, seed: int) -> list[float]:
         progress: list[dict] = []
-        train_lora(checkpoint, dataset, tmp_path / name, LoraTrainSettings(steps=3, seed=seed, learning_rate=1e-2),
-                   on_progress=progress.append)
+        train_lora(
+            checkpoint,
+            dataset,
+            tmp_path / name,
+            LoraTrainSettings(steps=3, seed=seed, learning_rate=1e-2),
+            on_progress=progress.append,
+        )
         return [p["loss"] for p in progress]
 
     a, b, c = run("a", 7), run("b", 7), run("c", 8)
@@ -155,7 +162,9 @@ def test_deterministic_for_a_seed(checkpoint: Path, dataset: PreparedDataset, tm
     assert a != c
 
 
-def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoint: Path, dataset: PreparedDataset) -> None:
+def test_generation_with_trigger_moves_toward_training_latents(
+    trained, checkpoint: Path, dataset: PreparedDataset
+) -> None:
     from diffusers import FluxPipeline
 
     from export.flux.lora import load_pipeline
@@ -170,9 +179,16 @@ def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoi
 
     def generate(pipe: FluxPipeline) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            latents = pipe(TRIGGER, height=64, width=64, num_inference_steps=4, guidance_scale=TRAIN.guidance,
-                           generator=torch.Generator().manual_seed(0), output_type="latent",
-                           max_sequence_length=read_max_sequence_length(checkpoint)).images
+            latents = pipe(
+                TRIGGER,
+                height=64,
+                width=64,
+                num_inference_steps=4,
+                guidance_scale=TRAIN.guidance,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                max_sequence_length=read_max_sequence_length(checkpoint),
+            ).images
             unpacked = FluxPipeline._unpack_latents(latents, 64, 64, pipe.vae_scale_factor)
             image = pipe.vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample
         return latents, image.mean(dim=(0, 2, 3))
@@ -182,9 +198,14 @@ def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoi
     d_before = float((lat_before - target).norm())
     d_after = float((lat_after - target).norm())
     red = torch.tensor([1.0, -1.0, -1.0])
-    log.info("latent L2 to training latents: %.3f -> %.3f; RGB-mean L2 to red: %.4f -> %.4f (not asserted: "
-             "the random VAE decodes everything to grey)", d_before, d_after,
-             float((rgb_before - red).norm()), float((rgb_after - red).norm()))
+    log.info(
+        "latent L2 to training latents: %.3f -> %.3f; RGB-mean L2 to red: %.4f -> %.4f (not asserted: "
+        "the random VAE decodes everything to grey)",
+        d_before,
+        d_after,
+        float((rgb_before - red).norm()),
+        float((rgb_after - red).norm()),
+    )
     # Measured 38.19 -> 35.2..36.3 over seeds 0-4 (60 steps); 3% leaves room for BLAS noise.
     assert d_after < 0.97 * d_before
 
@@ -195,9 +216,20 @@ def test_generation_with_trigger_moves_toward_training_latents(trained, checkpoi
 def test_settings_validation() -> None:
     assert LoraTrainSettings().effective_alpha == 4.0
     assert LoraTrainSettings(rank=8, alpha=16).effective_alpha == 16.0
-    for bad in ({"resolution": 72}, {"resolution": 48}, {"resolution": 1040}, {"learning_rate": 0},
-                {"learning_rate": 1.5}, {"steps": 0}, {"steps": 5001}, {"rank": 0}, {"rank": 129},
-                {"batch_size": 9}, {"alpha": 0}, {"unknown": 1}):
+    for bad in (
+        {"resolution": 72},
+        {"resolution": 48},
+        {"resolution": 1040},
+        {"learning_rate": 0},
+        {"learning_rate": 1.5},
+        {"steps": 0},
+        {"steps": 5001},
+        {"rank": 0},
+        {"rank": 129},
+        {"batch_size": 9},
+        {"alpha": 0},
+        {"unknown": 1},
+    ):
         with pytest.raises(ValidationError):
             LoraTrainSettings(**bad)
 

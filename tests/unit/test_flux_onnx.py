@@ -13,7 +13,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import FLUX_COMPONENTS, FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER  # noqa: E402
+from client.contract import (
+    FLUX_COMPONENTS,
+    FLUX_IO_NAMES,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+)  # noqa: E402
 from export.flux import onnx_export  # noqa: E402
 from export.flux.onnx_export import BatchMajorFluxTransformer, export_all, onnx_path, transformer_inputs  # noqa: E402
 
@@ -28,8 +35,11 @@ ORT_DTYPE = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
 @pytest.fixture(scope="session")
 def exported(fused_pipeline, tiny_checkpoint: Path) -> dict[str, onnx_export.ExportResult]:
     events: list[tuple[str, bool]] = []
-    results = export_all(fused_pipeline, tiny_checkpoint.parent / "flux-tiny-0-onnx",
-                         progress=lambda name, res: events.append((name, res is not None)))
+    results = export_all(
+        fused_pipeline,
+        tiny_checkpoint.parent / "flux-tiny-0-onnx",
+        progress=lambda name, res: events.append((name, res is not None)),
+    )
     assert events == [(n, done) for n in FLUX_IO_NAMES for done in (False, True)]
     return results
 
@@ -58,15 +68,20 @@ def test_graph_io_follows_the_contract(exported: dict[str, onnx_export.ExportRes
 
 
 @pytest.mark.parametrize("batch,latent_hw,text_len", [(1, (4, 4), 64), (5, (6, 4), 7)])
-def test_transformer_runs_at_batch_one_and_other_shapes(exported, fused_pipeline, batch: int,
-                                                        latent_hw: tuple[int, int], text_len: int) -> None:
+def test_transformer_runs_at_batch_one_and_other_shapes(
+    exported, fused_pipeline, batch: int, latent_hw: tuple[int, int], text_len: int
+) -> None:
     """Triton sends batch 1 whenever a step finds no partner; the export saw batch 2."""
     feeds = transformer_inputs(fused_pipeline.transformer, batch, *latent_hw, text_len, seed=batch)
-    sess = ort.InferenceSession(str(onnx_path(exported[FLUX_TRANSFORMER].path.parent.parent, FLUX_TRANSFORMER)),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(onnx_path(exported[FLUX_TRANSFORMER].path.parent.parent, FLUX_TRANSFORMER)),
+        providers=["CPUExecutionProvider"],
+    )
     (got,) = sess.run(None, feeds)
     with torch.no_grad():
-        ref = BatchMajorFluxTransformer(fused_pipeline.transformer)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        ref = BatchMajorFluxTransformer(fused_pipeline.transformer)(
+            *(torch.from_numpy(v) for v in feeds.values())
+        ).numpy()
     assert got.shape == feeds["hidden_states"].shape
     assert np.abs(got - ref).max() < MAX_EXPORT_ERROR
 

@@ -20,10 +20,19 @@ from training.tasks import PublishError, _accuracy_gate
 
 def test_public_job_has_no_host_paths(tmp_path: Path) -> None:
     folder = tmp_path / "jobs" / "abc"
-    job = Job(id="abc", kind="flux_lora", status="failed", created_unix=0, updated_unix=0,
-              params={"trigger_word": "/not/a/path/but/input"},
-              result={"lora_dir": f"{folder}/lora", "manifest": {"base_checkpoint": "/srv/models/flux-dev", "url": "http://127.0.0.1:8000/v2"}},
-              error=f"OSError: [Errno 2] No such file: '/srv/secret/place/file.onnx' in {folder}/onnx")
+    job = Job(
+        id="abc",
+        kind="flux_lora",
+        status="failed",
+        created_unix=0,
+        updated_unix=0,
+        params={"trigger_word": "/not/a/path/but/input"},
+        result={
+            "lora_dir": f"{folder}/lora",
+            "manifest": {"base_checkpoint": "/srv/models/flux-dev", "url": "http://127.0.0.1:8000/v2"},
+        },
+        error=f"OSError: [Errno 2] No such file: '/srv/secret/place/file.onnx' in {folder}/onnx",
+    )
     view = public_job(job, folder)
     assert view["result"]["lora_dir"] == "lora"
     assert view["result"]["manifest"]["base_checkpoint"] == "…/flux-dev"
@@ -50,15 +59,21 @@ def test_serving_accuracy_from_manifest_or_model_metrics(tmp_path: Path) -> None
     model.mkdir()
     (model / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.91}}))
     (repo / "classify" / "1").mkdir(parents=True)
-    (repo / "classify" / "1" / "fluxserve_manifest.json").write_text(json.dumps({"provenance": {"classifier": str(model)}, "report": {}}))
+    (repo / "classify" / "1" / "fluxserve_manifest.json").write_text(
+        json.dumps({"provenance": {"classifier": str(model)}, "report": {}})
+    )
     assert serving_classifier_accuracy(repo) == 0.91
     (repo / "classify" / "2").mkdir()
-    (repo / "classify" / "2" / "fluxserve_manifest.json").write_text(json.dumps({"provenance": {}, "report": {"test_accuracy": 0.97}}))
+    (repo / "classify" / "2" / "fluxserve_manifest.json").write_text(
+        json.dumps({"provenance": {}, "report": {"test_accuracy": 0.97}})
+    )
     assert serving_classifier_accuracy(repo) == 0.97
 
 
 def _eocd(entries: int, dir_bytes: int, dir_offset: int = 0) -> bytes:
-    return struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(entries, 0xFFFF), min(entries, 0xFFFF), dir_bytes, dir_offset, 0)
+    return struct.pack(
+        "<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(entries, 0xFFFF), min(entries, 0xFFFF), dir_bytes, dir_offset, 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,9 @@ def back_edges(root: Path = PROJECT_ROOT) -> list[str]:
         for path in sorted((root / pkg).rglob("*.py")):
             for line, target in project_imports(path):
                 if target not in allowed:
-                    edges.append(f"{path.relative_to(root)}:{line} imports {target} ({pkg} may import {sorted(allowed)})")
+                    edges.append(
+                        f"{path.relative_to(root)}:{line} imports {target} ({pkg} may import {sorted(allowed)})"
+                    )
     return edges
 
 
@@ -56,12 +58,15 @@ def test_no_module_imports_upward() -> None:
     assert back_edges() == []
 
 
-@pytest.mark.parametrize(("pkg", "source", "caught"), [
-    ("export", "from training.classifier import ClassifierTrainSettings\n", True),
-    ("serving", "def f():\n    from export.repository import versions\n", True),
-    ("common", "import client.contract\n", True),
-    ("api", "from training.jobs import JobStore\n", False),
-])
+@pytest.mark.parametrize(
+    ("pkg", "source", "caught"),
+    [
+        ("export", "from training.classifier import ClassifierTrainSettings\n", True),
+        ("serving", "def f():\n    from export.repository import versions\n", True),
+        ("common", "import client.contract\n", True),
+        ("api", "from training.jobs import JobStore\n", False),
+    ],
+)
 def test_the_check_catches_a_back_edge(tmp_path: Path, pkg: str, source: str, caught: bool) -> None:
     (tmp_path / pkg).mkdir()
     (tmp_path / pkg / "mod.py").write_text(source)

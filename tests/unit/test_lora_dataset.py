@@ -30,7 +30,9 @@ def noisy_png(size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def make_zip(path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> Path:
+def make_zip(
+    path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED
+) -> Path:
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in entries:
             zf.writestr(name, data)
@@ -49,8 +51,9 @@ def work(tmp_path: Path) -> Path:
     return d
 
 
-def refuse(work: Path, zip_path: Path, status: int, match: str, limits: DatasetLimits = DatasetLimits(),
-           trigger: str = TRIGGER) -> DatasetError:
+def refuse(
+    work: Path, zip_path: Path, status: int, match: str, limits: DatasetLimits = DatasetLimits(), trigger: str = TRIGGER
+) -> DatasetError:
     before = tree(work)
     dest = work / "dest"
     with pytest.raises(DatasetError, match=match) as info:
@@ -67,20 +70,23 @@ def refuse(work: Path, zip_path: Path, status: int, match: str, limits: DatasetL
 
 
 def test_valid_dataset_png_jpeg_webp_with_captions(work: Path) -> None:
-    z = make_zip(work / "ds.zip", [
-        ("a.png", image_bytes("PNG")),
-        ("a.txt", b"a red square\n"),
-        ("photos/b.jpg", image_bytes("JPEG", (0, 255, 0))),
-        ("photos/b.txt", "\ufeffphoto of ZXQ on a table".encode()),
-        ("c.webp", image_bytes("WEBP", (0, 0, 255))),
-        ("c.txt", b"zxqish thing"),  # contains "zxq" only inside a longer word: still prefixed
-        ("d.png", image_bytes("PNG", (9, 9, 9))),  # no caption
-        ("misnamed.jpg", image_bytes("PNG", (1, 2, 3))),  # a PNG named .jpg: stored as .png
-        ("orphan.txt", b"caption without an image"),
-        ("__MACOSX/._a.png", b"\x00\x05\x16\x07 resource fork junk"),
-        (".DS_Store", b"junk"),
-        ("photos/", b""),
-    ])
+    z = make_zip(
+        work / "ds.zip",
+        [
+            ("a.png", image_bytes("PNG")),
+            ("a.txt", b"a red square\n"),
+            ("photos/b.jpg", image_bytes("JPEG", (0, 255, 0))),
+            ("photos/b.txt", "\ufeffphoto of ZXQ on a table".encode()),
+            ("c.webp", image_bytes("WEBP", (0, 0, 255))),
+            ("c.txt", b"zxqish thing"),  # contains "zxq" only inside a longer word: still prefixed
+            ("d.png", image_bytes("PNG", (9, 9, 9))),  # no caption
+            ("misnamed.jpg", image_bytes("PNG", (1, 2, 3))),  # a PNG named .jpg: stored as .png
+            ("orphan.txt", b"caption without an image"),
+            ("__MACOSX/._a.png", b"\x00\x05\x16\x07 resource fork junk"),
+            (".DS_Store", b"junk"),
+            ("photos/", b""),
+        ],
+    )
     dest = work / "dest"
     ds = validate_and_extract(z, dest, "  zxq ")
     assert ds.count == 5 == len(ds.images) == len(ds.captions)
@@ -189,13 +195,13 @@ def _patch_sizes(data: bytearray, name: bytes, declared: int) -> None:
     local = data.find(b"PK\x03\x04")
     while local != -1:
         n = struct.unpack_from("<H", data, local + 26)[0]
-        if bytes(data[local + 30: local + 30 + n]) == name:
+        if bytes(data[local + 30 : local + 30 + n]) == name:
             struct.pack_into("<I", data, local + 22, declared)
         local = data.find(b"PK\x03\x04", local + 4)
     central = data.find(b"PK\x01\x02")
     while central != -1:
         n = struct.unpack_from("<H", data, central + 28)[0]
-        if bytes(data[central + 46: central + 46 + n]) == name:
+        if bytes(data[central + 46 : central + 46 + n]) == name:
             struct.pack_into("<I", data, central + 24, declared)
         central = data.find(b"PK\x01\x02", central + 4)
 
@@ -231,7 +237,9 @@ def test_empty_zip(work: Path) -> None:
 
 
 def test_only_captions_and_ignored_files(work: Path) -> None:
-    z = make_zip(work / "ds.zip", [("a.txt", b"hi"), ("__MACOSX/._a.png", image_bytes()), (".hidden.png", image_bytes())])
+    z = make_zip(
+        work / "ds.zip", [("a.txt", b"hi"), ("__MACOSX/._a.png", image_bytes()), (".hidden.png", image_bytes())]
+    )
     refuse(work, z, 422, "no images")
 
 
@@ -259,10 +267,19 @@ def test_caption_not_utf8(work: Path) -> None:
 # ----------------------------------------------------------------------------- paths & entries
 
 
-@pytest.mark.parametrize("name", [
-    "/etc/evil.png", "../evil.png", "a/../../evil.png", "C:/evil.png", "C:evil.png",
-    "..\\..\\evil.png", "a\\..\\..\\evil.png", "\\\\server\\share\\evil.png",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/evil.png",
+        "../evil.png",
+        "a/../../evil.png",
+        "C:/evil.png",
+        "C:evil.png",
+        "..\\..\\evil.png",
+        "a\\..\\..\\evil.png",
+        "\\\\server\\share\\evil.png",
+    ],
+)
 def test_unsafe_paths(work: Path, name: str) -> None:
     info = zipfile.ZipInfo(name)  # ZipInfo keeps the name verbatim (writestr(str) would not)
     z = make_zip(work / "ds.zip", [("a.png", image_bytes()), (info, image_bytes())])
@@ -274,7 +291,7 @@ def test_unsafe_paths(work: Path, name: str) -> None:
 def test_symlink_entry(work: Path) -> None:
     info = zipfile.ZipInfo("link.png")
     info.create_system = 3
-    info.external_attr = (0o120777 << 16)
+    info.external_attr = 0o120777 << 16
     z = make_zip(work / "ds.zip", [("a.png", image_bytes()), (info, b"/etc/passwd")])
     refuse(work, z, 422, "symbolic link")
 
@@ -304,10 +321,17 @@ def test_encrypted_entry(work: Path) -> None:
 # ----------------------------------------------------------------------------- trigger word
 
 
-@pytest.mark.parametrize(("trigger", "match"), [
-    ("", "empty"), ("   ", "empty"), ("x" * 101, "longer than 100"),
-    ("zx\x07q", "control"), ("zx\u200bq", "control"), ("zxq\n", None),
-])
+@pytest.mark.parametrize(
+    ("trigger", "match"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("x" * 101, "longer than 100"),
+        ("zx\x07q", "control"),
+        ("zx\u200bq", "control"),
+        ("zxq\n", None),
+    ],
+)
 def test_trigger_word(work: Path, trigger: str, match: str | None) -> None:
     z = make_zip(work / "ds.zip", [("a.png", image_bytes())])
     if match is None:  # surrounding whitespace (a trailing newline from a form) is trimmed

@@ -6,11 +6,35 @@ from benchmarks.overload import render_markdown
 
 
 def test_overload_table_has_one_row_per_load_point() -> None:
-    point = {"multiplier": 10.0, "offered_rps": 65.0, "sent": 1950, "served": 300, "rejected": 1650, "failed": 0,
-             "failed_by_kind": {}, "rejected_without_retry_after": 0, "served_p50_ms": 900.0, "served_p99_ms": 4000.0,
-             "p99_vs_lone": 12.5, "reject_p50_ms": 3.1, "reject_max_ms": 40.0, "lone_after_ms": 350.0,
-             "lone_after_vs_lone": 1.1, "idle_after_s": 0.0, "abandoned_work_share": 0.02}
-    result = {"endpoints": [{"model": "generate", "lone_ms": 320.0, "capacity_rps": 6.5, "points": [point, {**point, "multiplier": 2.0}]}]}
+    point = {
+        "multiplier": 10.0,
+        "offered_rps": 65.0,
+        "sent": 1950,
+        "served": 300,
+        "rejected": 1650,
+        "failed": 0,
+        "failed_by_kind": {},
+        "rejected_without_retry_after": 0,
+        "served_p50_ms": 900.0,
+        "served_p99_ms": 4000.0,
+        "p99_vs_lone": 12.5,
+        "reject_p50_ms": 3.1,
+        "reject_max_ms": 40.0,
+        "lone_after_ms": 350.0,
+        "lone_after_vs_lone": 1.1,
+        "idle_after_s": 0.0,
+        "abandoned_work_share": 0.02,
+    }
+    result = {
+        "endpoints": [
+            {
+                "model": "generate",
+                "lone_ms": 320.0,
+                "capacity_rps": 6.5,
+                "points": [point, {**point, "multiplier": 2.0}],
+            }
+        ]
+    }
     table = render_markdown(result).splitlines()
     assert len(table) == 2 + 2
     assert "| 10x |" in table[2] and "2.0%" in table[2] and "1650" in table[2]

@@ -7,26 +7,32 @@ import pytest
 from api.prompt_rewrite import image_prompt
 
 
-@pytest.mark.parametrize(("message", "prompt"), [
-    ("make an image of you in Paris", "you in Paris"),
-    ("can I see you in the kitchen?", "you in the kitchen"),
-    ("Please draw me a picture of a red fox in snow!", "a red fox in snow"),
-    ("could you please send me a photo of you at the beach", "you at the beach"),
-    ("generate an image showing a castle at night", "a castle at night"),
-    ("I'd like to see you in a red dress please", "you in a red dress"),
-    ("send me a selfie", "a selfie"),  # a medium without "of" is what was asked for: it stays
-    ("show me your cat?", "your cat"),
-])
+@pytest.mark.parametrize(
+    ("message", "prompt"),
+    [
+        ("make an image of you in Paris", "you in Paris"),
+        ("can I see you in the kitchen?", "you in the kitchen"),
+        ("Please draw me a picture of a red fox in snow!", "a red fox in snow"),
+        ("could you please send me a photo of you at the beach", "you at the beach"),
+        ("generate an image showing a castle at night", "a castle at night"),
+        ("I'd like to see you in a red dress please", "you in a red dress"),
+        ("send me a selfie", "a selfie"),  # a medium without "of" is what was asked for: it stays
+        ("show me your cat?", "your cat"),
+    ],
+)
 def test_request_phrasing_is_removed(message: str, prompt: str) -> None:
     assert image_prompt(message) == prompt
 
 
-@pytest.mark.parametrize("message", [
-    "a red fox in snow",           # already a prompt
-    "you in Paris, golden hour",
-    "selfie?",                    # nothing but the request: kept whole
-    "tell me about Paris",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "a red fox in snow",  # already a prompt
+        "you in Paris, golden hour",
+        "selfie?",  # nothing but the request: kept whole
+        "tell me about Paris",
+    ],
+)
 def test_messages_without_a_leading_request_are_kept(message: str) -> None:
     out = image_prompt(message)
     assert out and out in message
@@ -40,4 +46,6 @@ def test_never_empty(message: str) -> None:
 def test_request_words_inside_the_prompt_stay() -> None:
     # Only the start is touched: a scene that mentions drawing keeps its words.
     assert image_prompt("a child who likes to draw pictures of cats") == "a child who likes to draw pictures of cats"
-    assert image_prompt("make a painting of a man who paints a picture of a dog") == "a man who paints a picture of a dog"
+    assert (
+        image_prompt("make a painting of a man who paints a picture of a dog") == "a man who paints a picture of a dog"
+    )

@@ -33,7 +33,9 @@ def test_recovery_removes_uncommitted_versions_and_restores_configs(tmp_path: Pa
     _crashed_publish(tmp_path)
 
     assert publish_journal.recover_repository(tmp_path) == ["a", "b"]
-    assert versions(tmp_path, "a") == [1, 2] and versions(tmp_path, "b") == [1] and versions(tmp_path, "untouched") == [7]
+    assert (
+        versions(tmp_path, "a") == [1, 2] and versions(tmp_path, "b") == [1] and versions(tmp_path, "untouched") == [7]
+    )
     assert (tmp_path / "a" / "config.pbtxt").read_text() == "old config"
     assert (tmp_path / "a" / "2" / "weights").read_text() == "a v2"
     assert not list(tmp_path.glob("*/.fluxserve_publish.json")) and not list(tmp_path.glob("*/.staging-*"))

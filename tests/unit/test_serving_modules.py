@@ -26,9 +26,15 @@ def _getter(**tensors: object):
 
 
 def test_read_request_fills_defaults_and_decodes_bytes() -> None:
-    req = read_request(_getter(prompt="a fox".encode()), GENERATE_DEFAULTS)
+    req = read_request(_getter(prompt=b"a fox"), GENERATE_DEFAULTS)
     assert (req.prompt, req.width, req.height, req.steps, req.guidance, req.seed) == (
-        "a fox", GENERATE_DEFAULTS.width, GENERATE_DEFAULTS.height, GENERATE_DEFAULTS.steps, GENERATE_DEFAULTS.guidance, 0)
+        "a fox",
+        GENERATE_DEFAULTS.width,
+        GENERATE_DEFAULTS.height,
+        GENERATE_DEFAULTS.steps,
+        GENERATE_DEFAULTS.guidance,
+        0,
+    )
 
 
 def test_read_request_takes_every_given_value() -> None:
@@ -36,10 +42,16 @@ def test_read_request_takes_every_given_value() -> None:
     assert (req.seed, req.width, req.height, req.steps, req.guidance) == (7, 128, 64, 3, 1.5)
 
 
-@pytest.mark.parametrize("bad", [
-    {"prompt": b""}, {"prompt": b"x", "width": 100}, {"prompt": b"x", "steps": GENERATE_LIMITS.max_steps + 1},
-    {"prompt": b"x", "seed": -1}, {"prompt": b"x", "height": GENERATE_LIMITS.max_side + 16},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt": b""},
+        {"prompt": b"x", "width": 100},
+        {"prompt": b"x", "steps": GENERATE_LIMITS.max_steps + 1},
+        {"prompt": b"x", "seed": -1},
+        {"prompt": b"x", "height": GENERATE_LIMITS.max_side + 16},
+    ],
+)
 def test_read_request_refuses_out_of_contract_values(bad: dict) -> None:
     with pytest.raises(ValueError):
         read_request(_getter(**bad), GENERATE_DEFAULTS)
@@ -63,9 +75,13 @@ def sum_model(tmp_path_factory) -> Path:
         helper.make_node("Mul", ["t", "ten"], ["t10"]),
         helper.make_node("Add", ["s", "t10"], ["out"]),
     ]
-    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1]), helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])]
-    model = helper.make_model(helper.make_graph(nodes, "sum", [ids, mask, t], [out], inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "sum", [ids, mask, t], [out], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
     model.ir_version = 8
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     onnx.save(model, path)

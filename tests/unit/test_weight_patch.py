@@ -101,14 +101,19 @@ def trainer_lora(checkpoint: Path, out: Path, seed: int, rank: int = 4, alpha: f
     transformer = FluxTransformer2DModel.from_pretrained(checkpoint / "transformer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                           target_modules=list(DEFAULT_TARGET_MODULES)))
+        transformer.add_adapter(
+            LoraConfig(
+                r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(DEFAULT_TARGET_MODULES)
+            )
+        )
         with torch.no_grad():
             for name, p in transformer.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.3)
     state = _bake_alpha(get_peft_model_state_dict(transformer), alpha / rank)
-    FluxPipeline.save_lora_weights(out, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    FluxPipeline.save_lora_weights(
+        out, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
+    )
     return out
 
 
@@ -122,12 +127,17 @@ def kohya_lora(pipe, out: Path, seed: int = 11, rank: int = 4) -> Path:
     mlp = pipe.transformer.transformer_blocks[0].ff.net[0].proj.out_features
     clip = pipe.text_encoder.config.hidden_size
     shapes = {  # sd-scripts module name -> (out, in)
-        "lora_unet_double_blocks_0_img_attn_qkv": (3 * dim, dim), "lora_unet_double_blocks_0_img_attn_proj": (dim, dim),
-        "lora_unet_double_blocks_0_txt_attn_qkv": (3 * dim, dim), "lora_unet_double_blocks_0_txt_attn_proj": (dim, dim),
-        "lora_unet_double_blocks_0_img_mlp_0": (mlp, dim), "lora_unet_double_blocks_0_img_mlp_2": (dim, mlp),
-        "lora_unet_double_blocks_0_txt_mlp_0": (mlp, dim), "lora_unet_double_blocks_0_txt_mlp_2": (dim, mlp),
+        "lora_unet_double_blocks_0_img_attn_qkv": (3 * dim, dim),
+        "lora_unet_double_blocks_0_img_attn_proj": (dim, dim),
+        "lora_unet_double_blocks_0_txt_attn_qkv": (3 * dim, dim),
+        "lora_unet_double_blocks_0_txt_attn_proj": (dim, dim),
+        "lora_unet_double_blocks_0_img_mlp_0": (mlp, dim),
+        "lora_unet_double_blocks_0_img_mlp_2": (dim, mlp),
+        "lora_unet_double_blocks_0_txt_mlp_0": (mlp, dim),
+        "lora_unet_double_blocks_0_txt_mlp_2": (dim, mlp),
         "lora_unet_double_blocks_0_img_mod_lin": (6 * dim, dim),
-        "lora_unet_single_blocks_0_linear2": (dim, dim + mlp), "lora_unet_single_blocks_0_modulation_lin": (3 * dim, dim),
+        "lora_unet_single_blocks_0_linear2": (dim, dim + mlp),
+        "lora_unet_single_blocks_0_modulation_lin": (3 * dim, dim),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (clip, clip),
         "lora_te1_text_model_encoder_layers_1_self_attn_v_proj": (clip, clip),
         "lora_te1_text_model_encoder_layers_1_self_attn_out_proj": (clip, clip),
@@ -135,7 +145,7 @@ def kohya_lora(pipe, out: Path, seed: int = 11, rank: int = 4) -> Path:
     }
     state: dict[str, torch.Tensor] = {}
     for name, (o, i) in shapes.items():
-        state[f"{name}.lora_down.weight"] = torch.randn(rank, i, generator=g) / i ** 0.5
+        state[f"{name}.lora_down.weight"] = torch.randn(rank, i, generator=g) / i**0.5
         state[f"{name}.lora_up.weight"] = torch.randn(o, rank, generator=g) * 0.3
         state[f"{name}.alpha"] = torch.tensor(float(rank) * 2)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +158,15 @@ def publish_exports(checkpoint: Path, lora: Path, build_dir: Path, patching: boo
     from export.flux.lora import lora_targets
 
     s = FluxSettings(build_dir=build_dir, weight_patching=patching)
-    prov = {"checkpoint": str(checkpoint), "checkpoint_files": source_fingerprint(checkpoint), "lora": str(lora),
-            "lora_files": source_fingerprint(lora), "lora_scale": 1.0, "trigger_word": "x", "onnx_opset": s.onnx_opset}
+    prov = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_files": source_fingerprint(checkpoint),
+        "lora": str(lora),
+        "lora_files": source_fingerprint(lora),
+        "lora_scale": 1.0,
+        "trigger_word": "x",
+        "onnx_opset": s.onnx_opset,
+    }
     wanted = (FLUX_TRANSFORMER, FLUX_TEXT_ENCODER)
     per = {k: v for k, v in component_provenance(prov, lora_targets(lora)).items() if k in wanted}
     base = {k: v for k, v in component_provenance(prov, frozenset()).items() if k in wanted}
@@ -160,7 +177,10 @@ def publish_exports(checkpoint: Path, lora: Path, build_dir: Path, patching: boo
 
 
 def test_weight_map_holds_every_linear_weight_exactly(base_pipeline, base_export: Path) -> None:
-    for name, module in ((FLUX_TRANSFORMER, base_pipeline.transformer), (FLUX_TEXT_ENCODER, base_pipeline.text_encoder)):
+    for name, module in (
+        (FLUX_TRANSFORMER, base_pipeline.transformer),
+        (FLUX_TEXT_ENCODER, base_pipeline.text_encoder),
+    ):
         folder = base_export / name
         wmap = WeightMap.load(folder)
         linears = {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -169,9 +189,11 @@ def test_weight_map_holds_every_linear_weight_exactly(base_pipeline, base_export
             w = linears[path].weight.detach().numpy()
             for b in bindings:
                 arr = read_initializer(folder, b)
-                got = arr[:, b.start:b.stop].T if b.transposed else arr[b.start:b.stop]
+                got = arr[:, b.start : b.stop].T if b.transposed else arr[b.start : b.stop]
                 assert np.array_equal(got, w), (name, path, b)
-    assert set(lora_target_modules(base_pipeline.transformer)) <= set(WeightMap.load(base_export / FLUX_TRANSFORMER).layers)
+    assert set(lora_target_modules(base_pipeline.transformer)) <= set(
+        WeightMap.load(base_export / FLUX_TRANSFORMER).layers
+    )
     # The graph points at per-tensor files that exist; nothing is left in a single .data file.
     model = onnx.load(str(base_export / FLUX_TRANSFORMER / "model.onnx"), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -179,7 +201,9 @@ def test_weight_map_holds_every_linear_weight_exactly(base_pipeline, base_export
     assert not list((base_export / FLUX_TRANSFORMER).glob("*.data"))
 
 
-def test_weights_over_2gb_path_is_split_per_tensor(base_pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_over_2gb_path_is_split_per_tensor(
+    base_pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """FLUX.1-dev's transformer exceeds protobuf's 2 GB, so the exporter writes one .data file;
     it is split per tensor (read range by range, never whole) and still maps and matches."""
     from export.flux import onnx_export
@@ -197,7 +221,9 @@ def test_each_layer_patch_moves_onnx_like_pytorch(base_pipeline, base_export: Pa
     base_out = run_transformer(base_export, feeds)
     g = torch.Generator().manual_seed(0)
     for path, linear in sorted(lora_target_modules(base_pipeline.transformer).items()):
-        delta = LayerDelta(torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g), 3.0)
+        delta = LayerDelta(
+            torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g), 3.0
+        )
         out = tmp_path / path.replace(".", "_")
         patch_export(base_export / FLUX_TRANSFORMER, out / FLUX_TRANSFORMER, {path: delta})
         got = run_transformer(out, feeds)
@@ -213,7 +239,9 @@ def test_clip_layer_patch_moves_onnx_like_pytorch(base_pipeline, base_export: Pa
     path = "encoder.layers.1.self_attn.k_proj"
     linear = dict(base_pipeline.text_encoder.named_modules())[path]
     g = torch.Generator().manual_seed(1)
-    delta = LayerDelta(torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g), 0.5)
+    delta = LayerDelta(
+        torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g), 0.5
+    )
     patch_export(base_export / FLUX_TEXT_ENCODER, tmp_path / FLUX_TEXT_ENCODER, {path: delta})
     model = copy.deepcopy(base_pipeline.text_encoder)
     with torch.no_grad():
@@ -246,9 +274,14 @@ def _assert_shares_unchanged(report: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["trainer", "kohya"])
-def test_patched_lora_equals_fused_reexport(kind: str, tiny_checkpoint: Path, base_pipeline, feeds, tmp_path: Path) -> None:
-    lora = (trainer_lora(tiny_checkpoint, tmp_path / "lora", seed=1) if kind == "trainer"
-            else kohya_lora(base_pipeline, tmp_path / "lora"))
+def test_patched_lora_equals_fused_reexport(
+    kind: str, tiny_checkpoint: Path, base_pipeline, feeds, tmp_path: Path
+) -> None:
+    lora = (
+        trainer_lora(tiny_checkpoint, tmp_path / "lora", seed=1)
+        if kind == "trainer"
+        else kohya_lora(base_pipeline, tmp_path / "lora")
+    )
     report = publish_exports(tiny_checkpoint, lora, tmp_path / "build", patching=True)
     assert report[FLUX_TRANSFORMER]["method"] == "patch"
     full = _fused_export(tiny_checkpoint, lora, tmp_path / "full")
@@ -351,14 +384,18 @@ def test_fused_qkv_initializer_is_mapped_and_patched_block_by_block(transposed: 
     else:
         node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
         init = numpy_helper.from_array(fused, "w")
-    model = helper.make_model(helper.make_graph([node], "qkv", [x], [y], [init]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph([node], "qkv", [x], [y], [init]), opset_imports=[helper.make_opsetid("", 18)]
+    )
     base = tmp_path / "base" / "m"
     save_per_tensor(model, base / "model.onnx", inline_below=0)
     wmap = build_weight_map(onnx.load(str(base / "model.onnx"), load_external_data=False), base, module, "")
     assert not wmap.unmapped
-    assert [(b.start, b.stop, b.transposed) for p in ("to_q", "to_k", "to_v") for b in wmap.layers[p]] == \
-        [(0, 8, transposed), (8, 16, transposed), (16, 24, transposed)]
+    assert [(b.start, b.stop, b.transposed) for p in ("to_q", "to_k", "to_v") for b in wmap.layers[p]] == [
+        (0, 8, transposed),
+        (8, 16, transposed),
+        (16, 24, transposed),
+    ]
     wmap.save(base)
     delta = LayerDelta(torch.randn(2, 8), torch.randn(8, 2), 0.7)
     patch_export(base, tmp_path / "patched" / "m", {"to_k": delta})
@@ -366,7 +403,9 @@ def test_fused_qkv_initializer_is_mapped_and_patched_block_by_block(transposed: 
     got = session(tmp_path / "patched" / "m" / "model.onnx").run(None, feed)[0]
     with torch.no_grad():
         module.to_k.weight += delta.weight_delta()
-        ref = torch.cat([m(torch.from_numpy(feed["x"])) for m in (module.to_q, module.to_k, module.to_v)], dim=1).numpy()
+        ref = torch.cat(
+            [m(torch.from_numpy(feed["x"])) for m in (module.to_q, module.to_k, module.to_v)], dim=1
+        ).numpy()
     assert np.abs(got - ref).max() <= MAX_PARITY
 
 
@@ -383,8 +422,10 @@ def test_trt_refit_names_are_the_graphs_weight_initializers(base_pipeline, base_
 
     assert "tensorrt" not in sys.modules, "tensorrt must be imported lazily (CPU machines lack it)"
     g = torch.Generator().manual_seed(9)
-    deltas = {p: LayerDelta(torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 1.0)
-              for p, m in lora_target_modules(base_pipeline.transformer).items()}
+    deltas = {
+        p: LayerDelta(torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 1.0)
+        for p, m in lora_target_modules(base_pipeline.transformer).items()
+    }
     folder = base_export / FLUX_TRANSFORMER
     plan = trt_refit.refit_plan(folder, deltas)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
