@@ -38,7 +38,7 @@ def generate_in_page(page, prompt: str, seed: int, steps: int = 4) -> str:
     page.get_by_label("Width").fill("64")
     page.get_by_label("Height").fill("64")
     page.get_by_label("Steps", exact=True).fill(str(steps))
-    page.get_by_label("Seed").fill(str(seed))
+    page.get_by_role("spinbutton", name="Seed").fill(str(seed))  # the download links are labelled "... seed N" too
     before = page.locator("#gen-results figure").count()
     # Record every value the bar takes, to see it move step by step and not jump to the end.
     # Old values from the mutation records: the observer runs once per task, so several events
