@@ -169,9 +169,6 @@ async def create_job(
     request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
 ) -> JSONResponse:
     settings: JobSettings = state.job_settings
-    # Before the upload is read: no worker alive or a full queue is a 503 at once, not after 200 MB.
-    if (refusal := await refuse_new_job(state.jobs, settings)) is not None:
-        return refusal
     job_id = uuid.uuid4().hex
     folder = job_dir(settings, job_id)
     folder.mkdir(parents=True)
@@ -184,8 +181,13 @@ async def create_job(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    if kind == "classifier":
-        shutil.rmtree(folder, ignore_errors=True)  # the worker makes its own; nothing was uploaded for it
+    # A bad request is the caller's 4xx whatever our state; a good one that no worker could take
+    # (none alive, or the queue full) is a 503 with Retry-After rather than a job that waits forever.
+    refusal = await refuse_new_job(state.jobs, settings)
+    if kind == "classifier" or refusal is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # a classifier job uploads nothing; the worker makes its own
+    if refusal is not None:
+        return refusal
     # The record is created only now: a refused upload never shows up as a job, not even briefly.
     job = state.jobs.create(kind, params, job_id=job_id, owner=owner)
     return _enqueue(state, job.id)
