@@ -31,7 +31,7 @@ from PIL import Image
 from benchmarks import servers
 from benchmarks.environment import environment
 from benchmarks.report import write_json
-from client.contract import GENERATE
+from client.contract import GENERATE, GENERATE_STREAM
 from common.paths import PROJECT_ROOT
 from training.worker import running_worker
 
@@ -112,7 +112,9 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
     """Bytes of the job's new model versions that share no inode with the versions before them:
     what the publish actually wrote (a hard-linked unchanged tensor costs nothing; a file written
     once into the export folder and linked into the repository counts once)."""
-    versions = {**publish.get("components", {}), GENERATE.name: int(publish["model_version"])}
+    # generate_stream is published beside generate with the same version number.
+    served = int(publish["model_version"])
+    versions = {**publish.get("components", {}), GENERATE.name: served, GENERATE_STREAM.name: served}
     total = 0
     for name in publish.get("created", []):
         folder = repo / name / str(versions[name])
