@@ -140,7 +140,9 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
     assert int(loaded["old_version"]) == int(alone["new_version"]) < int(loaded["new_version"])
     for job in (alone, loaded):
         assert job["training_steps"] == 2 and job["training_steps_per_s"] > 0
-        assert 0 < job["post_to_job_id_ms"] and job["post_to_serving_s"] >= job["publish_s"] > 0
+        # The new version serves once `generate` loaded; the publish goes on to load its streaming
+        # twin, so serving can come before the publish's own end.
+        assert 0 < job["post_to_job_id_ms"] and job["post_to_serving_s"] > 0 and job["publish_s"] > 0
     assert "| failed requests | 0 of" in out.with_suffix(".md").read_text()
 
 
