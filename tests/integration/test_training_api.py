@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 
 from benchmarks.swap import solid_color_zip
-from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
+from client.contract import (
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE,
+    GENERATE_STREAM,
+)
 from client.triton_client import TritonClient
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
 from training.worker import running_worker
@@ -230,7 +237,9 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     new_components = job["result"]["publish"]["components"]
     assert new_components[FLUX_TRANSFORMER] > old_components[FLUX_TRANSFORMER]
     assert {m: new_components[m] for m in UNCHANGED_BY_LORA} == {m: old_components[m] for m in UNCHANGED_BY_LORA}
-    assert sorted(job["result"]["publish"]["created"]) == sorted([FLUX_TRANSFORMER, GENERATE.name])
+    assert sorted(job["result"]["publish"]["created"]) == sorted(
+        [FLUX_TRANSFORMER, GENERATE.name, GENERATE_STREAM.name]
+    )
 
     manifest = job["result"]["manifest"]
     losses = {k: manifest["loss_history"][k] for k in ("mean_first_5", "mean_last_5")}
