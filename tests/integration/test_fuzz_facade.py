@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from api.schemas import GenerateRequest
+from api.schemas import ChatRequest, GenerateRequest
 from tests.conftest import TEST_API_KEY, Facade
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,7 @@ POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 ROUTES = [
     ("/classify", "POST", (POSITIVE, NEGATIVE), False, EXAMPLES),
     ("/generate", "POST", (NEGATIVE,), False, EXAMPLES),
+    ("/chat", "POST", (NEGATIVE,), False, EXAMPLES),
     ("/train", "GET", (POSITIVE, NEGATIVE), True, EXAMPLES),
     ("/train/{job_id}", "GET", (POSITIVE, NEGATIVE), True, EXAMPLES),
     ("/train/{job_id}", "DELETE", (POSITIVE, NEGATIVE), True, EXAMPLES),
@@ -42,6 +43,10 @@ ROUTES = [
     ("/readyz", "GET", (POSITIVE,), False, 3),
     ("/metrics", "GET", (POSITIVE,), False, 3),
 ]
+
+
+SPENDING = {"/generate": GenerateRequest, "/chat": ChatRequest}
+"""Routes whose valid bodies start a generation: fuzzed with invalid bodies only."""
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +59,19 @@ def test_every_route_is_fuzzed(api_schema) -> None:
     assert served == {(path, method) for path, method, *_ in ROUTES}
 
 
-def _valid_generate_body(body: object) -> bool:
+def _valid_body(model: type[GenerateRequest] | type[ChatRequest], body: object) -> bool:
     try:
-        GenerateRequest.model_validate(body)
+        model.model_validate(body)
     except ValidationError:
         return False
     return True
 
 
 def _check(path: str, case, with_key: bool) -> None:
-    if path == "/generate":
+    if path in SPENDING:
         # "Negative" data can still be a valid body (the negation hit something the route ignores):
         # never send one, a real 1024x1024 generation costs minutes here.
-        assume(not _valid_generate_body(case.body))
+        assume(not _valid_body(SPENDING[path], case.body))
     if path == "/readyz":
         # The deliberate 503: "not ready" is an answer, not a failure of the facade.
         response = case.call()
@@ -75,7 +80,7 @@ def _check(path: str, case, with_key: bool) -> None:
     response = case.call_and_validate(headers=AUTH if with_key else None, checks=[not_a_server_error])
     if path == "/train" and case.method == "POST":
         assert response.status_code == 401, response.text  # refused before its body is read
-    if path == "/generate":
+    if path in SPENDING:
         assert 400 <= response.status_code < 500, response.text  # negative data only: refused, never run
 
 

@@ -73,7 +73,11 @@ def test_bart_finetune_and_export(tmp_path: Path) -> None:
     splits = Splits(train=examples[:64], validation=examples[64:96], test=examples[96:128])
     settings = ClassifierTrainSettings(base_model=str(base), output_dir=tmp_path / "out", epochs=1, batch_size=16)
     metrics = train_classifier(settings, splits=splits)
-    assert metrics["sizes"] == {"train": 64, "validation": 32, "test": 32}
+    assert {k: metrics["sizes"][k] for k in ("train", "validation", "test")} == {
+        "train": 64,
+        "validation": 32,
+        "test": 32,
+    }
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     saved = BartForSequenceClassification.from_pretrained(tmp_path / "out")
     assert saved.config.num_labels == 2 and saved.config.id2label[1] == "image_request"
