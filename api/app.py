@@ -114,7 +114,10 @@ def serve(settings: ApiSettings) -> None:
 
 def main() -> None:
     configure_logging()
-    serve(ApiSettings())
+    try:
+        serve(ApiSettings())
+    except KeyboardInterrupt:  # uvicorn re-raises the stop signal after a clean shutdown
+        pass
 
 
 if __name__ == "__main__":

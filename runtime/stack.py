@@ -57,9 +57,12 @@ def main() -> int:
         log.info(
             "facade on http://%s:%d (docs at /docs); Ctrl-C stops everything", api_settings.host, api_settings.port
         )
-        # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503) and returns;
-        # then the worker and Triton stop.
-        serve(api_settings)
+        # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503), then re-raises
+        # the signal once it has shut down: that is the request to stop, not an error to print.
+        try:
+            serve(api_settings)
+        except KeyboardInterrupt:
+            pass
         log.info("stopping the training worker and Triton")
     finally:
         supervisor.stop(STOP_GRACE_S)
