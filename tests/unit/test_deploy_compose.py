@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import PROJECT_ROOT
 
-EXAMPLE_ENV = PROJECT_ROOT / "deploy" / "compose" / "example.env"
+EXAMPLE_ENV = PROJECT_ROOT / "deploy" / "compose" / "env.example"
 PROFILES = {
     "cpu": {"triton": "triton", "api": "api", "worker": "worker", "export": "export"},
     "gpu": {"triton": "triton-gpu", "api": "api-gpu", "worker": "worker-gpu", "export": "export-gpu"},
