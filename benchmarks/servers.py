@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, ENDPOINTS, FLUX_COMPONENTS, GENERATE
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, ENDPOINTS, FLUX_COMPONENTS, FLUX_PREPARE, GENERATE
 from common.paths import BUILD_DIR, MODEL_REPOSITORY
 from runtime import processes
 from runtime.launcher import TritonServer
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 LOG_DIR = BUILD_DIR / "logs" / "bench"
 __all__ = ["MODEL_REPOSITORY", "LOG_DIR", "triton", "facade", "baseline", "stack_built"]
 CLASSIFY_STACK: tuple[str, ...] = (CLASSIFY.name, CLASSIFIER_ONNX.name)
-GENERATE_STACK: tuple[str, ...] = (GENERATE.name, *FLUX_COMPONENTS)
+GENERATE_STACK: tuple[str, ...] = (GENERATE.name, FLUX_PREPARE.name, *FLUX_COMPONENTS)
 
 
 def is_built(repo: Path, model: str) -> bool:

@@ -282,3 +282,28 @@ def _flux_spec(name: str) -> ModelSpec:
 
 
 FLUX_COMPONENTS: dict[str, ModelSpec] = {n: _flux_spec(n) for n in FLUX_IO_NAMES}
+
+
+FLUX_PREPARE = ModelSpec(
+    name="flux_prepare",
+    inputs=(
+        TensorSpec("prompt", "TYPE_STRING", (1,)),
+        TensorSpec("width", "TYPE_INT32", (1,)),
+        TensorSpec("height", "TYPE_INT32", (1,)),
+        TensorSpec("steps", "TYPE_INT32", (1,)),
+        TensorSpec("seed", "TYPE_INT64", (1,)),
+    ),
+    # Named as serving.flux_loop.Prepared's fields.
+    outputs=(
+        TensorSpec("clip_ids", "TYPE_INT64", (1, -1)),
+        TensorSpec("t5_ids", "TYPE_INT64", (1, -1)),
+        TensorSpec("latents", "TYPE_FP32", (1, -1, -1)),
+        TensorSpec("img_ids", "TYPE_FP32", (1, -1, 3)),
+        TensorSpec("timesteps", "TYPE_FP32", (-1,)),
+        TensorSpec("sigmas", "TYPE_FP32", (-1,)),
+    ),
+    max_batch_size=0,
+)
+"""Internal (BLS from `generate`): a request's tokens, seeded noise and schedule. It needs torch,
+diffusers and the tokenizers, and depends on the base checkpoint only, so a LoRA swap neither
+rewrites nor reloads it; `generate`, which a swap does reload, then imports numpy alone."""

@@ -17,6 +17,7 @@ from client.contract import (
     CLASSIFIER_ONNX,
     CLASSIFY,
     FLUX_COMPONENTS,
+    FLUX_PREPARE,
     FLUX_SCALAR_INPUTS,
     FLUX_TRANSFORMER,
     GENERATE,
@@ -49,6 +50,8 @@ class ExportSettings(BaseSettings):
     generate_stream_instances: int = 2
     """Concurrent streamed generations (`generate_stream`, progress per step); they share the
     transformer's batches with `generate`."""
+    flux_prepare_instances: int = 1
+    """Tokenize + noise + schedule, once per generation (milliseconds): one instance keeps up."""
     flux_transformer_threads: int = 2
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
@@ -94,7 +97,7 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
 
 
 def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
-    """`generate` and `generate_stream` (python BLS) and the four FLUX components they call."""
+    """`generate` and `generate_stream` (python BLS), `flux_prepare` and the four FLUX components they call."""
     s = settings or ExportSettings()
     deps = {
         GENERATE.name: Deployment(
@@ -106,6 +109,7 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
             instance_count=s.generate_stream_instances,
             max_queue_size=s.generate_max_queue_size,
         ),
+        FLUX_PREPARE.name: Deployment(spec=FLUX_PREPARE, kind="python", instance_count=s.flux_prepare_instances),
     }
     for name, spec in FLUX_COMPONENTS.items():
         is_transformer = name == FLUX_TRANSFORMER

@@ -24,6 +24,7 @@ from typing import Any
 from client.contract import (
     ATTENTION_HEADS_PARAMETER,
     FLUX_COMPONENTS,
+    FLUX_PREPARE,
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
@@ -320,6 +321,19 @@ def publish_flux(
         assets = copy_loop_assets(
             Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline"
         )
+        # flux_prepare depends on the checkpoint only: a LoRA swap keeps its version (and Triton
+        # keeps it loaded), while generate, numpy-only, is what gets reloaded.
+        prep = publish(
+            repo,
+            deps[FLUX_PREPARE.name],
+            target,
+            {"pipeline": assets},
+            {k: provenance[k] for k in ("checkpoint", "checkpoint_files")},
+            force=force,
+        )
+        components[FLUX_PREPARE.name] = prep.version
+        if prep.created:
+            out["created"].append(FLUX_PREPARE.name)
         (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
         files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
         gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
@@ -382,7 +396,7 @@ def publish_and_swap(
     result = publish_and_load(
         repo,
         triton_http_url,
-        [*FLUX_COMPONENTS, GENERATE.name, GENERATE_STREAM.name],
+        [*FLUX_COMPONENTS, FLUX_PREPARE.name, GENERATE.name, GENERATE_STREAM.name],
         lambda: publish_flux(repo, **publish_kwargs),
         keep_versions=keep_versions,
         lock=lock,
@@ -390,7 +404,7 @@ def publish_and_swap(
     )
     return {
         "model_version": str(result[GENERATE.name]),
-        "components": {n: result[n] for n in FLUX_COMPONENTS},
+        "components": {n: result[n] for n in (*FLUX_COMPONENTS, FLUX_PREPARE.name)},
         "created": result["created"],
         "report": result["report"],
         "publish_seconds": round(time.monotonic() - started, 1),

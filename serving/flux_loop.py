@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
 from common.flux_assets import read_max_sequence_length
@@ -45,6 +44,24 @@ class GenerationRequest:
     seed: int
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything of a request that needs the tokenizers, torch's generator or diffusers'
+    scheduler, as numpy: what the `flux_prepare` model returns over BLS (field = tensor name)."""
+
+    clip_ids: np.ndarray  # (1, 77) int64
+    t5_ids: np.ndarray  # (1, max_sequence_length) int64
+    latents: np.ndarray  # (1, N, C) float32: packed noise
+    img_ids: np.ndarray  # (1, N, 3) float32
+    timesteps: np.ndarray  # (steps,) float32: the transformer's `timestep` input (t / 1000)
+    sigmas: np.ndarray  # (steps + 1,) float32: the Euler steps' sigmas
+
+
+PREPARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Prepared))
+
+PrepareFn = Callable[[GenerationRequest], Prepared]
+
+
 def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
     out = fn(*args)
     if not isinstance(out, np.ndarray):
@@ -52,45 +69,34 @@ def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
     return out
 
 
-class FluxLoop:
-    """Tokenize, encode, denoise and decode one prompt; returns uint8 (H, W, 3)."""
+class FluxPrep:
+    """Tokenize, make the seed's noise and the schedule: the part of FluxPipeline that needs
+    torch, diffusers and transformers. Kept apart from the loop so that `generate` (reloaded on
+    every LoRA swap) imports numpy only; this runs in the `flux_prepare` model, which depends on
+    the base checkpoint alone and so is not reloaded when a LoRA changes."""
 
-    def __init__(
-        self,
-        checkpoint_dir: Path,
-        encode_clip: ComponentFn,
-        encode_t5: ComponentFn,
-        transformer: ComponentFn,
-        decode_vae: ComponentFn,
-        max_sequence_length: int | None = None,
-    ) -> None:
+    def __init__(self, checkpoint_dir: Path, max_sequence_length: int | None = None) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.image_processor import VaeImageProcessor
         from transformers import CLIPTokenizer, T5TokenizerFast
 
         checkpoint_dir = Path(checkpoint_dir)
-        self.checkpoint_dir = checkpoint_dir
-        self.encode_clip, self.encode_t5 = encode_clip, encode_t5
-        self.transformer, self.decode_vae = transformer, decode_vae
         # The classes FluxPipeline declares for these slots, so tokenization is identical.
         self.tokenizer = CLIPTokenizer.from_pretrained(checkpoint_dir / "tokenizer")
         self.tokenizer_2 = T5TokenizerFast.from_pretrained(checkpoint_dir / "tokenizer_2")
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(checkpoint_dir / "scheduler")
+        if self.scheduler_config.get("stochastic_sampling", False):
+            raise ValueError(
+                "stochastic_sampling schedulers are not supported (the loop's Euler step is deterministic)"
+            )
         self._scheduler_cls = FlowMatchEulerDiscreteScheduler
         vae_cfg = json.loads((checkpoint_dir / "vae" / "config.json").read_text())
         tr_cfg = json.loads((checkpoint_dir / "transformer" / "config.json").read_text())
         self.vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        self.scaling_factor = float(vae_cfg["scaling_factor"])
-        self.shift_factor = float(vae_cfg.get("shift_factor") or 0.0)
         self.num_channels_latents = int(tr_cfg["in_channels"]) // 4
-        self.guidance_embeds = bool(tr_cfg.get("guidance_embeds", False))
         self.clip_max_length = int(self.tokenizer.model_max_length)
         self.max_sequence_length = int(max_sequence_length or read_max_sequence_length(checkpoint_dir))
         if self.max_sequence_length > 512:
             raise ValueError("max_sequence_length cannot exceed 512 (FluxPipeline's limit)")
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
-
-    # ------------------------------------------------------------------ stages
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(CLIP ids (1, 77), T5 ids (1, max_sequence_length)), int64, as FluxPipeline pads them."""
@@ -114,8 +120,9 @@ class FluxLoop:
         ).input_ids
         return clip.astype(np.int64), t5.astype(np.int64)
 
-    def initial_latents(self, width: int, height: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_latents(self, width: int, height: int, seed: int):
         """Packed noise (1, N, 64) and image ids (N, 3), as FluxPipeline.prepare_latents makes them."""
+        import torch
         from diffusers import FluxPipeline
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -131,6 +138,7 @@ class FluxLoop:
 
     def timesteps(self, steps: int, image_seq_len: int):
         """A fresh scheduler (it is stateful) and its timesteps for this image size."""
+        import torch
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         scheduler = self._scheduler_cls.from_config(self.scheduler_config)
@@ -147,46 +155,92 @@ class FluxLoop:
         scheduler.set_begin_index(0)
         return scheduler, timesteps
 
-    def decode(self, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
-        """Unpack, un-normalise, decode and post-process (denormalise, round) to uint8 (H, W, 3)."""
-        from diffusers import FluxPipeline
+    def __call__(self, req: GenerationRequest) -> Prepared:
+        import torch
 
-        latents = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
-        latents = (latents / self.scaling_factor) + self.shift_factor
-        images = _call(self.decode_vae, FLUX_VAE_DECODER, np.ascontiguousarray(latents.numpy(), dtype=np.float32))
-        floats = self.image_processor.postprocess(torch.from_numpy(images), output_type="np")
-        # numpy_to_pil's conversion: what output_type="pil" (and so any saved PNG) would hold.
-        return (floats[0] * 255).round().astype(np.uint8)
-
-    # ------------------------------------------------------------------ the loop
-
-    def __call__(self, req: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         clip_ids, t5_ids = self.tokenize(req.prompt)
-        pooled = _call(self.encode_clip, FLUX_TEXT_ENCODER, clip_ids).astype(np.float32, copy=False)
-        text = _call(self.encode_t5, FLUX_TEXT_ENCODER_2, t5_ids).astype(np.float32, copy=False)
         latents, img_ids = self.initial_latents(req.width, req.height, req.seed)
         scheduler, timesteps = self.timesteps(req.steps, latents.shape[1])
+        # Exactly the pipeline's arithmetic: float32 timestep, divided by 1000 in torch.
+        t_in = torch.stack([t.expand(1).to(torch.float32) / 1000 for t in timesteps]).reshape(-1)
+        return Prepared(
+            clip_ids=clip_ids,
+            t5_ids=t5_ids,
+            latents=np.ascontiguousarray(latents.numpy(), dtype=np.float32),
+            img_ids=np.ascontiguousarray(img_ids.numpy()[None], dtype=np.float32),
+            timesteps=np.ascontiguousarray(t_in.numpy(), dtype=np.float32),
+            sigmas=np.ascontiguousarray(scheduler.sigmas.to(torch.float32).numpy(), dtype=np.float32),
+        )
 
+
+class FluxLoop:
+    """Encode, denoise and decode one prompt; returns uint8 (H, W, 3).
+
+    Numpy only: the request's tokens, noise and schedule come from `prepare` (in Triton, a BLS
+    call to `flux_prepare`; by default a FluxPrep in this process). The Euler step and the
+    latent unpacking are FlowMatchEulerDiscreteScheduler.step and FluxPipeline._unpack_latents
+    in float32 numpy, bit for bit (tests/unit/test_flux_loop.py proves it against the pipeline)."""
+
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        encode_clip: ComponentFn,
+        encode_t5: ComponentFn,
+        transformer: ComponentFn,
+        decode_vae: ComponentFn,
+        max_sequence_length: int | None = None,
+        prepare: PrepareFn | None = None,
+    ) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = checkpoint_dir
+        self.encode_clip, self.encode_t5 = encode_clip, encode_t5
+        self.transformer, self.decode_vae = transformer, decode_vae
+        vae_cfg = json.loads((checkpoint_dir / "vae" / "config.json").read_text())
+        self.vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.scaling_factor = np.float32(vae_cfg["scaling_factor"])
+        self.shift_factor = np.float32(vae_cfg.get("shift_factor") or 0.0)
+        self.max_sequence_length = int(max_sequence_length or read_max_sequence_length(checkpoint_dir))
+        self.prepare: PrepareFn = prepare or FluxPrep(checkpoint_dir, self.max_sequence_length)
+
+    def unpack(self, latents: np.ndarray, width: int, height: int) -> np.ndarray:
+        """FluxPipeline._unpack_latents: (1, N, C*4) -> (1, C, h, w)."""
+        b, _, channels = latents.shape
+        h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        x = latents.reshape(b, h // 2, w // 2, channels // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, channels // 4, h, w)
+
+    def decode(self, latents: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Unpack, un-normalise, decode and post-process (denormalise, round) to uint8 (H, W, 3)."""
+        latents = (self.unpack(latents, width, height) / self.scaling_factor) + self.shift_factor
+        images = _call(self.decode_vae, FLUX_VAE_DECODER, np.ascontiguousarray(latents, dtype=np.float32))
+        # VaeImageProcessor.postprocess(output_type="np"), then numpy_to_pil's conversion: what
+        # output_type="pil" (and so any saved PNG) would hold.
+        floats = np.clip(images.astype(np.float32, copy=False) / np.float32(2) + np.float32(0.5), 0, 1)
+        return (floats[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+    def __call__(self, req: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        p = self.prepare(req)
+        pooled = _call(self.encode_clip, FLUX_TEXT_ENCODER, p.clip_ids).astype(np.float32, copy=False)
+        text = _call(self.encode_t5, FLUX_TEXT_ENCODER_2, p.t5_ids).astype(np.float32, copy=False)
+        latents = np.asarray(p.latents, dtype=np.float32)
         # Constant over the steps; batch-major copies of the 2-D ids the pipeline passes.
         fixed = {
             "encoder_hidden_states": text,
             "pooled_projections": pooled,
-            "img_ids": np.ascontiguousarray(img_ids.numpy()[None], dtype=np.float32),
+            "img_ids": p.img_ids,
             "txt_ids": np.zeros((1, text.shape[1], 3), dtype=np.float32),
             # A model without guidance embedding (schnell) ignores it; the contract still has it.
             "guidance": np.full((1,), req.guidance, dtype=np.float32),
         }
         names = FLUX_IO_NAMES[FLUX_TRANSFORMER][0]
-        for i, t in enumerate(timesteps):
-            # Exactly the pipeline's arithmetic: float32 timestep, divided by 1000 in torch.
-            timestep = (t.expand(latents.shape[0]).to(latents.dtype) / 1000).numpy()
-            feeds = fixed | {"hidden_states": latents.numpy(), "timestep": timestep}
-            noise = _call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names))
-            latents = scheduler.step(
-                torch.from_numpy(np.asarray(noise, dtype=np.float32)), t, latents, return_dict=False
-            )[0]
+        total = len(p.timesteps)
+        for i in range(total):
+            feeds = fixed | {"hidden_states": latents, "timestep": p.timesteps[i : i + 1]}
+            noise = np.asarray(_call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names)), dtype=np.float32)
+            latents = latents + (p.sigmas[i + 1] - p.sigmas[i]) * noise  # the scheduler's Euler step
             if on_step is not None:
-                on_step(i + 1, len(timesteps))
+                on_step(i + 1, total)
         return self.decode(latents, req.width, req.height)
 
 
@@ -226,6 +280,7 @@ def torch_callables(pipeline) -> tuple[ComponentFn, ComponentFn, ComponentFn, Co
     The reference backend: with it, FluxLoop must reproduce the pipeline bit for bit, which
     separates loop bugs from export error.
     """
+    import torch
 
     def as_dict(name: str, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         feeds = dict(zip(FLUX_IO_NAMES[name][0], args)) | kwargs

@@ -8,6 +8,10 @@ batcher and share forward passes (step-level batching).
 The version folder holds the pipeline's configs and tokenizers (no weights) and
 `components.json`: the component model versions this version was exported with. Calls pin those
 versions, so a request that started before a hot swap finishes on the weights it started with.
+
+A LoRA swap loads a new version of this model, so it imports numpy and the contract only (6
+instances with torch + diffusers took ~8 s each to start): the tokenizers, the seeded noise and
+the schedule come from the `flux_prepare` model over BLS, which a LoRA swap leaves loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import triton_python_backend_utils as pb_utils
 from client.codec import flux_component_feeds
 from client.contract import (
     FLUX_IO_NAMES,
+    FLUX_PREPARE,
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
@@ -29,7 +34,7 @@ from client.contract import (
     GENERATE,
     GENERATE_DEFAULTS,
 )
-from serving.flux_loop import FluxLoop, GenerationRequest
+from serving.flux_loop import PREPARED_FIELDS, FluxLoop, GenerationRequest, Prepared
 from serving.generate_request import read_request
 from serving.stop_check import Stopped, stop_check
 
@@ -57,7 +62,32 @@ class TritonPythonModel:
             encode_t5=self._caller(FLUX_TEXT_ENCODER_2, components),
             transformer=self._caller(FLUX_TRANSFORMER, components),
             decode_vae=self._caller(FLUX_VAE_DECODER, components),
+            prepare=self._preparer(components),
         )
+
+    @staticmethod
+    def _preparer(components: dict[str, int]):
+        version = int(components.get(FLUX_PREPARE.name, -1))
+
+        def prepare(req: GenerationRequest) -> Prepared:
+            feeds = {
+                "prompt": np.array([req.prompt.encode("utf-8")], dtype=np.object_),
+                "width": np.array([req.width], dtype=np.int32),
+                "height": np.array([req.height], dtype=np.int32),
+                "steps": np.array([req.steps], dtype=np.int32),
+                "seed": np.array([req.seed], dtype=np.int64),
+            }
+            response = pb_utils.InferenceRequest(
+                model_name=FLUX_PREPARE.name,
+                model_version=version,
+                requested_output_names=list(PREPARED_FIELDS),
+                inputs=[pb_utils.Tensor(k, v) for k, v in feeds.items()],
+            ).exec()
+            if response.has_error():
+                raise ComponentError(f"{FLUX_PREPARE.name}: {response.error().message()}")
+            return Prepared(**{n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in PREPARED_FIELDS})
+
+        return prepare
 
     @staticmethod
     def _caller(model: str, components: dict[str, int]):

@@ -24,7 +24,14 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "Super Realism, a red fox in snow"
 SMALL = {"width": 64, "height": 64, "steps": 3}
-GENERATE_MODELS = ("generate", "flux_text_encoder", "flux_text_encoder_2", "flux_transformer", "flux_vae_decoder")
+GENERATE_MODELS = (
+    "generate",
+    "flux_prepare",
+    "flux_text_encoder",
+    "flux_text_encoder_2",
+    "flux_transformer",
+    "flux_vae_decoder",
+)
 
 
 def provenance() -> dict:
