@@ -20,6 +20,10 @@ class ApiSettings(BaseSettings):
     host: str = ENDPOINTS.host
     port: int = ENDPOINTS.api_port
     triton_grpc_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
+    triton_metrics_url: str | None = f"http://{ENDPOINTS.host}:{ENDPOINTS.triton_metrics_port}/metrics"
+    """Triton's metrics, read at each /metrics scrape for the prompt cache's counters (api/triton_metrics.py);
+    unset (empty) to leave them out."""
+    triton_metrics_timeout_s: float = 1.0
     classify_timeout_s: float = 10.0
     generate_timeout_s: float = 600.0
     required_models: tuple[str, ...] = ("classify", "generate")

@@ -292,18 +292,28 @@ FLUX_PREPARE = ModelSpec(
         TensorSpec("height", "TYPE_INT32", (1,)),
         TensorSpec("steps", "TYPE_INT32", (1,)),
         TensorSpec("seed", "TYPE_INT64", (1,)),
+        # The encoder versions the calling `generate` pins: part of the prompt cache's key.
+        TensorSpec("clip_version", "TYPE_INT64", (1,)),
+        TensorSpec("t5_version", "TYPE_INT64", (1,)),
     ),
     # Named as serving.flux_loop.Prepared's fields.
     outputs=(
-        TensorSpec("clip_ids", "TYPE_INT64", (1, -1)),
-        TensorSpec("t5_ids", "TYPE_INT64", (1, -1)),
+        TensorSpec("pooled_embeds", "TYPE_FP32", (1, -1)),
+        TensorSpec("text_embeds", "TYPE_FP32", (1, -1, -1)),
         TensorSpec("latents", "TYPE_FP32", (1, -1, -1)),
         TensorSpec("img_ids", "TYPE_FP32", (1, -1, 3)),
         TensorSpec("timesteps", "TYPE_FP32", (-1,)),
         TensorSpec("sigmas", "TYPE_FP32", (-1,)),
+        TensorSpec("prompt_cache_hit", "TYPE_BOOL", (1,)),
     ),
     max_batch_size=0,
 )
-"""Internal (BLS from `generate`): a request's tokens, seeded noise and schedule. It needs torch,
+PROMPT_CACHE_MB_PARAMETER = "prompt_cache_mb"
+"""flux_prepare: megabytes of prompt embeddings kept (LRU)."""
+PROMPT_CACHE_METRIC = "fluxserve_prompt_cache_lookups_total"
+"""flux_prepare's counter on Triton's metrics port, label `result` = hit | miss; the facade's
+/metrics repeats it when it knows that port (ApiSettings.triton_metrics_url)."""
+"""Internal (BLS from `generate`): a request's prompt embeddings (through a cache), seeded noise
+and schedule. It needs torch,
 diffusers and the tokenizers, and depends on the base checkpoint only, so a LoRA swap neither
 rewrites nor reloads it; `generate`, which a swap does reload, then imports numpy alone."""

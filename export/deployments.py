@@ -22,6 +22,7 @@ from client.contract import (
     FLUX_TRANSFORMER,
     GENERATE,
     GENERATE_STREAM,
+    PROMPT_CACHE_MB_PARAMETER,
 )
 from export.triton_config import Deployment, DynamicBatching
 
@@ -51,7 +52,10 @@ class ExportSettings(BaseSettings):
     """Concurrent streamed generations (`generate_stream`, progress per step); they share the
     transformer's batches with `generate`."""
     flux_prepare_instances: int = 1
-    """Tokenize + noise + schedule, once per generation (milliseconds): one instance keeps up."""
+    """Embed (cached) + noise + schedule, once per generation (milliseconds): one instance keeps
+    up, and one instance means one prompt cache."""
+    prompt_cache_mb: int = 256
+    """Prompt embeddings flux_prepare keeps (LRU); one FLUX.1-dev T5-XXL embedding is 8 MB."""
     flux_transformer_threads: int = 2
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
@@ -109,7 +113,12 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
             instance_count=s.generate_stream_instances,
             max_queue_size=s.generate_max_queue_size,
         ),
-        FLUX_PREPARE.name: Deployment(spec=FLUX_PREPARE, kind="python", instance_count=s.flux_prepare_instances),
+        FLUX_PREPARE.name: Deployment(
+            spec=FLUX_PREPARE,
+            kind="python",
+            instance_count=s.flux_prepare_instances,
+            parameters={PROMPT_CACHE_MB_PARAMETER: str(s.prompt_cache_mb)},
+        ),
     }
     for name, spec in FLUX_COMPONENTS.items():
         is_transformer = name == FLUX_TRANSFORMER

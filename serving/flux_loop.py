@@ -27,6 +27,7 @@ import numpy as np
 
 from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
 from common.flux_assets import read_max_sequence_length
+from serving.prompt_cache import PromptEmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,20 @@ class Prepared:
     """Everything of a request that needs the tokenizers, torch's generator or diffusers'
     scheduler, as numpy: what the `flux_prepare` model returns over BLS (field = tensor name)."""
 
-    clip_ids: np.ndarray  # (1, 77) int64
-    t5_ids: np.ndarray  # (1, max_sequence_length) int64
+    pooled_embeds: np.ndarray  # (1, D) float32: CLIP's pooled output
+    text_embeds: np.ndarray  # (1, max_sequence_length, D) float32: T5's output
     latents: np.ndarray  # (1, N, C) float32: packed noise
     img_ids: np.ndarray  # (1, N, 3) float32
     timesteps: np.ndarray  # (steps,) float32: the transformer's `timestep` input (t / 1000)
     sigmas: np.ndarray  # (steps + 1,) float32: the Euler steps' sigmas
+    prompt_cache_hit: np.ndarray  # (1,) bool: both embeddings came from the prompt cache
 
 
 PREPARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Prepared))
 
 PrepareFn = Callable[[GenerationRequest], Prepared]
+
+DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
 
 
 def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
@@ -75,7 +79,12 @@ class FluxPrep:
     every LoRA swap) imports numpy only; this runs in the `flux_prepare` model, which depends on
     the base checkpoint alone and so is not reloaded when a LoRA changes."""
 
-    def __init__(self, checkpoint_dir: Path, max_sequence_length: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        max_sequence_length: int | None = None,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    ) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -97,6 +106,7 @@ class FluxPrep:
         self.max_sequence_length = int(max_sequence_length or read_max_sequence_length(checkpoint_dir))
         if self.max_sequence_length > 512:
             raise ValueError("max_sequence_length cannot exceed 512 (FluxPipeline's limit)")
+        self.cache = PromptEmbeddingCache(prompt_cache_bytes)
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(CLIP ids (1, 77), T5 ids (1, max_sequence_length)), int64, as FluxPipeline pads them."""
@@ -155,29 +165,59 @@ class FluxPrep:
         scheduler.set_begin_index(0)
         return scheduler, timesteps
 
-    def __call__(self, req: GenerationRequest) -> Prepared:
+    def embed(
+        self, prompt: str, encode_clip: ComponentFn, encode_t5: ComponentFn, versions: tuple[object, object]
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(pooled, text, hit): CLIP and T5 embeddings of `prompt`, from the cache when this
+        prompt was embedded before by the same encoder versions (`versions`: CLIP's, T5's)."""
+        ids: list[np.ndarray] = []
+
+        def token_ids(i: int) -> np.ndarray:
+            if not ids:
+                ids.extend(self.tokenize(prompt))
+            return ids[i]
+
+        pooled, hit_clip = self.cache.get_or_compute(
+            (FLUX_TEXT_ENCODER, versions[0], prompt),
+            lambda: _call(encode_clip, FLUX_TEXT_ENCODER, token_ids(0)).astype(np.float32, copy=False),
+        )
+        text, hit_t5 = self.cache.get_or_compute(
+            (FLUX_TEXT_ENCODER_2, versions[1], prompt),
+            lambda: _call(encode_t5, FLUX_TEXT_ENCODER_2, token_ids(1)).astype(np.float32, copy=False),
+        )
+        return pooled, text, hit_clip and hit_t5
+
+    def __call__(
+        self,
+        req: GenerationRequest,
+        encode_clip: ComponentFn,
+        encode_t5: ComponentFn,
+        versions: tuple[object, object] = ("in-process", "in-process"),
+    ) -> Prepared:
         import torch
 
-        clip_ids, t5_ids = self.tokenize(req.prompt)
+        pooled, text, hit = self.embed(req.prompt, encode_clip, encode_t5, versions)
         latents, img_ids = self.initial_latents(req.width, req.height, req.seed)
         scheduler, timesteps = self.timesteps(req.steps, latents.shape[1])
         # Exactly the pipeline's arithmetic: float32 timestep, divided by 1000 in torch.
         t_in = torch.stack([t.expand(1).to(torch.float32) / 1000 for t in timesteps]).reshape(-1)
         return Prepared(
-            clip_ids=clip_ids,
-            t5_ids=t5_ids,
+            pooled_embeds=pooled,
+            text_embeds=text,
             latents=np.ascontiguousarray(latents.numpy(), dtype=np.float32),
             img_ids=np.ascontiguousarray(img_ids.numpy()[None], dtype=np.float32),
             timesteps=np.ascontiguousarray(t_in.numpy(), dtype=np.float32),
             sigmas=np.ascontiguousarray(scheduler.sigmas.to(torch.float32).numpy(), dtype=np.float32),
+            prompt_cache_hit=np.array([hit], dtype=np.bool_),
         )
 
 
 class FluxLoop:
     """Encode, denoise and decode one prompt; returns uint8 (H, W, 3).
 
-    Numpy only: the request's tokens, noise and schedule come from `prepare` (in Triton, a BLS
-    call to `flux_prepare`; by default a FluxPrep in this process). The Euler step and the
+    Numpy only: the request's prompt embeddings, noise and schedule come from `prepare` (in
+    Triton, a BLS call to `flux_prepare`; by default a FluxPrep in this process, calling this
+    loop's encoders through its prompt cache). The Euler step and the
     latent unpacking are FlowMatchEulerDiscreteScheduler.step and FluxPipeline._unpack_latents
     in float32 numpy, bit for bit (tests/unit/test_flux_loop.py proves it against the pipeline)."""
 
@@ -200,7 +240,10 @@ class FluxLoop:
         self.scaling_factor = np.float32(vae_cfg["scaling_factor"])
         self.shift_factor = np.float32(vae_cfg.get("shift_factor") or 0.0)
         self.max_sequence_length = int(max_sequence_length or read_max_sequence_length(checkpoint_dir))
-        self.prepare: PrepareFn = prepare or FluxPrep(checkpoint_dir, self.max_sequence_length)
+        if prepare is None:
+            prep = FluxPrep(checkpoint_dir, self.max_sequence_length)
+            prepare = lambda req: prep(req, self.encode_clip, self.encode_t5)  # noqa: E731
+        self.prepare: PrepareFn = prepare
 
     def unpack(self, latents: np.ndarray, width: int, height: int) -> np.ndarray:
         """FluxPipeline._unpack_latents: (1, N, C*4) -> (1, C, h, w)."""
@@ -221,8 +264,7 @@ class FluxLoop:
 
     def __call__(self, req: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         p = self.prepare(req)
-        pooled = _call(self.encode_clip, FLUX_TEXT_ENCODER, p.clip_ids).astype(np.float32, copy=False)
-        text = _call(self.encode_t5, FLUX_TEXT_ENCODER_2, p.t5_ids).astype(np.float32, copy=False)
+        pooled, text = p.pooled_embeds, p.text_embeds
         latents = np.asarray(p.latents, dtype=np.float32)
         # Constant over the steps; batch-major copies of the 2-D ids the pipeline passes.
         fixed = {

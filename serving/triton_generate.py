@@ -68,6 +68,7 @@ class TritonPythonModel:
     @staticmethod
     def _preparer(components: dict[str, int]):
         version = int(components.get(FLUX_PREPARE.name, -1))
+        encoders = (int(components[FLUX_TEXT_ENCODER]), int(components[FLUX_TEXT_ENCODER_2]))
 
         def prepare(req: GenerationRequest) -> Prepared:
             feeds = {
@@ -76,6 +77,8 @@ class TritonPythonModel:
                 "height": np.array([req.height], dtype=np.int32),
                 "steps": np.array([req.steps], dtype=np.int32),
                 "seed": np.array([req.seed], dtype=np.int64),
+                "clip_version": np.array([encoders[0]], dtype=np.int64),
+                "t5_version": np.array([encoders[1]], dtype=np.int64),
             }
             response = pb_utils.InferenceRequest(
                 model_name=FLUX_PREPARE.name,

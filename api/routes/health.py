@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.errors import retry_after
 from api.state import AppState, get_state
+from api.triton_metrics import fetch_prompt_cache_metrics
 from client.errors import DEFAULT_RETRY_AFTER_S
 
 router = APIRouter(tags=["health"])
@@ -38,4 +39,6 @@ async def readyz(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse
 
 @router.get("/metrics")
 async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    s = state.settings
+    extra = await fetch_prompt_cache_metrics(s.triton_metrics_url, s.triton_metrics_timeout_s)
+    return Response(generate_latest(state.metrics.registry) + extra.encode(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,77 @@
+"""The prompt-embedding cache in `flux_prepare` on a real Triton, and its counters at the facade.
+
+A repeated prompt must skip CLIP and T5 (seen as: the encoders' execution counts stay put, the
+cache's hit counter moves) and give the same image; the facade's /metrics repeats the counters."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, PROMPT_CACHE_METRIC
+from client.triton_client import TritonClient
+from tests.conftest import start_facade, triton_metric
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+def cache_lookups(metrics_text: str, result: str) -> float:
+    prefix = f'{PROMPT_CACHE_METRIC}{{result="{result}"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(prefix))
+
+
+def test_repeated_prompt_skips_the_encoders_and_is_counted(triton) -> None:
+    import httpx
+
+    prompt = f"a lighthouse at dusk {uuid.uuid4().hex[:8]}"  # never seen by this server
+    encoders = (FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2)
+
+    def executions() -> dict[str, float]:
+        return {m: triton_metric(triton.metrics_url, "nv_inference_exec_count", m) for m in encoders}
+
+    def lookups() -> tuple[float, float]:
+        text = httpx.get(triton.metrics_url, timeout=5).text
+        return cache_lookups(text, "hit"), cache_lookups(text, "miss")
+
+    with TritonClient(triton.grpc_url, timeout_s=300) as client:
+        hits0, misses0 = lookups()
+        first = client.generate(prompt, seed=5, **SMALL).image
+        after_first = executions()
+        hits1, misses1 = lookups()
+        again = client.generate(prompt, seed=6, **SMALL).image  # same prompt, other seed
+        same = client.generate(prompt, seed=5, **SMALL).image
+        hits2, misses2 = lookups()
+        after_repeat = executions()
+
+    assert (hits1 - hits0, misses1 - misses0) == (0, 1)
+    assert (hits2 - hits1, misses2 - misses1) == (2, 0)
+    assert after_repeat == after_first, "a cached prompt still ran an encoder"
+    assert np.array_equal(first, same), "a cache hit changed the image"
+    assert not np.array_equal(first, again)
+
+
+def test_facade_metrics_carry_the_prompt_cache(triton) -> None:
+    facade = start_facade(triton.grpc_url, {"FLUXSERVE_API_TRITON_METRICS_URL": triton.metrics_url})
+    try:
+        with TritonClient(triton.grpc_url, timeout_s=300) as client:
+            client.generate("a cached prompt for the facade", seed=1, **SMALL)
+            client.generate("a cached prompt for the facade", seed=2, **SMALL)
+        with facade.client() as http:
+            text = http.get("/metrics").text
+        assert cache_lookups(text, "hit") >= 1 and cache_lookups(text, "miss") >= 1
+        ratio = [line for line in text.splitlines() if line.startswith("fluxserve_prompt_cache_hit_ratio ")]
+        assert len(ratio) == 1 and 0 < float(ratio[0].split()[1]) < 1
+    finally:
+        facade.stop()
+    # Triton unreachable: /metrics still answers, without the cache's lines.
+    silent = start_facade(triton.grpc_url, {"FLUXSERVE_API_TRITON_METRICS_URL": "http://127.0.0.1:9/metrics"})
+    try:
+        with silent.client() as http:
+            r = http.get("/metrics")
+        assert r.status_code == 200 and PROMPT_CACHE_METRIC not in r.text
+    finally:
+        silent.stop()
