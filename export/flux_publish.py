@@ -401,6 +401,8 @@ def publish_and_swap(
         keep_versions=keep_versions,
         lock=lock,
         lock_timeout_s=lock_timeout_s,
+        # Both run the same loop on the same pinned components and call nothing of each other.
+        together=frozenset({GENERATE.name, GENERATE_STREAM.name}),
     )
     return {
         "model_version": str(result[GENERATE.name]),

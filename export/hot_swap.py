@@ -58,6 +58,17 @@ def recover_and_reload(repo: Path, triton_http_url: str) -> list[str]:
     return rolled
 
 
+def _steps(changed: list[str], together: frozenset[str]) -> list[str | tuple[str, ...]]:
+    group = tuple(n for n in changed if n in together)
+    steps: list[str | tuple[str, ...]] = []
+    for name in changed:
+        if name not in together:
+            steps.append(name)
+        elif name == group[0]:
+            steps.append(group)
+    return steps
+
+
 def publish_and_load(
     repo: Path,
     triton_http_url: str,
@@ -66,12 +77,14 @@ def publish_and_load(
     keep_versions: int = 2,
     lock: AbstractContextManager[object] | None = None,
     lock_timeout_s: float = 3600.0,
+    together: frozenset[str] = frozenset(),
 ) -> T:
     """Run `publish_fn` (writes new versions of `models` into `repo`), then load `models` in order.
 
     Order matters: callers list the models a pipeline calls before the pipeline model itself, so
-    the pipeline's new version only starts once everything it pins is ready. `lock` (e.g. a
-    Redis lock) is held around the repository's own file lock.
+    the pipeline's new version only starts once everything it pins is ready. Changed models in
+    `together` (pipelines that do not call each other) load at the same time, in the place of
+    the first of them. `lock` (e.g. a Redis lock) is held around the repository's own file lock.
     """
     with ExitStack() as held:
         if lock is not None:
@@ -88,7 +101,7 @@ def publish_and_load(
             # Only models with a new version: reloading an unchanged one restarts nothing useful
             # but costs a second or two of Triton's time each (its stubs re-initialise).
             changed = [name for name in models if versions(repo, name) != before[name] or name in recovered]
-            load_models(triton_http_url, changed)
+            load_models(triton_http_url, _steps(changed, together))
         except BaseException as e:
             rollback(repo, models, triton_http_url)
             if not isinstance(e, Exception):

@@ -94,8 +94,13 @@ def _place(src: Path, dst: Path) -> None:
 def write_config(repo: Path, dep: Deployment, target: Target) -> Path:
     path = repo / dep.spec.name / "config.pbtxt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = config_text(dep, target)
+    if path.exists() and path.read_text() == text:
+        # Untouched: Triton reloads every loaded version of a model whose config file changed
+        # (a LoRA swap would re-create the previous transformer's session as well).
+        return path
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(config_text(dep, target))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
