@@ -332,6 +332,16 @@ def render_markdown(result: Result) -> str:
             f"(texts/s by batch size: {sweep}).",
             "",
         ]
+    flux = result.get("flux_inprocess")
+    if flux:
+        runs = ", ".join(f"{r['concurrency']} threads: {_num(r['images_per_s'], 2)}" for r in flux["runs"])
+        share = ((result.get("headline") or {}).get(GENERATE.name) or {}).get("facade_of_inprocess")
+        out += [
+            "In-process limit for generate (FluxLoop on the served ONNX files, no server, "
+            f"{flux['intra_op_threads']} intra-op threads): **{_num(flux['best_images_per_s'], 2)} images/s** ({runs})"
+            + (f"; the facade serves **{_pct(share)}** of it." if share is not None else "."),
+            "",
+        ]
     if result.get("skipped"):
         out += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped"].items()) + ".", ""]
     text = "\n".join(out).rstrip() + "\n"

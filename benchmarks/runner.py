@@ -257,6 +257,7 @@ def run(s: RunSettings) -> Result:
         "workload": {"classify_texts": len(texts), "generate": asdict(s.generate)},
         "targets": {},
         "ort_inprocess": None,
+        "flux_inprocess": None,
         "skipped": skipped,
     }
     raw: dict[tuple[str, str, float], LoadStats] = {}
@@ -302,6 +303,16 @@ def run(s: RunSettings) -> Result:
         result["ort_inprocess"] = ort_sweep(
             s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_threads, s.ort_duration_s
         )
+    if any(n.model == GENERATE.name for n in names):
+        from benchmarks.flux_inprocess import flux_inprocess
+
+        # The limit for /generate: the same ONNX files and loop in this process, no server.
+        result["flux_inprocess"] = flux_inprocess(
+            s.model_repository,
+            s.generate,
+            tuple(sorted({1, *s.generate_concurrency})),
+            requests=4 if s.smoke else 16,
+        )
     result["background_after_run"] = background_load()
     add_ratios(result)
     result["headline"] = {}
@@ -315,6 +326,10 @@ def run(s: RunSettings) -> Result:
                 else max(conc)
             )
             result["headline"][model] = headline(result, model, head_conc)
+    gen_head, limit = result["headline"].get(GENERATE.name), result.get("flux_inprocess")
+    if gen_head and limit:
+        facade_rps = (gen_head["targets"].get(f"{FACADE}-{GENERATE.name}") or {}).get("throughput_rps")
+        gen_head["facade_of_inprocess"] = round(facade_rps / limit["best_images_per_s"], 3) if facade_rps else None
     result["files"] = write_outputs(result, raw, s, started)
     return result
 

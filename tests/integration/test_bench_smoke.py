@@ -110,6 +110,9 @@ def test_generate_targets_when_built(smoke) -> None:
     for name in measured:
         for run in result["targets"][name]["runs"]:
             assert run["errors"] == 0 and run["ok"] == run["sent"] > 0, (name, run["error_samples"])
+    # The in-process limit ran on the served ONNX files, at 1 thread and at each generate concurrency.
+    limit = result["flux_inprocess"]
+    assert limit["best_images_per_s"] > 0 and {r["concurrency"] for r in limit["runs"]} >= {1}
 
 
 def test_swap_benchmark_smoke(tmp_path: Path) -> None:
