@@ -113,7 +113,11 @@ def _overload(args: argparse.Namespace) -> int:
     from benchmarks.overload import OverloadSettings, overload, render_markdown
 
     s = OverloadSettings(
-        duration_s=args.duration_s, multipliers=tuple(args.multipliers), out=args.out, log_dir=args.log_dir
+        duration_s=args.duration_s,
+        multipliers=tuple(args.multipliers),
+        endpoints=tuple(args.endpoints),
+        out=args.out,
+        log_dir=args.log_dir,
     )
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
@@ -206,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov = sub.add_parser("overload", help="open-loop load at multiples of capacity: shedding, latency, abandoned work")
     ov.add_argument("--duration-s", type=float, default=30.0, help="seconds per load point")
     ov.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 5.0, 10.0])
+    ov.add_argument("--endpoints", nargs="+", choices=["generate", "classify"], default=["generate", "classify"])
     ov.add_argument("--model-repository", type=Path)
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)

@@ -38,6 +38,7 @@ RESULT_FILE = Path(__file__).resolve().parent / "results" / "overload.json"
 class OverloadSettings:
     duration_s: float = 30.0
     multipliers: tuple[float, ...] = (2.0, 5.0, 10.0)
+    endpoints: tuple[str, ...] = (GENERATE.name, CLASSIFY.name)
     client_timeout_s: float = 60.0
     generate_side: int = 128
     generate_steps: int = 4
@@ -225,7 +226,7 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
         triton(s.model_repository, [*CLASSIFY_STACK, *GENERATE_STACK], s.log_dir, tag="overload") as server,
         facade(server.grpc_url, [CLASSIFY.name, GENERATE.name], s.log_dir) as api,
     ):
-        for model in (GENERATE.name, CLASSIFY.name):
+        for model in s.endpoints:
             result["endpoints"].append(asyncio.run(_bench_endpoint(model, api.url, server.metrics_url, s)))
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(json.dumps(result, indent=2))
