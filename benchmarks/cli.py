@@ -7,6 +7,7 @@ fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 c
 fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
 fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
 fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
+fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench readme                                     # put the latest tables into README.md
 """
@@ -125,6 +126,13 @@ def _overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recovery(args: argparse.Namespace) -> int:
+    from benchmarks.recovery import RecoverySettings, recovery, render_markdown
+
+    sys.stdout.write(render_markdown(recovery(RecoverySettings(repeats=args.repeats, out=args.out))))
+    return 0
+
+
 def _readme(_args: argparse.Namespace) -> int:
     from benchmarks.readme import update_readme
 
@@ -215,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)
     ov.set_defaults(fn=_overload)
+
+    from benchmarks.recovery import RESULT_FILE as RECOVERY_RESULT
+
+    rc = sub.add_parser("recovery", help="make up's stack: time to ready again after kill -9 of its parts")
+    rc.add_argument("--repeats", type=int, default=2, help="kills of tritonserver")
+    rc.add_argument("--out", type=Path, default=RECOVERY_RESULT)
+    rc.set_defaults(fn=_recovery)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
     rd.set_defaults(fn=_readme)

@@ -191,6 +191,7 @@ async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: Over
                     "multiplier": m,
                     "offered_rps": round(rate, 2),
                     "sent": stats.sent,
+                    "sender_late_p99_ms": _pct(stats.send_late_s, 99),
                     "served": len(out.served_s),
                     "rejected": len(out.rejected_s),
                     "failed": sum(out.failed.values()),
@@ -238,8 +239,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The README's overload table."""
     lines = [
         "| endpoint | load | offered req/s | served | rejected (503) | failed | served p50 / p99 ms | p99 vs lone | "
-        "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned | load generator late p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ep in result["endpoints"]:
         for p in ep["points"]:
@@ -248,6 +249,6 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{p['offered_rps']} | {p['served']} | {p['rejected']} | {p['failed']} | {p['served_p50_ms']} / "
                 f"{p['served_p99_ms']} | {p['p99_vs_lone']}x | {p['reject_p50_ms']} / {p['reject_max_ms']} | "
                 f"{p['lone_after_ms']} ms ({p['lone_after_vs_lone']}x) | {p['idle_after_s']} | "
-                f"{p['abandoned_work_share'] * 100:.1f}% |"
+                f"{p['abandoned_work_share'] * 100:.1f}% | {p.get('sender_late_p99_ms')} |"
             )
     return "\n".join(lines) + "\n"
