@@ -7,6 +7,7 @@ fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 c
 fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
 fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
 fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
+fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs baseline, driven by wrk
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench readme                                     # put the latest tables into README.md
@@ -133,6 +134,14 @@ def _recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wrk(args: argparse.Namespace) -> int:
+    from benchmarks.wrk_check import WrkSettings, render_markdown, wrk_check
+
+    s = WrkSettings(connections=args.connections, duration_s=args.duration_s, out=args.out)
+    sys.stdout.write(render_markdown(wrk_check(s)))
+    return 0
+
+
 def _readme(_args: argparse.Namespace) -> int:
     from benchmarks.readme import update_readme
 
@@ -230,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--repeats", type=int, default=2, help="kills of tritonserver")
     rc.add_argument("--out", type=Path, default=RECOVERY_RESULT)
     rc.set_defaults(fn=_recovery)
+
+    from benchmarks.wrk_check import RESULT_FILE as WRK_RESULT
+
+    wk = sub.add_parser("wrk", help="/classify through the facade vs the baseline, driven by wrk (outside check)")
+    wk.add_argument("--connections", type=int, default=32)
+    wk.add_argument("--duration-s", type=int, default=15)
+    wk.add_argument("--out", type=Path, default=WRK_RESULT)
+    wk.set_defaults(fn=_wrk)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
     rd.set_defaults(fn=_readme)
