@@ -42,6 +42,9 @@ class OverloadSettings:
     client_timeout_s: float = 60.0
     generate_side: int = 128
     generate_steps: int = 4
+    connections: int = 256
+    """Keep-alive connections the load generator may open: a fleet of clients behind a proxy,
+    not one new TCP connection per arrival (which measures the kernel's accept queue)."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
@@ -160,7 +163,7 @@ async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: Over
     endpoint = Endpoint(model, facade_url, s)
     async with aiohttp.ClientSession(
         base_url=facade_url,
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=s.connections),
         timeout=aiohttp.ClientTimeout(total=s.client_timeout_s),
     ) as session:
         endpoint.session = session
