@@ -49,6 +49,7 @@ class OverloadSettings:
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
     lone_requests: int = 5
+    warmup_requests: int = 3
     idle_timeout_s: float = 120.0
     model_repository: Path = MODEL_REPOSITORY
     out: Path = RESULT_FILE
@@ -161,6 +162,7 @@ async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: Over
     endpoint = Endpoint(model, facade_url, s)
     endpoint.pool = FastHttpPool.for_url(facade_url, max_connections=s.connections)
     try:
+        await _lone(endpoint, s.warmup_requests)  # first inferences after a start are slower
         lone_s = await _lone(endpoint, s.lone_requests)
         cap = await closed_loop(endpoint, s.capacity_concurrency[model], s.capacity_s, 100_000)
         endpoint.reset()
