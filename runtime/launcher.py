@@ -52,6 +52,7 @@ class TritonSettings(BaseSettings):
     model_repository: Path = MODEL_REPOSITORY
     backend_dir: Path = BUILD_DIR / "triton_backends"
     log_file: Path | None = None
+    """Triton's own log; "-": the launcher's stdout (containers, where `docker logs` must show it)."""
     startup_timeout_s: float = 180.0
     log_verbose: int = 0
     models: tuple[str, ...] = ("*",)
@@ -182,7 +183,13 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
 
+    @property
+    def logs_to_stdout(self) -> bool:
+        return str(self.log_path) == "-"
+
     def log_text(self) -> str:
+        if self.logs_to_stdout:
+            return "(Triton's log is on standard output, above)"
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def _check_ports_free(self) -> None:
@@ -203,10 +210,13 @@ class TritonServer:
         # Serve exactly the last committed set: undo what a publisher that died mid-publish left.
         recover_repository(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.settings, backend_dir)
         log.info("starting Triton: %s", " ".join(cmd))
-        log_fh = self.log_path.open("wb")
+        if self.logs_to_stdout:
+            log_fh = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fh = self.log_path.open("wb")
         # New session: Ctrl-C in `make up` reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
             cmd,

@@ -92,9 +92,9 @@ def test_generate_small(http: httpx.Client) -> None:
 
 
 def test_training_job_published_and_served(http: httpx.Client) -> None:
-    before = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1}).json()[
-        "model_version"
-    ]
+    r = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1})
+    assert r.status_code == 200, r.text
+    before = r.json()["model_version"]
     data = {"trigger_word": TRIGGER, "steps": "10", "learning_rate": "0.01", "resolution": "64", "seed": "0"}
     r = http.post("/train", data=data, files={"dataset": ("data.zip", solid_color_zip(4, 64), "application/zip")})
     assert r.status_code == 202, r.text
@@ -110,7 +110,8 @@ def test_training_job_published_and_served(http: httpx.Client) -> None:
     new_version = job["result"]["publish"]["model_version"]
     assert int(new_version) > int(before)
     served = http.post("/generate", json={"prompt": f"{TRIGGER} a red square", "width": 64, "height": 64, "steps": 1})
-    assert served.status_code == 200 and served.json()["model_version"] == new_version
+    assert served.status_code == 200, (served.status_code, served.headers.get("retry-after"), served.text)
+    assert served.json()["model_version"] == new_version
 
 
 def test_crashed_triton_comes_back(http: httpx.Client) -> None:
