@@ -123,4 +123,4 @@ def test_triton_log_on_standard_output(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Started GRPCInferenceService" in proc.stdout, proc.stdout[-2000:]
-    assert 'successfully loaded \'probe\'' in proc.stdout, proc.stdout[-2000:]
+    assert "successfully loaded 'probe'" in proc.stdout, proc.stdout[-2000:]
