@@ -18,6 +18,7 @@ virtualenv as the launcher. model.py files import their logic from `serving/`.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -162,6 +163,21 @@ def _error_lines(log_text: str, limit: int = 12) -> str:
     return "\n".join(lines[-limit:]) or "\n".join(log_text.splitlines()[-limit:])
 
 
+def recover_committed_set(repo: Path) -> None:
+    """Serve exactly the last committed set: undo what a publisher that died mid-publish left.
+
+    Where this Triton only reads the repository (a read-only volume, as in docker compose and
+    Kubernetes), the publishers own that clean-up: each publish rolls back a dead one's leftovers
+    first, and the workers' housekeeping rolls back a reaped publisher's versions and reloads
+    them in Triton (export.hot_swap.recover_and_reload)."""
+    try:
+        recover_repository(repo)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.info("model repository %s is read-only here (%s): the publishers roll back interrupted publishes", repo, e)
+
+
 class TritonServer:
     """A tritonserver subprocess: start, wait until ready, stop cleanly (models load through
     export.model_control)."""
@@ -207,8 +223,7 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self._check_ports_free()
-        # Serve exactly the last committed set: undo what a publisher that died mid-publish left.
-        recover_repository(self.settings.model_repository)
+        recover_committed_set(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
         cmd = build_command(self.settings, backend_dir)
         log.info("starting Triton: %s", " ".join(cmd))
