@@ -6,6 +6,9 @@
 #   3. brings the cpu profile up with two workers, on a free loopback port, under a throw-away
 #      project name, env file and volumes;
 #   4. runs the smoke suite (tests/compose/) through the facade; 5. brings everything down.
+# The restart test SIGKILLs Triton's server process: `docker compose kill triton` would be recorded
+# by the engine as a manual stop, which no restart policy restarts (by design).
+# FLUXSERVE_COMPOSE_KEEP=1 leaves a failed stack up for `docker compose exec` / `logs`.
 # Prints the time each phase took. Needs root (package installs, dockerd) and a few GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
