@@ -11,6 +11,8 @@ Two signals are checked here, per request, in a few microseconds:
 * the event loop is late: `LoopLag` measures how late a periodic timer fires, i.e. how long
   a request that has just arrived waits before the facade gets to it. A lag over the route's
   maximum wait means the wait bound cannot be kept, whatever Triton's queue looks like.
+Neither sheds a request when the route has nothing in flight: as in admission, a lone request is
+always served (on a busy host the process itself may be descheduled, which looks like lag).
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class ShedRoute:
 
 def shed_reason(queue: CostQueue, lag_s: float) -> tuple[str, float] | None:
     """(message, retry-after seconds) when a request for `queue` must be shed now, else None."""
+    if queue.in_flight == 0:
+        return None  # a lone request is always served (a descheduled process is late too)
     if lag_s > queue.max_wait_s:
         return f"the server is saturated (requests wait {lag_s:.2f}s before being read); retry later", 1.0
     wait = queue.estimated_wait_s()
-    if queue.in_flight > 0 and wait > queue.max_wait_s:
+    if wait > queue.max_wait_s:
         return (
             f"{queue.name} is at capacity: about {wait:.1f}s of work is ahead (limit {queue.max_wait_s:g}s); retry later",
             max(1.0, wait - queue.max_wait_s),

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.servers import CLASSIFY_STACK, LOG_DIR, MODEL_REPOSITORY, baseline, facade, triton
+from benchmarks.servers import CAPACITY_ENV, CLASSIFY_STACK, LOG_DIR, MODEL_REPOSITORY, baseline, facade, triton
 from benchmarks.workload import chat_texts
 from common.paths import CLASSIFIER_MODEL_DIR
 
@@ -92,8 +92,7 @@ def wrk_check(s: WrkSettings | None = None) -> dict[str, Any]:
         script = Path(tmp) / "classify.lua"
         script.write_text(lua_script(chat_texts()[: s.texts]))
         with triton(MODEL_REPOSITORY, CLASSIFY_STACK, s.log_dir, tag="wrk") as server:
-            # Bounded waits are for overload; this measures capacity, so the facade must not shed.
-            with facade(server.grpc_url, CLASSIFY_STACK[:1], s.log_dir, extra_env=_no_shedding()) as api:
+            with facade(server.grpc_url, CLASSIFY_STACK[:1], s.log_dir, extra_env=CAPACITY_ENV) as api:
                 result["facade"] = run_wrk(api.url, script, s)
         log.info("facade: %s", result["facade"])
         with baseline(CLASSIFIER_MODEL_DIR, False, s.log_dir) as base:
@@ -104,10 +103,6 @@ def wrk_check(s: WrkSettings | None = None) -> dict[str, Any]:
     s.out.write_text(json.dumps(result, indent=2))
     s.out.with_suffix(".md").write_text(render_markdown(result))
     return result
-
-
-def _no_shedding() -> dict[str, str]:
-    return {"FLUXSERVE_ADMISSION_CLASSIFY_MAX_WAIT_S": "60"}
 
 
 def render_markdown(result: dict[str, Any]) -> str:

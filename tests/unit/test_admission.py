@@ -212,9 +212,11 @@ def test_early_shed_follows_the_queue_and_the_event_loop_lag() -> None:
     q.admit(10.0)  # 0.3 s ahead: the next request could not start within 0.25 s
     message, retry_after_s = shed_reason(q, lag_s=0.0)
     assert "at capacity" in message and retry_after_s >= 1.0
-    q.release(30.0, completed=False)
-    message, _ = shed_reason(q, lag_s=0.4)  # nothing queued, but the loop itself is 0.4 s late
+    q.release(29.0, completed=False)
+    message, _ = shed_reason(q, lag_s=0.4)  # little queued, but the loop itself is 0.4 s late
     assert "saturated" in message
+    q.release(1.0, completed=False)
+    assert shed_reason(q, lag_s=0.4) is None  # nothing in flight: a lone request is served
 
 
 def test_loop_lag_sees_a_blocked_event_loop() -> None:
