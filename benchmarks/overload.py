@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 
+from benchmarks.fast_http import FastHttpPool
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.metrics_scrape import scrape
 from benchmarks.servers import CLASSIFY_STACK, GENERATE_STACK, LOG_DIR, MODEL_REPOSITORY, facade, triton
@@ -49,6 +49,7 @@ class OverloadSettings:
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
     lone_requests: int = 5
+    warmup_requests: int = 3
     idle_timeout_s: float = 120.0
     model_repository: Path = MODEL_REPOSITORY
     out: Path = RESULT_FILE
@@ -77,7 +78,7 @@ class Endpoint:
         self.model, self.url, self.s = model, url, s
         self.texts = chat_texts()
         self.outcomes = Outcomes()
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: FastHttpPool | None = None
 
     def body(self, i: int) -> tuple[str, dict[str, Any]]:
         if self.model == GENERATE.name:
@@ -91,26 +92,27 @@ class Endpoint:
         return "/classify", {"text": self.texts[i % len(self.texts)]}
 
     async def __call__(self, i: int) -> None:
-        assert self.session is not None
+        assert self.pool is not None
         path, body = self.body(i)
+        raw = self.pool.post_bytes(path, json.dumps(body).encode())
         started = time.perf_counter()
         try:
-            async with self.session.post(path, json=body) as r:
-                await r.read()
-                elapsed = time.perf_counter() - started
-                if r.status == 200:
-                    self.outcomes.served_s.append(elapsed)
-                    return
-                if r.status == 503:
-                    self.outcomes.rejected_s.append(elapsed)
-                    if "Retry-After" not in r.headers:
-                        self.outcomes.rejected_without_retry_after += 1
-                else:
-                    self.outcomes.fail(f"http_{r.status}")
+            r = await self.pool.request(raw, self.s.client_timeout_s)
         except TimeoutError:
             self.outcomes.fail("client_timeout")
-        except aiohttp.ClientError as e:
+        except OSError as e:  # ConnectionError and friends
             self.outcomes.fail(type(e).__name__)
+        else:
+            elapsed = time.perf_counter() - started
+            if r.status == 200:
+                self.outcomes.served_s.append(elapsed)
+                return
+            if r.status == 503:
+                self.outcomes.rejected_s.append(elapsed)
+                if "retry-after" not in r.headers:
+                    self.outcomes.rejected_without_retry_after += 1
+            else:
+                self.outcomes.fail(f"http_{r.status}")
         raise RuntimeError("not served")  # so the load generator counts only served latencies
 
     def reset(self) -> Outcomes:
@@ -140,33 +142,27 @@ async def _wait_idle(metrics_url: str, model: str, timeout_s: float) -> float | 
 async def _lone(endpoint: Endpoint, n: int) -> float:
     """Median of `n` sequential requests, each on a fresh connection: a pooled keep-alive
     connection left idle after a load point may have been closed by the server meanwhile."""
-    pooled = endpoint.session
-    async with aiohttp.ClientSession(
-        base_url=endpoint.url,
-        connector=aiohttp.TCPConnector(force_close=True),
-        timeout=aiohttp.ClientTimeout(total=endpoint.s.client_timeout_s),
-    ) as fresh:
-        endpoint.session = fresh
-        try:
-            for i in range(n):
-                try:
-                    await endpoint(10_000 + i)
-                except RuntimeError:
-                    pass
-        finally:
-            endpoint.session = pooled
+    pooled = endpoint.pool
+    try:
+        for i in range(n):
+            endpoint.pool = FastHttpPool.for_url(endpoint.url, max_connections=1)
+            try:
+                await endpoint(10_000 + i)
+            except RuntimeError:
+                pass
+            finally:
+                await endpoint.pool.close()
+    finally:
+        endpoint.pool = pooled
     served = endpoint.reset().served_s
     return statistics.median(served) if served else float("nan")
 
 
 async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: OverloadSettings) -> dict[str, Any]:
     endpoint = Endpoint(model, facade_url, s)
-    async with aiohttp.ClientSession(
-        base_url=facade_url,
-        connector=aiohttp.TCPConnector(limit=s.connections),
-        timeout=aiohttp.ClientTimeout(total=s.client_timeout_s),
-    ) as session:
-        endpoint.session = session
+    endpoint.pool = FastHttpPool.for_url(facade_url, max_connections=s.connections)
+    try:
+        await _lone(endpoint, s.warmup_requests)  # first inferences after a start are slower
         lone_s = await _lone(endpoint, s.lone_requests)
         cap = await closed_loop(endpoint, s.capacity_concurrency[model], s.capacity_s, 100_000)
         endpoint.reset()
@@ -212,6 +208,8 @@ async def _bench_endpoint(model: str, facade_url: str, metrics_url: str, s: Over
                 }
             )
             log.info("%s at %gx: %s", model, m, points[-1])
+    finally:
+        await endpoint.pool.close()
     return {
         "model": model,
         "lone_ms": round(lone_s * 1000, 1),
