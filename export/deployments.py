@@ -44,6 +44,9 @@ class ExportSettings(BaseSettings):
     classifier_onnx_threads: int | None = None
     """ORT intra-op threads per classifier_onnx instance. None: the sweep's recommendation, else 2."""
     classifier_onnx_max_queue_delay_us: int = 500
+    classifier_onnx_call_cost_tokens: float = 16.0
+    """One more ORT call's fixed cost in padded tokens' worth of encoder work: the exchange rate the
+    classifier_onnx runner uses to split a merged batch by text length (0 would split every length)."""
     generate_instances: int = 4
     """Concurrent generations in Triton; their per-step transformer calls are batched together."""
     generate_max_queue_size: int = 8
@@ -99,6 +102,9 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
             parameters={
                 "intra_op_threads": str(_pick(s.classifier_onnx_threads, rec_onnx, "intra_op_threads", 2)),
                 "pad_axis1": "input_ids,attention_mask",
+                # Merged chat batches are ~1.5x padding: regroup rows by real length (onnx_runner.py).
+                "length_buckets": "attention_mask",
+                "call_cost_tokens": str(s.classifier_onnx_call_cost_tokens),
             },
         ),
     }
