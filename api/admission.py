@@ -25,8 +25,21 @@ from dataclasses import dataclass
 import psutil
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import ATTENTION_HEADS_PARAMETER, FLUX_TRANSFORMER, GENERATE, TEXT_TOKENS_PARAMETER
-from client.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
+from client.contract import (
+    ATTENTION_HEADS_PARAMETER,
+    FLUX_TRANSFORMER,
+    GENERATE,
+    HOST_MEMORY_SHARE_PARAMETER,
+    TEXT_TOKENS_PARAMETER,
+)
+from client.cost import (
+    MAX_CONTRACT_COST_MPS,
+    TransformerShape,
+    generate_cost_mps,
+    instance_memory_budget,
+    memory_guard_message,
+    transformer_peak_bytes,
+)
 from client.errors import InvalidInputError, OverloadedError
 from client.triton_client import AsyncTritonClient
 
@@ -54,7 +67,8 @@ class AdmissionSettings(BaseSettings):
     generate_max_wait_s: float = 5.0
     generate_initial_rate_mps: float = 0.5
     """Throughput assumed until the first measurement (megapixel-steps per second)."""
-    classify_max_wait_s: float = 0.25
+    classify_max_wait_s: float = 0.1
+    """A lone /classify takes ~10 ms here: 0.1 s keeps an accepted request within ~20x of that."""
     classify_initial_rate_texts: float = 200.0
     rate_smoothing: float = 0.3
     """Weight of the newest throughput sample in the moving average."""
@@ -123,10 +137,7 @@ class MemoryBudget:
         if budget is None:
             return
         if needed > budget:
-            raise InvalidInputError(
-                f"this request needs about {needed / 2**20:,.0f} MiB of transformer memory, over this deployment's limit "
-                f"of {budget / 2**20:,.0f} MiB: use a smaller width x height or fewer num_images"
-            )
+            raise InvalidInputError(memory_guard_message(needed, budget))
         if self.in_flight + needed > budget:
             raise OverloadedError(
                 "generation memory is fully used by requests in flight; retry later", retry_after_s=2.0
@@ -147,6 +158,8 @@ class ModelFacts:
 
     on_gpu: bool
     shape: TransformerShape
+    image_budget_bytes: int | None = None
+    """What one image may use in a `generate` instance, which refuses more itself (client.cost)."""
 
 
 class Admission:
@@ -198,6 +211,10 @@ class Admission:
                 f"this request costs {cost:,.1f} megapixel-steps (width*height*steps*num_images/1e6), over this "
                 f"deployment's limit of {limit:,.1f}: use fewer steps, a smaller size or fewer num_images"
             )
+        per_image = transformer_peak_bytes(width, height, 1, facts.shape)
+        if facts.image_budget_bytes is not None and per_image > facts.image_budget_bytes:
+            # `generate` would refuse it; saying so here gives the client the limit, not Triton's text.
+            raise InvalidInputError(memory_guard_message(per_image, facts.image_budget_bytes))
         needed = transformer_peak_bytes(width, height, images, facts.shape)
         self.memory.check(needed, self.memory_budget_bytes(facts))
         async with self.generate.admitted(cost), self.memory.held(needed):
@@ -214,13 +231,19 @@ async def deployed_model_facts(triton: AsyncTritonClient) -> ModelFacts:
     transformer = await triton.model_config(FLUX_TRANSFORMER)
     params = generate.get("parameters", {})
 
-    def number(key: str, default: int) -> int:
+    def number(key: str, default: float) -> float:
         value = params.get(key, {}).get("string_value")
-        return int(value) if value else default
+        return float(value) if value else default
 
     default = TransformerShape()
     shape = TransformerShape(
-        number(ATTENTION_HEADS_PARAMETER, default.attention_heads), number(TEXT_TOKENS_PARAMETER, default.text_tokens)
+        int(number(ATTENTION_HEADS_PARAMETER, default.attention_heads)),
+        int(number(TEXT_TOKENS_PARAMETER, default.text_tokens)),
     )
+    instances = sum(int(g.get("count", 1)) for g in generate.get("instance_group", []))
     # On CPU every model runs in the python backend; on GPU the transformer is an engine.
-    return ModelFacts(on_gpu=transformer.get("backend") != "python", shape=shape)
+    return ModelFacts(
+        on_gpu=transformer.get("backend") != "python",
+        shape=shape,
+        image_budget_bytes=instance_memory_budget(number(HOST_MEMORY_SHARE_PARAMETER, 0), instances),
+    )

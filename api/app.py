@@ -22,6 +22,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
+from api.shedding import EarlyShedMiddleware
 from api.state import AppState
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
@@ -67,7 +68,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     def body_limit(method: str, path: str) -> int:
         return upload_limit if (method, path.rstrip("/")) == ("POST", "/train") else settings.max_json_body_bytes
 
-    # Added innermost first: request id (outermost), metrics (so 413s are counted), body limit.
+    # Added innermost first: request id (outermost), metrics (so 413s and sheds are counted), body
+    # limit, early shedding (before routing and body parsing: api/shedding.py).
+    app.add_middleware(
+        EarlyShedMiddleware,
+        admission=lambda: state.admission,
+        lag=lambda: state.loop_lag,
+        queues={"/classify": lambda a: a.classify, "/generate": lambda a: a.generate},
+    )
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)

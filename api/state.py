@@ -17,6 +17,7 @@ from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.metrics import ApiMetrics
 from api.readiness import Readiness
 from api.settings import ApiSettings
+from api.shedding import LoopLag
 from client.contract import CLASSIFY, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient
 from training.jobs import JobSettings, JobStore
@@ -64,6 +65,7 @@ class AppState:
     triton_generate: AsyncTritonClient | None = None
     readiness: Readiness | None = None
     admission: Admission | None = None
+    loop_lag: LoopLag | None = None
     stopping: asyncio.Event | None = None
     """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
     _loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +78,8 @@ class AppState:
         self.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(self.triton))
         self.stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self.loop_lag = LoopLag()
+        self.loop_lag.start()
 
     def begin_shutdown(self) -> None:
         """Safe from a signal handler or another thread."""
@@ -83,6 +87,8 @@ class AppState:
             self._loop.call_soon_threadsafe(self.stopping.set)
 
     async def close(self) -> None:
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         for client in (self.triton, self.triton_generate):
             if client is not None:
                 await client.close()

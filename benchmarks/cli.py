@@ -7,6 +7,8 @@ fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 c
 fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
 fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
 fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
+fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs baseline, driven by wrk
+fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench readme                                     # put the latest tables into README.md
 """
@@ -116,11 +118,30 @@ def _overload(args: argparse.Namespace) -> int:
     from benchmarks.overload import OverloadSettings, overload, render_markdown
 
     s = OverloadSettings(
-        duration_s=args.duration_s, multipliers=tuple(args.multipliers), out=args.out, log_dir=args.log_dir
+        duration_s=args.duration_s,
+        multipliers=tuple(args.multipliers),
+        endpoints=tuple(args.endpoints),
+        out=args.out,
+        log_dir=args.log_dir,
     )
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     sys.stdout.write(render_markdown(overload(s)))
+    return 0
+
+
+def _recovery(args: argparse.Namespace) -> int:
+    from benchmarks.recovery import RecoverySettings, recovery, render_markdown
+
+    sys.stdout.write(render_markdown(recovery(RecoverySettings(repeats=args.repeats, out=args.out))))
+    return 0
+
+
+def _wrk(args: argparse.Namespace) -> int:
+    from benchmarks.wrk_check import WrkSettings, render_markdown, wrk_check
+
+    s = WrkSettings(connections=args.connections, duration_s=args.duration_s, out=args.out)
+    sys.stdout.write(render_markdown(wrk_check(s)))
     return 0
 
 
@@ -216,10 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     ov = sub.add_parser("overload", help="open-loop load at multiples of capacity: shedding, latency, abandoned work")
     ov.add_argument("--duration-s", type=float, default=30.0, help="seconds per load point")
     ov.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 5.0, 10.0])
+    ov.add_argument("--endpoints", nargs="+", choices=["generate", "classify"], default=["generate", "classify"])
     ov.add_argument("--model-repository", type=Path)
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)
     ov.set_defaults(fn=_overload)
+
+    from benchmarks.recovery import RESULT_FILE as RECOVERY_RESULT
+
+    rc = sub.add_parser("recovery", help="make up's stack: time to ready again after kill -9 of its parts")
+    rc.add_argument("--repeats", type=int, default=2, help="kills of tritonserver")
+    rc.add_argument("--out", type=Path, default=RECOVERY_RESULT)
+    rc.set_defaults(fn=_recovery)
+
+    from benchmarks.wrk_check import RESULT_FILE as WRK_RESULT
+
+    wk = sub.add_parser("wrk", help="/classify through the facade vs the baseline, driven by wrk (outside check)")
+    wk.add_argument("--connections", type=int, default=32)
+    wk.add_argument("--duration-s", type=int, default=15)
+    wk.add_argument("--out", type=Path, default=WRK_RESULT)
+    wk.set_defaults(fn=_wrk)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
     rd.set_defaults(fn=_readme)

@@ -37,6 +37,9 @@ class LoadStats:
     """Open loop only: arrivals not sent because `max_in_flight` requests were outstanding."""
     wall_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
+    send_late_s: list[float] = field(default_factory=list)
+    """Open loop only: how late each request started against its schedule. Large values mean the
+    load generator itself could not keep up (it shares the machine), not the server."""
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -125,6 +128,7 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, scheduled: float) -> None:
+        stats.send_late_s.append(time.perf_counter() - scheduled)
         try:
             await request(i)
         except asyncio.CancelledError:

@@ -274,7 +274,9 @@ def run(s: RunSettings) -> Result:
             result["environment"]["triton_version"] = _triton_version(triton)
             required = [m for m in (CLASSIFY.name, GENERATE.name) if m in models]
             facade = (
-                stack.enter_context(servers.facade(triton.grpc_url, required, s.log_dir))
+                stack.enter_context(
+                    servers.facade(triton.grpc_url, required, s.log_dir, extra_env=servers.CAPACITY_ENV)
+                )
                 if any(n.door == FACADE for n in served)
                 else None
             )

@@ -26,6 +26,15 @@ CLASSIFY_STACK: tuple[str, ...] = (CLASSIFY.name, CLASSIFIER_ONNX.name)
 GENERATE_STACK: tuple[str, ...] = (GENERATE.name, *FLUX_COMPONENTS)
 
 
+CAPACITY_ENV: dict[str, str] = {
+    "FLUXSERVE_ADMISSION_CLASSIFY_MAX_WAIT_S": "60",
+    "FLUXSERVE_ADMISSION_GENERATE_MAX_WAIT_S": "600",
+}
+"""The facade's settings when a benchmark measures capacity at a fixed concurrency: the number of
+clients bounds the queue already, and the bounded wait (shedding, measured by `fluxserve-bench
+overload`) would turn a busy moment of this shared machine into refused requests."""
+
+
 def is_built(repo: Path, model: str) -> bool:
     """A model is servable when export wrote its config and at least one version."""
     model_dir = repo / model

@@ -181,6 +181,11 @@ ATTENTION_HEADS_PARAMETER = "attention_heads"
 """generate: its transformer's attention heads (the facade's memory guard, client/cost.py)."""
 TEXT_TOKENS_PARAMETER = "text_tokens"
 """generate: T5 tokens per prompt (the facade's memory guard, client/cost.py)."""
+HOST_MEMORY_SHARE_PARAMETER = "host_memory_share"
+"""generate, generate_stream: the share of the host's memory that the transformer activations of
+this model's concurrent images may use, split evenly over its instances ("0": no guard, the GPU
+target, where TensorRT profiles bound it). The model itself refuses a request over its instance's
+part of it, so gRPC clients that bypass the facade cannot get a stub OOM-killed either."""
 
 FLUX_TRANSFORMER_INPUTS: tuple[str, ...] = (
     "hidden_states",

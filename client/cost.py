@@ -14,6 +14,7 @@ parameters (client.contract's ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER),
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from client.contract import GENERATE_LIMITS
@@ -54,3 +55,26 @@ def transformer_peak_bytes(width: int, height: int, images: int, shape: Transfor
     batch (the images of one request run concurrently and meet in the dynamic batcher)."""
     tokens = image_tokens(width, height) + shape.text_tokens
     return images * shape.attention_heads * tokens * tokens * FLOAT_BYTES * ATTENTION_COPIES
+
+
+CPU_HOST_MEMORY_SHARE = 0.25
+"""On a CPU deployment, `generate` and `generate_stream` may each use a quarter of the host's
+memory for transformer activations (half together, as the facade's default budget)."""
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host (the machine the code runs on)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def instance_memory_budget(share: float, instances: int) -> int | None:
+    """Bytes of transformer activations one `generate` instance's image may use (None: no guard):
+    the model's share of the host's memory split over its instances, which may all run at once."""
+    return int(host_memory_bytes() * share / max(1, instances)) if share > 0 else None
+
+
+def memory_guard_message(needed: int, budget: int) -> str:
+    return (
+        f"this request needs about {needed / 2**20:,.0f} MiB of transformer memory, over this deployment's limit "
+        f"of {budget / 2**20:,.0f} MiB: use a smaller width x height or fewer num_images"
+    )

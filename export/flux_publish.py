@@ -30,9 +30,11 @@ from client.contract import (
     FLUX_VAE_DECODER,
     GENERATE,
     GENERATE_STREAM,
+    HOST_MEMORY_SHARE_PARAMETER,
     TEXT_TOKENS_PARAMETER,
     TRIGGER_PARAMETER,
 )
+from client.cost import CPU_HOST_MEMORY_SHARE
 from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
@@ -329,7 +331,11 @@ def publish_flux(
         for spec in (GENERATE, GENERATE_STREAM):
             dep = replace(
                 deps[spec.name],
-                parameters={**deps[spec.name].parameters, TRIGGER_PARAMETER: trigger_word, **_memory_facts(assets)},
+                parameters={
+                    **deps[spec.name].parameters,
+                    TRIGGER_PARAMETER: trigger_word,
+                    **_memory_facts(assets, target),
+                },
             )
             min_version = published[GENERATE.name].version if published else 1
             published[spec.name] = publish(
@@ -343,12 +349,14 @@ def publish_flux(
     return out
 
 
-def _memory_facts(pipeline_assets: Path) -> dict[str, str]:
-    """What the facade's memory guard needs to know about this transformer (client.cost)."""
+def _memory_facts(pipeline_assets: Path, target: Target) -> dict[str, str]:
+    """What the memory guards (the facade's and `generate`'s own) need to know about this
+    transformer (client.cost)."""
     config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
     return {
         ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
         TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets)),
+        HOST_MEMORY_SHARE_PARAMETER: str(CPU_HOST_MEMORY_SHARE if target == "cpu" else 0),
     }
 
 

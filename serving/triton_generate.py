@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from client.codec import flux_component_feeds
 from client.contract import (
+    ATTENTION_HEADS_PARAMETER,
     FLUX_IO_NAMES,
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
@@ -28,7 +29,10 @@ from client.contract import (
     FLUX_VAE_DECODER,
     GENERATE,
     GENERATE_DEFAULTS,
+    HOST_MEMORY_SHARE_PARAMETER,
+    TEXT_TOKENS_PARAMETER,
 )
+from client.cost import TransformerShape, instance_memory_budget, memory_guard_message, transformer_peak_bytes
 from serving.flux_loop import FluxLoop, GenerationRequest
 from serving.generate_request import read_request
 from serving.stop_check import Stopped, stop_check
@@ -47,6 +51,32 @@ def _stop_check(request):
     return stop_check(is_cancelled, int(timeout() or 0) if timeout else 0)
 
 
+def _memory_guard(model_config: dict):
+    """A check refusing (ValueError) a request whose transformer activations would pass this
+    instance's part of the host's memory: the same estimate as the facade's guard (client.cost),
+    here for the gRPC clients that do not go through the facade. Every instance may hold its part
+    at once, so together they stay within the model's share whatever arrives."""
+    parameters = model_config.get("parameters", {})
+    instances = max(1, sum(int(g.get("count", 1)) for g in model_config.get("instance_group", [])))
+
+    def number(key: str) -> float:
+        return float(parameters.get(key, {}).get("string_value") or 0)
+
+    default = TransformerShape()
+    shape = TransformerShape(
+        int(number(ATTENTION_HEADS_PARAMETER) or default.attention_heads),
+        int(number(TEXT_TOKENS_PARAMETER) or default.text_tokens),
+    )
+    budget = instance_memory_budget(number(HOST_MEMORY_SHARE_PARAMETER), instances)
+
+    def check(req: GenerationRequest) -> None:
+        needed = transformer_peak_bytes(req.width, req.height, 1, shape)
+        if budget is not None and needed > budget:
+            raise ValueError(memory_guard_message(needed, budget))
+
+    return check
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -58,6 +88,7 @@ class TritonPythonModel:
             transformer=self._caller(FLUX_TRANSFORMER, components),
             decode_vae=self._caller(FLUX_VAE_DECODER, components),
         )
+        self.memory_guard = _memory_guard(json.loads(args["model_config"]))
 
     @staticmethod
     def _caller(model: str, components: dict[str, int]):
@@ -88,6 +119,7 @@ class TritonPythonModel:
 
             try:
                 req: GenerationRequest = read_request(get, GENERATE_DEFAULTS)
+                self.memory_guard(req)
             except ValueError as e:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))

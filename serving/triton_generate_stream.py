@@ -63,6 +63,7 @@ class TritonPythonModel(UnaryGenerateModel):
 
         try:
             req = read_request(get, GENERATE_DEFAULTS)
+            self.memory_guard(req)  # initialised by `generate`'s initialize, from this model's config
         except ValueError as e:
             sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=final)
             return

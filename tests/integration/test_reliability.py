@@ -27,6 +27,8 @@ import pytest
 import tritonclient.http as triton_http
 
 from client.contract import FLUX_TRANSFORMER, GENERATE
+from client.errors import InvalidInputError
+from client.triton_client import TritonClient
 from runtime import processes
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, Facade, free_port, require_models
 
@@ -105,7 +107,25 @@ def test_oversized_request_never_reaches_a_stub(facade: Facade, stats: Stats) ->
         r = http.post("/generate", json={"prompt": PROMPT, "width": 2000, "height": 1920, "steps": 47, "num_images": 2})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["type"] == "invalid_request" and "limit" in r.json()["error"]["message"]
+    # Within the cost limit and the facade's overall memory budget, but over what one image may use
+    # in a `generate` instance (which would refuse it itself): refused here, with that limit.
+    with facade.client() as http:
+        r = http.post("/generate", json={"prompt": PROMPT, "width": 2048, "height": 2048, "steps": 1})
+    assert r.status_code == 422, r.text
+    assert "transformer memory" in r.json()["error"]["message"] and "limit of" in r.json()["error"]["message"]
     assert {m: stats.inferences(m) for m in before} == before
+
+
+def test_oversized_grpc_request_is_refused_by_generate_itself(server, stats: Stats) -> None:
+    """A gRPC client bypassing the facade (and its guard) cannot get a stub OOM-killed either:
+    `generate` refuses a 2048x2048 image (about 8.7 GB of attention on the small model, over its
+    instance's part of the host's memory) before it calls the transformer."""
+    before = stats.inferences(FLUX_TRANSFORMER)
+    with TritonClient(server.grpc_url, timeout_s=120) as triton:
+        with pytest.raises(InvalidInputError, match="transformer memory"):
+            triton.generate(PROMPT, seed=1, width=2048, height=2048, steps=1)
+        assert triton.generate(PROMPT, seed=1, width=64, height=64, steps=1).image.size > 0
+    assert stats.inferences(FLUX_TRANSFORMER) == before + 1
 
 
 def _send_and_hold(url: str, path: str, body: dict) -> socket.socket:
@@ -195,6 +215,36 @@ def test_overload_sheds_with_retry_after(server) -> None:
                         assert r.json()["error"]["type"] == "unavailable"
     finally:
         f.stop()
+
+
+def test_saturated_route_sheds_before_reading_the_body(server, stats: Stats) -> None:
+    """With a generation holding more than the maximum wait, the next /generate is refused by the
+    early shed (api/shedding.py) without its body being read: a body that is not even JSON gets
+    503 + Retry-After, not the 422 that parsing it would give. /classify is not affected."""
+    f = start_facade(
+        server.grpc_url,
+        {"FLUXSERVE_ADMISSION_GENERATE_MAX_WAIT_S": "0.5", "FLUXSERVE_ADMISSION_GENERATE_INITIAL_RATE_MPS": "0.01"},
+    )
+    finished = stats.finished(GENERATE.name)
+    steps_before = stats.inferences(FLUX_TRANSFORMER)
+    sock = _send_and_hold(f.url, "/generate", LONG)
+    try:
+        wait_for(lambda: stats.inferences(FLUX_TRANSFORMER) > steps_before, 120, "the generation to be running")
+        with f.client() as http:
+            r = http.post("/generate", content=b"not json", headers={"content-type": "application/json"})
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "unavailable"
+            assert http.post("/classify", json={"text": "show me a cat"}).status_code == 200
+            shed = [
+                line
+                for line in http.get("/metrics").text.splitlines()
+                if line.startswith("fluxserve_http_requests_total") and 'route="/generate"' in line
+            ]
+            assert any('status="503"' in line for line in shed), shed
+    finally:
+        sock.close()
+        f.stop()
+    wait_for(generate_idle(stats, finished, 1), 120, "the abandoned generation to leave Triton")
 
 
 def _stub_pids(model: str) -> list[int]:

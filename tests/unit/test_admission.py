@@ -200,3 +200,42 @@ def test_shutdown_cancels_the_work_and_answers_503() -> None:
 
     asyncio.run(run())
     assert cancelled == [True, True]
+
+
+def test_early_shed_follows_the_queue_and_the_event_loop_lag() -> None:
+    from api.shedding import shed_reason
+
+    q = CostQueue("classification", "texts", max_wait_s=0.25, initial_rate=100.0, smoothing=0.3)
+    assert shed_reason(q, lag_s=0.0) is None  # idle
+    q.admit(20.0)  # 0.2 s ahead
+    assert shed_reason(q, lag_s=0.0) is None
+    q.admit(10.0)  # 0.3 s ahead: the next request could not start within 0.25 s
+    message, retry_after_s = shed_reason(q, lag_s=0.0)
+    assert "at capacity" in message and retry_after_s >= 1.0
+    q.release(29.0, completed=False)
+    message, _ = shed_reason(q, lag_s=0.4)  # little queued, but the loop itself is 0.4 s late
+    assert "saturated" in message
+    q.release(1.0, completed=False)
+    assert shed_reason(q, lag_s=0.4) is None  # nothing in flight: a lone request is served
+
+
+def test_loop_lag_sees_a_blocked_event_loop() -> None:
+    import time
+
+    from api.shedding import LoopLag
+
+    async def main() -> tuple[float, float]:
+        lag = LoopLag(interval_s=0.005, smoothing=1.0)
+        lag.start()
+        await asyncio.sleep(0.05)
+        quiet = lag.lag_s
+        time.sleep(0.3)  # the loop is blocked: the next timer fires ~0.3 s late
+        blocked, until = 0.0, time.monotonic() + 0.05
+        while time.monotonic() < until:  # every loop iteration, while the timer catches up
+            await asyncio.sleep(0)
+            blocked = max(blocked, lag.lag_s)
+        await lag.stop()
+        return quiet, blocked
+
+    quiet, blocked = asyncio.run(main())
+    assert blocked >= 0.25 and quiet < blocked

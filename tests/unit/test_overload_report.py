@@ -38,3 +38,17 @@ def test_overload_table_has_one_row_per_load_point() -> None:
     table = render_markdown(result).splitlines()
     assert len(table) == 2 + 2
     assert "| 10x |" in table[2] and "2.0%" in table[2] and "1650" in table[2]
+
+
+def test_recovery_table_has_every_fault() -> None:
+    from benchmarks.recovery import render_markdown as recovery_table
+
+    result = {
+        "cold_start_s": 40.0,
+        "kill_tritonserver": [{"noticed_s": 0.3, "ready_again_s": 35.2}, {"noticed_s": 0.2, "ready_again_s": 33.0}],
+        "kill_transformer_stub": {"noticed_s": 1.1, "ready_again_s": 9.8},
+        "kill_worker_restarted_s": 1.4,
+    }
+    table = recovery_table(result).splitlines()
+    assert len(table) == 2 + 5
+    assert "35.2" in table[2] and "33.0" in table[3] and "9.8" in table[4] and "1.4" in table[5]
