@@ -81,9 +81,12 @@ class Candidate:
     """None: the current layout (`Layout.current`)."""
 
     @property
+    def batching_label(self) -> str:
+        return f"delay={self.max_queue_delay_us}us preferred={list(self.preferred_batch_sizes)}"
+
+    @property
     def label(self) -> str:
-        batching = f"delay={self.max_queue_delay_us}us preferred={list(self.preferred_batch_sizes)}"
-        return batching if self.layout is None else f"{batching} {self.layout.label}"
+        return self.batching_label if self.layout is None else f"{self.batching_label} {self.layout.label}"
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
@@ -282,8 +285,8 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
             "instances": best.layout.classify_instances,
         },
         "classifier_onnx": {"instances": best.layout.onnx_instances, "intra_op_threads": best.layout.onnx_threads},
-        "measured": {c.label: m for c, m in measured.items()},
-        "measured_layouts": {c.label: m for c, m in measured_layouts.items()},
+        "measured": {c.batching_label: m for c, m in measured.items()},
+        "measured_layouts": {c.layout.label: m for c, m in measured_layouts.items() if c.layout is not None},
         "method": {
             "door": "Triton gRPC (tritonclient.grpc.aio), closed loop",
             "concurrency": s.concurrency,
@@ -295,6 +298,7 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
                 " request, then lowest p99"
             ),
             "selected": best.label,
+            "batching_measured_at": current.label,
             "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "measured_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
