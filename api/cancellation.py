@@ -63,7 +63,9 @@ async def all_or_nothing(*works: Awaitable[T]) -> list[T]:
             tasks = [group.create_task(_as_coroutine(w)) for w in works]
     except BaseExceptionGroup as eg:
         first = eg.exceptions[0]
-        raise first from None
+        # Keep its cause: api.errors.public_message shows only our own messages (no cause) as
+        # they are; `from None` would pass Triton's raw text to the client.
+        raise first from first.__cause__
     return [t.result() for t in tasks]
 
 

@@ -18,6 +18,7 @@ virtualenv as the launcher. model.py files import their logic from `serving/`.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ class TritonSettings(BaseSettings):
     model_repository: Path = MODEL_REPOSITORY
     backend_dir: Path = BUILD_DIR / "triton_backends"
     log_file: Path | None = None
+    """Triton's own log; "-": the launcher's stdout (containers, where `docker logs` must show it)."""
     startup_timeout_s: float = 180.0
     log_verbose: int = 0
     models: tuple[str, ...] = ("*",)
@@ -161,6 +163,21 @@ def _error_lines(log_text: str, limit: int = 12) -> str:
     return "\n".join(lines[-limit:]) or "\n".join(log_text.splitlines()[-limit:])
 
 
+def recover_committed_set(repo: Path) -> None:
+    """Serve exactly the last committed set: undo what a publisher that died mid-publish left.
+
+    Where this Triton only reads the repository (a read-only volume, as in docker compose and
+    Kubernetes), the publishers own that clean-up: each publish rolls back a dead one's leftovers
+    first, and the workers' housekeeping rolls back a reaped publisher's versions and reloads
+    them in Triton (export.hot_swap.recover_and_reload)."""
+    try:
+        recover_repository(repo)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.info("model repository %s is read-only here (%s): the publishers roll back interrupted publishes", repo, e)
+
+
 class TritonServer:
     """A tritonserver subprocess: start, wait until ready, stop cleanly (models load through
     export.model_control)."""
@@ -182,7 +199,13 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
 
+    @property
+    def logs_to_stdout(self) -> bool:
+        return str(self.log_path) == "-"
+
     def log_text(self) -> str:
+        if self.logs_to_stdout:
+            return "(Triton's log is on standard output, above)"
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def _check_ports_free(self) -> None:
@@ -200,13 +223,15 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         self._check_ports_free()
-        # Serve exactly the last committed set: undo what a publisher that died mid-publish left.
-        recover_repository(self.settings.model_repository)
+        recover_committed_set(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.settings, backend_dir)
         log.info("starting Triton: %s", " ".join(cmd))
-        log_fh = self.log_path.open("wb")
+        if self.logs_to_stdout:
+            log_fh = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fh = self.log_path.open("wb")
         # New session: Ctrl-C in `make up` reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
             cmd,

@@ -6,6 +6,9 @@
 #   3. brings the cpu profile up with two workers, on a free loopback port, under a throw-away
 #      project name, env file and volumes;
 #   4. runs the smoke suite (tests/compose/) through the facade; 5. brings everything down.
+# The restart test SIGKILLs Triton's server process: `docker compose kill triton` would be recorded
+# by the engine as a manual stop, which no restart policy restarts (by design).
+# FLUXSERVE_COMPOSE_KEEP=1 leaves a failed stack up for `docker compose exec` / `logs`.
 # Prints the time each phase took. Needs root (package installs, dockerd) and a few GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,8 +53,14 @@ export FLUXSERVE_API_PORT="$PORT"
 export COMPOSE_HTTP_TIMEOUT=7200
 COMPOSE+=(-p "$PROJECT" --env-file "$ENV_FILE" --profile cpu)
 down() {
-  "${COMPOSE[@]}" logs --no-color > build/logs/compose-test.log 2>&1 || true
-  "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+  local rc=$?
+  "${COMPOSE[@]}" logs --no-color --timestamps > build/logs/compose-test.log 2>&1 || true
+  if [ "$rc" != 0 ] && [ "${FLUXSERVE_COMPOSE_KEEP:-0}" = 1 ]; then
+    # For investigating a failure against the running stack (docker compose exec / logs).
+    echo "== kept the stack up (FLUXSERVE_COMPOSE_KEEP=1): ${COMPOSE[*]} down -v"
+  else
+    "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
   echo "== compose logs: build/logs/compose-test.log; total $(( $(date +%s) - t0 )) s"
 }
 trap down EXIT
@@ -61,5 +70,5 @@ phase "compose up (export job, Triton healthy, facade and workers started)"
 PYTHON="${PYTHON:-.venv/bin/python}"
 FLUXSERVE_COMPOSE_API_URL="http://127.0.0.1:$PORT" \
 FLUXSERVE_COMPOSE_CMD="$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${COMPOSE[@]}")" \
-  "$PYTHON" -m pytest -ra -v --timeout=3600 -p no:cacheprovider tests/compose
+  "$PYTHON" -m pytest -ra -v --durations=0 --timeout=3600 -p no:cacheprovider tests/compose
 phase "smoke suite"

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -91,26 +92,61 @@ def test_generate_small(http: httpx.Client) -> None:
     assert r.status_code == 422 and set(r.json()) == {"error"}
 
 
+SMALL_GENERATE = {"prompt": "a red square", "width": 64, "height": 64, "steps": 1}
+
+
+def generate_until(stop: threading.Event, answers: list[tuple[int, str | None, str]]) -> None:
+    """Small generations one after another until `stop`: (status, Retry-After, version or body)."""
+    with httpx.Client(base_url=API_URL, timeout=300) as client:
+        while not stop.is_set():
+            try:
+                r = client.post("/generate", json=SMALL_GENERATE)
+            except httpx.HTTPError as e:
+                answers.append((0, None, repr(e)))
+            else:
+                detail = r.json().get("model_version", "") if r.status_code == 200 else r.text[:300]
+                answers.append((r.status_code, r.headers.get("retry-after"), detail))
+            stop.wait(0.5)
+
+
 def test_training_job_published_and_served(http: httpx.Client) -> None:
-    before = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1}).json()[
-        "model_version"
-    ]
+    r = http.post("/generate", json=SMALL_GENERATE)
+    assert r.status_code == 200, r.text
+    before = r.json()["model_version"]
     data = {"trigger_word": TRIGGER, "steps": "10", "learning_rate": "0.01", "resolution": "64", "seed": "0"}
     r = http.post("/train", data=data, files={"dataset": ("data.zip", solid_color_zip(4, 64), "application/zip")})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 1200
-    job = {}
-    while time.monotonic() < deadline:
-        job = http.get(f"/train/{job_id}").json()
-        if job["status"] in {"succeeded", "failed", "cancelled"}:
-            break
-        time.sleep(2)
-    assert job.get("status") == "succeeded", job
-    new_version = job["result"]["publish"]["model_version"]
-    assert int(new_version) > int(before)
-    served = http.post("/generate", json={"prompt": f"{TRIGGER} a red square", "width": 64, "height": 64, "steps": 1})
-    assert served.status_code == 200 and served.json()["model_version"] == new_version
+    # A user generating all along, through the publish and the hot swap.
+    stop, answers = threading.Event(), []
+    user = threading.Thread(target=generate_until, args=(stop, answers), daemon=True)
+    user.start()
+    try:
+        deadline = time.monotonic() + 1200
+        job = {}
+        while time.monotonic() < deadline:
+            job = http.get(f"/train/{job_id}").json()
+            if job["status"] in {"succeeded", "failed", "cancelled"}:
+                break
+            time.sleep(2)
+        assert job.get("status") == "succeeded", job
+        new_version = job["result"]["publish"]["model_version"]
+        assert int(new_version) > int(before)
+        # `succeeded` means served: the publish loaded the new version before it reported.
+        served = http.post("/generate", json={**SMALL_GENERATE, "prompt": f"{TRIGGER} a red square"})
+        assert served.status_code == 200, (served.status_code, served.headers.get("retry-after"), served.text)
+        assert served.json()["model_version"] == new_version
+    finally:
+        stop.set()
+        user.join(timeout=330)
+    # While the models reloaded: answers from the old or the new version, or a 503 that says when
+    # to retry; never a 502 or a transport error.
+    assert answers, "no /generate answered during the job"
+    refused = [a for a in answers if a[0] != 200]
+    assert all(code == 503 and retry_after for code, retry_after, _ in refused), refused
+    versions = [v for code, _, v in answers if code == 200]
+    assert set(versions) <= {before, new_version}, versions
+    assert versions == sorted(versions, key=int), "a request was served by the old version after the new one"
 
 
 def test_crashed_triton_comes_back(http: httpx.Client) -> None:

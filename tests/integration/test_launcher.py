@@ -100,3 +100,27 @@ def test_triton_does_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
     ):
         time.sleep(0.2)
     assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == "zombie"
+
+
+def test_triton_log_on_standard_output(tmp_path: Path) -> None:
+    """FLUXSERVE_TRITON_LOG_FILE=- (the container images): Triton's own log lines reach the
+    launcher's standard output, where `docker logs` / `kubectl logs` read them."""
+    import subprocess
+
+    (tmp_path / "probe" / "1").mkdir(parents=True)
+    (tmp_path / "probe" / "1" / "model.py").write_text(PROBE)
+    (tmp_path / "probe" / "config.pbtxt").write_text(CONFIG)
+    script = (
+        "from runtime.launcher import TritonServer, TritonSettings\n"
+        f"s = TritonSettings(model_repository={str(tmp_path)!r}, http_port={free_port()}, grpc_port={free_port()}, "
+        f"metrics_port={free_port()})\n"
+        "with TritonServer(s):\n"
+        "    pass\n"
+    )
+    env = {**os.environ, "FLUXSERVE_TRITON_LOG_FILE": "-"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Started GRPCInferenceService" in proc.stdout, proc.stdout[-2000:]
+    assert "successfully loaded 'probe'" in proc.stdout, proc.stdout[-2000:]

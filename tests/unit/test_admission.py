@@ -172,6 +172,25 @@ def test_one_failed_image_cancels_the_others() -> None:
     assert sorted(cancelled) == [0, 2]
 
 
+def test_one_fate_keeps_the_failures_cause_so_tritons_text_stays_private() -> None:
+    """api.errors.public_message replaces a message built from a lower layer's exception (it has a
+    cause) with a fixed one; the image that failed first must reach it with its cause intact."""
+    from api.cancellation import all_or_nothing
+
+    async def lost() -> int:
+        try:
+            raise InferenceServerException(msg="Stream removed (Socket closed)", status="StatusCode.UNAVAILABLE")
+        except InferenceServerException as e:
+            raise translate(e) from e
+
+    async def run() -> None:
+        await all_or_nothing(lost(), lost())
+
+    with pytest.raises(ServerUnavailableError) as info:
+        asyncio.run(run())
+    assert isinstance(info.value.__cause__, InferenceServerException)
+
+
 def test_shutdown_cancels_the_work_and_answers_503() -> None:
     """When the server begins to stop, in-flight work is cancelled and the request gets a 503."""
     from api.cancellation import all_or_nothing, bounded
