@@ -76,7 +76,7 @@ def _precision(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from benchmarks.sweep import Candidate, SweepSettings, sweep
+    from benchmarks.sweep import Candidate, Layout, SweepSettings, sweep
 
     s = SweepSettings(
         concurrency=args.concurrency,
@@ -88,10 +88,13 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     if args.candidates:
         s = replace(s, candidates=tuple(Candidate.parse(c) for c in args.candidates))
+    if args.layouts is not None:
+        s = replace(s, layouts=tuple(Layout.parse(x) for x in args.layouts))
     if args.model_repository:
         s = replace(s, model_repository=args.model_repository)
     rec = sweep(s)
-    sys.stdout.write(json.dumps({"classify": rec["classify"], "measured": rec["measured"]}, indent=2) + "\n")
+    keys = ("classify", "classifier_onnx", "measured", "measured_layouts")
+    sys.stdout.write(json.dumps({k: rec[k] for k in keys}, indent=2) + "\n")
     return 0
 
 
@@ -195,12 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--duration-s", type=float, default=10.0)
     pr.set_defaults(fn=_precision)
 
-    w = sub.add_parser("sweep", help="measure classify dynamic-batching candidates; write the recommendation")
+    w = sub.add_parser(
+        "sweep", help="measure classify batching, then instance and ORT thread layouts; write the recommendation"
+    )
     w.add_argument("--concurrency", type=int, default=32)
     w.add_argument("--duration-s", type=float, default=8.0)
     w.add_argument("--repeats", type=int, default=1)
     w.add_argument("--tie-tolerance", type=float, default=0.03)
     w.add_argument("--candidates", nargs="+", help='"DELAY_US" or "DELAY_US:B1,B2" (default: 6 built-in)')
+    w.add_argument(
+        "--layouts",
+        nargs="*",
+        help='"CLASSIFY_INSTANCES,ONNX_INSTANCES,ONNX_THREADS" at the chosen batching (default: 6 built-in; none: skip)',
+    )
     w.add_argument("--model-repository", type=Path)
     w.add_argument("--out", type=Path, default=RECOMMENDATION_FILE)
     w.add_argument("--log-dir", type=Path, default=LOG_DIR)

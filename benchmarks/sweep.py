@@ -1,11 +1,13 @@
-"""`fluxserve-bench sweep`: measure dynamic-batching candidates for the classifier, recommend one.
+"""`fluxserve-bench sweep`: measure deployment candidates for the classifier, recommend one.
 
-Each candidate (the `classify` model's max_queue_delay_us and preferred batch sizes) is written
-with the export code's own deployment spec and config writer into a temporary copy of the model
-repository (weights hard-linked, configs rewritten), served by a fresh Triton, and loaded with
-`concurrency` gRPC clients. Best throughput wins; candidates within `tie_tolerance` of the best
-are tied and the lowest p99 among them wins. The result goes to benchmarks/recommended_batching.json,
-which export/deployments.py reads as the classify model's defaults.
+Two stages. First the `classify` model's dynamic batching (max_queue_delay_us, preferred batch
+sizes) at the current instance layout; then, at the batching chosen, instance layouts (`classify`
+instances, `classifier_onnx` instances, ORT intra-op threads per instance). Each candidate is
+written with the export code's own deployment spec and config writer into a temporary copy of the
+model repository (weights hard-linked, configs rewritten), served by a fresh Triton, and loaded
+with `concurrency` gRPC clients. Best throughput wins; within `tie_tolerance` of the best, the
+shortest queue delay (batching) or the least CPU per request (layouts) wins. The result goes to
+benchmarks/recommended_batching.json, which export/deployments.py reads as the classifier's defaults.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from benchmarks.load import closed_loop
 from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.targets import GrpcClassify
 from benchmarks.workload import chat_texts
-from client.contract import CLASSIFY
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
 from common.paths import BUILD_DIR, PROJECT_ROOT
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import write_config
@@ -43,13 +45,48 @@ RECOMMENDATION_FILE = PROJECT_ROOT / "benchmarks" / "recommended_batching.json"
 
 
 @dataclass(frozen=True)
-class Candidate:
-    max_queue_delay_us: int
-    preferred_batch_sizes: tuple[int, ...] = ()
+class Layout:
+    """Processes and threads serving the classifier: on 2 shared cores these decide how much of
+    the CPU goes to Python stubs, IPC and idle ORT threads rather than to the encoder."""
+
+    classify_instances: int
+    onnx_instances: int
+    onnx_threads: int
 
     @property
     def label(self) -> str:
+        return f"classify x{self.classify_instances} onnx x{self.onnx_instances} threads={self.onnx_threads}"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """ "CLASSIFY_INSTANCES,ONNX_INSTANCES,ONNX_THREADS" (e.g. "2,1,2")."""
+        a, b, c = (int(x) for x in text.split(","))
+        if min(a, b, c) < 1:
+            raise ValueError(f"instance and thread counts must be >= 1: {text!r}")
+        return cls(a, b, c)
+
+    @classmethod
+    def current(cls, settings: ExportSettings | None = None) -> Layout:
+        """The layout the export writes today (explicit settings, else the committed recommendation)."""
+        deps = classifier_deployments(settings)
+        onnx = deps[CLASSIFIER_ONNX.name]
+        return cls(deps[CLASSIFY.name].instance_count, onnx.instance_count, int(onnx.parameters["intra_op_threads"]))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    layout: Layout | None = None
+    """None: the current layout (`Layout.current`)."""
+
+    @property
+    def batching_label(self) -> str:
         return f"delay={self.max_queue_delay_us}us preferred={list(self.preferred_batch_sizes)}"
+
+    @property
+    def label(self) -> str:
+        return self.batching_label if self.layout is None else f"{self.batching_label} {self.layout.label}"
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
@@ -67,10 +104,21 @@ DEFAULT_CANDIDATES: tuple[Candidate, ...] = (
     Candidate(5000, (16, 32)),
 )
 
+DEFAULT_LAYOUTS: tuple[Layout, ...] = (
+    Layout(1, 1, 2),
+    Layout(2, 1, 2),
+    Layout(2, 1, 1),
+    Layout(2, 2, 1),
+    Layout(3, 1, 2),
+    Layout(1, 2, 1),
+)
+
 
 @dataclass(frozen=True)
 class SweepSettings:
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
+    layouts: tuple[Layout, ...] = DEFAULT_LAYOUTS
+    """Measured at the batching chosen from `candidates`; empty: keep the current layout."""
     concurrency: int = 32
     duration_s: float = 8.0
     warmup_s: float = 2.0
@@ -108,9 +156,13 @@ def write_candidate(repo: Path, cand: Candidate) -> None:
 
     Parameters the published configs carry (the uncertainty threshold) are kept.
     """
+    layout = cand.layout or Layout.current()
     settings = ExportSettings(
         classify_max_queue_delay_us=cand.max_queue_delay_us,
         classify_preferred_batch_sizes=cand.preferred_batch_sizes or None,
+        classify_instances=layout.classify_instances,
+        classifier_onnx_instances=layout.onnx_instances,
+        classifier_onnx_threads=layout.onnx_threads,
     )
     for name, dep in classifier_deployments(settings).items():
         published = parse_config((repo / name / "config.pbtxt").read_text())
@@ -173,15 +225,37 @@ def choose(measured: dict[Candidate, dict[str, Any]], tie_tolerance: float) -> C
     return min(tied, key=lambda c: (c.max_queue_delay_us, clean[c]["p99_ms"]))
 
 
+def choose_layout(measured: dict[Candidate, dict[str, Any]], tie_tolerance: float) -> Candidate:
+    """Highest throughput; within `tie_tolerance` of it, the least CPU per request (what the other
+    work on the machine keeps), then the lowest p99. Erroring candidates lose."""
+    clean = {c: m for c, m in measured.items() if m["errors"] == 0} or measured
+    best = max(m["throughput_rps"] for m in clean.values())
+    tied = [c for c, m in clean.items() if m["throughput_rps"] >= best * (1 - tie_tolerance)]
+    return min(tied, key=lambda c: (clean[c].get("cpu_ms_per_request") or 0.0, clean[c]["p99_ms"]))
+
+
 def _median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(runs) == 1:
         return dict(runs[0])
-    out = {k: statistics.median(r[k] for r in runs) for k in ("throughput_rps", "p50_ms", "p90_ms", "p99_ms")}
+    keys = ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms_per_request")
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["errors"] = sum(r["errors"] for r in runs)
     out["ok"] = sum(r["ok"] for r in runs)
     out["other_cores_busy"] = max((r["other_cores_busy"] or 0.0) for r in runs)
     out["runs"] = list(runs)
     return out
+
+
+def _measure_all(
+    workdir: Path, candidates: Sequence[Candidate], texts: list[str], s: SweepSettings
+) -> dict[Candidate, dict[str, Any]]:
+    """Every candidate `s.repeats` times, interleaved (drift hits all alike); medians kept."""
+    runs: dict[Candidate, list[dict[str, Any]]] = {c: [] for c in candidates}
+    for round_ in range(s.repeats):
+        for cand in candidates:
+            log.info("sweep round %d/%d: %s", round_ + 1, s.repeats, cand.label)
+            runs[cand].append(measure_candidate(workdir, cand, texts, s))
+    return {c: _median_run(r) for c, r in runs.items()}
 
 
 def sweep(s: SweepSettings) -> dict[str, Any]:
@@ -191,29 +265,40 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
     texts = chat_texts()
     scratch_root = BUILD_DIR  # same filesystem as the repository, so weights hard-link
     scratch_root.mkdir(parents=True, exist_ok=True)
-    runs: dict[Candidate, list[dict[str, Any]]] = {c: [] for c in s.candidates}
+    current = Layout.current()
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=scratch_root) as tmp:
         workdir = Path(tmp)
         copy_classifier_models(s.model_repository, workdir)
-        for round_ in range(s.repeats):
-            for cand in s.candidates:
-                log.info("sweep round %d/%d: %s", round_ + 1, s.repeats, cand.label)
-                runs[cand].append(measure_candidate(workdir, cand, texts, s))
-    measured = {c: _median_run(r) for c, r in runs.items()}
-    best = choose(measured, s.tie_tolerance)
+        candidates = tuple(replace(c, layout=c.layout or current) for c in s.candidates)
+        measured = _measure_all(workdir, candidates, texts, s)
+        best = choose(measured, s.tie_tolerance)
+        layouts = tuple(replace(best, layout=layout) for layout in s.layouts)
+        measured_layouts = _measure_all(workdir, tuple(c for c in layouts if c not in measured), texts, s)
+        measured_layouts |= {c: measured[c] for c in layouts if c in measured}
+    if measured_layouts:
+        best = choose_layout(measured_layouts, s.tie_tolerance)
+    assert best.layout is not None
     recommendation = {
         "classify": {
             "max_queue_delay_us": best.max_queue_delay_us,
             "preferred_batch_sizes": list(best.preferred_batch_sizes),
+            "instances": best.layout.classify_instances,
         },
-        "measured": {c.label: m for c, m in measured.items()},
+        "classifier_onnx": {"instances": best.layout.onnx_instances, "intra_op_threads": best.layout.onnx_threads},
+        "measured": {c.batching_label: m for c, m in measured.items()},
+        "measured_layouts": {c.layout.label: m for c, m in measured_layouts.items() if c.layout is not None},
         "method": {
             "door": "Triton gRPC (tritonclient.grpc.aio), closed loop",
             "concurrency": s.concurrency,
             "duration_s": s.duration_s,
             "repeats": s.repeats,
-            "rule": f"max throughput; within {s.tie_tolerance:.0%} of it, shortest queue delay, then lowest p99",
+            "rule": (
+                f"batching: max throughput; within {s.tie_tolerance:.0%} of it, shortest queue delay, then lowest p99."
+                f" Layouts, at that batching: max throughput; within {s.tie_tolerance:.0%} of it, least CPU per"
+                " request, then lowest p99"
+            ),
             "selected": best.label,
+            "batching_measured_at": current.label,
             "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "measured_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

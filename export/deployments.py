@@ -1,7 +1,7 @@
 """The one deployment spec per Triton model: instances, batching, runtime parameters.
 
-Knobs come from ExportSettings (env prefix FLUXSERVE_EXPORT_); dynamic batching for the
-classifier defaults to the recommendation measured by `fluxserve-bench sweep`
+Knobs come from ExportSettings (env prefix FLUXSERVE_EXPORT_); the classifier's dynamic batching,
+instance counts and ORT threads default to the recommendation measured by `fluxserve-bench sweep`
 (benchmarks/recommended_batching.json) when that file exists.
 """
 
@@ -35,14 +35,21 @@ class ExportSettings(BaseSettings):
     classifier_precision: Literal["auto", "fp32", "int8"] = "auto"
     """CPU classifier graph: `auto` serves int8 when its test accuracy is within 0.5 points of
     fp32 (measured at export, recorded in the manifest); `fp32` / `int8` force one."""
-    classify_instances: int = 2
+    classify_instances: int | None = None
+    """None: the sweep's recommendation, else 2."""
     classify_max_queue_size: int = 64
     """classify requests (each up to 64 texts) waiting in Triton beyond which it rejects (503)."""
     classify_max_queue_delay_us: int | None = None
     classify_preferred_batch_sizes: tuple[int, ...] | None = None
-    classifier_onnx_instances: int = 1
-    classifier_onnx_threads: int = 2
+    classifier_onnx_instances: int | None = None
+    """None: the sweep's recommendation, else 1."""
+    classifier_onnx_threads: int | None = None
+    """ORT intra-op threads per classifier_onnx instance. None: the sweep's recommendation, else 2."""
     classifier_onnx_max_queue_delay_us: int = 500
+    classifier_onnx_call_cost_tokens: float = 12.0
+    """One more ORT call's fixed cost in padded tokens' worth of encoder work: the exchange rate the
+    classifier_onnx runner uses to split a merged batch by text length (0 would split every length).
+    Measured in-process on the int8 MiniLM (1 thread): about 0.94 ms + 84 us per token, i.e. 11 tokens."""
     generate_instances: int = 4
     """Concurrent generations in Triton; their per-step transformer calls are batched together."""
     generate_max_queue_size: int = 8
@@ -64,18 +71,23 @@ class ExportSettings(BaseSettings):
     3.2 at 4 clients; 2 ms gave 2.4 and 3.4, and 0 the same within noise."""
     flux_component_threads: int = 1
     batching_recommendation: Path = RECOMMENDATION_FILE
-    """Measured by `fluxserve-bench sweep`; the classify batching knobs above override it."""
+    """Measured by `fluxserve-bench sweep`; the classifier knobs above override it."""
 
 
 def _recommended(path: Path) -> dict:
     if path.exists():
-        return json.loads(path.read_text()).get("classify", {})
+        return json.loads(path.read_text())
     return {}
+
+
+def _pick(explicit: int | None, recommended: dict, key: str, default: int) -> int:
+    return explicit if explicit is not None else int(recommended.get(key, default))
 
 
 def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
     s = settings or ExportSettings()
-    rec = _recommended(s.batching_recommendation)
+    recommendation = _recommended(s.batching_recommendation)
+    rec, rec_onnx = recommendation.get("classify", {}), recommendation.get("classifier_onnx", {})
     delay = (
         s.classify_max_queue_delay_us
         if s.classify_max_queue_delay_us is not None
@@ -86,16 +98,22 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
         CLASSIFY.name: Deployment(
             spec=CLASSIFY,
             kind="python",
-            instance_count=s.classify_instances,
+            instance_count=_pick(s.classify_instances, rec, "instances", 2),
             dynamic_batching=DynamicBatching(preferred, delay),
             max_queue_size=s.classify_max_queue_size,
         ),
         CLASSIFIER_ONNX.name: Deployment(
             spec=CLASSIFIER_ONNX,
             kind="onnx",
-            instance_count=s.classifier_onnx_instances,
+            instance_count=_pick(s.classifier_onnx_instances, rec_onnx, "instances", 1),
             dynamic_batching=DynamicBatching((), s.classifier_onnx_max_queue_delay_us),
-            parameters={"intra_op_threads": str(s.classifier_onnx_threads), "pad_axis1": "input_ids,attention_mask"},
+            parameters={
+                "intra_op_threads": str(_pick(s.classifier_onnx_threads, rec_onnx, "intra_op_threads", 2)),
+                "pad_axis1": "input_ids,attention_mask",
+                # Merged chat batches are ~1.5x padding: regroup rows by real length (onnx_runner.py).
+                "length_buckets": "attention_mask",
+                "call_cost_tokens": str(s.classifier_onnx_call_cost_tokens),
+            },
         ),
     }
 

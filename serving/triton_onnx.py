@@ -2,7 +2,8 @@
 
 This is the CPU target's stand-in for Triton's onnxruntime backend (not in the Triton build that
 runs here). Config parameters: `intra_op_threads` (default 1), `pad_axis1` (comma-separated input
-names right-padded to the longest in a merged batch).
+names right-padded to the longest in a merged batch), `length_buckets` (a right-padded mask input:
+regroup merged rows by real length; see serving/onnx_runner.py) and `call_cost_tokens`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class TritonPythonModel:
         threads = int(_param(config, "intra_op_threads", "1"))
         pad = [p for p in _param(config, "pad_axis1", "").split(",") if p]
         self.input_names = [i["name"] for i in config["input"]]
-        self.runner = BatchedOnnxRunner(make_session(version_dir / "model.onnx", threads), pad)
+        buckets = _param(config, "length_buckets", "") or None
+        cost = float(_param(config, "call_cost_tokens", "16"))
+        self.runner = BatchedOnnxRunner(make_session(version_dir / "model.onnx", threads), pad, buckets, cost)
 
     def execute(self, requests: list) -> list:
         feeds = [

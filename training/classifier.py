@@ -192,7 +192,7 @@ def train_classifier(
                 )
         val, _, _ = _evaluate(model, tokenizer, splits.validation, settings.max_tokens)
         log.info(
-            "epoch %d/%d: loss=%.4f validation accuracy=%.4f", epoch, settings.epochs, float(loss), val["accuracy"]
+            "epoch %d/%d: loss=%.4f validation accuracy=%.4f", epoch, settings.epochs, loss.item(), val["accuracy"]
         )
         if val["accuracy"] > best_acc:
             best_acc, best_epoch = val["accuracy"], epoch

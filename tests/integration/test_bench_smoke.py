@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import CLASSIFY
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
 from common.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -150,7 +150,8 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_sweep_smoke(tmp_path: Path) -> None:
-    """`fluxserve-bench sweep` on two candidates: a recommendation the export code then renders."""
+    """`fluxserve-bench sweep` on two candidates and two layouts: a recommendation the export code
+    then renders."""
     from export.deployments import ExportSettings, classifier_deployments
     from export.triton_config import render_config
 
@@ -163,6 +164,9 @@ def test_sweep_smoke(tmp_path: Path) -> None:
         "--candidates",
         "0",
         "2000:4,8",
+        "--layouts",
+        "2,1,2",
+        "1,1,1",
         "--duration-s",
         "2",
         "--concurrency",
@@ -185,3 +189,18 @@ def test_sweep_smoke(tmp_path: Path) -> None:
         cfg.dynamic_batching.max_queue_delay_microseconds,
         list(cfg.dynamic_batching.preferred_batch_size),
     ) == chosen
+    assert set(rec["measured_layouts"]) == {"classify x2 onnx x1 threads=2", "classify x1 onnx x1 threads=1"}
+    layout = (
+        rec["classify"]["instances"],
+        rec["classifier_onnx"]["instances"],
+        rec["classifier_onnx"]["intra_op_threads"],
+    )
+    assert layout in [(2, 1, 2), (1, 1, 1)]
+    deps = classifier_deployments(ExportSettings(batching_recommendation=out))
+    onnx = render_config(deps[CLASSIFIER_ONNX.name], "cpu")
+    rendered = (
+        render_config(deps[CLASSIFY.name], "cpu").instance_group[0].count,
+        onnx.instance_group[0].count,
+        int(onnx.parameters["intra_op_threads"].string_value),
+    )
+    assert rendered == layout

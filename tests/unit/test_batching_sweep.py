@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.sweep import Candidate, choose
-from client.contract import CLASSIFY
+import pytest
+
+from benchmarks.sweep import Candidate, Layout, choose, choose_layout
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import RECOMMENDATION_FILE, ExportSettings, classifier_deployments
 from export.triton_config import render_config
 
@@ -60,3 +62,40 @@ def test_generated_config_follows_the_recommendation(tmp_path: Path) -> None:
 def test_the_committed_recommendation_is_the_default() -> None:
     committed = json.loads(RECOMMENDATION_FILE.read_text())["classify"]
     assert _classify_batching(ExportSettings()) == (committed["max_queue_delay_us"], committed["preferred_batch_sizes"])
+
+
+def _mc(rps: float, cpu_ms: float, p99: float = 50.0) -> dict:
+    return {"throughput_rps": rps, "p99_ms": p99, "errors": 0, "cpu_ms_per_request": cpu_ms}
+
+
+def test_layout_ties_go_to_the_least_cpu_per_request() -> None:
+    a, b, c = (Candidate(0, (), Layout.parse(t)) for t in ("2,1,2", "1,1,2", "2,2,1"))
+    measured = {a: _mc(560, 3.4), b: _mc(550, 3.0), c: _mc(500, 2.5)}
+    assert choose_layout(measured, 0.03) == b
+    assert choose_layout(measured, 0.0) == a
+
+
+def test_layout_syntax() -> None:
+    assert Layout.parse("2,1,2") == Layout(2, 1, 2)
+    with pytest.raises(ValueError):
+        Layout.parse("0,1,2")
+
+
+def _layout(settings: ExportSettings) -> tuple[int, int, str]:
+    deps = classifier_deployments(settings)
+    onnx = render_config(deps[CLASSIFIER_ONNX.name], "cpu")
+    return (
+        render_config(deps[CLASSIFY.name], "cpu").instance_group[0].count,
+        onnx.instance_group[0].count,
+        onnx.parameters["intra_op_threads"].string_value,
+    )
+
+
+def test_generated_layout_follows_the_recommendation(tmp_path: Path) -> None:
+    rec = tmp_path / "rec.json"
+    rec.write_text(
+        json.dumps({"classify": {"instances": 3}, "classifier_onnx": {"instances": 2, "intra_op_threads": 1}})
+    )
+    assert _layout(ExportSettings(batching_recommendation=rec)) == (3, 2, "1")
+    assert _layout(ExportSettings(batching_recommendation=rec, classifier_onnx_threads=4)) == (3, 2, "4")
+    assert _layout(ExportSettings(batching_recommendation=tmp_path / "none.json")) == (2, 1, "2")

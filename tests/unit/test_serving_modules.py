@@ -15,7 +15,7 @@ from client.contract import GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS
 from common.ort_session import make_session
 from serving.classify_pipeline import ClassifyPipeline, LabelInfo, validate_text
 from serving.generate_request import read_request
-from serving.onnx_runner import BatchedOnnxRunner
+from serving.onnx_runner import BatchedOnnxRunner, length_groups
 
 # ----------------------------------------------------------------------------- read_request
 
@@ -162,3 +162,53 @@ def test_labels_that_disagree_with_the_contract_are_refused(tmp_path: Path) -> N
 @pytest.mark.parametrize(("text", "problem"), [("ok", False), ("   ", True), ("x" * 5000, True)])
 def test_validate_text(text: str, problem: bool) -> None:
     assert (validate_text(text) is not None) is problem
+
+
+# ----------------------------------------------------------------------------- length buckets
+
+
+def test_length_groups_trade_padding_against_calls() -> None:
+    lengths = np.array([30, 5, 6, 29, 5, 7])
+    # Free calls: one group per distinct length. Very dear calls: everything in one.
+    assert len(length_groups(lengths, 0.0)) == 5
+    assert [sorted(g.tolist()) for g in length_groups(lengths, 1000.0)] == [[0, 1, 2, 3, 4, 5]]
+    # In between: the short ones apart from the long ones, every row exactly once.
+    groups = [sorted(g.tolist()) for g in length_groups(lengths, 16.0)]
+    assert groups == [[1, 2, 4, 5], [0, 3]]
+
+
+def test_runner_splits_a_merged_batch_by_length_with_the_same_results(sum_model: Path) -> None:
+    session = CountingSession(make_session(sum_model))
+    runner = BatchedOnnxRunner(
+        session, ("input_ids", "attention_mask"), length_buckets="attention_mask", call_cost_tokens=4
+    )
+    long = [list(range(1, 21))]
+    requests = [_request([[1, 2]], 0.0), _request(long, 1.0), _request([[3], [4]], 2.0)]
+    outputs = runner.run(requests)
+    assert [o["out"].tolist() for o in outputs] == [[3.0], [220.0], [23.0, 24.0]]
+    assert sorted(c["input_ids"] for c in session.calls) == [(1, 20), (3, 2)]
+
+
+def test_length_buckets_must_name_a_padded_input(sum_model: Path) -> None:
+    with pytest.raises(ValueError, match="padded inputs"):
+        BatchedOnnxRunner(make_session(sum_model), ("input_ids",), length_buckets="attention_mask")
+
+
+def test_tokenize_matches_the_hugging_face_tokenizer_on_the_dataset(classify_version: Path) -> None:
+    """The pipeline drives the Rust tokenizer directly; ids and masks must be what the wrapper
+    (used at training and export) gives, truncation included."""
+    from transformers import AutoTokenizer
+
+    from training.classifier_data import load_examples
+
+    hf = AutoTokenizer.from_pretrained(classify_version / "tokenizer")
+    texts = [e.text for e in load_examples()] + ["word " * 300, "émoji 😄 and ünïcode"]
+    for max_tokens in (128, 8):
+        pipe = ClassifyPipeline(classify_version, max_tokens=max_tokens)
+        for i in range(0, len(texts), 37):
+            batch = texts[i : i + 37]
+            got = pipe.tokenize(batch)
+            want = hf(batch, padding="longest", truncation=True, max_length=max_tokens, return_tensors="np")
+            for k in ("input_ids", "attention_mask"):
+                assert got[k].dtype == np.int64
+                np.testing.assert_array_equal(got[k], want[k])
