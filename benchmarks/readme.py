@@ -1,8 +1,8 @@
 """`fluxserve-bench readme`: put the latest measured tables into README.md.
 
 The README shows what the benchmark last measured, never numbers typed by hand: each result's
-markdown (written next to its JSON by `fluxserve-bench run` / `swap` / `overload` / `recovery` /
-`wrk`) replaces the text between
+markdown (written next to its JSON by `fluxserve-bench run` / `swap` / `precision` / `overload` /
+`recovery` / `wrk`) replaces the text between
 its pair of markers.
 """
 
@@ -21,6 +21,7 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 SECTIONS: dict[str, Path] = {
     "run": RESULTS / "latest.md",
     "swap": RESULTS / "swap.md",
+    "precision": RESULTS / "precision" / "latest.md",
     "overload": RESULTS / "overload.md",
     "recovery": RESULTS / "recovery.md",
     "wrk": RESULTS / "wrk.md",
