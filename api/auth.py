@@ -128,9 +128,9 @@ def unauthorized(message: str = "a valid operator key is required: Authorization
 
 
 def _keyring(request: Request) -> KeyRing:
-    from api.state import get_state  # api.state names KeyRing: imported here, not at the top
+    from api.state import app_state  # api.state names KeyRing: imported here, not at the top
 
-    return get_state(request).keyring
+    return app_state(request).keyring
 
 
 async def require_operator(
@@ -151,8 +151,8 @@ async def require_inference_key(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> str | None:
     """/classify and /generate: open unless FLUXSERVE_API_REQUIRE_KEY_FOR_INFERENCE is set."""
-    from api.state import get_state
+    from api.state import app_state
 
-    if not get_state(request).settings.require_key_for_inference:
+    if not app_state(request).settings.require_key_for_inference:
         return None
     return await require_operator(request, credentials)
