@@ -73,6 +73,20 @@ def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
     return out
 
 
+def _padded_ids(tokenizer, prompt: str, max_length: int) -> np.ndarray:
+    """One prompt's ids padded and truncated to `max_length` (FluxPipeline's call), int64."""
+    ids = tokenizer(
+        [prompt],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_overflowing_tokens=False,
+        return_length=False,
+        return_tensors="np",
+    ).input_ids
+    return ids.astype(np.int64)
+
+
 class FluxPrep:
     """Tokenize, make the seed's noise and the schedule: the part of FluxPipeline that needs
     torch, diffusers and transformers. Kept apart from the loop so that `generate` (reloaded on
@@ -110,25 +124,9 @@ class FluxPrep:
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(CLIP ids (1, 77), T5 ids (1, max_sequence_length)), int64, as FluxPipeline pads them."""
-        clip = self.tokenizer(
-            [prompt],
-            padding="max_length",
-            max_length=self.clip_max_length,
-            truncation=True,
-            return_overflowing_tokens=False,
-            return_length=False,
-            return_tensors="np",
-        ).input_ids
-        t5 = self.tokenizer_2(
-            [prompt],
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_overflowing_tokens=False,
-            return_length=False,
-            return_tensors="np",
-        ).input_ids
-        return clip.astype(np.int64), t5.astype(np.int64)
+        return _padded_ids(self.tokenizer, prompt, self.clip_max_length), _padded_ids(
+            self.tokenizer_2, prompt, self.max_sequence_length
+        )
 
     def initial_latents(self, width: int, height: int, seed: int):
         """Packed noise (1, N, 64) and image ids (N, 3), as FluxPipeline.prepare_latents makes them."""
