@@ -8,11 +8,12 @@ to hold it, whatever the handler behind would have done with it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import send_error
 
 
 class BodyTooLarge(HTTPException):
@@ -21,23 +22,6 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body larger than {limit} bytes")
-
-
-def _payload_too_large(limit: int) -> tuple[dict, bytes]:
-    body = json.dumps(
-        {"error": {"type": "payload_too_large", "message": f"request body larger than {limit} bytes"}}
-    ).encode()
-    start = {
-        "type": "http.response.start",
-        "status": 413,
-        # The rest of the body is not read, so this connection cannot carry another request.
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ],
-    }
-    return start, body
 
 
 class BodyLimitMiddleware:
@@ -93,6 +77,5 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _reject(send: Send, limit: int) -> None:
-    start, body = _payload_too_large(limit)
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
+    # The rest of the body is not read, so this connection cannot carry another request.
+    await send_error(send, 413, "payload_too_large", f"request body larger than {limit} bytes", {"connection": "close"})

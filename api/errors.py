@@ -7,6 +7,7 @@ carry the request id the caller also gets in `X-Request-ID` (api.request_id).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -76,6 +77,15 @@ def public_message(exc: FluxServeError) -> str:
 def retry_after(seconds: float) -> dict[str, str]:
     """Retry-After in whole seconds (RFC 9110), at least 1."""
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+async def send_error(send, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """The error envelope as raw ASGI messages, for middlewares that answer before routing."""
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _loc(loc: tuple) -> str:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.admission import Admission, CostQueue
+from api.errors import retry_after, send_error
 
 LAG_INTERVAL_S = 0.01
 LAG_SMOOTHING = 0.5
@@ -108,11 +107,4 @@ class EarlyShedMiddleware:
 
 
 async def _unavailable(send: Send, message: str, retry_after_s: float) -> None:
-    body = json.dumps({"error": {"type": "unavailable", "message": message}}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 503, "unavailable", message, retry_after(retry_after_s))
