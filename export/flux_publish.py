@@ -49,6 +49,9 @@ EXPORT_MARKER = "export.json"
 PATCH_PREFIXES = {FLUX_TRANSFORMER: "transformer.", FLUX_TEXT_ENCODER: "text_encoder."}
 """Components a LoRA can be patched into, with the key prefix of their LoRA weights."""
 
+TRANSFORMER_PRECISION = "transformer_precision"
+"""Provenance key: the precision requested for the transformer (auto / fp32 / int8)."""
+
 LARGE_FILE_BYTES = 256 << 20
 """Files above this are fingerprinted by size and mtime: hashing FLUX.1-dev's 24 GB each run is waste."""
 
@@ -89,17 +92,21 @@ def source_fingerprint(path: str | Path) -> dict[str, str]:
 
 
 def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
+    from export.flux.transformer_precision import PRECISION_FILE, served_dir
     from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR
 
-    folder = onnx_dir / name
+    export = onnx_dir / name
+    folder = served_dir(export)  # the int8 graph when the transformer's precision choice says so
     files = {"model.onnx": folder / "model.onnx"}
+    if (export / PRECISION_FILE).exists():
+        files[PRECISION_FILE] = export / PRECISION_FILE
     if (folder / "model.onnx.data").exists():  # external weights; the .onnx refers to this name
         files["model.onnx.data"] = folder / "model.onnx.data"
     # Per-tensor weights, one entry each so publish hard-links every file: a patched version
     # then shares all unchanged tensors with the versions before it.
     for f in sorted((folder / WEIGHTS_DIR).glob("*")):
         files[f"{WEIGHTS_DIR}/{f.name}"] = f
-    if (folder / WEIGHT_MAP_FILE).exists():
+    if (folder / WEIGHT_MAP_FILE).exists():  # the fp32 graph's map: not shipped beside int8
         files[WEIGHT_MAP_FILE] = folder / WEIGHT_MAP_FILE
     return files
 
@@ -116,12 +123,21 @@ def component_provenance(provenance: dict[str, Any], lora_targets: frozenset[str
     # has no weight map, so it must not be reused as the base of a patch.
     patchable = {**base, "onnx_layout": WEIGHT_MAP_FORMAT}
     with_lora = {**patchable, **{k: provenance[k] for k in ("lora", "lora_files", "lora_scale")}}
+    transformer = with_lora if "transformer" in lora_targets else patchable
     return {
         FLUX_TEXT_ENCODER: with_lora if "text_encoder" in lora_targets else patchable,
         FLUX_TEXT_ENCODER_2: base,
-        FLUX_TRANSFORMER: with_lora if "transformer" in lora_targets else patchable,
+        # The precision requested (export.flux.transformer_precision): an fp32-only export is not
+        # the base of an int8 one. Absent = fp32, the layout before precisions existed.
+        FLUX_TRANSFORMER: {**transformer, **_precision_provenance(provenance.get(TRANSFORMER_PRECISION, "fp32"))},
         FLUX_VAE_DECODER: base,
     }
+
+
+def _precision_provenance(precision: str) -> dict[str, str]:
+    from export.flux.transformer_precision import INT8_RECIPE
+
+    return {TRANSFORMER_PRECISION: precision, **({"int8_recipe": INT8_RECIPE} if precision != "fp32" else {})}
 
 
 def _export_fused(
@@ -131,8 +147,10 @@ def _export_fused(
     todo: dict[str, Path],
     settings: FluxSettings,
     progress: Callable[[str, object], None] | None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Full export of the components in `todo` (name -> folder) from the LoRA-fused pipeline."""
+    """Full export of the components in `todo` (name -> folder) from the LoRA-fused pipeline;
+    the transformer's precision is chosen as export.flux.transformer_precision says."""
     from export.flux.lora import load_pipeline
     from export.flux.onnx_export import export_all
 
@@ -145,6 +163,11 @@ def _export_fused(
             "max_abs_error": result.max_abs_error,
             "export_seconds": round(result.export_seconds, 2),
         }
+        if name == FLUX_TRANSFORMER and precision != "fp32":
+            from export.flux.transformer_precision import build_and_choose
+
+            folder = Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint)
+            facts["precision"] = build_and_choose(onnx_dir / name, precision, folder, pipeline).as_dict()
         (onnx_dir / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))  # written last: marks it complete
         report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
     return report
@@ -177,6 +200,7 @@ def export_onnx(
     started = time.monotonic()
     report: dict[str, Any] = {}
     todo: dict[str, Path] = {}
+    precision = provenance.get(FLUX_TRANSFORMER, {}).get(TRANSFORMER_PRECISION, "fp32")
     for name, prov in provenance.items():
         onnx_dir = export_root / name / fingerprint(prov)
         if (facts := _finished(onnx_dir)) is not None:
@@ -202,14 +226,14 @@ def export_onnx(
         plain = {n: d for n, d in todo.items() if provenance[n] == base_provenance[n]}
         if missing or plain:  # the base of a patch is exported once per base model
             log.info("exporting %s without the LoRA (bases to patch: %s)", sorted({*missing, *plain}), sorted(missing))
-            done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress)
+            done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress, precision)
             report.update({n: done[n] for n in plain})
         report.update(
             _patch(lora, lora_scale, {n: (base_dirs[n], patchable[n]) for n in patchable}, settings, progress)
         )
         todo = {n: d for n, d in todo.items() if n not in report}
     if todo:
-        report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress))
+        report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress, precision))
     report["total_seconds"] = round(time.monotonic() - started, 1)
     return report
 
@@ -241,12 +265,14 @@ def _patch(
             continue
         # Not measured per publish: patched == fused re-export is proven by tests/unit/test_weight_patch.py
         # (<= 1e-5); what is recorded is the base export's own ONNX-vs-PyTorch error.
+        base_facts = _finished(base_dir) or {}
         facts = {
             "method": "patch",
             "base_onnx_dir": str(base_dir),
             "max_abs_error": None,
-            "base_max_abs_error": (_finished(base_dir) or {}).get("max_abs_error"),
+            "base_max_abs_error": base_facts.get("max_abs_error"),
             **result.as_dict(),
+            **({"precision": base_facts["precision"]} if "precision" in base_facts else {}),
         }
         (staging / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))
         staging.rename(onnx_dir)
@@ -286,6 +312,8 @@ def publish_flux(
         "lora_scale": scale,
         "trigger_word": trigger_word,
         "onnx_opset": s.onnx_opset,
+        # The GPU target builds TensorRT engines from the fp32 graph: the choice is CPU-only.
+        TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
     }
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
     per_component = component_provenance(provenance, targets)
@@ -312,7 +340,10 @@ def publish_flux(
             _component_files(Path(report[name]["onnx_dir"]), name),
             per_component[name],
             force=force,
-            report={"parity_max_abs_error": report[name]["max_abs_error"]},
+            report={
+                "parity_max_abs_error": report[name]["max_abs_error"],
+                **({"precision": report[name]["precision"]} if "precision" in report[name] else {}),
+            },
         )
         components[name] = pub.version
         if pub.created:

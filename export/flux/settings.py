@@ -49,6 +49,9 @@ class FluxSettings(BaseSettings):
     max_sequence_length: int | None = None
     """T5 tokens per prompt; None = what the checkpoint's marker says (512 for hub models)."""
     onnx_opset: int = 18
+    transformer_precision: Literal["auto", "fp32", "int8"] = "auto"
+    """CPU target: serve the transformer in int8 when measured close to fp32 and faster (auto), or
+    force one (export.flux.transformer_precision). The GPU target always exports fp32."""
     weight_patching: bool = True
     """Publish a LoRA by patching the base export's weights (seconds) instead of fusing it and
     re-exporting the component (a full trace); falls back to re-exporting what cannot be patched."""

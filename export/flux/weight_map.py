@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,17 +143,22 @@ def _tensor_bytes(tensor: onnx.TensorProto, source_dir: Path | None) -> bytes:
 
 
 def save_per_tensor(
-    model: onnx.ModelProto, path: Path, inline_below: int = INLINE_BELOW_BYTES, source_dir: Path | None = None
+    model: onnx.ModelProto,
+    path: Path,
+    inline_below: int = INLINE_BELOW_BYTES,
+    source_dir: Path | None = None,
+    always_external: Callable[[str], bool] | None = None,
 ) -> None:
-    """Save `model` to `path` with each initializer of at least `inline_below` bytes in its own
-    file `weights/<sanitised name>`. Initializers still in external files are read from
-    `source_dir` one by one (the exporter's single `.data` file for models over 2 GB)."""
+    """Save `model` to `path` with each initializer of at least `inline_below` bytes (or named
+    by `always_external`) in its own file `weights/<sanitised name>`. Initializers still in
+    external files are read from `source_dir` one by one (the exporter's single `.data` file for
+    models over 2 GB)."""
     path = Path(path)
     (path.parent / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     for tensor in model.graph.initializer:
         data = _tensor_bytes(tensor, source_dir)
-        if len(data) >= inline_below:
+        if len(data) >= inline_below or (always_external is not None and always_external(tensor.name)):
             location = f"{WEIGHTS_DIR}/{_file_name(tensor.name, taken)}"
             (path.parent / location).write_bytes(data)
             _point_to(tensor, location, len(data))

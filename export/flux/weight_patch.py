@@ -6,7 +6,9 @@ initializer the weight map names (transposed for MatMul, a block of rows/columns
 The patched export is a folder like a full export: `model.onnx`, `weight_map.json` and every
 unchanged `weights/*` file are hard links to the base export; only the changed tensors are new
 files. A patch always starts from the base export (the LoRA-free one), never from a previously
-patched model, so patching A then B gives exactly B.
+patched model, so patching A then B gives exactly B. When the base serves int8
+(export.flux.transformer_precision), the fp32 result is requantized and only the int8 graph's
+changed tensors are written (export.flux.int8_patch).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import onnx
 import torch
 
-from export.flux.weight_map import WEIGHTS_DIR, Binding, WeightMap
+from export.flux.transformer_precision import INT8_DIR, PRECISION_FILE, served_dir
+from export.flux.weight_map import Binding, WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,19 @@ def patched_tensors(
     return out
 
 
+def _int8_files(base_dir: Path, new: dict[str, tuple[Binding, torch.Tensor]]) -> dict[str, bytes]:
+    """Relative file in the patched export -> bytes, for the int8 graph (export.flux.int8_patch)."""
+    from export.flux.int8_patch import NotRequantizable, patched_int8_files
+
+    fp32_graph = onnx.load(str(base_dir / "model.onnx"), load_external_data=False)
+    arrays = {name: value.numpy() for name, (_, value) in new.items()}
+    try:
+        files = patched_int8_files(base_dir / INT8_DIR, fp32_graph, arrays)
+    except NotRequantizable as e:
+        raise NotPatchable(str(e)) from e
+    return {f"{INT8_DIR}/{rel}": data for rel, data in files.items()}
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -190,26 +206,32 @@ def patch_export(base_dir: Path, out_dir: Path, deltas: dict[str, LayerDelta]) -
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     weight_map = WeightMap.load(base_dir)
     new = patched_tensors(base_dir, weight_map, deltas)
-    changed = {b.location for b, _ in new.values()}
+    if served_dir(base_dir) != base_dir:
+        # int8 is served: only the int8 graph is written (requantized changed tensors), never
+        # the fp32 patch, which nothing would read; later patches start from the base's fp32.
+        files = _int8_files(base_dir, new)
+        keep = {INT8_DIR, PRECISION_FILE}
+    else:
+        files = {b.location: v.contiguous().view(torch.uint8).numpy().tobytes() for b, v in new.values()}
+        keep = None
     out_dir.mkdir(parents=True)
-    (out_dir / WEIGHTS_DIR).mkdir()
     changed_bytes = 0
-    for binding, value in new.values():
-        data = value.contiguous().view(torch.uint8).numpy().tobytes()
-        tmp = out_dir / (binding.location + ".tmp")
+    for rel, data in files.items():
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / (rel + ".tmp")
         tmp.write_bytes(data)
-        tmp.rename(out_dir / binding.location)  # never rewrite a file in place: others may link it
+        tmp.rename(out_dir / rel)  # never rewrite a file in place: others may link it
         changed_bytes += len(data)
     linked = 0
     for src in sorted(p for p in base_dir.rglob("*") if p.is_file()):
         rel = src.relative_to(base_dir).as_posix()
-        if rel in changed or rel == "export.json":
+        if rel in files or rel == "export.json" or (keep is not None and rel.split("/")[0] not in keep):
             continue
         dst = out_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(src, dst)
         linked += 1
-    report = PatchReport(len(deltas), len(new), changed_bytes, linked, time.monotonic() - started)
+    report = PatchReport(len(deltas), len(files), changed_bytes, linked, time.monotonic() - started)
     log.info(
         "patched %d layers (%d tensors, %.1f MB written, %d files linked) in %.2fs -> %s",
         report.layers,
