@@ -93,4 +93,19 @@ def flux_inprocess(
         runs.append({"concurrency": conc, "requests": requests, "images_per_s": round(requests / seconds, 3)})
         log.info("in-process FLUX, %d threads: %.2f images/s", conc, requests / seconds)
     best = max(runs, key=lambda r: r["images_per_s"])
-    return {"runs": runs, "best_images_per_s": best["images_per_s"], "intra_op_threads": threads}
+    return {
+        "runs": runs,
+        "best_images_per_s": best["images_per_s"],
+        "intra_op_threads": threads,
+        "transformer_precision": served_transformer_precision(repo),
+    }
+
+
+def served_transformer_precision(repo: Path) -> str:
+    """fp32 or int8: what the newest generate's transformer serves (export.flux.transformer_precision)."""
+    from export.flux.transformer_precision import PRECISION_FILE
+
+    gen_dir = repo / GENERATE.name / str(versions(repo, GENERATE.name)[-1])
+    pin = json.loads((gen_dir / "components.json").read_text())[FLUX_TRANSFORMER]
+    choice = repo / FLUX_TRANSFORMER / str(pin) / PRECISION_FILE
+    return json.loads(choice.read_text())["served"] if choice.exists() else "fp32"

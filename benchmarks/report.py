@@ -336,8 +336,11 @@ def render_markdown(result: Result) -> str:
     if flux:
         runs = ", ".join(f"{r['concurrency']} threads: {_num(r['images_per_s'], 2)}" for r in flux["runs"])
         share = ((result.get("headline") or {}).get(GENERATE.name) or {}).get("facade_of_inprocess")
+        precision = flux.get("transformer_precision")
         out += [
-            "In-process limit for generate (FluxLoop on the served ONNX files, no server, "
+            "In-process limit for generate (FluxLoop on the served ONNX files"
+            + (f", transformer in {precision}" if precision else "")
+            + ", no server, "
             f"{flux['intra_op_threads']} intra-op threads): **{_num(flux['best_images_per_s'], 2)} images/s** ({runs})"
             + (f"; the facade serves **{_pct(share)}** of it." if share is not None else "."),
             "",

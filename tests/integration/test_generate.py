@@ -203,12 +203,19 @@ def test_triton_failure_mid_request_then_recovers(tmp_path) -> None:
         def slow_request() -> None:
             with facade.client(timeout_s=300) as http:
                 result["r"] = http.post(
-                    "/generate", json={"prompt": PROMPT, "width": 256, "height": 256, "steps": 40, "seed": 1}
+                    "/generate", json={"prompt": PROMPT, "width": 256, "height": 256, "steps": 100, "seed": 1}
                 )
+
+        def transformer_steps() -> int:
+            stats = control.get_inference_statistics(FLUX_TRANSFORMER)["model_stats"]
+            return sum(int(s.get("execution_count", 0)) for s in stats)
 
         t = threading.Thread(target=slow_request)
         t.start()
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while transformer_steps() < 1:  # the generation is in its denoising loop (100 steps to go)
+            assert time.monotonic() < deadline and t.is_alive(), "the generation never reached the transformer"
+            time.sleep(0.05)
         control.unload_model(FLUX_TRANSFORMER)
         t.join(300)
         r = result["r"]
