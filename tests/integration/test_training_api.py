@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from benchmarks.swap import solid_color_zip
+from client.codec import GenerateResult
 from client.contract import (
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
@@ -33,7 +34,6 @@ from client.contract import (
     GENERATE_DEFAULTS,
     GENERATE_STREAM,
 )
-from client.codec import GenerateResult
 from client.triton_client import TritonClient
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
 from training.worker import running_worker
