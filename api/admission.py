@@ -67,8 +67,12 @@ class AdmissionSettings(BaseSettings):
     generate_max_wait_s: float = 5.0
     generate_initial_rate_mps: float = 0.5
     """Throughput assumed until the first measurement (megapixel-steps per second)."""
-    classify_max_wait_s: float = 0.1
-    """A lone /classify takes ~10 ms here: 0.1 s keeps an accepted request within ~20x of that."""
+    classify_max_wait_s: float = 0.05
+    """A lone /classify takes 5-10 ms here. Under overload the queue sits at this bound and the
+    busy machine adds its own tail on top, so the bound is a fraction of the ~20x-a-lone-request
+    latency accepted requests should keep (0.1 s gave a p99 of 27-61x, 0.05 s 14-18x). The price: 32
+    clients in a closed loop keep ~60 ms of texts queued on 2 cores and see some 503s; raise it
+    where clients prefer waiting to retrying."""
     classify_initial_rate_texts: float = 200.0
     rate_smoothing: float = 0.3
     """Weight of the newest throughput sample in the moving average."""

@@ -236,6 +236,10 @@ def test_early_shed_follows_the_queue_and_the_event_loop_lag() -> None:
     assert "saturated" in message
     q.release(1.0, completed=False)
     assert shed_reason(q, lag_s=0.4) is None  # nothing in flight: a lone request is served
+    q.admit(15.0)  # 0.15 s ahead and the loop 0.15 s late: each under 0.25 s, together over it
+    assert shed_reason(q, lag_s=0.0) is None and shed_reason(q, lag_s=0.05) is None
+    message, _ = shed_reason(q, lag_s=0.15)
+    assert "at capacity" in message
 
 
 def test_loop_lag_sees_a_blocked_event_loop() -> None:
