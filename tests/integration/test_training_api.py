@@ -608,6 +608,7 @@ def assert_served_patch_equals_full_reexport(
     loop in process on the re-exported transformer and the served versions of the rest)."""
     from export.flux.lora import load_pipeline
     from export.flux.onnx_export import export_all
+    from export.flux.transformer_precision import INT8_DIR, quantize_export, read_choice
     from export.flux.weight_map import WEIGHTS_DIR
     from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables
 
@@ -625,6 +626,13 @@ def assert_served_patch_equals_full_reexport(
     full = tmp_path / "full"
     pipe = load_pipeline(provenance["checkpoint"], provenance["lora"], provenance["lora_scale"])
     export_all(pipe, full, only=[FLUX_TRANSFORMER])
+    # When the CPU transformer serves int8, the full re-export is quantized by the same recipe
+    # (export.flux.transformer_precision): like is compared with like.
+    served_transformer = stack.repo / FLUX_TRANSFORMER / str(components[FLUX_TRANSFORMER])
+    if (read_choice(served_transformer) or {}).get("served") == "int8":
+        quantize_export(full / FLUX_TRANSFORMER, full / FLUX_TRANSFORMER / INT8_DIR)
+        (full / FLUX_TRANSFORMER).rename(tmp_path / "full-fp32")
+        (full / FLUX_TRANSFORMER).symlink_to(tmp_path / "full-fp32" / INT8_DIR)
     for name in UNCHANGED_BY_LORA:
         (full / name).symlink_to(stack.repo / name / str(components[name]))
     encode_clip, encode_t5, transformer, decode = ort_callables(full, 1)
