@@ -1,12 +1,13 @@
 """Patch a LoRA into the int8 transformer graph by requantizing only the tensors it changes.
 
 The patch is computed in fp32 from the base export (`W' = W + scale * (B @ A)`,
-export.flux.weight_patch), then each changed initializer goes through ONNX Runtime's own
-`quantize_dynamic`, with the options the whole graph was quantized with, on a graph made of just
-the nodes that consume it (same op, same attributes). The quantizer's per-weight arithmetic
-(Gemm -> MatMul over `<W>_Transposed`, per-channel scales, symmetric int8) depends only on the
-weight and its consumer, so the result is bit for bit what quantizing the whole patched fp32
-graph gives (tests/unit/test_int8_patch.py compares every weight file).
+export.flux.weight_patch), then each changed initializer is quantized as `quantize_dynamic` did
+it in the whole graph: the quantizer's per-weight arithmetic (Gemm -> MatMul over
+`<W>_Transposed`, per-channel scales, symmetric int8) depends only on the weight and its
+consumer. For MatMul/Gemm weights that arithmetic runs on whole arrays (`per_channel_int8`);
+any other layout goes through ONNX Runtime's own quantizer on a graph of just the nodes that
+consume the changed initializers. Either way the result is bit for bit what quantizing the whole
+patched fp32 graph gives (tests/unit/test_int8_patch.py compares every weight file).
 """
 
 from __future__ import annotations
@@ -59,9 +60,63 @@ def _consumer_graph(fp32_graph: onnx.ModelProto, new: dict[str, np.ndarray]) -> 
     return helper.make_model(graph, opset_imports=list(fp32_graph.opset_import), ir_version=fp32_graph.ir_version)
 
 
+def per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(quantized, scale, zero point) of a MatMul weight (in, out), one channel per column:
+    ORT's per-channel symmetric QInt8 arithmetic (quant_utils.compute_scale_zp and
+    quantize_nparray, applied column by column by base_quantizer) in whole-array numpy, the same
+    dtypes at every step. ORT's loop costs ~70 us a column (2.5 s for the small model's LoRA);
+    this is bit for bit the same (tests/unit/test_int8_patch.py checks it against ORT)."""
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=False, symmetric=True)
+    low, high = get_qmin_qmax_for_qType(onnx.TensorProto.INT8)  # quantize_nparray clips to the full range
+    w = np.asarray(w, dtype=np.float32)
+    zero = np.float32(0)
+    absmax = np.maximum(np.abs(np.minimum(w.min(axis=0), zero)), np.abs(np.maximum(w.max(axis=0), zero)))
+    scale64 = (absmax.astype(np.float64) - (-absmax).astype(np.float64)) / (np.float64(qmax) - np.float64(qmin))
+    degenerate = scale64 < np.finfo(np.float32).tiny
+    scale = np.where(degenerate, np.float32(1.0), scale64.astype(np.float32))
+    zero_point = np.full(w.shape[1], np.round((qmin + qmax) / np.float64(2.0)), dtype=np.int8)
+    zero_point[degenerate] = 0
+    q = np.round(w / scale[None, :]) + zero_point[None, :]
+    np.clip(q, low, high, out=q)
+    return q.astype(np.int8), scale, zero_point
+
+
+def _whole_array(fp32_graph: onnx.ModelProto, new: dict[str, np.ndarray]) -> dict[str, bytes] | None:
+    """requantize's result for the layouts it knows (MatMul B; Gemm B, transposed or not, alpha 1),
+    None for anything else (then ORT's own quantizer runs)."""
+    out: dict[str, bytes] = {}
+    seen: set[str] = set()
+    for node in fp32_graph.graph.node:
+        for i, name in enumerate(node.input):
+            if name not in new:
+                continue
+            if name in seen or i != 1 or node.op_type not in PATCHABLE_CONSUMERS:
+                return None  # read twice, or not as the weight of a matrix product
+            seen.add(name)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            stem, w = name, new[name]
+            if node.op_type == "Gemm":
+                if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                    return None
+                if attrs.get("transB", 0):
+                    stem, w = name + TRANSPOSED, np.ascontiguousarray(w.T)
+            q, scale, zero_point = per_channel_int8(w)
+            out |= {stem + "_quantized": q.tobytes(), stem + "_scale": scale.tobytes()}
+            out[stem + "_zero_point"] = zero_point.tobytes()
+    return out if seen == set(new) else None
+
+
 def requantize(fp32_graph: onnx.ModelProto, new: dict[str, np.ndarray]) -> dict[str, bytes]:
     """int8-graph initializer name -> bytes, for everything quantize_dynamic derives from the
     changed fp32 initializers `new` (name -> patched array)."""
+    fast = _whole_array(fp32_graph, new)
+    return fast if fast is not None else requantize_with_ort(fp32_graph, new)
+
+
+def requantize_with_ort(fp32_graph: onnx.ModelProto, new: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """requantize by ORT's own quantizer on the consumers of the changed initializers."""
     wanted = {d for n in new for d in derived_names(n)}
     with tempfile.TemporaryDirectory(prefix="fluxserve-requant-") as tmp:
         out = Path(tmp) / ONNX_FILE

@@ -185,3 +185,41 @@ def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, ti
     # The base's fp32 graph is not the same export as an fp32-only one (fingerprints differ).
     fp32_only = component_provenance({**prov, TRANSFORMER_PRECISION: "fp32"}, frozenset())[FLUX_TRANSFORMER]
     assert fp32_only != base[FLUX_TRANSFORMER]
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm-transB", "Gemm"])
+def test_whole_array_requantize_is_orts_quantizer_bit_for_bit(op: str) -> None:
+    """The whole-array per-channel arithmetic against ORT's own quantizer, on edge cases too: an
+    all-zero column (degenerate scale), a column of denormals, exact .5 ties after scaling."""
+    from onnx import TensorProto, helper
+
+    from export.flux.int8_patch import _whole_array, requantize_with_ort
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 40)).astype(np.float32)
+    w[:, 0] = 0.0
+    w[:, 1] = np.float32(1e-42)
+    # absmax 63.5 -> scale exactly 0.5, and every other value lands on k + 0.5: round half to even.
+    w[:, 2] = np.concatenate([[63.5, -63.5], (np.arange(-23, 23) + 0.5) * 0.5]).astype(np.float32)
+    w[:, 3] = np.abs(w[:, 3])  # one-signed: the symmetric range still holds 0
+    if op == "MatMul":
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    else:
+        w = np.ascontiguousarray(w.T) if op == "Gemm-transB" else w  # Gemm(transB=1) stores (out, in)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=int(op == "Gemm-transB"))
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[],
+    )
+    if op != "MatMul":
+        graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, None))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    fast = _whole_array(model, {"w": w})
+    assert fast is not None
+    ours = {k: v for k, v in fast.items()}
+    theirs = requantize_with_ort(model, {"w": w})
+    assert ours == theirs
+    assert len(ours) == 3
