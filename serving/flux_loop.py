@@ -295,29 +295,23 @@ def ort_callables(
     Reads `onnx_dir/<model name>/model.onnx` as written by export.flux.onnx_export.export_all.
     intra_op_threads=0 lets ONNX Runtime pick (all cores).
     """
-
-    def make(name: str) -> ComponentFn:
-        return ort_callable(Path(onnx_dir) / name / "model.onnx", name, intra_op_threads, providers)
-
-    return (make(FLUX_TEXT_ENCODER), make(FLUX_TEXT_ENCODER_2), make(FLUX_TRANSFORMER), make(FLUX_VAE_DECODER))
-
-
-def ort_callable(path: Path, name: str, intra_op_threads: int = 0, providers: list[str] | None = None) -> ComponentFn:
-    """Component `name` (its contract's inputs, positional) on an ONNX Runtime session of `path`."""
     from common.ort_session import make_session
 
-    # Spinning on: in-process use owns the cores (Triton's stubs turn it off).
-    session = make_session(Path(path), intra_op_threads, providers, spinning=True)
-    input_names, (output_name,) = FLUX_IO_NAMES[name]
-    # An exporter may drop an input the graph never reads (guidance without guidance embedding).
-    present = {i.name for i in session.get_inputs()}
-    input_names = tuple(n for n in input_names if n in present)
+    def make(name: str) -> ComponentFn:
+        # Spinning on: in-process use owns the cores (Triton's stubs turn it off).
+        session = make_session(Path(onnx_dir) / name / "model.onnx", intra_op_threads, providers, spinning=True)
+        input_names, (output_name,) = FLUX_IO_NAMES[name]
+        # An exporter may drop an input the graph never reads (guidance without guidance embedding).
+        present = {i.name for i in session.get_inputs()}
+        input_names = tuple(n for n in input_names if n in present)
 
-    def run(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(input_names, args)) | kwargs
-        return session.run([output_name], {n: feeds[n] for n in input_names})[0]
+        def run(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+            feeds = dict(zip(input_names, args)) | kwargs
+            return session.run([output_name], {n: feeds[n] for n in input_names})[0]
 
-    return run
+        return run
+
+    return (make(FLUX_TEXT_ENCODER), make(FLUX_TEXT_ENCODER_2), make(FLUX_TRANSFORMER), make(FLUX_VAE_DECODER))
 
 
 def torch_callables(pipeline) -> tuple[ComponentFn, ComponentFn, ComponentFn, ComponentFn]:

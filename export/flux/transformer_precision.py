@@ -182,36 +182,84 @@ def _folder_bytes(model_path: Path) -> int:
     return model_path.stat().st_size + sum(f.stat().st_size for f in (folder / WEIGHTS_DIR).glob("*"))
 
 
+def _onnx_forward(path: Path, record: list) -> tuple[Callable[..., tuple[Any]], Any]:
+    """(a FluxTransformer2DModel.forward that runs the ONNX graph at `path` on one intra-op
+    thread and remembers its last feeds in `record`, its ONNX Runtime session)."""
+    import torch
+
+    from client.contract import FLUX_IO_NAMES
+    from common.ort_session import make_session
+
+    session = make_session(path, 1, spinning=True)
+    present = {i.name for i in session.get_inputs()}
+    names = [n for n in FLUX_IO_NAMES[FLUX_TRANSFORMER][0] if n in present]
+
+    def forward(hidden_states: torch.Tensor, **kw: Any) -> tuple[torch.Tensor]:
+        b = hidden_states.shape[0]
+        guidance = kw.get("guidance")
+        values = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": kw["encoder_hidden_states"],
+            "pooled_projections": kw["pooled_projections"],
+            "timestep": kw["timestep"],
+            # The graph is batch-major (export.flux.onnx_export); the pipeline passes 2-D ids.
+            "img_ids": kw["img_ids"][None].expand(b, -1, -1),
+            "txt_ids": kw["txt_ids"][None].expand(b, -1, -1),
+            "guidance": guidance if guidance is not None else torch.zeros(b),
+        }
+        feeds = {n: np.ascontiguousarray(values[n].detach().numpy(), dtype=np.float32) for n in names}
+        record[:] = [feeds]
+        return (torch.from_numpy(session.run(None, feeds)[0]),)
+
+    return forward, session
+
+
 def image_parity(
     checkpoint_dir: Path, pipeline: Any, fp32_path: Path, int8_path: Path
 ) -> tuple[list[float], list[float], float, float]:
     """(mean abs pixel diff per image, PSNR per image, fp32 ms, int8 ms per transformer step).
 
+    The images come from diffusers' FluxPipeline (what the serving loop reproduces bit for bit,
+    tests/unit/test_flux_loop.py) with its transformer's forward running each ONNX graph.
     Step times are the best of TIMING_ROUNDS alternating calls on the same inputs (a real step's),
     one intra-op thread: on a shared machine that is the figure other load disturbs least."""
-    from serving.flux_loop import FluxLoop, GenerationRequest, ort_callable, torch_callables
+    import torch
 
-    clip, t5, _, vae = torch_callables(pipeline)
-    runs = {tag: ort_callable(path, FLUX_TRANSFORMER, 1) for tag, path in (("fp32", fp32_path), ("int8", int8_path))}
-    reqs = [GenerationRequest(p, PARITY_SIZE, PARITY_SIZE, PARITY_STEPS, 3.5, i) for i, p in enumerate(PARITY_PROMPTS)]
+    from common.flux_assets import read_max_sequence_length
+
+    transformer = pipeline.transformer
+    records: dict[str, list] = {"fp32": [], "int8": []}
+    built = {tag: _onnx_forward(p, records[tag]) for tag, p in (("fp32", fp32_path), ("int8", int8_path))}
     images: dict[str, list[np.ndarray]] = {}
-    step_args: list[tuple[np.ndarray, ...]] = []
-    for tag, run in runs.items():
-
-        def recorded(*args: np.ndarray, _run: Callable = run) -> np.ndarray:
-            step_args[:] = [args]
-            return _run(*args)
-
-        loop = FluxLoop(checkpoint_dir, clip, t5, recorded, vae)
-        images[tag] = [loop(r).astype(np.float64) for r in reqs]
-    best = {tag: float("inf") for tag in runs}
+    try:
+        for tag, (forward, _) in built.items():
+            transformer.forward = forward  # an instance attribute: nn.Module.__call__ runs it
+            images[tag] = [
+                pipeline(
+                    prompt,
+                    height=PARITY_SIZE,
+                    width=PARITY_SIZE,
+                    num_inference_steps=PARITY_STEPS,
+                    guidance_scale=3.5,
+                    generator=torch.Generator().manual_seed(seed),
+                    max_sequence_length=read_max_sequence_length(checkpoint_dir),
+                    output_type="np",
+                ).images[0]
+                * 255.0
+                for seed, prompt in enumerate(PARITY_PROMPTS)
+            ]
+    finally:
+        del transformer.forward
+    best = {tag: float("inf") for tag in built}
+    feeds = records["int8"][0]
     for _ in range(TIMING_ROUNDS):
-        for tag, run in runs.items():
+        for tag, (_, session) in built.items():
             started = time.perf_counter()
-            run(*step_args[0])
+            session.run(None, feeds)
             best[tag] = min(best[tag], 1000 * (time.perf_counter() - started))
     mad, psnr = [], []
     for a, b in zip(images["fp32"], images["int8"]):
+        a, b = np.round(a).astype(np.float64), np.round(b).astype(np.float64)  # as saved: uint8
         mad.append(round(float(np.abs(a - b).mean()), 4))
         mse = float(np.mean((a - b) ** 2))
         psnr.append(round(float(10 * np.log10(255.0**2 / mse)) if mse > 0 else float("inf"), 2))
