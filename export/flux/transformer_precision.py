@@ -299,12 +299,22 @@ def build_and_choose(export_dir: Path, requested: Precision, checkpoint_dir: Pat
     fp32 = export_dir / ONNX_FILE
     int8: Path | None = None
     mad = psnr = fp32_ms = int8_ms = None
+    failure = None
     if requested != "fp32":
         started = time.monotonic()
-        int8 = quantize_export(export_dir, export_dir / INT8_DIR)
-        log.info("transformer int8 graph built in %.1fs", time.monotonic() - started)
-        mad, psnr, fp32_ms, int8_ms = image_parity(checkpoint_dir, pipeline, fp32, int8)
+        try:
+            int8 = quantize_export(export_dir, export_dir / INT8_DIR)
+            log.info("transformer int8 graph built in %.1fs", time.monotonic() - started)
+            mad, psnr, fp32_ms, int8_ms = image_parity(checkpoint_dir, pipeline, fp32, int8)
+        except Exception as e:  # auto falls back to the fp32 export it already has
+            if requested == "int8":
+                raise
+            log.warning("transformer int8 build or measurement failed, serving fp32: %s", e)
+            failure = f"int8 build or measurement failed ({type(e).__name__}: {e})"
+            shutil.rmtree(export_dir / INT8_DIR, ignore_errors=True)
+            int8 = None
     served, reason = choose(requested, mad, psnr, fp32_ms, int8_ms)
+    reason = failure or reason
     if served == "fp32" and int8 is not None:
         shutil.rmtree(int8.parent)  # not served: nothing may patch or publish it
     choice = PrecisionChoice(

@@ -223,3 +223,13 @@ def test_whole_array_requantize_is_orts_quantizer_bit_for_bit(op: str) -> None:
     theirs = requantize_with_ort(model, {"w": w})
     assert ours == theirs
     assert len(ours) == 3
+
+
+def test_auto_serves_fp32_when_int8_cannot_be_measured(int8_base: Path, tmp_path: Path) -> None:
+    """auto never fails an export over int8: a build or measurement error keeps fp32 (with why)."""
+    export = fp32_only_copy(int8_base, tmp_path / "export")
+    choice = build_and_choose(export, "auto", tmp_path, pipeline=None)  # no pipeline: cannot measure
+    assert choice.served == "fp32" and "failed" in choice.reason
+    assert served_dir(export) == export and not (export / INT8_DIR).exists()
+    with pytest.raises(Exception):
+        build_and_choose(export, "int8", tmp_path, pipeline=None)  # forced: the error surfaces
