@@ -27,6 +27,7 @@ from export.flux.lora import load_pipeline, lora_target_modules  # noqa: E402
 from export.flux.onnx_export import export_all, transformer_inputs  # noqa: E402
 from export.flux.transformer_precision import (  # noqa: E402
     INT8_DIR,
+    MAX_LATENT_RELATIVE_ERROR,
     MAX_MEAN_ABS_PIXEL,
     MIN_PSNR_DB,
     PRECISION_FILE,
@@ -53,6 +54,12 @@ def int8_base(base_pipeline, tiny_checkpoint: Path, tmp_path_factory: pytest.Tem
     export_all(base_pipeline, out, only=[FLUX_TRANSFORMER])
     choice = build_and_choose(out / FLUX_TRANSFORMER, "int8", tiny_checkpoint, base_pipeline)
     assert choice.served == "int8" and choice.mean_abs_pixel_diff is not None
+    # the measured figures the choice rests on: close, and not identical (the graphs do differ)
+    assert choice.latent_relative_error is not None
+    assert all(0 < e <= MAX_LATENT_RELATIVE_ERROR for e in choice.latent_relative_error), choice
+    print(
+        f"int8 vs fp32: images {choice.mean_abs_pixel_diff} / {choice.psnr_db} dB, latents {choice.latent_relative_error}"
+    )
     return out / FLUX_TRANSFORMER
 
 
@@ -145,6 +152,10 @@ def test_precision_rule() -> None:
     assert choose("auto", None, None, None, None)[0] == "fp32"
     assert choose("int8", [9.0], [10.0], 1.0, 2.0)[0] == "int8"
     assert choose("fp32", close, psnr, 600.0, 300.0)[0] == "fp32"
+    # Images can hide a bad transformer behind the random VAE's grey: the latents cannot.
+    assert choose("auto", close, psnr, 600.0, 300.0, [0.01, 0.02])[0] == "int8"
+    served, reason = choose("auto", close, psnr, 600.0, 300.0, [0.01, MAX_LATENT_RELATIVE_ERROR + 0.01])
+    assert served == "fp32" and "latents" in reason
 
 
 def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, tiny_lora: Path, tmp_path: Path) -> None:
