@@ -109,16 +109,21 @@ async def _generate_load(url: str, s: SwapSettings, t0: float, stop: asyncio.Eve
 
 
 def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
-    """Bytes of the job's new model versions that share no inode with the versions before them:
-    what the publish actually wrote (a hard-linked unchanged tensor costs nothing; a file written
-    once into the export folder and linked into the repository counts once)."""
+    """Bytes of the job's new model versions that share no inode with the versions before them or
+    with the base export a patch starts from: what the publish actually wrote (a hard-linked
+    unchanged tensor costs nothing, also when the version before served another LoRA's copy of it;
+    a file written once into the export folder and linked into the repository counts once)."""
     # generate_stream is published beside generate with the same version number.
     served = int(publish["model_version"])
     versions = {**publish.get("components", {}), GENERATE.name: served, GENERATE_STREAM.name: served}
+    report = publish.get("report", {})
     total = 0
     for name in publish.get("created", []):
         folder = repo / name / str(versions[name])
         older = [p for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) < versions[name]]
+        base = (report.get(name) or {}).get("base_onnx_dir") if isinstance(report.get(name), dict) else None
+        if base and Path(base).is_dir():
+            older.append(Path(base))
         seen = {f.stat().st_ino for p in older for f in p.rglob("*") if f.is_file()}
         total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen)
     return total

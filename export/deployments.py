@@ -63,7 +63,14 @@ class ExportSettings(BaseSettings):
     up, and one instance means one prompt cache."""
     prompt_cache_mb: int = 256
     """Prompt embeddings flux_prepare keeps (LRU); one FLUX.1-dev T5-XXL embedding is 8 MB."""
-    flux_transformer_threads: int = 2
+    flux_transformer_instances: int = 2
+    flux_transformer_threads: int = 1
+    """Two instances of one ORT thread each, not one of two: a step's small GEMMs (batch 1-2 of
+    256 image tokens on the small model) scale poorly over threads, and two instances keep both
+    cores on whole batches. Measured at 4 clients, 256x256, 4 steps (`fluxserve-bench run`, A/B/A
+    in the same minutes, int8): transformer CPU per request 225-236 vs 271 ms, /generate 2.73-2.84x
+    vs 2.59x the baseline. Each instance holds its own copy of the weights (FLUX.1-dev int8: ~12 GB):
+    set 1 instance and 2 threads where memory is short."""
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
     the running forward pass anyway and merge there; a long wait only taxes a lone request every
@@ -143,7 +150,7 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
         deps[name] = Deployment(
             spec=spec,
             kind="onnx",
-            instance_count=1,
+            instance_count=s.flux_transformer_instances if is_transformer else 1,
             dynamic_batching=DynamicBatching((), s.flux_transformer_max_queue_delay_us if is_transformer else 1000),
             parameters={
                 "intra_op_threads": str(s.flux_transformer_threads if is_transformer else s.flux_component_threads)
