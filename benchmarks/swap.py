@@ -125,7 +125,17 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
         if base and Path(base).is_dir():
             older.append(Path(base))
         seen = {f.stat().st_ino for p in older for f in p.rglob("*") if f.is_file()}
-        total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen)
+        fresh = [f for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen]
+        total += sum(f.stat().st_size for f in fresh)
+        log.info(
+            "%s %s: %d new files, %.1f MB (base %s; largest %s)",
+            name,
+            versions[name],
+            len(fresh),
+            sum(f.stat().st_size for f in fresh) / 1e6,
+            base,
+            sorted((f.stat().st_size, f.name, f.stat().st_nlink) for f in fresh)[-3:],
+        )
     return total
 
 
