@@ -67,12 +67,13 @@ class AdmissionSettings(BaseSettings):
     generate_max_wait_s: float = 5.0
     generate_initial_rate_mps: float = 0.5
     """Throughput assumed until the first measurement (megapixel-steps per second)."""
-    classify_max_wait_s: float = 0.05
+    classify_max_wait_s: float = 0.04
     """A lone /classify takes 5-10 ms here. Under overload the queue sits at this bound and the
     busy machine adds its own tail on top, so the bound is a fraction of the ~20x-a-lone-request
-    latency accepted requests should keep (0.1 s gave a p99 of 27-61x, 0.05 s 14-18x). The price: 32
-    clients in a closed loop keep ~60 ms of texts queued on 2 cores and see some 503s; raise it
-    where clients prefer waiting to retrying."""
+    latency accepted requests should keep. Measured with `fluxserve-bench overload` at 10x (30 s,
+    quiet machine): 0.1 s gave a p99 of 61x, 0.05 s 16.6-20.5x, 0.04 s 17.4x, serving as many. The
+    price: 32 clients in a closed loop keep ~50-60 ms of texts queued on 2 cores and see some 503s;
+    raise it where clients prefer waiting to retrying."""
     classify_initial_rate_texts: float = 200.0
     rate_smoothing: float = 0.3
     """Weight of the newest throughput sample in the moving average."""
