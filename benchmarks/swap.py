@@ -33,6 +33,7 @@ from benchmarks.environment import environment
 from benchmarks.report import write_json
 from client.contract import GENERATE, GENERATE_STREAM
 from common.paths import PROJECT_ROOT
+from export.flux.settings import FluxSettings
 from training.worker import running_worker
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,11 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
         folder = repo / name / str(versions[name])
         older = [p for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) < versions[name]]
         base = (report.get(name) or {}).get("base_onnx_dir") if isinstance(report.get(name), dict) else None
-        if base and Path(base).is_dir():
-            older.append(Path(base))
-        seen = {f.stat().st_ino for p in older for f in p.rglob("*") if f.is_file()}
+        if base:
+            # The job API shortens paths to their last part ("…/<fingerprint>"): find the base
+            # export where the publisher keeps them (export.flux_publish: build_dir/export/<component>/).
+            older.append(FluxSettings().build_dir / "export" / name / Path(base).name)
+        seen = {f.stat().st_ino for p in older if p.is_dir() for f in p.rglob("*") if f.is_file()}
         fresh = [f for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen]
         total += sum(f.stat().st_size for f in fresh)
         log.info(
