@@ -122,22 +122,28 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
     for name in publish.get("created", []):
         folder = repo / name / str(versions[name])
         older = [p for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) < versions[name]]
-        base = (report.get(name) or {}).get("base_onnx_dir") if isinstance(report.get(name), dict) else None
+        entry = report.get(name)
+        base = entry.get("base_onnx_dir") if isinstance(entry, dict) else None
         if base:
             # The job API shortens paths to their last part ("…/<fingerprint>"): find the base
             # export where the publisher keeps them (export.flux_publish: build_dir/export/<component>/).
             older.append(FluxSettings().build_dir / "export" / name / Path(base).name)
         seen = {f.stat().st_ino for p in older if p.is_dir() for f in p.rglob("*") if f.is_file()}
-        fresh = [f for f in folder.rglob("*") if f.is_file() and f.stat().st_ino not in seen]
-        total += sum(f.stat().st_size for f in fresh)
+        fresh = [
+            (st.st_size, f.name, st.st_nlink)
+            for f in folder.rglob("*")
+            if f.is_file() and (st := f.stat()).st_ino not in seen
+        ]
+        written = sum(size for size, _, _ in fresh)
+        total += written
         log.info(
-            "%s %s: %d new files, %.1f MB (base %s; largest %s)",
+            "%s %s: %d new files, %.1f MB (base %s; largest, with link counts: %s)",
             name,
             versions[name],
             len(fresh),
-            sum(f.stat().st_size for f in fresh) / 1e6,
+            written / 1e6,
             base,
-            sorted((f.stat().st_size, f.name, f.stat().st_nlink) for f in fresh)[-3:],
+            sorted(fresh)[-3:],
         )
     return total
 
