@@ -25,6 +25,12 @@ class ApiMetrics:
         self.items = Counter(
             "fluxserve_items_total", "texts classified / images generated", ["kind"], registry=self.registry
         )
+        self.classify_call_texts = Histogram(
+            "fluxserve_classify_call_texts",
+            "texts per Triton classify call: concurrent /classify requests share calls (api/classify_batcher.py)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from api.admission import Admission, AdmissionSettings, deployed_model_facts
+from api.classify_batcher import ClassifyBatcher
 from api.metrics import ApiMetrics
 from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag
-from client.contract import CLASSIFY, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
-from client.triton_client import AsyncTritonClient
+from client.contract import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
+from client.triton_client import AsyncTritonClient, ClassifyResult
 from training.jobs import JobSettings, JobStore
 
 if TYPE_CHECKING:  # api.auth reaches the state through get_state: no import cycle at run time
@@ -64,6 +65,8 @@ class AppState:
     triton: AsyncTritonClient | None = None
     triton_generate: AsyncTritonClient | None = None
     readiness: Readiness | None = None
+    classify_batcher: ClassifyBatcher | None = None
+    """None when FLUXSERVE_API_CLASSIFY_CALLS_INFLIGHT=0 (one Triton call per request)."""
     admission: Admission | None = None
     loop_lag: LoopLag | None = None
     stopping: asyncio.Event | None = None
@@ -75,6 +78,13 @@ class AppState:
         self.triton = AsyncTritonClient(s.triton_grpc_url, s.classify_timeout_s)
         self.triton_generate = AsyncTritonClient(s.triton_grpc_url, s.generate_timeout_s)
         self.readiness = Readiness(self.triton_generate, s.ready_probe_interval_s)
+        if s.classify_calls_inflight > 0:
+            self.classify_batcher = ClassifyBatcher(
+                self.triton.classify,
+                CLASSIFY_LIMITS.max_texts_per_request,
+                s.classify_calls_inflight,
+                self.metrics.classify_call_texts.observe,
+            )
         self.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(self.triton))
         self.stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -92,6 +102,12 @@ class AppState:
         for client in (self.triton, self.triton_generate):
             if client is not None:
                 await client.close()
+
+    async def classify(self, texts: list[str]) -> list[ClassifyResult]:
+        """Classify through Triton, sharing calls with concurrent requests when configured."""
+        if self.classify_batcher is not None:
+            return await self.classify_batcher.classify(texts)
+        return await self.triton.classify(texts)
 
     async def classify_threshold(self, version: str) -> float:
         """The override from settings, else what `classify` version `version` was published with."""

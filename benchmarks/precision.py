@@ -107,6 +107,7 @@ def bench_precision(s: PrecisionBenchSettings) -> dict[str, Any]:
             "graph": str(graph),
             "best_texts_per_s": limit,
             "best_batch_size": (res.get("ort_inprocess") or {}).get("best_batch_size"),
+            "layout": "{best_sessions}x{best_threads}".format(**res["ort_inprocess"]) if limit else None,
         }
         for name in (f"{FACADE}-{classify}", f"{TRITON}-{classify}"):
             row = _row(variant, name, res, conc)
@@ -135,9 +136,11 @@ def render_markdown(out: dict[str, Any]) -> str:
             f"| {r['variant']} | {r['target']} | {r['req_s']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {vs} | {of} "
             f"| {r['total_cpu_ms']:.2f} |"
         )
-    lines += ["", "| graph | in-process ORT limit texts/s | at batch |", "|---|---:|---:|"]
+    lines += ["", "| graph | in-process ORT limit texts/s | at batch | sessions x threads |", "|---|---:|---:|---|"]
     for variant, lim in out["ort_limit"].items():
-        lines.append(f"| {variant} | {lim['best_texts_per_s']} | {lim['best_batch_size']} |")
+        lines.append(
+            f"| {variant} | {lim['best_texts_per_s']} | {lim['best_batch_size']} | {lim.get('layout') or '–'} |"
+        )
     groups = sorted({g for r in out["rows"] for g in r["cpu_ms_per_request"]}, key=lambda g: (g != "load_generator", g))
     lines += [
         "",

@@ -325,11 +325,20 @@ def render_markdown(result: Result) -> str:
             ]
     ort = result.get("ort_inprocess")
     if ort:
-        sweep = ", ".join(f"{r['batch_size']}: {_num(r['texts_per_s'], 0)}" for r in ort["sweep"])
+        layouts = sorted({(r["sessions"], r["threads"]) for r in ort["sweep"]})
+        sweeps = "; ".join(
+            f"{n} session{'s' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}: "
+            + ", ".join(
+                f"{r['batch_size']}: {_num(r['texts_per_s'], 0)}"
+                for r in ort["sweep"]
+                if (r["sessions"], r["threads"]) == (n, t)
+            )
+            for n, t in layouts
+        )
         out += [
-            f"In-process ONNX Runtime limit (no server, {ort['threads']} intra-op threads, tokenization included): "
-            f"**{_num(ort['best_texts_per_s'], 0)} texts/s** at batch {ort['best_batch_size']} "
-            f"(texts/s by batch size: {sweep}).",
+            "In-process ONNX Runtime limit (no server, tokenization included, the better of the layouts): "
+            f"**{_num(ort['best_texts_per_s'], 0)} texts/s** with {ort['best_sessions']} session(s) x "
+            f"{ort['best_threads']} thread(s) at batch {ort['best_batch_size']} (texts/s by batch size: {sweeps}).",
             "",
         ]
     flux = result.get("flux_inprocess")

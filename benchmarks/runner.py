@@ -22,6 +22,7 @@ from benchmarks import servers
 from benchmarks.cpu import CpuMeter, cpu_delta
 from benchmarks.environment import background_load, environment, model_facts, wait_until_idle
 from benchmarks.flux_baseline import flux_available
+from benchmarks.inprocess import LAYOUTS
 from benchmarks.load import LoadStats, closed_loop, open_loop
 from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.plots import RawRuns, latency_plot, throughput_plot
@@ -66,7 +67,8 @@ class RunSettings:
     generate_warmup_requests: int = 2
     generate: GenerateParams = field(default_factory=GenerateParams)
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
-    ort_threads: int = 2
+    ort_layouts: tuple[tuple[int, int], ...] = LAYOUTS
+    """(sessions, intra-op threads each) tried for the in-process limit (benchmarks/inprocess.py)."""
     ort_duration_s: float = 3.0
     model_repository: Path = servers.MODEL_REPOSITORY
     classifier_dir: Path = CLASSIFIER_DIR
@@ -303,7 +305,7 @@ def run(s: RunSettings) -> Result:
         from benchmarks.inprocess import ort_sweep
 
         result["ort_inprocess"] = ort_sweep(
-            s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_threads, s.ort_duration_s
+            s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_layouts, s.ort_duration_s
         )
     if any(n.model == GENERATE.name for n in names):
         from benchmarks.flux_inprocess import flux_inprocess

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,8 @@ PARITY_SENTENCES = [
     "lol",
     "I took a nice picture yesterday of the sunset over the lake near my house",
 ]
+ONNX_RECIPE = "torchscript-eager-attention-opset17"
+"""How the ONNX graph is made; part of the export's fingerprint, so a change re-exports."""
 MAX_PARITY_ERROR = 1e-3
 """Bound on |ONNX - PyTorch| logits; fp32 reorderings give ~1e-6, a broken export gives >1e-1."""
 
@@ -56,32 +59,35 @@ class OnnxExport:
     export_seconds: float
 
 
-def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 18) -> OnnxExport:
-    """torch.onnx (dynamo) export with dynamic batch and sequence, then an ORT parity check."""
+def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 17) -> OnnxExport:
+    """TorchScript-based torch.onnx export with dynamic batch and sequence, then an ORT parity check.
+
+    Eager attention and the TorchScript exporter on purpose: ONNX Runtime's BERT optimizer
+    recognises that graph's attention and embedding subgraphs and fuses them (Attention,
+    EmbedLayerNormalization; int8 then quantizes attention as QAttention). The dynamo export, with
+    eager or SDPA attention alike, leaves attention as ~20 loose ops per layer that no fusion
+    matches; measured on the served int8 graph at 32 texts per batch, 2 threads: 926 vs 1064 texts/s.
+    """
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
     wrapped = _LogitsOnly(model).eval()
-    # Sample with batch 2 and a non-trivial length: a size-1 axis would be specialised.
     sample = tokenizer(PARITY_SENTENCES[:2], padding="max_length", max_length=16, return_tensors="pt")
-    batch, seq = (
-        torch.export.Dim("batch", max=CLASSIFIER_ONNX.max_batch_size * 4),
-        torch.export.Dim("sequence", max=CLASSIFY_LIMITS.max_tokens),
-    )
     names = [t.name for t in CLASSIFIER_ONNX.inputs]
+    output = CLASSIFIER_ONNX.outputs[0].name
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        program = torch.onnx.export(
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=(FutureWarning, DeprecationWarning, torch.jit.TracerWarning))
+        torch.onnx.export(
             wrapped,
             (sample["input_ids"], sample["attention_mask"]),
-            dynamo=True,
+            str(out_path),
+            dynamo=False,
             opset_version=opset,
             input_names=names,
-            output_names=[CLASSIFIER_ONNX.outputs[0].name],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            optimize=True,
+            output_names=[output],
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, output: {0: "batch"}},
         )
-    program.save(str(out_path))
     err = classifier_parity(model, tokenizer, out_path)
     if err > MAX_PARITY_ERROR:
         raise RuntimeError(f"ONNX classifier differs from PyTorch by {err:.3g} (> {MAX_PARITY_ERROR})")
@@ -147,7 +153,7 @@ def publish_classifier(
     """Export (when the model changed) and write both Triton models; returns versions and error."""
     settings = ExportSettings()
     deps = classifier_deployments(settings)
-    provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir)}
+    provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir), "onnx_recipe": ONNX_RECIPE}
     work_dir = work_dir or model_dir.parent / "onnx"
     onnx_path = work_dir / "model.onnx"
     marker = work_dir / "source.fingerprint"

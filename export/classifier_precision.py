@@ -1,8 +1,8 @@
 """fp32 or int8 for the CPU classifier, chosen by measurement on the model's own test split.
 
 From the exported fp32 graph we build:
-- `fused.onnx`: ONNX Runtime's transformer optimizer (BERT fusions; on the dynamo export here it
-  fuses SkipLayerNormalization and BiasGelu, not attention: ~9% faster measured) when it fuses
+- `fused.onnx`: ONNX Runtime's transformer optimizer (BERT fusions: EmbedLayerNormalization,
+  Attention, SkipLayerNormalization, BiasGelu on the export in export/classifier.py) when it fuses
   something; otherwise the plain export is the fp32 model.
 - `int8.onnx`: `quant_pre_process` (shape inference + graph clean-up, as ORT recommends before
   quantizing) then `quantize_dynamic` with QInt8 per-channel weights; activations are quantized per batch at
@@ -110,7 +110,15 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     # every pre-processing run: run it where that litter is removed with the folder.
     with tempfile.TemporaryDirectory(prefix="fluxserve-quant-") as tmp, contextlib.chdir(tmp):
         _pre_process(src, prep)
-        quantize_dynamic(str(prep), str(dst), weight_type=QuantType.QInt8, per_channel=PER_CHANNEL)
+        quantize_dynamic(
+            str(prep),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=PER_CHANNEL,
+            # ONNX's shape inference cannot type the outputs of ORT's fused ops (Attention,
+            # EmbedLayerNormalization): what it cannot type is float32, as everything there is.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     prep.unlink(missing_ok=True)
     return dst
 

@@ -35,7 +35,7 @@ def chat_kind(result: ClassifyResult) -> ChatKind:
 
 
 async def classify_message(state: AppState, message: str) -> ClassifyResult:
-    (result,) = await state.triton.classify([message])
+    (result,) = await state.classify([message])
     threshold = await state.classify_threshold(result.model_version)
     state.metrics.items.labels("classify").inc()
     return ClassifyResult(

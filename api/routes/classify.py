@@ -22,7 +22,7 @@ async def classify(
 ) -> ClassifyResult | ClassifyBatchResponse:
     texts = [body.text] if body.text is not None else list(body.texts or [])
     async with state.admission.classification(len(texts)):
-        results = await state.triton.classify(texts)
+        results = await state.classify(texts)
     state.readiness.served(CLASSIFY.name)
     threshold = await state.classify_threshold(results[0].model_version)
     out = [
