@@ -93,7 +93,6 @@ class ClassifyBatcher:
         except asyncio.CancelledError:  # the facade is stopping: so are its callers
             for w in batch:
                 w.future.cancel()
-            self._inflight -= 1
             raise
         except Exception as e:  # every waiter gets the shared call's own error (e.g. 503, 504)
             for w in batch:
@@ -105,5 +104,6 @@ class ClassifyBatcher:
                 if not w.future.done():
                     w.future.set_result(results[offset : offset + len(w.texts)])
                 offset += len(w.texts)
-        self._inflight -= 1
-        self._dispatch()
+        finally:
+            self._inflight -= 1
+        self._dispatch()  # not reached when cancelled: nothing more is sent while stopping
