@@ -44,8 +44,15 @@ def _measure(
     """Every session runs batches of `bs` in its own thread for `duration_s` (after a warm-up batch)."""
     outputs = [o.name for o in sessions[0].get_outputs()]
     latencies: list[list[float]] = [[] for _ in sessions]
-    start = threading.Barrier(len(sessions) + 1)
-    deadline = [0.0]
+    clock = {"started": 0.0, "deadline": 0.0}
+
+    def start_clock() -> None:
+        # A barrier action runs before any waiter is released: the clock starts before the first
+        # timed batch even when the main thread is the last to get the GIL back.
+        clock["started"] = time.perf_counter()
+        clock["deadline"] = clock["started"] + duration_s
+
+    start = threading.Barrier(len(sessions) + 1, action=start_clock)
 
     def loop(i: int) -> None:
         offset = i * 997  # sessions read different texts, as concurrent requests would
@@ -59,7 +66,7 @@ def _measure(
 
         session.run(outputs, _feeds(tokenizer, batch()))  # warm-up: first run at a new shape allocates
         start.wait()
-        while len(lat) < max_batches and (len(lat) < min_batches or time.perf_counter() < deadline[0]):
+        while len(lat) < max_batches and (len(lat) < min_batches or time.perf_counter() < clock["deadline"]):
             t0 = time.perf_counter()
             session.run(outputs, _feeds(tokenizer, batch()))
             lat.append(time.perf_counter() - t0)
@@ -68,11 +75,9 @@ def _measure(
     for w in workers:
         w.start()
     start.wait()
-    started = time.perf_counter()
-    deadline[0] = started + duration_s
     for w in workers:
         w.join()
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - clock["started"]
     n_batches = sum(len(lat) for lat in latencies)
     return {
         "batch_size": bs,
