@@ -149,6 +149,9 @@ def train_classifier(
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     torch.set_num_threads(settings.threads)
+    # Hash the data before reading it: a file added while the run trains must make the next
+    # `is_up_to_date` say stale, not be recorded as if this model had seen it.
+    data_sha256 = dataset_sha256(settings.data_dir)
     if splits is None:
         splits = stratified_split(
             load_examples(settings.data_dir), settings.validation_fraction, settings.test_fraction, settings.seed
@@ -231,7 +234,7 @@ def train_classifier(
     )
     metrics = {
         "base_model": settings.base_model,
-        "data_sha256": dataset_sha256(settings.data_dir),
+        "data_sha256": data_sha256,
         "settings": settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"}),
         "best_epoch": best_epoch,
         "sizes": {
