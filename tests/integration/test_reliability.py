@@ -102,6 +102,14 @@ def generate_idle(stats: Stats, before: int, expected: int) -> Callable[[], bool
 
 def test_oversized_request_never_reaches_a_stub(facade: Facade, stats: Stats) -> None:
     """Issue 15's OOM request (2000x1920, 47 steps, 2 images) is refused with the limit."""
+    # The fixture's /readyz proved `generate` with one probe image. Triton records a request's
+    # statistics just after its response, so on a busy machine the snapshot could miss the probe
+    # and count it as this test's: wait for its record first.
+    wait_for(
+        lambda: stats.finished(GENERATE.name) >= 1 and stats.inferences(FLUX_TRANSFORMER) >= 1,
+        30,
+        "the readiness probe in Triton's statistics",
+    )
     before = {m: stats.inferences(m) for m in (GENERATE.name, FLUX_TRANSFORMER)}
     with facade.client() as http:
         r = http.post("/generate", json={"prompt": PROMPT, "width": 2000, "height": 1920, "steps": 47, "num_images": 2})

@@ -63,6 +63,21 @@ def test_a_lone_request_goes_at_once_and_queued_ones_share_the_next_call() -> No
     asyncio.run(scenario())
 
 
+def test_requests_arriving_in_the_same_turn_share_a_free_slot() -> None:
+    async def scenario() -> None:
+        gate = Gate()
+        batcher = ClassifyBatcher(gate, max_texts=64, max_inflight=1)
+        burst = [asyncio.create_task(batcher.classify([t])) for t in "abc"]
+        await gate.called(1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert gate.calls == [["a", "b", "c"]]  # not ["a"] alone, then ["b", "c"]
+        gate.release[0].set()
+        assert [labels(await t) for t in burst] == [["a"], ["b"], ["c"]]
+
+    asyncio.run(scenario())
+
+
 def test_a_call_never_exceeds_max_texts() -> None:
     async def scenario() -> None:
         gate = Gate()
