@@ -63,7 +63,7 @@ class ClassifyBatcher:
         future: asyncio.Future[list[ClassifyResult]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(texts, future))
         self._dispatch()
-        # Cancelling the caller cancels its future only; _dispatch skips it if it is still queued.
+        # Cancelling the caller cancels its future only; _take skips it if it is still queued.
         return await future
 
     def _dispatch(self) -> None:
