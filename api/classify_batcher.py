@@ -12,8 +12,8 @@ request whose body arrived in the same turn (a lone request waits for nothing). 
 while `max_inflight` calls are already out; when one returns, everything queued meanwhile leaves
 together. Under load batches grow by themselves; when idle they are size 1. Taking the texts one
 turn late matters under load: the clients answered by one call send their next requests in a burst,
-and when the first of them took a free slot alone, calls averaged 5 texts at 32 clients instead of
-12, at 0.3 ms more CPU per request across facade and Triton (issue 10's profile).
+and when the first of them took a free slot alone, calls averaged ~5 texts at 32 clients; taken a
+turn late, ~9 (`fluxserve-bench run`, issue 10).
 
 A caller that goes away (client disconnect, cancelled task) drops only its own texts: queued ones
 are never sent, and a shared call already in flight finishes for the others.
