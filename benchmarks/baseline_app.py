@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from client.contract import ENDPOINTS, GENERATE_DEFAULTS, LABELS
+from common.chat_text import normalized, recorded_normalizer
 from common.paths import CLASSIFIER_MODEL_DIR
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ def create_app(classifier_dir: Path = DEFAULT_CLASSIFIER_DIR, with_generate: boo
         import torch
         from transformers import pipeline
 
+        from export import classifier_network  # noqa: F401  (a mean-pooled classifier loads with its own head)
+
         app.state.classifier = pipeline("text-classification", model=str(classifier_dir), device="cpu", top_k=None)
+        app.state.normalize = recorded_normalizer(Path(classifier_dir) / "labels.json")
         labels = tuple(app.state.classifier.model.config.id2label[i] for i in range(len(LABELS)))
         if labels != LABELS:
             raise RuntimeError(f"classifier labels {labels} do not match the contract {LABELS}")
@@ -97,7 +101,7 @@ def create_app(classifier_dir: Path = DEFAULT_CLASSIFIER_DIR, with_generate: boo
         if not texts or any(not t or not t.strip() for t in texts):
             raise HTTPException(422, "give a non-empty 'text' or 'texts'")
         with lock:
-            out = app.state.classifier(texts, truncation=True)
+            out = app.state.classifier(normalized(texts, app.state.normalize), truncation=True)
         results = [_classify_result(s) for s in out]
         return results[0] if body.text is not None else {"results": results}
 

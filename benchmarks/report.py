@@ -214,6 +214,41 @@ def _cpu_table(result: Result, model: str) -> list[str]:
     return lines
 
 
+CEILING_SHARES: tuple[float, ...] = (0.85, 0.90)
+"""Shares of the in-process limit that issue 10 asks of the facade and of Triton gRPC."""
+
+
+def _cpu_ceiling(result: Result, model: str) -> list[str]:
+    """What the measured CPU per request allows at best: every core busy, nothing else running.
+
+    throughput <= cores / CPU per request, so a door's share of the in-process limit can reach at
+    most (cores / CPU per request) / limit however well it is scheduled; and a share s of the limit
+    leaves each request cores / (s * limit) of CPU in all. Both come from this run's counters.
+    """
+    ort_best = (result.get("ort_inprocess") or {}).get("best_texts_per_s")
+    conc = ((result.get("headline") or {}).get(model) or {}).get("concurrency")
+    if model != CLASSIFY.name or not ort_best or not conc:
+        return []
+    lines = []
+    for name, target in _sorted_targets(result, model):
+        run = next((r for r in target["runs"] if r["mode"] == "closed" and r["concurrency"] == conc), None)
+        cpu = (run or {}).get("cpu") or {}
+        total, cores = cpu.get("total_cpu_ms_per_request"), cpu.get("cores")
+        if target["door"] == BASELINE or not total or not cores:
+            continue
+        ceiling = cores * 1000.0 / total
+        onnx = cpu.get("cpu_ms_per_request", {}).get(f"triton:{CLASSIFIER_ONNX.name}")
+        budgets = ", ".join(f"{s:.0%} {_num(cores * 1000.0 / (s * ort_best), 2)} ms" for s in CEILING_SHARES)
+        lines.append(
+            f"- {name}: {_num(total, 2)} ms of CPU per request ({_num(onnx, 2)} of them in `{CLASSIFIER_ONNX.name}`) "
+            f"on {cores} cores caps it at {_num(ceiling, 0)} req/s, **{_pct(_ratio(ceiling, ort_best))}** of the "
+            f"limit with every core busy. A request may cost, in all: {budgets}."
+        )
+    if lines:
+        lines.insert(0, "Ceiling set by CPU per request (this run's counters; the load generator's share included):")
+    return lines
+
+
 def _per_point(settings: dict[str, Any]) -> str:
     cap = settings.get("max_requests")
     if settings.get("smoke") and cap:
@@ -306,6 +341,9 @@ def render_markdown(result: Result) -> str:
                 *cpu,
                 "",
             ]
+            ceiling = _cpu_ceiling(result, model)
+            if ceiling:
+                out += [*ceiling, ""]
         head = (result.get("headline") or {}).get(model)
         if head and "facade_throughput_x_baseline" in head:
             line = (

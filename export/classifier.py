@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
 from common.ort_session import make_session
+from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
 from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions

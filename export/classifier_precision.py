@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from client.contract import CLASSIFY_LIMITS, LABELS
+from common.chat_text import normalized, recorded_normalizer
 from common.ort_session import make_session
 
 log = logging.getLogger(__name__)
@@ -191,12 +192,13 @@ def build_and_choose(
     fused_ops = fuse_transformer(raw_fp32, fused, num_heads, hidden_size)
     fp32 = fused if fused_ops else raw_fp32
     test = read_test_split(model_dir)
+    normalize = recorded_normalizer(model_dir / "labels.json")
     int8: Path | None = None
     if requested != "fp32":
         int8 = quantize_int8(fp32, work_dir / "int8.onnx")
     fp32_acc = int8_acc = agree = diff = None
     if test is not None:
-        texts, y = test
+        texts, y = normalized(test[0], normalize), test[1]
         p32 = score_onnx(fp32, tokenizer, texts, temperature)
         fp32_acc = float((p32.argmax(1) == y).mean())
         if int8 is not None:

@@ -1,8 +1,8 @@
 """Tokenization and post-processing for the `classify` model (plain Python, unit-testable).
 
 The version folder of `classify` holds `tokenizer/` (Hugging Face format) and `labels.json`
-(label order, the calibration temperature and the recommended uncertainty threshold, both
-measured on the validation split).
+(label order, the text normalization the model was trained with, the calibration temperature and
+the recommended uncertainty threshold, both measured on the validation split).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from client.contract import CLASSIFY_LIMITS, LABELS
+from common.chat_text import LABELS_KEY, RAW, normalized, normalizer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class LabelInfo:
     temperature: float = 1.0
     """Logits are divided by it before the softmax (fitted on the validation split at training):
     calibrated scores are what make the uncertainty threshold meaningful."""
+    text_normalization: str = RAW
+    """What the model was trained to read (common/chat_text.py); absent in older models: raw text."""
 
     @classmethod
     def load(cls, path: Path) -> LabelInfo:
@@ -35,7 +38,9 @@ class LabelInfo:
         temperature = float(data.get("temperature", 1.0))
         if not temperature > 0:
             raise ValueError(f"calibration temperature must be positive, got {temperature}")
-        return cls(labels, float(data.get("recommended_threshold", 0.5)), temperature)
+        text_normalization = data.get(LABELS_KEY) or RAW
+        normalizer(text_normalization)  # an unknown name fails the model's load, not its first request
+        return cls(labels, float(data.get("recommended_threshold", 0.5)), temperature, text_normalization)
 
 
 class ClassifyPipeline:
@@ -43,6 +48,7 @@ class ClassifyPipeline:
         self.tokenizer = AutoTokenizer.from_pretrained(version_dir / "tokenizer")
         self.labels = LabelInfo.load(version_dir / "labels.json")
         self.max_tokens = max_tokens
+        self._normalize = normalizer(self.labels.text_normalization)
         # The Rust tokenizer underneath, configured once as the Hugging Face wrapper would configure
         # it on every call: the wrapper's per-call Python (argument checks, BatchEncoding, tensor
         # conversion) was a third of the tokenization cost of a dynamic batch.
@@ -58,7 +64,7 @@ class ClassifyPipeline:
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         """The whole dynamic batch in one call (no offsets computed: nothing here uses them)."""
-        encodings = self._fast.encode_batch_fast(texts)
+        encodings = self._fast.encode_batch_fast(normalized(texts, self._normalize))
         return {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),

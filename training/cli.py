@@ -36,6 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls.add_argument(
         "--if-stale", action="store_true", help="skip when the output was trained on the current data and settings"
     )
+    sw = sub.add_parser("seeds", help="train recipe variants under several seeds (each its own split); tabulate")
+    sw.add_argument(
+        "--vary",
+        default="text_normalization=none,emoji-as-words",
+        help="SETTING=V1,V2,... (a FLUXSERVE_CLASSIFIER_ setting, lower case); the rest from the environment",
+    )
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    sw.add_argument("--out", type=Path, default=Path("build/classifier-seeds"))
     dflt = sub.add_parser("defaults", help="train the classifier if needed, then export everything `make up` serves")
     dflt.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     dflt.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
@@ -45,6 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.cmd == "defaults":
         return defaults(args.repo, args.target)
+    if args.cmd == "seeds":
+        from training.seed_sweep import sweep
+
+        setting, _, values = args.vary.partition("=")
+        if not values:
+            parser.error("--vary takes SETTING=V1,V2,...")
+        rows = sweep(ClassifierTrainSettings(), setting.strip(), values.split(","), args.seeds, args.out)
+        sys.stdout.write((args.out / "summary.md").read_text())
+        return 0 if rows else 1
     if args.cmd == "classifier":
         overrides = {
             k: v

@@ -90,11 +90,14 @@ def test_held_out_hard_cases_through_triton(triton) -> None:
 
 def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> None:
     """Triton's scores equal the served ONNX graph run in-process with the stored temperature
-    (end-to-end parity), and its labels agree with the calibrated PyTorch model."""
+    (end-to-end parity), and its labels agree with the calibrated PyTorch model. Messages with emoji
+    are among them: Triton gets them raw and must read them as the model was trained to (spelled out
+    or not, as its labels.json records)."""
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from common.chat_text import normalized, recorded_normalizer
     from export.classifier_precision import score_onnx
     from export.repository import versions
     from tests.conftest import MODEL_REPOSITORY
@@ -103,13 +106,15 @@ def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> 
     temperature = float(json.loads((model_dir / "labels.json").read_text())["temperature"])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    texts = [e.text for e in load_examples()[:32]]
+    examples = load_examples()
+    texts = [e.text for e in examples[:24]] + [e.text for e in examples if not e.text.isascii()][:8]
+    read = normalized(texts, recorded_normalizer(model_dir / "labels.json"))
     with torch.no_grad():
-        ref = torch.softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits / temperature, -1).numpy()
+        ref = torch.softmax(model(**tok(read, padding=True, return_tensors="pt")).logits / temperature, -1).numpy()
     served = (
         MODEL_REPOSITORY / "classifier_onnx" / str(versions(MODEL_REPOSITORY, "classifier_onnx")[-1]) / "model.onnx"
     )
-    in_process = score_onnx(served, tok, texts, temperature, batch_size=len(texts))
+    in_process = score_onnx(served, tok, read, temperature, batch_size=len(texts))
     with TritonClient(triton.grpc_url) as client:
         got = np.array([[r.scores["conversation"], r.scores["image_request"]] for r in client.classify(texts)])
     # int8 dynamic quantization scales activations by each call's own range, and classifier_onnx
