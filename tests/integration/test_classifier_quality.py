@@ -48,8 +48,9 @@ def test_test_split_accuracy() -> None:
 @pytest.mark.xfail(
     strict=False,
     reason="issue 10's 98% target is not reached yet: 95.3% (8 of 170 test messages, all "
-    "image requests read as conversation, 7 of them flagged uncertain) with all-MiniLM-L6-v2; 361 more "
-    "hand-written messages (bf56232, reverted) reached 97.3% but flagged only 3 of their 6 errors",
+    "image requests read as conversation, 7 of them flagged uncertain) with all-MiniLM-L6-v2; across "
+    "seeds 0-4 (`fluxserve-train seeds`) the served recipe scores 95.3-97.6%, and neither a mean-pooled "
+    "head nor emoji spelled out as words moved the mean (96.5% and 96.6% against 96.6%)",
 )
 def test_test_split_accuracy_meets_the_issue_target() -> None:
     metrics = _metrics()
