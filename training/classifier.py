@@ -125,17 +125,6 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
-def predict_proba(
-    model: torch.nn.Module,
-    tokenizer: object,
-    texts: list[str],
-    max_tokens: int,
-    temperature: float = 1.0,
-    normalize: Callable[[str], str] | None = None,
-) -> np.ndarray:
-    return softmax(predict_logits(model, tokenizer, texts, max_tokens, normalize=normalize), temperature)
-
-
 def _evaluate(
     model, tokenizer, examples: list[Example], max_tokens: int, normalize: Callable[[str], str] | None
 ) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -188,7 +177,7 @@ def train_classifier(
         )
     log.info("split sizes: train=%d validation=%d test=%d", len(splits.train), len(splits.validation), len(splits.test))
     model, tokenizer = load_base(settings.base_model, settings.pooling)
-    normalize = normalizer(settings.text_normalization) or str
+    normalize = normalizer(settings.text_normalization)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(splits.train) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -205,7 +194,7 @@ def train_classifier(
                 raise InterruptedError("training cancelled")
             batch = order[i : i + settings.batch_size]
             enc = tokenizer(
-                [normalize(e.text) for e in batch],
+                normalized([e.text for e in batch], normalize),
                 padding=True,
                 truncation=True,
                 max_length=settings.max_tokens,
