@@ -237,10 +237,16 @@ def _cpu_ceiling(result: Result, model: str) -> list[str]:
         if target["door"] == BASELINE or not total or not cores:
             continue
         ceiling = cores * 1000.0 / total
-        onnx = cpu.get("cpu_ms_per_request", {}).get(f"triton:{CLASSIFIER_ONNX.name}")
+        # The encoder runs in `classifier_onnx` (BLS) or inside `classify` (inline, CPU default):
+        # the two python models together are the in-process work the limit measures, plus the BLS.
+        per_process = cpu.get("cpu_ms_per_request", {})
+        models = [m for m in (CLASSIFY.name, CLASSIFIER_ONNX.name) if per_process.get(f"triton:{m}")]
+        in_models = sum(per_process[f"triton:{m}"] for m in models)
+        where = " + ".join(f"`{m}`" for m in models) or f"`{CLASSIFIER_ONNX.name}`"
         budgets = ", ".join(f"{s:.0%} {_num(cores * 1000.0 / (s * ort_best), 2)} ms" for s in CEILING_SHARES)
         lines.append(
-            f"- {name}: {_num(total, 2)} ms of CPU per request ({_num(onnx, 2)} of them in `{CLASSIFIER_ONNX.name}`) "
+            f"- {name}: {_num(total, 2)} ms of CPU per request ({_num(in_models, 2)} of them in {where}, "
+            "tokenizing and encoding) "
             f"on {cores} cores caps it at {_num(ceiling, 0)} req/s, **{_pct(_ratio(ceiling, ort_best))}** of the "
             f"limit with every core busy. A request may cost, in all: {budgets}."
         )
@@ -322,7 +328,8 @@ def render_markdown(result: Result) -> str:
         split = _split_table(result, model)
         if split:
             bls = (
-                "compute of `classify` includes its BLS call to `classifier_onnx`"
+                "compute of `classify` includes its encoder: in its own process when `classifier_onnx` shows no"
+                " traffic (CPU default), else its BLS call to `classifier_onnx`"
                 if model == CLASSIFY.name
                 else "compute of `generate` includes its BLS calls to the FLUX components"
             )

@@ -175,6 +175,9 @@ them too. The facade prepends the deployed LoRA's trigger words, falling back to
 # Parameters written into deployed models' config.pbtxt (`parameters`) and read back by the facade.
 THRESHOLD_PARAMETER = "recommended_threshold"
 """classify: the uncertainty threshold measured on the validation split when it was published."""
+INLINE_ENCODER_PARAMETER = "inline_encoder"
+"""classify (CPU target): the file in its version folder holding the encoder graph. When set,
+`classify` runs the encoder in its own process instead of calling `classifier_onnx` over BLS."""
 TRIGGER_PARAMETER = "trigger_word"
 """generate: the trigger words of the LoRA fused into that version."""
 ATTENTION_HEADS_PARAMETER = "attention_heads"

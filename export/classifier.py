@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, THRESHOLD_PARAMETER
+from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, INLINE_ENCODER_PARAMETER, THRESHOLD_PARAMETER
 from common.ort_session import make_session
 from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
 from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
-from export.deployments import ExportSettings, classifier_deployments
+from export.deployments import INLINE_ENCODER_FILE, ExportSettings, classifier_deployments
 from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
 
@@ -153,7 +153,7 @@ def publish_classifier(
 ) -> dict[str, Published | float]:
     """Export (when the model changed) and write both Triton models; returns versions and error."""
     settings = ExportSettings()
-    deps = classifier_deployments(settings)
+    deps = classifier_deployments(settings, target)
     provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir), "onnx_recipe": ONNX_RECIPE}
     work_dir = work_dir or model_dir.parent / "onnx"
     onnx_path = work_dir / "model.onnx"
@@ -182,12 +182,16 @@ def publish_classifier(
     # The facade reads the uncertainty threshold from the deployed model's config: one source.
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
+    cls_files = {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}
+    inline = INLINE_ENCODER_PARAMETER in cls_dep.parameters
+    if inline:  # classify runs the same graph itself; its version must change when the graph does
+        cls_files[INLINE_ENCODER_FILE] = served
     cls_pub = publish(
         repo,
         cls_dep,
         target,
-        {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"},
-        provenance,
+        cls_files,
+        onnx_provenance if inline else provenance,
         force=force,
         report={"test_accuracy": _test_accuracy(model_dir)},
     )

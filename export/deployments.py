@@ -22,11 +22,14 @@ from client.contract import (
     FLUX_TRANSFORMER,
     GENERATE,
     GENERATE_STREAM,
+    INLINE_ENCODER_PARAMETER,
     PROMPT_CACHE_MB_PARAMETER,
 )
-from export.triton_config import Deployment, DynamicBatching
+from export.triton_config import Deployment, DynamicBatching, Target
 
 RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
+INLINE_ENCODER_FILE = "encoder.onnx"
+"""The encoder graph's name in a `classify` version folder when `classify` runs it itself."""
 
 
 class ExportSettings(BaseSettings):
@@ -35,6 +38,11 @@ class ExportSettings(BaseSettings):
     classifier_precision: Literal["auto", "fp32", "int8"] = "auto"
     """CPU classifier graph: `auto` serves int8 when its test accuracy is within 0.5 points of
     fp32 (measured at export, recorded in the manifest); `fp32` / `int8` force one."""
+    classify_encoder: Literal["inline", "bls"] = "inline"
+    """CPU target: `inline` runs the encoder inside `classify`'s own processes (its version folder
+    gets a copy of the served graph); `bls` calls `classifier_onnx` per merged batch, as the GPU
+    target always does. Inline saves the hop: at 32 clients through the facade 818 -> 886 req/s
+    and 1.99 -> 1.90 ms of CPU per request (`fluxserve-bench run`, issue 10; README)."""
     classify_instances: int | None = None
     """None: the sweep's recommendation, else 2."""
     classify_max_queue_size: int = 64
@@ -44,7 +52,8 @@ class ExportSettings(BaseSettings):
     classifier_onnx_instances: int | None = None
     """None: the sweep's recommendation, else 1."""
     classifier_onnx_threads: int | None = None
-    """ORT intra-op threads per classifier_onnx instance. None: the sweep's recommendation, else 2."""
+    """ORT intra-op threads per encoder session (classifier_onnx's, and classify's when inline).
+    None: the sweep's recommendation, else 2."""
     classifier_onnx_max_queue_delay_us: int = 500
     classifier_onnx_call_cost_tokens: float = 12.0
     """One more ORT call's fixed cost in padded tokens' worth of encoder work: the exchange rate the
@@ -91,7 +100,9 @@ def _pick(explicit: int | None, recommended: dict, key: str, default: int) -> in
     return explicit if explicit is not None else int(recommended.get(key, default))
 
 
-def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
+def classifier_deployments(settings: ExportSettings | None = None, target: Target = "cpu") -> dict[str, Deployment]:
+    """`classify` and `classifier_onnx`; on the CPU target with `classify_encoder=inline`,
+    `classify` carries the encoder's runner parameters and the name of its graph file."""
     s = settings or ExportSettings()
     recommendation = _recommended(s.batching_recommendation)
     rec, rec_onnx = recommendation.get("classify", {}), recommendation.get("classifier_onnx", {})
@@ -101,6 +112,14 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
         else rec.get("max_queue_delay_us", 2000)
     )
     preferred = s.classify_preferred_batch_sizes or tuple(rec.get("preferred_batch_sizes", ()))
+    encoder = {
+        "intra_op_threads": str(_pick(s.classifier_onnx_threads, rec_onnx, "intra_op_threads", 2)),
+        "pad_axis1": "input_ids,attention_mask",
+        # Merged chat batches are ~1.5x padding: regroup rows by real length (onnx_runner.py).
+        "length_buckets": "attention_mask",
+        "call_cost_tokens": str(s.classifier_onnx_call_cost_tokens),
+    }
+    inline = target == "cpu" and s.classify_encoder == "inline"
     return {
         CLASSIFY.name: Deployment(
             spec=CLASSIFY,
@@ -108,19 +127,14 @@ def classifier_deployments(settings: ExportSettings | None = None) -> dict[str, 
             instance_count=_pick(s.classify_instances, rec, "instances", 2),
             dynamic_batching=DynamicBatching(preferred, delay),
             max_queue_size=s.classify_max_queue_size,
+            parameters={**encoder, INLINE_ENCODER_PARAMETER: INLINE_ENCODER_FILE} if inline else {},
         ),
         CLASSIFIER_ONNX.name: Deployment(
             spec=CLASSIFIER_ONNX,
             kind="onnx",
             instance_count=_pick(s.classifier_onnx_instances, rec_onnx, "instances", 1),
             dynamic_batching=DynamicBatching((), s.classifier_onnx_max_queue_delay_us),
-            parameters={
-                "intra_op_threads": str(_pick(s.classifier_onnx_threads, rec_onnx, "intra_op_threads", 2)),
-                "pad_axis1": "input_ids,attention_mask",
-                # Merged chat batches are ~1.5x padding: regroup rows by real length (onnx_runner.py).
-                "length_buckets": "attention_mask",
-                "call_cost_tokens": str(s.classifier_onnx_call_cost_tokens),
-            },
+            parameters=encoder,
         ),
     }
 
@@ -162,5 +176,5 @@ def flux_deployments(settings: ExportSettings | None = None) -> dict[str, Deploy
     return deps
 
 
-def all_deployments(settings: ExportSettings | None = None) -> dict[str, Deployment]:
-    return {**classifier_deployments(settings), **flux_deployments(settings)}
+def all_deployments(settings: ExportSettings | None = None, target: Target = "cpu") -> dict[str, Deployment]:
+    return {**classifier_deployments(settings, target), **flux_deployments(settings)}

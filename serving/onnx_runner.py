@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort  # noqa: F401  (type of BatchedOnnxRunner.session)
+
+from common.ort_session import make_session
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +143,22 @@ class BatchedOnnxRunner:
                 results[i] = {k: v[offset : offset + n] for k, v in zip(self.output_names, outputs)}
                 offset += n
         return [r for r in results if r is not None]
+
+
+def config_parameters(config: dict) -> dict[str, str]:
+    """A Triton model config's (JSON form) `parameters` as plain strings."""
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def runner_from_parameters(onnx_path: Path, parameters: Mapping[str, str]) -> BatchedOnnxRunner:
+    """A runner configured by a Triton config's string parameters: `intra_op_threads` (default 1),
+    `pad_axis1` (comma-separated input names), `length_buckets` and `call_cost_tokens`.
+
+    One reader for both models that run the classifier's encoder (`classifier_onnx`, and
+    `classify` when it runs the encoder in its own process), so the knobs mean the same in each.
+    """
+    threads = int(parameters.get("intra_op_threads", "1"))
+    pad = [p for p in parameters.get("pad_axis1", "").split(",") if p]
+    buckets = parameters.get("length_buckets", "") or None
+    cost = float(parameters.get("call_cost_tokens", "16"))
+    return BatchedOnnxRunner(make_session(onnx_path, threads), pad, buckets, cost)

@@ -14,24 +14,15 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from common.ort_session import make_session
-from serving.onnx_runner import BatchedOnnxRunner
-
-
-def _param(config: dict, key: str, default: str) -> str:
-    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+from serving.onnx_runner import config_parameters, runner_from_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        threads = int(_param(config, "intra_op_threads", "1"))
-        pad = [p for p in _param(config, "pad_axis1", "").split(",") if p]
         self.input_names = [i["name"] for i in config["input"]]
-        buckets = _param(config, "length_buckets", "") or None
-        cost = float(_param(config, "call_cost_tokens", "16"))
-        self.runner = BatchedOnnxRunner(make_session(version_dir / "model.onnx", threads), pad, buckets, cost)
+        self.runner = runner_from_parameters(version_dir / "model.onnx", config_parameters(config))
 
     def execute(self, requests: list) -> list:
         feeds = [

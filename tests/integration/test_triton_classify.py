@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from client.contract import CLASSIFY, LABELS
+from benchmarks.sweep import copy_classifier_models
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER, LABELS, THRESHOLD_PARAMETER
 from client.errors import InvalidInputError
 from client.triton_client import TritonClient
-from export.repository import latest_manifest
+from export.deployments import ExportSettings, classifier_deployments
+from export.repository import latest_manifest, versions, write_config
+from export.triton_config import parse_config
 from runtime.launcher import TritonStartError
+from serving.classify_pipeline import ClassifyPipeline
 from tests.conftest import MODEL_REPOSITORY, start_triton, triton_metric
 
 pytestmark = pytest.mark.integration
@@ -40,10 +45,8 @@ def test_batch_equals_singles(triton) -> None:
     with TritonClient(triton.grpc_url) as client:
         batch = client.classify(texts)
         singles = [client.classify([t])[0] for t in texts]
-    # int8 is dynamically quantized: activation scales are computed per batch, so a text's scores
-    # move slightly with its batch-mates (measured ~1e-4); fp32 only reorders sums.
-    precision = (latest_manifest(MODEL_REPOSITORY, "classifier_onnx") or {}).get("report", {}).get("precision") or {}
-    atol = 1e-2 if precision.get("served") == "int8" else 1e-4
+    # int8: a text's scores move slightly with its batch-mates (measured ~1e-4).
+    atol = _atol()
     for b, s in zip(batch, singles):
         assert b.label == s.label
         # Padding to the batch's longest text must not change the answer (attention mask).
@@ -92,3 +95,81 @@ def test_launcher_surfaces_model_load_error(tmp_path: Path) -> None:
     with pytest.raises(TritonStartError) as info:
         start_triton(repo, log_name="test-triton-broken.log")
     assert "classify" in str(info.value)
+
+
+SAMPLE = [
+    "selfie?",
+    "can you show me the way to the station?",
+    "I'll show you around when you visit",
+    "draw me a lighthouse in a storm, oil painting style, dramatic waves crashing on the rocks",
+    "see you tomorrow",
+    "ok",
+]
+
+
+def _scores(results: list) -> np.ndarray:
+    return np.array([[r.scores[k] for k in LABELS] for r in results])
+
+
+def _atol() -> float:
+    """int8 is dynamically quantized (activation scales per call); fp32 only reorders sums."""
+    precision = (latest_manifest(MODEL_REPOSITORY, CLASSIFIER_ONNX.name) or {}).get("report", {}).get("precision") or {}
+    return 1e-2 if precision.get("served") == "int8" else 1e-4
+
+
+def _onnx_scores(grpc_url: str, texts: list[str]) -> np.ndarray:
+    """`classifier_onnx` called directly with `classify`'s tokenizer, then its calibrated softmax."""
+    import tritonclient.grpc as g
+
+    from serving.classify_pipeline import calibrated_softmax
+
+    pipeline = ClassifyPipeline(MODEL_REPOSITORY / CLASSIFY.name / str(versions(MODEL_REPOSITORY, CLASSIFY.name)[-1]))
+    inputs = []
+    for name, arr in pipeline.tokenize(texts).items():
+        inputs.append(g.InferInput(name, list(arr.shape), "INT64"))
+        inputs[-1].set_data_from_numpy(arr)
+    logits = (
+        g.InferenceServerClient(grpc_url).infer(CLASSIFIER_ONNX.name, inputs).as_numpy(CLASSIFIER_ONNX.outputs[0].name)
+    )
+    return calibrated_softmax(logits, pipeline.labels.temperature)
+
+
+def test_cpu_classify_runs_the_served_graph_itself(triton) -> None:
+    """CPU default: `classify` encodes in its own process (no BLS call, so `classifier_onnx` sees
+    no traffic) with the very graph `classifier_onnx` serves, and answers as that graph does."""
+    cfg = parse_config((MODEL_REPOSITORY / CLASSIFY.name / "config.pbtxt").read_text())
+    encoder_file = cfg.parameters[INLINE_ENCODER_PARAMETER].string_value
+    cls_files = (latest_manifest(MODEL_REPOSITORY, CLASSIFY.name) or {})["files"]
+    assert (
+        cls_files[encoder_file]
+        == (latest_manifest(MODEL_REPOSITORY, CLASSIFIER_ONNX.name) or {})["files"]["model.onnx"]
+    )
+
+    before = triton_metric(triton.metrics_url, "nv_inference_count", CLASSIFIER_ONNX.name)
+    with TritonClient(triton.grpc_url) as client:
+        served = _scores(client.classify(SAMPLE))
+    assert triton_metric(triton.metrics_url, "nv_inference_count", CLASSIFIER_ONNX.name) == before
+    direct = _onnx_scores(triton.grpc_url, SAMPLE)
+    assert np.allclose(served, direct, atol=_atol()), np.abs(served - direct).max()
+
+
+def test_bls_encoder_answers_as_the_inline_one(triton, tmp_path: Path) -> None:
+    """`classify_encoder=bls` (the GPU target's path, and a CPU option): the same `classify`
+    version calls `classifier_onnx` per merged batch, and answers as the inline default does."""
+    repo = tmp_path / "repo"
+    copy_classifier_models(MODEL_REPOSITORY, repo)
+    published = parse_config((repo / CLASSIFY.name / "config.pbtxt").read_text())
+    dep = classifier_deployments(ExportSettings(classify_encoder="bls"))[CLASSIFY.name]
+    assert INLINE_ENCODER_PARAMETER not in dep.parameters
+    kept = {k: v.string_value for k, v in published.parameters.items() if k == THRESHOLD_PARAMETER}
+    write_config(repo, replace(dep, parameters={**dep.parameters, **kept}), "cpu")
+    with TritonClient(triton.grpc_url) as client:
+        inline = _scores(client.classify(SAMPLE))
+    server = start_triton(repo, (CLASSIFY.name, CLASSIFIER_ONNX.name), log_name="test-triton-bls.log")
+    try:
+        with TritonClient(server.grpc_url) as client:
+            via_bls = client.classify(SAMPLE)
+        assert triton_metric(server.metrics_url, "nv_inference_count", CLASSIFIER_ONNX.name) == len(SAMPLE)
+    finally:
+        server.stop()
+    assert np.allclose(_scores(via_bls), inline, atol=_atol()), np.abs(_scores(via_bls) - inline).max()
