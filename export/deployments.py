@@ -41,8 +41,9 @@ class ExportSettings(BaseSettings):
     classify_encoder: Literal["inline", "bls"] = "inline"
     """CPU target: `inline` runs the encoder inside `classify`'s own processes (its version folder
     gets a copy of the served graph); `bls` calls `classifier_onnx` per merged batch, as the GPU
-    target always does. Inline saves the hop: at 32 clients through the facade 818 -> 886 req/s
-    and 1.99 -> 1.90 ms of CPU per request (`fluxserve-bench run`, issue 10; README)."""
+    target always does. Inline saves the hop: at 32 clients, A/B/A/B in the same minutes, 845 ->
+    942 req/s through the facade, 929 -> 1,049 through gRPC, 1.94 -> 1.82 ms of CPU per request
+    (`fluxserve-bench run`, issue 10; README "How Triton runs here")."""
     classify_instances: int | None = None
     """None: the sweep's recommendation, else 2."""
     classify_max_queue_size: int = 64

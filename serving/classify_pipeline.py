@@ -44,8 +44,12 @@ class LabelInfo:
 
 
 class ClassifyPipeline:
-    def __init__(self, version_dir: Path, max_tokens: int = CLASSIFY_LIMITS.max_tokens) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(version_dir / "tokenizer")
+    def __init__(
+        self, version_dir: Path, max_tokens: int = CLASSIFY_LIMITS.max_tokens, tokenizer_dir: Path | None = None
+    ) -> None:
+        """`tokenizer_dir`: where the tokenizer lies when not in `version_dir/tokenizer` (a trained
+        model's own folder, as the in-process benchmark reads it)."""
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or version_dir / "tokenizer")
         self.labels = LabelInfo.load(version_dir / "labels.json")
         self.max_tokens = max_tokens
         self._normalize = normalizer(self.labels.text_normalization)

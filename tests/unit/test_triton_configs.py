@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
-from export.deployments import all_deployments
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
+from export.deployments import INLINE_ENCODER_FILE, ExportSettings, all_deployments, classifier_deployments
 from export.triton_config import config_text, parse_config
 from tests.conftest import MODEL_REPOSITORY
 
@@ -33,6 +33,18 @@ def test_targets_differ_only_where_they_should() -> None:
     assert cpu.input == gpu.input and cpu.output == gpu.output and cpu.dynamic_batching == gpu.dynamic_batching
     # The python orchestration model is the same code on both targets.
     assert parse_config(config_text(DEPLOYMENTS[CLASSIFY.name], "gpu")).backend == "python"
+
+
+def test_classify_encodes_inline_on_cpu_only() -> None:
+    """CPU: `classify` runs the encoder itself, with exactly `classifier_onnx`'s runner knobs. GPU
+    (TensorRT `classifier_onnx`) and `classify_encoder=bls`: no inline encoder, so the BLS call."""
+    cpu = classifier_deployments(target="cpu")
+    assert cpu[CLASSIFY.name].parameters[INLINE_ENCODER_PARAMETER] == INLINE_ENCODER_FILE
+    runner_knobs = {k: v for k, v in cpu[CLASSIFY.name].parameters.items() if k != INLINE_ENCODER_PARAMETER}
+    assert runner_knobs == cpu[CLASSIFIER_ONNX.name].parameters
+    assert INLINE_ENCODER_PARAMETER not in classifier_deployments(target="gpu")[CLASSIFY.name].parameters
+    bls = classifier_deployments(ExportSettings(classify_encoder="bls"), "cpu")
+    assert INLINE_ENCODER_PARAMETER not in bls[CLASSIFY.name].parameters
 
 
 def test_dynamic_batching_enabled_on_every_batchable_model() -> None:
