@@ -21,8 +21,9 @@ from benchmarks.report import write_json
 from benchmarks.runner import RESULTS_DIR, RunSettings, run
 from benchmarks.servers import MODEL_REPOSITORY
 from benchmarks.targets import BASELINE, FACADE, ORT_INPROCESS, TRITON
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
 from export.repository import versions
+from export.triton_config import parse_config
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,24 @@ def variant_graphs(work_dir: Path) -> dict[str, Path]:
     return out
 
 
+def _replace(path: Path, graph: Path) -> None:
+    path.unlink()
+    os.link(graph, path) if graph.stat().st_dev == path.parent.stat().st_dev else shutil.copy2(graph, path)
+
+
 def scratch_repository(src_repo: Path, graph: Path, dst: Path) -> Path:
-    """`classify` + `classifier_onnx` (newest versions) with `graph` as the served model.onnx."""
+    """`classify` + `classifier_onnx` (newest versions) with `graph` as the served model.onnx, and
+    as `classify`'s own encoder where it runs one (the CPU default)."""
     shutil.rmtree(dst, ignore_errors=True)
     for model in (CLASSIFY.name, CLASSIFIER_ONNX.name):
         newest = versions(src_repo, model)[-1]
         (dst / model).mkdir(parents=True)
         shutil.copy2(src_repo / model / "config.pbtxt", dst / model / "config.pbtxt")
         shutil.copytree(src_repo / model / str(newest), dst / model / "1", copy_function=os.link)
-    served = dst / CLASSIFIER_ONNX.name / "1" / "model.onnx"
-    served.unlink()
-    os.link(graph, served) if graph.stat().st_dev == served.parent.stat().st_dev else shutil.copy2(graph, served)
+    _replace(dst / CLASSIFIER_ONNX.name / "1" / "model.onnx", graph)
+    inline = parse_config((dst / CLASSIFY.name / "config.pbtxt").read_text()).parameters.get(INLINE_ENCODER_PARAMETER)
+    if inline is not None:
+        _replace(dst / CLASSIFY.name / "1" / inline.string_value, graph)
     return dst
 
 
