@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from client.contract import CLASSIFIER_ONNX
-from common.ort_session import make_session
 from export.deployments import classifier_deployments
 from serving.classify_pipeline import ClassifyPipeline
-from serving.onnx_runner import BatchedOnnxRunner
+from serving.onnx_runner import BatchedOnnxRunner, runner_from_parameters
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +105,11 @@ def ort_sweep(
     # The trained model's folder holds its tokenizer and labels.json (the recorded text normalization).
     pipeline = ClassifyPipeline(Path(tokenizer_dir), tokenizer_dir=Path(tokenizer_dir))
     knobs = classifier_deployments()[CLASSIFIER_ONNX.name].parameters
-    pad = [p for p in knobs.get("pad_axis1", "").split(",") if p]
-    buckets, cost = knobs.get("length_buckets") or None, float(knobs.get("call_cost_tokens", "16"))
     pool = list(texts)
     rows = []
     for n_sessions, threads in layouts:
-        runners = [
-            BatchedOnnxRunner(make_session(onnx_path, threads, spinning=True), pad, buckets, cost)
-            for _ in range(n_sessions)
-        ]
+        layout = {**knobs, "intra_op_threads": str(threads)}
+        runners = [runner_from_parameters(onnx_path, layout, spinning=True) for _ in range(n_sessions)]
         for bs in batch_sizes:
             row = {
                 "sessions": n_sessions,

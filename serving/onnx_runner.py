@@ -150,15 +150,16 @@ def config_parameters(config: dict) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
-def runner_from_parameters(onnx_path: Path, parameters: Mapping[str, str]) -> BatchedOnnxRunner:
+def runner_from_parameters(onnx_path: Path, parameters: Mapping[str, str], spinning: bool = False) -> BatchedOnnxRunner:
     """A runner configured by a Triton config's string parameters: `intra_op_threads` (default 1),
     `pad_axis1` (comma-separated input names), `length_buckets` and `call_cost_tokens`.
 
     One reader for both models that run the classifier's encoder (`classifier_onnx`, and
-    `classify` when it runs the encoder in its own process), so the knobs mean the same in each.
+    `classify` when it runs the encoder in its own process) and the in-process benchmark, so the
+    knobs mean the same in each. `spinning`: see common/ort_session.py (off where instances share cores).
     """
     threads = int(parameters.get("intra_op_threads", "1"))
     pad = [p for p in parameters.get("pad_axis1", "").split(",") if p]
     buckets = parameters.get("length_buckets", "") or None
     cost = float(parameters.get("call_cost_tokens", "16"))
-    return BatchedOnnxRunner(make_session(onnx_path, threads), pad, buckets, cost)
+    return BatchedOnnxRunner(make_session(onnx_path, threads, spinning=spinning), pad, buckets, cost)

@@ -19,7 +19,7 @@ from export.deployments import ExportSettings, classifier_deployments
 from export.repository import latest_manifest, versions, write_config
 from export.triton_config import parse_config
 from runtime.launcher import TritonStartError
-from serving.classify_pipeline import ClassifyPipeline
+from serving.classify_pipeline import ClassifyPipeline, calibrated_softmax
 from tests.conftest import MODEL_REPOSITORY, start_triton, triton_metric
 
 pytestmark = pytest.mark.integration
@@ -120,8 +120,6 @@ def _atol() -> float:
 def _onnx_scores(grpc_url: str, texts: list[str]) -> np.ndarray:
     """`classifier_onnx` called directly with `classify`'s tokenizer, then its calibrated softmax."""
     import tritonclient.grpc as g
-
-    from serving.classify_pipeline import calibrated_softmax
 
     pipeline = ClassifyPipeline(MODEL_REPOSITORY / CLASSIFY.name / str(versions(MODEL_REPOSITORY, CLASSIFY.name)[-1]))
     inputs = []
