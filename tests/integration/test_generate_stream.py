@@ -17,6 +17,7 @@ from PIL import Image
 from client.contract import FLUX_TRANSFORMER, GENERATE_STREAM
 from client.errors import InvalidInputError
 from client.triton_client import TritonClient
+from export.flux.transformer_precision import MAX_MEAN_ABS_PIXEL
 from tests.conftest import triton_metric
 
 pytestmark = pytest.mark.integration
@@ -25,6 +26,21 @@ PROMPT = "Super Realism, a red fox in snow"
 SMALL = {"width": 64, "height": 64, "steps": 3}
 LONG = {"width": 128, "height": 128, "steps": 100}
 """Far longer than the few steps a test waits for before it walks away."""
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """Same seed, same pipeline: the same image, though not always bit for bit. The int8
+    transformer quantizes activations per call, so a step that shared its batch with another
+    request's step (a readiness probe, a generation a test walked away from) rounds a little
+    differently. Another seed or pipeline differs by tens of levels; the export holds int8 to within
+    MAX_MEAN_ABS_PIXEL of fp32."""
+    assert a.shape == b.shape
+    diff = float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+    assert diff <= MAX_MEAN_ABS_PIXEL, f"mean |pixel difference| {diff:.2f}"
+
+
+def _png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
@@ -70,9 +86,9 @@ def test_one_progress_response_per_step_then_the_image(client) -> None:
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
     final = events[-1][1]
     assert final is not None and final.image.shape == (64, 64, 3) and final.image.dtype == np.uint8
-    # The same pipeline on the same pinned components as the unary model: the same pixels.
+    # The same pipeline on the same pinned components as the unary model: the same image.
     unary = client.generate(PROMPT, seed=5, **SMALL)
-    assert np.array_equal(final.image, unary.image)
+    assert_same_image(final.image, unary.image)
     assert final.model_version == unary.model_version
 
 
@@ -101,7 +117,9 @@ def test_facade_streams_progress_then_the_json_answer(facade) -> None:
         unary = http.post("/generate", json=body).json()
     assert set(answer) == set(unary)
     assert answer["seed"] == 11 and answer["model_version"] == unary["model_version"]
-    assert answer["images"] == unary["images"]  # same seeds, same pipeline: the same PNGs
+    assert len(answer["images"]) == len(unary["images"]) == 2
+    for streamed, whole in zip(answer["images"], unary["images"]):
+        assert_same_image(_png(streamed), _png(whole))
     assert Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).size == (64, 64)
 
 
