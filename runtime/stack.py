@@ -12,6 +12,7 @@ they are killed.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from api.app import serve
@@ -41,6 +42,10 @@ def announce_operator_key(settings: ApiSettings) -> None:
 
 def main() -> int:
     configure_logging()
+    # SIGTERM (docker stop, systemd, kill) stops the stack as Ctrl-C does. uvicorn re-raises the
+    # signal after its own shutdown; with SIGTERM's default action that killed this process before
+    # `finally` ran, leaving Triton and the worker orphaned (found by `kill <stack>`, issue 10 round).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     api_settings = ApiSettings()
     announce_operator_key(api_settings)
     triton = TritonServer()

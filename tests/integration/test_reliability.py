@@ -375,6 +375,20 @@ def test_kill_triton_under_the_runner_recovers_then_ctrl_c_stops_all(stack) -> N
     assert in_flight.result(60) in (0, 499, 503, 504)
 
 
+def test_sigterm_stops_the_whole_stack(stack) -> None:
+    """`docker stop` / systemd / `kill` send SIGTERM: Triton and the worker must go with the runner."""
+    proc, _, _ = stack
+    family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    assert len(family) >= 3  # the runner, tritonserver (and its stubs), the training worker
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    wait_for(
+        lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
+        60,
+        "every process of the stack to exit after SIGTERM",
+    )
+
+
 def _status_post(url: str, body: dict) -> int:
     try:
         return httpx.post(url, json=body, timeout=120).status_code
