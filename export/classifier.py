@@ -23,8 +23,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, INLINE_ENCODER_PARAMETER, THRESHOLD_PARAMETER
 from common.ort_session import make_session
+from common.paths import written_as_new_file
 from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
-from export.classifier_precision import PER_CHANNEL, Precision, build_and_choose
+from export.classifier_precision import CPU_GRAPH_RECIPE, PER_CHANNEL, Precision, build_and_choose
 from export.deployments import INLINE_ENCODER_FILE, ExportSettings, classifier_deployments
 from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
@@ -77,12 +78,12 @@ def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 17) -> 
     names = [t.name for t in CLASSIFIER_ONNX.inputs]
     output = CLASSIFIER_ONNX.outputs[0].name
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), written_as_new_file(out_path) as tmp:
         warnings.simplefilter("ignore", category=(FutureWarning, DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(
             wrapped,
             (sample["input_ids"], sample["attention_mask"]),
-            str(out_path),
+            str(tmp),
             dynamo=False,
             opset_version=opset,
             input_names=names,
@@ -126,7 +127,12 @@ def _served_onnx(
     if target != "cpu":
         return onnx_path, None
     cache = work_dir / "precision.json"
-    key = {"source": (work_dir / "source.fingerprint").read_text(), "requested": requested, "per_channel": PER_CHANNEL}
+    key = {
+        "source": (work_dir / "source.fingerprint").read_text(),
+        "requested": requested,
+        "per_channel": PER_CHANNEL,
+        "graph": CPU_GRAPH_RECIPE,
+    }
     if not rebuilt and cache.exists():
         cached = json.loads(cache.read_text())
         served = Path(cached["path"])
@@ -167,6 +173,8 @@ def publish_classifier(
         marker.write_text(fp)
     served, precision = _served_onnx(model_dir, onnx_path, work_dir, target, settings.classifier_precision, rebuilt)
     onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
+    if precision:  # a new CPU graph recipe must publish new versions, as a new precision does
+        onnx_provenance["graph"] = CPU_GRAPH_RECIPE
     onnx_pub = publish(
         repo,
         deps["classifier_onnx"],
