@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from client.contract import LABELS
-from training.classifier_data import DATA_DIR, load_examples, load_held_out, stratified_split
+from training.classifier_data import (
+    DATA_DIR,
+    load_examples,
+    load_held_out,
+    load_train_only,
+    stratified_split,
+    training_splits,
+)
 
 HARD_TAGS = ("indirect", "short", "followup", "bare_prompt", "visual_words")
 
@@ -89,3 +97,32 @@ def test_held_out_files_do_not_leak_into_the_splits() -> None:
     held = {_key(e.text) for e in load_held_out()}
     for part in (split.train, split.validation, split.test):
         assert not held & {_key(e.text) for e in part}
+
+
+def test_train_only_messages_train_and_change_no_split(tmp_path: Path) -> None:
+    """`train_only/` adds to train alone: validation and test stay what the top-level files draw,
+    and a train-only copy of a split's or a held-out message is dropped, not trained on."""
+    plain = stratified_split(load_examples(), seed=0)
+    with_extra = training_splits(seed=0)
+    assert [e.text for e in with_extra.validation] == [e.text for e in plain.validation]
+    assert [e.text for e in with_extra.test] == [e.text for e in plain.test]
+    extra = load_train_only()
+    assert len(extra) >= 200
+    assert {e.label for e in extra} == set(LABELS)
+    assert sorted(e.text for e in with_extra.train) == sorted(e.text for e in plain.train + extra)
+    assert [e.text for e in training_splits(seed=0, train_only=False).train] == [e.text for e in plain.train]
+    evaluated = {_key(e.text) for e in plain.validation + plain.test + load_held_out()}
+    assert not evaluated & {_key(e.text) for e in extra}
+    # The guard itself: a train-only line that repeats a test message is dropped.
+    for name in ("held_out", "train_only"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "messages.jsonl").write_text(
+        '{"text": "see you tomorrow", "label": "conversation"}\n{"text": "a fox, 8k", "label": "image_request"}\n'
+    )
+    (tmp_path / "train_only" / "more.jsonl").write_text(
+        '{"text": "See  you tomorrow", "label": "conversation"}\n{"text": "a cat, 4k", "label": "image_request"}\n'
+    )
+    assert [e.text for e in load_train_only(tmp_path)] == ["a cat, 4k"]
+    # Not templated either: no three-word opening starts more than 3% of them.
+    openings = Counter(" ".join(_key(e.text).split()[:3]) for e in extra)
+    assert openings.most_common(1)[0][1] <= 0.03 * len(extra), openings.most_common(3)
