@@ -17,11 +17,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import text_format
+
 from benchmarks.report import write_json
 from benchmarks.runner import RESULTS_DIR, RunSettings, run
 from benchmarks.servers import MODEL_REPOSITORY
 from benchmarks.targets import BASELINE, FACADE, ORT_INPROCESS, TRITON
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
+from client.contract import (
+    CLASSIFIER_ONNX,
+    CLASSIFY,
+    INLINE_ENCODER_PARAMETER,
+    RESCUE_ENCODER_PARAMETER,
+    RESCUE_MARGIN_PARAMETER,
+)
 from export.repository import versions
 from export.triton_config import parse_config
 
@@ -55,9 +63,10 @@ def _replace(path: Path, graph: Path) -> None:
     os.link(graph, path) if graph.stat().st_dev == path.parent.stat().st_dev else shutil.copy2(graph, path)
 
 
-def scratch_repository(src_repo: Path, graph: Path, dst: Path) -> Path:
+def scratch_repository(src_repo: Path, graph: Path, dst: Path, rescued: bool = True) -> Path:
     """`classify` + `classifier_onnx` (newest versions) with `graph` as the served model.onnx, and
-    as `classify`'s own encoder where it runs one (the CPU default)."""
+    as `classify`'s own encoder where it runs one (the CPU default). `rescued=False` drops the fp32
+    rescue of int8's near-boundary rows from `classify` (for the fp32 variant)."""
     shutil.rmtree(dst, ignore_errors=True)
     for model in (CLASSIFY.name, CLASSIFIER_ONNX.name):
         newest = versions(src_repo, model)[-1]
@@ -65,9 +74,16 @@ def scratch_repository(src_repo: Path, graph: Path, dst: Path) -> Path:
         shutil.copy2(src_repo / model / "config.pbtxt", dst / model / "config.pbtxt")
         shutil.copytree(src_repo / model / str(newest), dst / model / "1", copy_function=os.link)
     _replace(dst / CLASSIFIER_ONNX.name / "1" / "model.onnx", graph)
-    inline = parse_config((dst / CLASSIFY.name / "config.pbtxt").read_text()).parameters.get(INLINE_ENCODER_PARAMETER)
+    config_path = dst / CLASSIFY.name / "config.pbtxt"
+    config = parse_config(config_path.read_text())
+    inline = config.parameters.get(INLINE_ENCODER_PARAMETER)
     if inline is not None:
         _replace(dst / CLASSIFY.name / "1" / inline.string_value, graph)
+    if not rescued and RESCUE_ENCODER_PARAMETER in config.parameters:
+        # fp32 needs no fp32 second opinion: this variant runs the graph alone
+        for key in (RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER):
+            del config.parameters[key]
+        config_path.write_text(text_format.MessageToString(config))
     return dst
 
 
@@ -100,7 +116,7 @@ def bench_precision(s: PrecisionBenchSettings) -> dict[str, Any]:
     if base_row:
         out["rows"].append(base_row)
     for variant, graph in graphs.items():
-        repo = scratch_repository(s.model_repository, graph, SCRATCH / variant)
+        repo = scratch_repository(s.model_repository, graph, SCRATCH / variant, rescued=variant == "int8")
         res = run(
             replace(
                 base,

@@ -30,9 +30,10 @@ from benchmarks.report import Result, add_ratios, headline, render_markdown, wri
 from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, TargetName, make_target
 from benchmarks.workload import GenerateParams, chat_texts
 from client.contract import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
-from client.contract import CLASSIFY, GENERATE
+from client.contract import CLASSIFY, GENERATE, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
 from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
 from export.repository import versions as repo_versions
+from export.triton_config import parse_config
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,18 @@ def served_classifier_graph(repo: Path) -> Path:
     return repo / CLASSIFIER_ONNX_SPEC.name / str(vs[-1] if vs else 0) / "model.onnx"
 
 
+def served_rescue(repo: Path) -> tuple[Path, float] | None:
+    """The fp32 graph and margin `classify` rescues int8's near-boundary rows with, if its config has one."""
+    config, vs = repo / CLASSIFY.name / "config.pbtxt", repo_versions(repo, CLASSIFY.name)
+    if not config.exists() or not vs:
+        return None
+    params = {k: v.string_value for k, v in parse_config(config.read_text()).parameters.items()}
+    graph = params.get(RESCUE_ENCODER_PARAMETER)
+    if not graph:
+        return None
+    return repo / CLASSIFY.name / str(vs[-1]) / graph, float(params.get(RESCUE_MARGIN_PARAMETER, "0"))
+
+
 def _select_targets(s: RunSettings) -> tuple[list[TargetName], bool, dict[str, str]]:
     """Targets that can run here, whether the ORT limit is wanted, and why the others are skipped."""
     skipped: dict[str, str] = {}
@@ -305,7 +318,13 @@ def run(s: RunSettings) -> Result:
         from benchmarks.inprocess import ort_sweep
 
         result["ort_inprocess"] = ort_sweep(
-            s.classifier_onnx, s.classifier_dir, texts, s.batch_sizes, s.ort_layouts, s.ort_duration_s
+            s.classifier_onnx,
+            s.classifier_dir,
+            texts,
+            s.batch_sizes,
+            s.ort_layouts,
+            s.ort_duration_s,
+            rescue=served_rescue(s.model_repository),
         )
     if any(n.model == GENERATE.name for n in names):
         from benchmarks.flux_inprocess import flux_inprocess

@@ -178,6 +178,10 @@ THRESHOLD_PARAMETER = "recommended_threshold"
 INLINE_ENCODER_PARAMETER = "inline_encoder"
 """classify (CPU target): the file in its version folder holding the encoder graph. When set,
 `classify` runs the encoder in its own process instead of calling `classifier_onnx` over BLS."""
+RESCUE_ENCODER_PARAMETER = "rescue_encoder"
+"""classify (CPU target, int8 encoder): the fp32 graph in its version folder that re-encodes the
+rows whose int8 logits lie within `rescue_margin` of the boundary (common/int8_rescue.py)."""
+RESCUE_MARGIN_PARAMETER = "rescue_margin"
 TRIGGER_PARAMETER = "trigger_word"
 """generate: the trigger words of the LoRA fused into that version."""
 ATTENTION_HEADS_PARAMETER = "attention_heads"

@@ -21,12 +21,19 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY_LIMITS, INLINE_ENCODER_PARAMETER, THRESHOLD_PARAMETER
+from client.contract import (
+    CLASSIFIER_ONNX,
+    CLASSIFY_LIMITS,
+    INLINE_ENCODER_PARAMETER,
+    RESCUE_ENCODER_PARAMETER,
+    RESCUE_MARGIN_PARAMETER,
+    THRESHOLD_PARAMETER,
+)
 from common.ort_session import make_session
 from common.paths import written_as_new_file
 from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
 from export.classifier_precision import CPU_GRAPH_RECIPE, PER_CHANNEL, Precision, build_and_choose
-from export.deployments import INLINE_ENCODER_FILE, ExportSettings, classifier_deployments
+from export.deployments import INLINE_ENCODER_FILE, RESCUE_ENCODER_FILE, ExportSettings, classifier_deployments
 from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
 from export.triton_config import Target
 
@@ -117,30 +124,38 @@ def classifier_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path
 
 
 def _served_onnx(
-    model_dir: Path, onnx_path: Path, work_dir: Path, target: Target, requested: Precision, rebuilt: bool
-) -> tuple[Path, dict | None]:
-    """The graph `classifier_onnx` serves, and the precision report for its manifest.
+    model_dir: Path,
+    onnx_path: Path,
+    work_dir: Path,
+    target: Target,
+    requested: Precision,
+    rebuilt: bool,
+    rescue_margin: float = 0.0,
+) -> tuple[Path, Path, dict | None]:
+    """The graph `classifier_onnx` serves, the fp32 graph (int8's rescue), and the precision
+    report for its manifest.
 
     CPU: fp32 or int8 by measurement (export/classifier_precision.py), cached per fp32 export and
     requested precision. GPU: the fp32 export, which Triton's TensorRT provider builds in FP16.
     """
     if target != "cpu":
-        return onnx_path, None
+        return onnx_path, onnx_path, None
     cache = work_dir / "precision.json"
     key = {
         "source": (work_dir / "source.fingerprint").read_text(),
         "requested": requested,
         "per_channel": PER_CHANNEL,
         "graph": CPU_GRAPH_RECIPE,
+        "rescue_margin": rescue_margin,
     }
     if not rebuilt and cache.exists():
         cached = json.loads(cache.read_text())
-        served = Path(cached["path"])
-        if cached.get("key") == key and served.exists():
-            return served, cached["choice"]
+        served, fp32 = Path(cached["path"]), Path(cached.get("fp32_path", ""))
+        if cached.get("key") == key and served.exists() and fp32.is_file():
+            return served, fp32, cached["choice"]
     labels = json.loads((model_dir / "labels.json").read_text())
     cfg = AutoConfig.from_pretrained(model_dir)
-    served, choice = build_and_choose(
+    served, fp32, choice = build_and_choose(
         model_dir,
         onnx_path,
         work_dir,
@@ -149,9 +164,12 @@ def _served_onnx(
         cfg.num_attention_heads,
         cfg.hidden_size,
         float(labels.get("temperature", 1.0)),
+        rescue_margin,
     )
-    cache.write_text(json.dumps({"key": key, "path": str(served), "choice": choice.as_dict()}, indent=2))
-    return served, choice.as_dict()
+    cache.write_text(
+        json.dumps({"key": key, "path": str(served), "fp32_path": str(fp32), "choice": choice.as_dict()}, indent=2)
+    )
+    return served, fp32, choice.as_dict()
 
 
 def publish_classifier(
@@ -171,7 +189,16 @@ def publish_classifier(
         result = export_classifier_onnx(model_dir, onnx_path)
         parity = result.max_abs_error
         marker.write_text(fp)
-    served, precision = _served_onnx(model_dir, onnx_path, work_dir, target, settings.classifier_precision, rebuilt)
+    inline = INLINE_ENCODER_PARAMETER in deps["classify"].parameters
+    served, fp32, precision = _served_onnx(
+        model_dir,
+        onnx_path,
+        work_dir,
+        target,
+        settings.classifier_precision,
+        rebuilt,
+        settings.classifier_int8_rescue_margin if inline else 0.0,
+    )
     onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
     if precision:  # a new CPU graph recipe must publish new versions, as a new precision does
         onnx_provenance["graph"] = CPU_GRAPH_RECIPE
@@ -191,15 +218,27 @@ def publish_classifier(
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
     cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
     cls_files = {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}
-    inline = INLINE_ENCODER_PARAMETER in cls_dep.parameters
+    cls_provenance = onnx_provenance if inline else provenance
     if inline:  # classify runs the same graph itself; its version must change when the graph does
         cls_files[INLINE_ENCODER_FILE] = served
+        margin = (precision or {}).get("rescue_margin", 0.0) if served != fp32 else 0.0
+        if margin > 0:  # int8 served: fp32 answers the rows near the boundary (common/int8_rescue.py)
+            cls_files[RESCUE_ENCODER_FILE] = fp32
+            cls_dep = replace(
+                cls_dep,
+                parameters={
+                    **cls_dep.parameters,
+                    RESCUE_ENCODER_PARAMETER: RESCUE_ENCODER_FILE,
+                    RESCUE_MARGIN_PARAMETER: str(margin),
+                },
+            )
+            cls_provenance = {**cls_provenance, "rescue_margin": margin}
     cls_pub = publish(
         repo,
         cls_dep,
         target,
         cls_files,
-        onnx_provenance if inline else provenance,
+        cls_provenance,
         force=force,
         report={"test_accuracy": _test_accuracy(model_dir)},
     )

@@ -29,6 +29,7 @@ import onnx
 
 from client.contract import CLASSIFY_LIMITS, LABELS
 from common.chat_text import normalized, recorded_normalizer
+from common.int8_rescue import near_boundary
 from common.ort_session import make_session
 from common.paths import written_as_new_file
 
@@ -69,6 +70,12 @@ class PrecisionChoice:
     fused_ops: dict[str, int]
     fp32_bytes: int
     int8_bytes: int | None
+    rescue_margin: float = 0.0
+    """int8's logit margin below which `classify` re-encodes a row in fp32 (0: plain int8)."""
+    int8_unrescued_accuracy: float | None = None
+    """int8 alone, without the rescue (`int8_accuracy` is as served)."""
+    rescued_test_rows: int = 0
+    """Test messages the rescue re-encoded in fp32."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -194,10 +201,39 @@ def _pre_process(src: Path, prep: Path) -> None:
         quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
 
 
-def score_onnx(path: Path, tokenizer: object, texts: list[str], temperature: float, batch_size: int = 32) -> np.ndarray:
-    """Calibrated class probabilities for `texts`, tokenized as the service does (pad to longest)."""
+def score_onnx(
+    path: Path,
+    tokenizer: object,
+    texts: list[str],
+    temperature: float,
+    batch_size: int = 32,
+    rescue: Rescue | None = None,
+) -> np.ndarray:
+    """Calibrated class probabilities for `texts`, tokenized as the service does (pad to longest);
+    with `rescue`, rows near the boundary take the fp32 graph's logits, as `classify` does."""
+    return _calibrated(score_logits(path, tokenizer, texts, batch_size, rescue)[0], temperature)
+
+
+def _calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Rescue:
+    fp32: Path
+    margin: float
+
+
+def score_logits(
+    path: Path, tokenizer: object, texts: list[str], batch_size: int = 32, rescue: Rescue | None = None
+) -> tuple[np.ndarray, int]:
+    """Raw logits per text, and how many rows the rescue re-encoded in fp32."""
     sess = make_session(path, 0, spinning=True)
-    out = []
+    exact = make_session(rescue.fp32, 0, spinning=True) if rescue else None
+    out, rescued = [], 0
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
             texts[i : i + batch_size],
@@ -206,15 +242,17 @@ def score_onnx(path: Path, tokenizer: object, texts: list[str], temperature: flo
             max_length=CLASSIFY_LIMITS.max_tokens,
             return_tensors="np",
         )
-        logits = sess.run(
-            None,
-            {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)},
-        )[0]
-        z = logits.astype(np.float64) / temperature
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        out.append(p / p.sum(axis=1, keepdims=True))
-    return np.concatenate(out) if out else np.zeros((0, len(LABELS)))
+        feeds = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+        logits = sess.run(None, feeds)[0]
+        rows = near_boundary(logits, rescue.margin) if rescue else np.zeros(0, dtype=np.intp)
+        if exact is not None and rows.size:
+            logits[rows] = exact.run(None, {k: v[rows] for k, v in feeds.items()})[0]
+            rescued += rows.size
+        out.append(logits)
+    return (np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)), rescued
 
 
 def choose(
@@ -244,8 +282,13 @@ def build_and_choose(
     num_heads: int,
     hidden_size: int,
     temperature: float,
-) -> tuple[Path, PrecisionChoice]:
-    """Build the fp32 (fused when it helps) and int8 graphs, score both, return the one to serve."""
+    rescue_margin: float = 0.0,
+) -> tuple[Path, Path, PrecisionChoice]:
+    """Build the fp32 (fused when it helps) and int8 graphs, score both, and return the graph to
+    serve, the fp32 graph (int8's rescue, when `rescue_margin` > 0) and the choice.
+
+    int8 is scored as `classify` serves it: with the fp32 second opinion near the boundary when
+    `rescue_margin` > 0 (common/int8_rescue.py); its plain accuracy is recorded beside."""
     fused = work_dir / "fused.onnx"
     fused_ops = fuse_transformer(raw_fp32, fused, num_heads, hidden_size)
     fp32 = fused if fused_ops else raw_fp32
@@ -254,13 +297,17 @@ def build_and_choose(
     int8: Path | None = None
     if requested != "fp32":
         int8 = quantize_int8(fp32, work_dir / "int8.onnx")
-    fp32_acc = int8_acc = agree = diff = None
+    rescue = Rescue(fp32, rescue_margin) if rescue_margin > 0 else None
+    fp32_acc = int8_acc = plain_acc = agree = diff = None
+    rescued = 0
     if test is not None:
         texts, y = normalized(test[0], normalize), test[1]
         p32 = score_onnx(fp32, tokenizer, texts, temperature)
         fp32_acc = float((p32.argmax(1) == y).mean())
         if int8 is not None:
-            p8 = score_onnx(int8, tokenizer, texts, temperature)
+            plain_acc = float((score_onnx(int8, tokenizer, texts, temperature).argmax(1) == y).mean())
+            logits, rescued = score_logits(int8, tokenizer, texts, rescue=rescue)
+            p8 = _calibrated(logits, temperature)
             int8_acc = float((p8.argmax(1) == y).mean())
             agree = float((p8.argmax(1) == p32.argmax(1)).mean())
             diff = float(np.abs(p8 - p32).max())
@@ -277,6 +324,9 @@ def build_and_choose(
         fused_ops=fused_ops,
         fp32_bytes=fp32.stat().st_size,
         int8_bytes=int8.stat().st_size if int8 else None,
+        rescue_margin=rescue_margin if int8 is not None else 0.0,
+        int8_unrescued_accuracy=plain_acc,
+        rescued_test_rows=rescued,
     )
     log.info("classifier precision: serving %s (%s)", served, reason)
-    return (int8 if served == "int8" else fp32), choice
+    return (int8 if served == "int8" else fp32), fp32, choice

@@ -29,6 +29,8 @@ from export.triton_config import Deployment, DynamicBatching, Target
 
 RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
 INLINE_ENCODER_FILE = "encoder.onnx"
+RESCUE_ENCODER_FILE = "encoder_fp32.onnx"
+"""Beside an int8 `encoder.onnx`: the fp32 graph for rows near the boundary (common/int8_rescue.py)."""
 """The encoder graph's name in a `classify` version folder when `classify` runs it itself."""
 
 
@@ -55,6 +57,10 @@ class ExportSettings(BaseSettings):
     classifier_onnx_threads: int | None = None
     """ORT intra-op threads per encoder session (classifier_onnx's, and classify's when inline).
     None: the sweep's recommendation, else 2."""
+    classifier_int8_rescue_margin: float = 6.0
+    """CPU, int8 served: rows whose int8 logit margin is below this are re-encoded in fp32 by
+    `classify` (common/int8_rescue.py). int8 moved margins by up to 5.0 on the validation split;
+    about 2% of chat messages fall under 6. 0 serves plain int8."""
     classifier_onnx_max_queue_delay_us: int = 500
     classifier_onnx_call_cost_tokens: float = 12.0
     """One more ORT call's fixed cost in padded tokens' worth of encoder work: the exchange rate the

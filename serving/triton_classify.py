@@ -5,7 +5,8 @@ together and encoded in one go. Where the encoder runs is the deployment's choic
 - GPU target: a BLS request to `classifier_onnx` (a TensorRT / ORT-TensorRT model), whose own
   batcher merges across the instances of this model.
 - CPU target: in this process (the `inline_encoder` parameter names the graph in this version's
-  folder), with the same ONNX Runtime runner and knobs as `classifier_onnx`. On 2 cores the BLS
+  folder), with the same ONNX Runtime runner and knobs as `classifier_onnx`, and with int8 an fp32
+  second opinion for rows near the boundary (serving/classify_encoder.py). On 2 cores the BLS
   hop cost a Triton request, two shared-memory hand-offs and a second python process's wake-up per
   merged batch: `classify` took ~18.5 ms per call against ~14.5 ms of encoder work in
   `classifier_onnx`, with a core idle meanwhile (`fluxserve-bench run`, issue 10).
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
+from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from serving.classify_encoder import InlineEncoder
 from serving.classify_pipeline import ClassifyPipeline, calibrated_softmax, validate_text
-from serving.onnx_runner import BatchedOnnxRunner, config_parameters, runner_from_parameters
+from serving.onnx_runner import config_parameters
 
 
 class TritonPythonModel:
@@ -32,18 +34,15 @@ class TritonPythonModel:
         self.logits_name = CLASSIFIER_ONNX.outputs[0].name
         self.max_batch = CLASSIFIER_ONNX.max_batch_size
         params = config_parameters(json.loads(args["model_config"]))
-        encoder = params.get(INLINE_ENCODER_PARAMETER)
-        self.inline: BatchedOnnxRunner | None = (
-            runner_from_parameters(version_dir / encoder, params) if encoder else None
-        )
+        self.inline = InlineEncoder.from_parameters(version_dir, params)
         self.input_name = CLASSIFY.inputs[0].name
         self.label_out, self.scores_out = (t.name for t in CLASSIFY.outputs)
         # Label tensors are built by indexing, not by encoding strings per response.
         self.label_bytes = np.array([s.encode() for s in self.pipeline.labels.labels], dtype=np.object_)
 
     def _logits(self, texts: list[str]) -> np.ndarray:
-        if self.inline is not None:  # one runner call: it splits the batch by length itself
-            return self.inline.run([self.pipeline.tokenize(texts)])[0][self.logits_name]
+        if self.inline is not None:
+            return self.inline.logits(self.pipeline.tokenize(texts))
         chunks = []
         for start in range(0, len(texts), self.max_batch):
             feeds = self.pipeline.tokenize(texts[start : start + self.max_batch])
