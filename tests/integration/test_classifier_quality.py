@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from client.contract import CLASSIFY_LIMITS
+from client.contract import CLASSIFY_LIMITS, LABELS
 from client.triton_client import TritonClient
 from training.classifier import ClassifierTrainSettings
 from training.classifier_data import load_examples, load_held_out
@@ -38,20 +39,11 @@ def _metrics() -> dict:
 
 
 def test_test_split_accuracy() -> None:
-    """Floor: what the model reaches today on the split with the hard cases in it."""
     metrics = _metrics()
     assert metrics["sizes"]["test"] >= 90
-    assert metrics["test"]["accuracy"] >= 0.95, metrics["test"]
-    assert metrics["test"]["f1_image_request"] >= 0.94, metrics["test"]
+    assert metrics["test"]["f1_image_request"] >= 0.97, metrics["test"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10's 98% target is not reached yet: 95.3% (8 of 170 test messages, all "
-    "image requests read as conversation, 7 of them flagged uncertain) with all-MiniLM-L6-v2; across "
-    "seeds 0-4 (`fluxserve-train seeds`) the served recipe scores 95.3-97.6%, and neither a mean-pooled "
-    "head nor emoji spelled out as words moved the mean (96.5% and 96.6% against 96.6%)",
-)
 def test_test_split_accuracy_meets_the_issue_target() -> None:
     metrics = _metrics()
     assert metrics["test"]["accuracy"] >= 0.98, metrics["calibrated"]["test"]["errors"]
@@ -115,12 +107,14 @@ def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> 
     served = (
         MODEL_REPOSITORY / "classifier_onnx" / str(versions(MODEL_REPOSITORY, "classifier_onnx")[-1]) / "model.onnx"
     )
-    in_process = score_onnx(served, tok, read, temperature, batch_size=len(texts))
+    rescue = _served_rescue()
+    in_process = score_onnx(served, tok, read, temperature, batch_size=len(texts), rescue=rescue)
     with TritonClient(triton.grpc_url) as client:
         got = np.array([[r.scores["conversation"], r.scores["image_request"]] for r in client.classify(texts)])
-    # int8 dynamic quantization scales activations by each call's own range, and classifier_onnx
-    # splits a merged batch by text length: a text's scores move with the company it is batched with
-    # (as they do between users' requests in any dynamic batch), by ~1e-3, never its label.
+    # int8 dynamic quantization scales activations by each call's own range, and the runner splits
+    # a merged batch by text length: a text's scores move with the company it is batched with (as
+    # they do between users' requests in any dynamic batch), by ~1e-3; the rows near the boundary,
+    # where that could change a label, are answered by fp32 in both (common/int8_rescue.py).
     assert np.abs(got - in_process).max() < 5e-3
     assert (got.argmax(1) == in_process.argmax(1)).all()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
@@ -139,3 +133,48 @@ def test_manifest_records_the_precision_choice() -> None:
         assert (precision["served"] == "int8") == (
             precision["fp32_accuracy"] - precision["int8_accuracy"] <= 0.005 + 1e-12
         )
+
+
+def _served_rescue():  # -> Rescue | None
+    """The fp32 graph and margin the served `classify` rescues int8's near-boundary rows with."""
+    from client.contract import RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
+    from export.classifier_precision import Rescue
+    from export.repository import versions
+    from export.triton_config import parse_config
+    from tests.conftest import MODEL_REPOSITORY
+
+    folder = MODEL_REPOSITORY / "classify"
+    params = parse_config((folder / "config.pbtxt").read_text()).parameters
+    if RESCUE_ENCODER_PARAMETER not in params:
+        return None
+    graph = folder / str(versions(MODEL_REPOSITORY, "classify")[-1]) / params[RESCUE_ENCODER_PARAMETER].string_value
+    return Rescue(graph, float(params[RESCUE_MARGIN_PARAMETER].string_value))
+
+
+def test_served_labels_on_the_test_split_are_the_fp32_graphs(triton) -> None:
+    """int8 serves with fp32 answering the rows near the boundary, so every test message gets the
+    fp32 graph's label through Triton, whatever it is batched with: the 98% is what users get."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    from export.classifier_precision import read_test_split, score_onnx
+    from export.repository import latest_manifest
+    from tests.conftest import MODEL_REPOSITORY
+
+    precision = (latest_manifest(MODEL_REPOSITORY, "classifier_onnx") or {}).get("report", {}).get("precision") or {}
+    rescue = _served_rescue()
+    if precision.get("served") != "int8" or not precision.get("rescue_margin"):
+        pytest.skip("no int8 rescue to check (fp32 served, or the GPU target)")
+    assert rescue is not None and rescue.margin == precision["rescue_margin"], "int8 published without its rescue"
+    model_dir = ClassifierTrainSettings().output_dir
+    texts, y = read_test_split(model_dir)
+    temperature = float(json.loads((model_dir / "labels.json").read_text())["temperature"])
+    fp32 = score_onnx(rescue.fp32, AutoTokenizer.from_pretrained(model_dir), texts, temperature).argmax(1)
+    # Concurrent requests of a few texts each: Triton merges them into batches of mixed company.
+    chunks = [texts[i : i + 5] for i in range(0, len(texts), 5)]
+    with TritonClient(triton.grpc_url) as client, ThreadPoolExecutor(8) as pool:
+        results = [r for part in pool.map(client.classify, chunks) for r in part]
+    served = [LABELS.index(r.label) for r in results]
+    assert [t for t, a, b in zip(texts, served, fp32) if a != b] == []
+    assert (np.array(served) == y).mean() >= 0.98
