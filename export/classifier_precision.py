@@ -130,7 +130,7 @@ def split_skip_layer_norm(model: onnx.ModelProto) -> int:
     it: 0.47 ms against 0.09 ms for the pair on 256 rows x 384 (ORT 1.32, one thread), a third of
     the int8 encoder's time. The transformer optimizer's Attention fusion needs the fused node to
     match, so we fuse first and split after. ORT's own SkipLayerNormFusion does not put it back on
-    load (tests/integration/test_classifier_quality.py checks the served graph). Nodes that expose
+    load (tests/integration/test_triton_classify.py checks the served graph). Nodes that expose
     their mean or variance outputs stay fused.
     Returns how many nodes were split (0 when the opset predates LayerNormalization).
     """
