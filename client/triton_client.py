@@ -28,6 +28,7 @@ from client.codec import (
     generate_inputs,
 )
 from client.contract import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS, GENERATE_STREAM
+from client.control_key import control_headers
 from client.errors import FluxServeError, InferenceError, RequestTimeoutError, translate
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
@@ -165,6 +166,8 @@ class AsyncTritonClient:
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 60.0) -> None:
         self.url, self.timeout_s = url, timeout_s
         self._client = aioclient.InferenceServerClient(url, channel_args=channel_args())
+        # Model configs and reloads are behind Triton's control key; inference needs none.
+        self._control = control_headers(grpc=True)
 
     async def close(self) -> None:
         await self._client.close()
@@ -184,7 +187,9 @@ class AsyncTritonClient:
         """A deployed model version's config as JSON (config.pbtxt fields); version "" means the
         one Triton would pick now."""
         try:
-            cfg = await self._client.get_model_config(model, version, as_json=True, client_timeout=5.0)
+            cfg = await self._client.get_model_config(
+                model, version, headers=self._control, as_json=True, client_timeout=5.0
+            )
         except InferenceServerException as e:
             raise translate(e) from e
         return cfg.get("config", cfg)
@@ -196,8 +201,8 @@ class AsyncTritonClient:
     async def reload_model(self, model: str, timeout_s: float = 300.0) -> None:
         """Unload and load `model` (explicit model control): restarts its stub processes."""
         try:
-            await self._client.unload_model(model, client_timeout=timeout_s)
-            await self._client.load_model(model, client_timeout=timeout_s)
+            await self._client.unload_model(model, headers=self._control, client_timeout=timeout_s)
+            await self._client.load_model(model, headers=self._control, client_timeout=timeout_s)
         except InferenceServerException as e:
             raise translate(e) from e
 

@@ -1,4 +1,5 @@
-"""Loading and unloading models on a running Triton (explicit model-control mode)."""
+"""Loading and unloading models on a running Triton (explicit model-control mode). Every call sends
+the control key (client.control_key): Triton refuses model control without it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import tritonclient.http as triton_http
+
+from client.control_key import control_headers
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def _load(http_url: str, name: str, timeout_s: float) -> None:
     client = triton_http.InferenceServerClient(http_url, network_timeout=timeout_s, connection_timeout=10.0)
     try:
         log.info("loading %s on %s", name, http_url)
-        client.load_model(name)
+        client.load_model(name, headers=control_headers())
     finally:
         client.close()
 
@@ -40,7 +43,7 @@ def _load(http_url: str, name: str, timeout_s: float) -> None:
 def ready_versions(http_url: str, name: str) -> list[str]:
     client = triton_http.InferenceServerClient(http_url, connection_timeout=5.0)
     try:
-        index = client.get_model_repository_index()
+        index = client.get_model_repository_index(headers=control_headers())
     finally:
         client.close()
     return sorted(

@@ -35,6 +35,7 @@ import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import ENDPOINTS
+from client.control_key import ControlKeyError, ensure_control_key, restricted_api_flags
 from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
 from export.publish_journal import recover_repository
 
@@ -127,7 +128,8 @@ def exported_models(repo: Path) -> list[str]:
     return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
 
 
-def build_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
+def build_command(settings: TritonSettings, backend_dir: Path, control_key: str) -> list[str]:
+    """tritonserver's command line; model control and configs need `control_key` (client.control_key)."""
     binary = _pytriton_server_dir() / "bin" / "tritonserver"
     cmd = [
         str(binary),
@@ -145,6 +147,7 @@ def build_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--log-verbose={settings.log_verbose}",
+        *restricted_api_flags(control_key),
     ]
     models = exported_models(settings.model_repository) if settings.models == ("*",) else list(settings.models)
     if not models:
@@ -225,8 +228,12 @@ class TritonServer:
         self._check_ports_free()
         recover_committed_set(self.settings.model_repository)
         backend_dir = prepare_backend_dir(self.settings.backend_dir)
-        cmd = build_command(self.settings, backend_dir)
-        log.info("starting Triton: %s", " ".join(cmd))
+        try:
+            key = ensure_control_key()
+        except ControlKeyError as e:
+            raise TritonStartError(str(e)) from e
+        cmd = build_command(self.settings, backend_dir, key)
+        log.info("starting Triton: %s", " ".join(cmd).replace(key, "<control key>"))
         if self.logs_to_stdout:
             log_fh = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         else:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from client.contract import FLUX_TRANSFORMER, GENERATE
+from client.control_key import control_headers
 from client.triton_client import TritonClient
 from common.flux_assets import read_max_sequence_length
 from export.flux.lora import load_pipeline
@@ -216,12 +217,12 @@ def test_triton_failure_mid_request_then_recovers(tmp_path) -> None:
         while transformer_steps() < 1:  # the generation is in its denoising loop (100 steps to go)
             assert time.monotonic() < deadline and t.is_alive(), "the generation never reached the transformer"
             time.sleep(0.05)
-        control.unload_model(FLUX_TRANSFORMER)
+        control.unload_model(FLUX_TRANSFORMER, headers=control_headers())
         t.join(300)
         r = result["r"]
         assert r.status_code in (503, 504), r.text
         assert r.json()["error"]["message"]
-        control.load_model(FLUX_TRANSFORMER)
+        control.load_model(FLUX_TRANSFORMER, headers=control_headers())
         with facade.client(timeout_s=300) as http:
             ok = http.post("/generate", json={"prompt": PROMPT, **SMALL, "seed": 1})
         assert ok.status_code == 200, ok.text
