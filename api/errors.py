@@ -40,6 +40,15 @@ STATUS: dict[type[FluxServeError], int] = {
 }
 
 
+# Stable `type` of the envelope per status of a FluxServeError.
+ERROR_TYPES = {
+    422: "invalid_request",
+    503: "unavailable",
+    504: "timeout",
+    502: "inference_failed",
+    499: "cancelled",
+}
+
 # Stable `type` for the statuses Starlette/FastAPI raise themselves (unknown route, wrong method...).
 HTTP_TYPES = {
     400: "bad_request",
@@ -50,6 +59,7 @@ HTTP_TYPES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
 }
 # What a caller reads when Triton produced the error: a short, stable sentence per kind.
 SERVER_MESSAGES: dict[type[FluxServeError], str] = {
@@ -72,6 +82,18 @@ def public_message(exc: FluxServeError) -> str:
         return str(exc)
     cls = next((c for c in SERVER_MESSAGES if isinstance(exc, c)), InferenceError)
     return f"{SERVER_MESSAGES[cls]} (request id {current_request_id()})"
+
+
+def public_error(exc: BaseException) -> tuple[int, str, str]:
+    """(status, type, message) of the envelope for `exc`: the one mapping for JSON answers and
+    SSE `error` events alike. The full exception goes to the log, under the request id the
+    message names."""
+    if not isinstance(exc, FluxServeError):
+        log.error("unhandled error", exc_info=exc)
+        return 500, "internal_error", f"internal error; request id {current_request_id()}"
+    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
+    return status, ERROR_TYPES.get(status, "error"), public_message(exc)
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -110,20 +132,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
         if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
             request.app.state.fluxserve.readiness.model_failed(exc)
-        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        kind = {
-            422: "invalid_request",
-            503: "unavailable",
-            504: "timeout",
-            502: "inference_failed",
-            499: "cancelled",
-        }.get(status, "error")
-        log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
+        status, kind, message = public_error(exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None
-        return envelope(status, kind, public_message(exc), headers)
+        return envelope(status, kind, message, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return envelope(500, "internal_error", f"internal error; request id {current_request_id()}")
+        return envelope(*public_error(exc))

@@ -17,23 +17,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
-from api.errors import STATUS
+from api.errors import public_error
 from api.schemas import GenerateRequest, GenerateResponse
 from api.state import AppState
 from client.codec import GenerateResult
-from client.errors import FluxServeError
-
-log = logging.getLogger(__name__)
+from client.errors import FluxServeError, ModelFailedError
 
 EVENT_STREAM = "text/event-stream"
-ERROR_KINDS = {422: "invalid_request", 503: "unavailable", 504: "timeout", 502: "inference_failed"}
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -44,14 +40,13 @@ def event(name: str, payload: Any) -> dict[str, str]:
     return {"event": name, "data": json.dumps(payload)}
 
 
-def error_event(exc: BaseException) -> dict[str, str]:
-    """The error envelope as an event: our own messages only, never a stack trace."""
-    if isinstance(exc, FluxServeError):
-        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        kind, message = ERROR_KINDS.get(status, "error"), str(exc)
-    else:
-        log.error("streamed request failed", exc_info=exc)
-        kind, message = "internal_error", "internal error; see the server log"
+def error_event(exc: BaseException, state: AppState | None = None) -> dict[str, str]:
+    """The error envelope as an event, with the type and text a JSON answer would carry
+    (api.errors.public_error): never Triton's text, an address or a stack trace. With `state`,
+    a dead stub is reported to readiness as the JSON path's handler does."""
+    if state is not None and isinstance(exc, ModelFailedError):
+        state.readiness.model_failed(exc)
+    _, kind, message = public_error(exc)
     return event("error", {"error": {"type": kind, "message": message}})
 
 
@@ -118,11 +113,8 @@ async def _admitted_generation_events(
             else:
                 getter.cancel()
         results: list[GenerateResult] = gathered.result()
-    except FluxServeError as e:
-        yield error_event(e)
-        return
-    except Exception as e:  # noqa: BLE001  (reported as an `error` event, logged above)
-        yield error_event(e)
+    except Exception as e:  # noqa: BLE001  (an `error` event; public_error logs the exception)
+        yield error_event(e, state)
         return
     finally:
         # Client gone (this generator cancelled) or one image failed: stop the others in Triton.

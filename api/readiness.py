@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
 
 from client.contract import CLASSIFY, GENERATE, GENERATE_LIMITS
 from client.errors import FluxServeError, ModelFailedError
@@ -25,6 +26,21 @@ from client.triton_client import AsyncTritonClient
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "readiness probe"
+
+
+class NotReady(StrEnum):
+    """Why /readyz answers 503: the fixed vocabulary the public body uses."""
+
+    SHUTTING_DOWN = "shutting_down"
+    """The facade is stopping."""
+    TRITON_UNAVAILABLE = "triton_unavailable"
+    """Triton does not answer, or is up but not ready (starting, stopping)."""
+    MODEL_NOT_READY = "model_not_ready"
+    """Triton does not report the model ready (loading, unloaded, unknown)."""
+    MODEL_FAILED = "model_failed"
+    """A stub process of the model (or of a component it calls) died; it is being reloaded."""
+    PROBE_FAILED = "probe_failed"
+    """Triton says ready, but no recent inference through the model succeeded."""
 
 
 class Readiness:
@@ -37,6 +53,7 @@ class Readiness:
         self._failed: dict[str, str] = {}
         self._recovering: dict[str, asyncio.Task[None]] = {}
         self._probing: dict[str, asyncio.Future[bool]] = {}
+        self._reported: dict[str, NotReady] | None = None
 
     def served(self, model: str) -> None:
         """A real request through `model` succeeded."""
@@ -94,13 +111,31 @@ class Readiness:
             probe.add_done_callback(lambda _: self._probing.pop(model, None))
         return await asyncio.shield(self._probing[model])
 
-    async def check(self, models: Sequence[str]) -> tuple[bool, dict[str, str]]:
-        """(ready, {model: why not}) for /readyz."""
-        if not await self.triton.is_ready(models):
-            return False, {m: "Triton or the model is not ready" for m in models}
-        problems = {m: f"recovering: {why}" for m, why in self._failed.items()}
-        problems |= {m: "reloading" for m in self._recovering if m not in problems}
+    async def check(self, models: Sequence[str]) -> dict[str, NotReady]:
+        """{model: why it is not ready} for /readyz; empty when every model is ready. The details
+        behind a reason (a stub's last words, a probe's error) are logged, not returned."""
+        if not await self.triton.is_ready(()):
+            return dict.fromkeys(models, NotReady.TRITON_UNAVAILABLE)
+        problems: dict[str, NotReady] = {}
+        failed = set(self._failed) | set(self._recovering)
+        for model in models:
+            # A failed component (not itself a required model) may serve any of them.
+            if model in failed or failed - set(models):
+                problems[model] = NotReady.MODEL_FAILED
+            elif not await self.triton.is_ready((model,)):
+                problems[model] = NotReady.MODEL_NOT_READY
         for model in models:
             if not problems and not await self.proven(model):
-                problems[model] = "probe inference failed"
-        return not problems, problems
+                problems[model] = NotReady.PROBE_FAILED
+        return problems
+
+    def report(self, problems: Mapping[str, NotReady]) -> None:
+        """Log readiness when it changes (/readyz is polled every few seconds)."""
+        if problems == self._reported:
+            return
+        self._reported = dict(problems)
+        if not problems:
+            log.info("ready")
+            return
+        failed = f" (failed: {self._failed})" if self._failed else ""
+        log.warning("not ready: %s%s", {m: str(why) for m, why in problems.items()}, failed)

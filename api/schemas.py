@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from client.contract import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
 
@@ -60,13 +60,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]},
-    )
+class GenerateOptions(BaseModel):
+    """/generate's options without the prompt, with their bounds and checks: /chat's `generate`
+    takes exactly this model, so the two can never validate differently."""
 
-    prompt: Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
+    model_config = ConfigDict(extra="forbid")
+
     width: Annotated[
         int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
     ] = GENERATE_DEFAULTS.width
@@ -82,11 +81,20 @@ class GenerateRequest(BaseModel):
     output_format: OutputFormat = "png"
 
     @model_validator(mode="after")
-    def _seeds_fit(self) -> GenerateRequest:
+    def _seeds_fit(self) -> GenerateOptions:
         # Image i uses seed + i, which must still fit the INT64 seed tensor.
         if self.seed is not None and self.seed + self.num_images - 1 > GENERATE_LIMITS.max_seed:
             raise ValueError(f"seed + num_images - 1 must be at most {GENERATE_LIMITS.max_seed}")
         return self
+
+
+class GenerateRequest(GenerateOptions):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]},
+    )
+
+    prompt: Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
 
 
 class GenerateResponse(BaseModel):
@@ -97,14 +105,6 @@ class GenerateResponse(BaseModel):
     output_format: str
     timings: dict[str, float]
 
-
-# /chat: one call per chat message. The generation options are /generate's, minus the prompt
-# (which comes from the message), with the same bounds.
-ChatGenerateOptions = create_model(
-    "ChatGenerateOptions",
-    __config__=ConfigDict(extra="forbid"),
-    **{name: (f.annotation, f) for name, f in GenerateRequest.model_fields.items() if name != "prompt"},
-)
 
 ChatKind = Literal["image", "conversation", "uncertain"]
 
@@ -120,7 +120,9 @@ class ChatRequest(BaseModel):
     )
 
     message: Text
-    generate: ChatGenerateOptions | None = None  # type: ignore[valid-type]
+    generate: GenerateOptions | None = Field(
+        default=None, description="/generate's options (the prompt comes from the message), with the same checks"
+    )
 
 
 class ChatResponse(BaseModel):

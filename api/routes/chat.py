@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from api.event_stream import error_event, event, generation_events, wants_event_stream
@@ -44,8 +45,17 @@ async def classify_message(state: AppState, message: str) -> ClassifyResult:
 
 
 def generation_request(body: ChatRequest) -> GenerateRequest:
+    """The /generate request this message makes. The options were checked as /generate checks
+    them; a prompt /generate would refuse is an InvalidInputError (422, or an `error` event)."""
     options = body.generate.model_dump() if body.generate is not None else {}
-    return GenerateRequest(prompt=image_prompt(body.message), **options)
+    try:
+        return GenerateRequest(prompt=image_prompt(body.message), **options)
+    except ValidationError as e:
+        details = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'generate'}: {str(err['msg']).removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
+        raise InvalidInputError(f"the message cannot be generated from: {details}") from None
 
 
 @router.post("/chat", response_model=ChatResponse, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
@@ -66,18 +76,18 @@ async def chat_events(body: ChatRequest, state: AppState) -> AsyncIterator[dict[
     try:
         classification = await classify_message(state, body.message)
     except FluxServeError as e:
-        yield error_event(e)
+        yield error_event(e, state)
         return
     kind = chat_kind(classification)
     yield event("classification", {"kind": kind, "classification": classification.model_dump()})
     if kind != "image":
         return
-    gen = generation_request(body)
-    seed = gen.seed if gen.seed is not None else random_seed()
     try:
+        gen = generation_request(body)
+        seed = gen.seed if gen.seed is not None else random_seed()
         prompt = with_trigger(gen.prompt, await state.trigger_word(), state.settings.add_trigger_word)
     except FluxServeError as e:
-        yield error_event(e)
+        yield error_event(e, state)
         return
     async for item in generation_events(state, gen, prompt, seed):
         yield item
