@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from api.auth import load_keyring
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
+from api.host_check import HostCheckMiddleware, allowed_hosts
 from api.job_liveness import reap_forever
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
@@ -24,6 +25,7 @@ from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from api.shedding import EarlyShedMiddleware
 from api.state import AppState
+from common.secret_strength import SecretConfigError
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
 
@@ -80,6 +82,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         queues={"/classify": lambda a: a.classify, "/generate": lambda a: a.generate},
     )
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    # Host allow-list (DNS rebinding) before any work, inside metrics so refusals are counted.
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
@@ -130,6 +134,9 @@ def main() -> None:
         serve(ApiSettings())
     except KeyboardInterrupt:  # uvicorn re-raises the stop signal after a clean shutdown
         pass
+    except SecretConfigError as e:  # the message names the variable or file to fix: no traceback
+        log.error("not starting: %s", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.host_check import LOOPBACK_HOSTS
 from client.contract import DEFAULT_TRIGGER_WORD, ENDPOINTS
 from client.facade_client import KEY_FILE
 from common.paths import PROJECT_ROOT
@@ -21,8 +23,8 @@ class ApiSettings(BaseSettings):
     port: int = ENDPOINTS.api_port
     triton_grpc_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
     triton_metrics_url: str | None = f"http://{ENDPOINTS.host}:{ENDPOINTS.triton_metrics_port}/metrics"
-    """Triton's metrics, read at each /metrics scrape for the prompt cache's counters (api/triton_metrics.py);
-    unset (empty) to leave them out."""
+    """Triton's metrics, read at each /metrics scrape that presents the operator key for the prompt cache's
+    counters (api/triton_metrics.py; without the key /metrics leaves them out); unset (empty) to never read them."""
     triton_metrics_timeout_s: float = 1.0
     classify_timeout_s: float = 10.0
     classify_calls_inflight: int = Field(2, ge=0)
@@ -51,9 +53,23 @@ class ApiSettings(BaseSettings):
     """FLUXSERVE_API_KEYS: operator keys, comma-separated, each `key` or `name:key` (the name is
     recorded as a job's owner). Several at once allow rotation. Unset: the key file below."""
     key_file: Path = DEFAULT_KEY_FILE
-    """Read when FLUXSERVE_API_KEYS is unset; `make up` creates it (mode 0600) when missing."""
+    """Read when FLUXSERVE_API_KEYS is unset; `make up` creates it (mode 0600) when missing. A file that
+    group or others may read is refused (the facade does not start)."""
+    auth_failure_burst: int = Field(10, ge=1)
+    """Wrong operator keys a client (IP address, IPv6 /64) may present at once before it is answered 429."""
+    auth_failure_refill_s: float = Field(6.0, gt=0)
+    """After the burst, one more wrong key every this many seconds (api/auth_limit.py)."""
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = LOOPBACK_HOSTS
+    """FLUXSERVE_API_ALLOWED_HOSTS: comma-separated names the Host header may carry (any port); others get
+    400 (api/host_check.py: DNS rebinding). The bind address, when it is one address, is always allowed;
+    `*` switches the check off."""
     require_key_for_inference: bool = False
     """Require the operator key on /classify and /generate too (they are open by default: loopback)."""
     max_json_body_bytes: int = Field(1024 * 1024, gt=0)
     """Largest request body on every route but POST /train (whose limit is FLUXSERVE_JOBS_MAX_UPLOAD_BYTES);
     a larger declared Content-Length is refused with 413 before any of it is read."""
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return tuple(p.strip() for p in value.split(",") if p.strip()) if isinstance(value, str) else value

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from api.admission import Admission, AdmissionSettings, deployed_model_facts
+from api.auth_limit import FailedAuthLimiter
 from api.classify_batcher import ClassifyBatcher
 from api.metrics import ApiMetrics
 from api.readiness import Readiness
@@ -57,6 +58,8 @@ class AppState:
     metrics: ApiMetrics
     keyring: KeyRing
     """The operator keys (api.auth): required on /train, and on inference when configured."""
+    auth_failures: FailedAuthLimiter = field(init=False)
+    """Wrong operator keys per client (api.auth_limit), built from the settings."""
     thresholds: VersionedParameter = field(
         default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER)
     )
@@ -72,6 +75,9 @@ class AppState:
     stopping: asyncio.Event | None = None
     """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
     _loop: asyncio.AbstractEventLoop | None = None
+
+    def __post_init__(self) -> None:
+        self.auth_failures = FailedAuthLimiter(self.settings.auth_failure_burst, self.settings.auth_failure_refill_s)
 
     async def open(self) -> None:
         s = self.settings

@@ -191,13 +191,11 @@ def _raw_request(url: str, head: str, body: Iterator[bytes]) -> tuple[int, float
 
 
 def _declared(path: str, extra: str = "") -> str:
-    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {BIG}\r\n{extra}\r\n"
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {BIG}\r\n{extra}\r\n"
 
 
 def _chunked(path: str, content_type: str = "application/json", extra: str = "") -> str:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
-    )
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n"
 
 
 def _chunks(total: int, size: int = MiB, first: bytes = b"") -> Iterator[bytes]:

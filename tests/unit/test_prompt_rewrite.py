@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import re
+import time
+
 import pytest
 
-from api.prompt_rewrite import image_prompt
+from api.prompt_rewrite import _without_tail, image_prompt
 
 
 @pytest.mark.parametrize(
@@ -49,3 +53,22 @@ def test_request_words_inside_the_prompt_stay() -> None:
     assert (
         image_prompt("make a painting of a man who paints a picture of a dog") == "a man who paints a picture of a dog"
     )
+
+
+def test_tail_rule_is_the_old_regex_in_one_pass() -> None:
+    # The rule it replaces, as a regex; equal on every string over the characters that matter.
+    old = re.compile(r"(?:[\s,]+please)?[\s?!.]*$", re.IGNORECASE)
+    rng = random.Random(26)
+    alphabet = [*" \n\t\u00a0,?!.xpleas", "PLEASE", "please", "\u017f"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert _without_tail(text) == old.sub("", text), repr(text)
+
+
+def test_long_whitespace_runs_take_linear_time() -> None:
+    # The old regex took ~60 ms for 2,000 characters and grew with the square (minutes here).
+    message = "make a picture of a fox" + " " * 100_000 + "in snow" + " ," * 50_000 + "please?"
+    started = time.perf_counter()
+    prompt = image_prompt(message)
+    assert time.perf_counter() - started < 0.5
+    assert prompt.startswith("a fox") and prompt.endswith("in snow")
