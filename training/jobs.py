@@ -7,7 +7,10 @@
 * The queue is huey: `SqliteHuey` by default (embedded, no server), `RedisHuey` when
   FLUXSERVE_JOBS_REDIS_URL is set; Redis messages are signed (FLUXSERVE_JOBS_QUEUE_SECRET).
 
-A job's life: new -> queued -> running -> succeeded | failed | cancelled.
+A job's life: new -> queued -> running -> succeeded | failed | cancelled. A finished job's record
+is final: no write changes it any more (`NEXT` lists the only moves; every write goes through one
+guarded transaction), so a worker that finishes a job the reaper already failed cannot turn it
+into `succeeded`, nor anyone move it back to running.
 
 * `new`: the record exists but its queue message may not yet. It is invisible to the API, and it
   only becomes `queued` after the message is enqueued; a `new` record older than
@@ -53,6 +56,13 @@ log = logging.getLogger(__name__)
 JobStatus = Literal["new", "queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 WAITING: frozenset[str] = frozenset({"new", "queued"})
+NEXT: dict[str, frozenset[str]] = {
+    "new": frozenset({"queued", "running", "failed", "cancelled"}),
+    "queued": frozenset({"running", "failed", "cancelled"}),
+    "running": TERMINAL,
+    **{status: frozenset() for status in TERMINAL},
+}
+"""The statuses each status may change to (a worker may start a `new` job: its message exists)."""
 JobKind = Literal["flux_lora", "classifier"]
 WORKER_LOST = "worker lost: its worker stopped heartbeating while the job was running; resubmit it"
 NEVER_QUEUED = "never queued: the submission was interrupted before the job reached the queue; resubmit it"
@@ -152,9 +162,6 @@ class JobStore(ABC):
         """Newest first, `new` records excluded."""
 
     @abstractmethod
-    def update(self, job_id: str, **values: Any) -> None: ...
-
-    @abstractmethod
     def delete(self, job_id: str) -> None: ...
 
     @abstractmethod
@@ -167,6 +174,41 @@ class JobStore(ABC):
     def alive_workers(self) -> list[str]: ...
 
     # -- the state machine --------------------------------------------------------------
+    def _change(self, job_id: str, decide: Callable[[Job], dict[str, Any] | None]) -> tuple[Job | None, bool]:
+        """`_transact` with the one rule every write obeys: a finished record is never written
+        again, and a status only moves along `NEXT`. Returns (the job after, whether written)."""
+        written = [False]
+
+        def guarded(job: Job) -> dict[str, Any] | None:
+            written[0] = False  # Redis runs this again when a concurrent write won: the last call counts
+            values = decide(job)
+            if not values:
+                return None
+            status = values.get("status", job.status)
+            if job.status in TERMINAL or (status != job.status and status not in NEXT[job.status]):
+                log.warning("job %s is %s: refused to write %s", job.id, job.status, sorted(values))
+                return None
+            written[0] = True
+            return values
+
+        return self._transact(job_id, guarded), written[0]
+
+    def update(self, job_id: str, **values: Any) -> bool:
+        """Write `values` (progress, result, or a status along `NEXT`); False when refused because
+        the job is finished (or there is no such job)."""
+        return self._change(job_id, lambda _: values)[1]
+
+    def finish(self, job_id: str, worker_id: str, status: str, **values: Any) -> bool:
+        """running on `worker_id` -> `status` (succeeded, failed or cancelled) with `values`. False
+        when the job is not that worker's running job any more: the reaper failed it (the worker
+        was taken for lost), and that outcome stands."""
+        assert status in TERMINAL, status
+
+        def decide(j: Job) -> dict[str, Any] | None:
+            return {"status": status, **values} if j.status == "running" and j.worker == worker_id else None
+
+        return self._change(job_id, decide)[1]
+
     def create(self, kind: str, params: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
         now = time.time()
         job = Job(
@@ -191,14 +233,14 @@ class JobStore(ABC):
 
     def mark_queued(self, job_id: str) -> None:
         """new -> queued, after the queue message was sent (a worker may already run it)."""
-        self._transact(job_id, lambda j: {"status": "queued"} if j.status == "new" else None)
+        self._change(job_id, lambda j: {"status": "queued"} if j.status == "new" else None)
 
     def waiting(self) -> int:
         return sum(j.status in WAITING for j in self._unfinished())
 
     def start(self, job_id: str, worker_id: str) -> bool:
         """new/queued -> running on `worker_id`, atomically; False when cancelled or already taken."""
-        started = self._transact(
+        started, _ = self._change(
             job_id,
             lambda j: {"status": "running", "worker": worker_id, "phase": "training"} if j.status in WAITING else None,
         )
@@ -206,13 +248,13 @@ class JobStore(ABC):
 
     def begin_publish(self, job_id: str) -> bool:
         """running -> publishing unless a cancel was requested first (then False)."""
-        job = self._transact(
+        job, _ = self._change(
             job_id, lambda j: {"phase": "publishing"} if j.status == "running" and not j.cancel_requested else None
         )
         return job is not None and job.phase == "publishing"
 
     def end_publish(self, job_id: str) -> None:
-        self._transact(job_id, lambda j: {"phase": "published"} if j.phase == "publishing" else None)
+        self._change(job_id, lambda j: {"phase": "published"} if j.phase == "publishing" else None)
 
     def cancel(self, job_id: str) -> tuple[Job | None, CancelOutcome]:
         """A waiting job is cancelled now; a training one is flagged to stop at its next step; a
@@ -232,12 +274,14 @@ class JobStore(ABC):
             outcome[0] = "finished"
             return None
 
-        job = self._transact(job_id, decide)
+        job, _ = self._change(job_id, decide)
         return job, outcome[0]
 
     def cancel_requested(self, job_id: str) -> bool:
+        """The trainer's "stop now": a cancel was asked for, or the record is already final (the
+        reaper failed the job, or it is gone), so nothing more of this run could be recorded."""
         job = self._get(job_id)
-        return bool(job and job.cancel_requested)
+        return job is None or job.cancel_requested or job.status in TERMINAL
 
     def reap(self) -> list[Job]:
         """Fail running jobs whose worker is lost and `new` records never enqueued; returns them
@@ -258,7 +302,7 @@ class JobStore(ABC):
                     return {"status": "failed", "error": NEVER_QUEUED} if j.status == "new" else None
             else:
                 continue
-            after = self._transact(job.id, decide)
+            after, _ = self._change(job.id, decide)
             if after is not None and after.status == "failed":
                 log.warning("job %s: %s", job.id, after.error)
                 failed.append(after)
@@ -375,10 +419,6 @@ class SqliteJobStore(JobStore):
                 "SELECT * FROM jobs WHERE status != 'new' ORDER BY created_unix DESC LIMIT ?", (limit,)
             ).fetchall()
         return [self._row(r) for r in rows]
-
-    def update(self, job_id: str, **values: Any) -> None:
-        with self._lock, self._conn() as conn:
-            self._set(conn, job_id, values)
 
     def delete(self, job_id: str) -> None:
         with self._lock, self._conn() as conn:

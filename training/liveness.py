@@ -1,9 +1,10 @@
 """Keeping the job store truthful: worker heartbeats, the reaper, and retention of job folders.
 
-Every worker runs a `Heartbeat` thread: it beats every `heartbeat_interval_s`, reaps (fails the
-running jobs of workers whose heartbeat is older than `worker_timeout_s`, and `new` records that
-were never enqueued) and, now and then, deletes the folders of jobs finished longer than
-`retention_s` ago and the ONNX exports no served version links any more (export.retention).
+Every worker runs a `Heartbeat` thread that only beats, every `heartbeat_interval_s`, and a
+housekeeping thread beside it that reaps (fails the running jobs of workers whose heartbeat is
+older than `worker_timeout_s`, and `new` records that were never enqueued) and, now and then,
+deletes the folders of jobs finished longer than `retention_s` ago and the ONNX exports no served
+version links any more (export.retention).
 The facade reaps too (api.job_liveness), so the job of a worker killed while
 it was the only one still ends `failed`.
 """
@@ -20,11 +21,19 @@ from training.jobs import TERMINAL, Job, JobSettings, JobStore, new_worker_id
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 600.0
+HOUSEKEEPING_STOP_WAIT_S = 5.0
+"""On exit, how long the worker waits for a housekeeping round to end (a reload after recovering
+a dead peer's publish can take minutes: it is left to die with the process)."""
 
 
 class Heartbeat:
     """A worker's liveness, as a context manager: beats from entry (synchronously, so the worker
-    counts as alive before it takes a job) until exit, when the worker is forgotten at once."""
+    counts as alive before it takes a job) until exit, when the worker is forgotten at once.
+
+    The beat has a thread of its own that does nothing else: housekeeping (`housekeeping=True`:
+    reaping, which may roll back a dead peer's publish and reload models for minutes, and the
+    retention sweep) runs on a second thread, so however long it takes, this worker keeps
+    beating and its running job is not failed as "worker lost"."""
 
     def __init__(
         self, store: JobStore, settings: JobSettings, worker_id: str | None = None, housekeeping: bool = False
@@ -34,18 +43,28 @@ class Heartbeat:
         self.housekeeping = housekeeping
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._chores = threading.Thread(target=self._run_housekeeping, name="housekeeping", daemon=True)
         self._last_prune = 0.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 self.store.heartbeat(self.worker_id)
-                if self.housekeeping:
-                    reap(self.store, self.settings)
-                    if time.monotonic() - self._last_prune > PRUNE_INTERVAL_S:
-                        self._prune()
             except Exception:  # the store being briefly unreachable must not end the heartbeat
                 log.exception("heartbeat failed")
+
+    def _run_housekeeping(self) -> None:
+        first = True
+        while first or not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                reaped = reap(self.store, self.settings)
+                if reaped and first:
+                    log.warning("failed %d job(s) of lost workers", len(reaped))
+                if time.monotonic() - self._last_prune > PRUNE_INTERVAL_S or first:
+                    self._prune()
+            except Exception:  # as for the beat: the next round tries again
+                log.exception("housekeeping failed")
+            first = False
 
     def _prune(self) -> None:
         from export.flux.settings import FluxSettings
@@ -57,17 +76,16 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         self.store.heartbeat(self.worker_id)
-        if self.housekeeping:
-            reaped = reap(self.store, self.settings)
-            if reaped:
-                log.warning("failed %d job(s) of lost workers", len(reaped))
-            self._prune()
         self._thread.start()
+        if self.housekeeping:
+            self._chores.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._chores.is_alive():
+            self._chores.join(HOUSEKEEPING_STOP_WAIT_S)
         try:
             self.store.forget_worker(self.worker_id)
         except Exception:

@@ -105,11 +105,6 @@ class RedisJobStore(JobStore):
             jobs += [j for j in found if j is not None and j.status != "new"]
         return jobs[:limit]
 
-    def update(self, job_id: str, **values: Any) -> None:
-        with self.r.pipeline() as pipe:
-            self._write(pipe, job_id, values)
-            pipe.execute()
-
     def delete(self, job_id: str) -> None:
         with self.r.pipeline() as pipe:
             pipe.delete(self._key(job_id))

@@ -190,16 +190,26 @@ def _run_job(settings: JobSettings, store: JobStore, job_id: str, worker_id: str
     try:
         result = RUNNERS[job.kind](settings, store, job_id, job.params)
     except InterruptedError:
-        store.update(job_id, status="cancelled", error="cancelled by request")
-        log.info("job %s cancelled", job_id)
+        outcome = "cancelled", {"error": "cancelled by request"}
     except PublishError as e:
-        store.update(job_id, status="failed", result=e.result, error=f"training succeeded but publishing failed: {e}")
+        outcome = "failed", {"result": e.result, "error": f"training succeeded but publishing failed: {e}"}
     except Exception as e:
         log.exception("job %s failed", job_id)
-        store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+        outcome = "failed", {"error": f"{type(e).__name__}: {e}"}
     else:
-        store.update(job_id, status="succeeded", result=result)
-        log.info("job %s succeeded", job_id)
+        outcome = "succeeded", {"result": result}
+    status, values = outcome
+    if store.finish(job_id, worker_id, status, **values):
+        log.info("job %s %s", job_id, status)
+    else:  # the reaper took this worker for lost and failed the job meanwhile: that record stands
+        after = store.record(job_id)
+        log.warning(
+            "job %s ended %s here, but its record is already %s (%s); not overwritten",
+            job_id,
+            status,
+            after.status if after else "gone",
+            after.error if after else "",
+        )
 
 
 def register_tasks(huey: Huey, settings: JobSettings, worker_id: str | None = None) -> Callable[[str], Any]:

@@ -129,3 +129,84 @@ def test_finished_job_folders_are_pruned_after_retention(make_store, tmp_path: P
     assert sorted(prune_job_folders(settings, store, now=later)) == sorted([done.id, "orphan-upload"])
     assert (settings.jobs_dir / running.id / "model.onnx").exists()
     assert store.get(done.id).status == "succeeded"  # the record stays
+
+
+# A finished job's record is final: a worker that finishes a job the reaper already failed cannot
+# turn it into `succeeded`, and no write moves a succeeded, failed or cancelled job anywhere else.
+STATUSES = ("new", "queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("cancelled", "failed", "succeeded")
+
+
+def _running(store: JobStore, worker: str = "w") -> str:
+    job = store.create("classifier", {})
+    store.mark_queued(job.id)
+    assert store.start(job.id, worker)
+    return job.id
+
+
+def test_a_job_failed_as_worker_lost_stays_failed_when_its_worker_finishes(make_store) -> None:
+    store = make_store()
+    job_id = _running(store, "busy")  # "busy" never heartbeats here: the reaper takes it for lost
+    assert [j.id for j in store.reap()] == [job_id]
+    assert store.cancel_requested(job_id)  # the trainer's next step check stops it
+
+    # The worker comes back with its outcome: refused, whatever the route.
+    assert store.finish(job_id, "busy", "succeeded", result={"model_version": "7"}) is False
+    assert store.update(job_id, status="succeeded", result={"model_version": "7"}) is False
+    assert store.update(job_id, progress={"step": 9}) is False
+    assert store.start(job_id, "other") is False
+    store.mark_queued(job_id)
+    assert store.cancel(job_id)[1] == "finished"
+    job = store.get(job_id)
+    assert (job.status, job.error, job.result, job.progress) == ("failed", WORKER_LOST, {}, {})
+    assert store.waiting() == 0 and store.reap() == []
+
+
+@pytest.mark.parametrize("final", FINAL)
+def test_every_finished_status_is_final(make_store, final: str) -> None:
+    store = make_store()
+    job_id = _running(store)
+    assert store.finish(job_id, "w", final, error=None if final == "succeeded" else "x")
+    written = store.get(job_id).updated_unix
+    for status in STATUSES:
+        assert store.update(job_id, status=status) is False
+    for status in FINAL:
+        assert store.finish(job_id, "w", status) is False
+    assert (store.get(job_id).status, store.get(job_id).updated_unix) == (final, written)  # nothing written
+
+
+def test_only_the_running_worker_finishes_its_job(make_store) -> None:
+    store = make_store()
+    job_id = _running(store, "mine")
+    assert store.finish(job_id, "someone-else", "succeeded") is False
+    assert store.get(job_id).status == "running"
+    assert store.finish(job_id, "mine", "succeeded", result={"ok": True})
+    assert (store.get(job_id).status, store.get(job_id).result) == ("succeeded", {"ok": True})
+
+
+def test_the_reaper_and_a_finishing_worker_race_to_one_outcome(make_store) -> None:
+    """Both at once, many times: exactly one wins, and the other's write never lands after it."""
+    store = make_store()
+    for _ in range(10):
+        job_id = _running(store, "racing")
+        barrier = threading.Barrier(2)
+        finished: list[bool] = []
+
+        def finish() -> None:
+            barrier.wait()
+            finished.append(store.finish(job_id, "racing", "succeeded", result={"v": 1}))
+
+        def reap() -> None:
+            barrier.wait()
+            store.reap()
+
+        threads = [threading.Thread(target=finish), threading.Thread(target=reap)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        job = store.get(job_id)
+        if finished == [True]:
+            assert (job.status, job.result) == ("succeeded", {"v": 1})
+        else:
+            assert (job.status, job.error, job.result) == ("failed", WORKER_LOST, {})

@@ -4,6 +4,7 @@ heartbeats and the reaper: tests/integration/test_job_store.py.)"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,65 @@ def test_update_keeps_json_fields_and_lists_newest_first(store: JobStore) -> Non
     assert (job.params, job.progress, job.result) == ({"a": 1}, {"step": 3}, {"x": [1, 2]})
     assert [j.id for j in store.list(10)] == [second, first]
     assert store.get("no-such-job") is None
+
+
+def test_a_job_the_reaper_failed_meanwhile_is_not_turned_into_succeeded(store: JobStore, monkeypatch) -> None:
+    """The worker was taken for lost while it ran (its job failed "worker lost"), then finishes:
+    the failed record stands; the run's outcome is only logged."""
+    from training import tasks
+    from training.jobs import WORKER_LOST
+
+    def runner(settings: JobSettings, store_: JobStore, job_id: str, params: dict) -> dict:
+        assert [j.id for j in store_.reap()] == [job_id]  # "w" never heartbeats: lost, to the reaper
+        return {"model_version": "2"}
+
+    monkeypatch.setitem(tasks.RUNNERS, "classifier", runner)
+    job_id = queued(store)
+    tasks._run_job(store.settings, store, job_id, "w")
+    job = store.get(job_id)
+    assert (job.status, job.error, job.result) == ("failed", WORKER_LOST, {})
+
+
+class CountingStore(SqliteJobStore):
+    def __init__(self, settings: JobSettings) -> None:
+        super().__init__(settings)
+        self.beats = 0
+        self.beat = threading.Condition()
+
+    def heartbeat(self, worker_id: str) -> None:
+        super().heartbeat(worker_id)
+        with self.beat:
+            self.beats += 1
+            self.beat.notify_all()
+
+
+def test_a_worker_keeps_beating_while_its_housekeeping_is_stuck(tmp_path: Path, monkeypatch) -> None:
+    """Housekeeping (here a reap stuck as a model reload after a dead peer's publish would be)
+    runs beside the beat, not in it: the worker stays alive, and its running job is not reaped."""
+    from training import liveness
+
+    settings = JobSettings(jobs_dir=tmp_path, heartbeat_interval_s=0.02, worker_timeout_s=0.3)
+    store = CountingStore(settings)
+    stuck, release = threading.Event(), threading.Event()
+
+    def slow_reap(store_: JobStore, settings_: JobSettings) -> list:
+        stuck.set()
+        release.wait(10)  # bounded, so the old code (reaping on the beat's thread) fails, not hangs
+        return []
+
+    monkeypatch.setattr(liveness, "reap", slow_reap)
+    monkeypatch.setattr(liveness.Heartbeat, "_prune", lambda self: None)  # no sweep of real folders
+    try:
+        with liveness.Heartbeat(store, settings, housekeeping=True) as beat:
+            job_id = queued(store)
+            assert store.start(job_id, beat.worker_id)
+            assert stuck.wait(10)
+            # Beats over several worker timeouts while housekeeping stays stuck.
+            with store.beat:
+                target = store.beats + int(4 * settings.worker_timeout_s / settings.heartbeat_interval_s)
+                assert store.beat.wait_for(lambda: store.beats >= target, timeout=5), store.beats
+            assert not release.is_set() and beat.worker_id in store.alive_workers()
+            assert store.reap() == [] and store.get(job_id).status == "running"
+            release.set()  # before the exit, which waits a little for housekeeping to end
+    finally:
+        release.set()
