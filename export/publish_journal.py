@@ -44,6 +44,12 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)  # atomic: a reader sees the old journal or the new one, never half
 
 
+def uncommitted(repo: Path, name: str) -> bool:
+    """A publish of `name` began and has neither committed nor been rolled back: the model's
+    folder may hold versions that must not be served (runtime.repository_sync waits)."""
+    return _path(repo, name).exists()
+
+
 def read(repo: Path, name: str) -> dict | None:
     path = _path(repo, name)
     return json.loads(path.read_text()) if path.exists() else None
