@@ -129,7 +129,11 @@ def load_keyring(keys: str | None, key_file: Path | None) -> KeyRing:
         log.info("operator keys from %s: %s", KEYS_VARIABLE, ", ".join(ring.names))
         return ring
     if key_file is not None and key_file.is_file():
-        ring = KeyRing(parse_keys(read_private_file(key_file), str(key_file)))
+        try:
+            text = read_private_file(key_file)
+        except SecretConfigError as e:
+            raise KeyConfigError(str(e)) from None
+        ring = KeyRing(parse_keys(text, str(key_file)))
         log.info("operator key from %s (%s)", key_file, ", ".join(ring.names))
         return ring
     log.warning("no operator key configured (%s or %s): /train refuses every call", KEYS_VARIABLE, key_file)

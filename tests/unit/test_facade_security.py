@@ -64,6 +64,7 @@ def test_wrong_keys_get_429_with_retry_after_after_the_burst(caplog) -> None:
     app = app_with(auth_failure_burst=3, auth_failure_refill_s=20)
     clock = Clock()
     app.state.fluxserve.auth_failures = FailedAuthLimiter(3, 20, clock=clock)
+    caplog.clear()  # the start-up lines (which keys were loaded) are not about failures
     with caplog.at_level(logging.DEBUG):
         statuses = [
             call(app, "GET", "/train", headers=bearer("w" + secrets.token_hex(12))).status_code for _ in range(3)
