@@ -68,6 +68,11 @@ class ApiSettings(BaseSettings):
     max_json_body_bytes: int = Field(1024 * 1024, gt=0)
     """Largest request body on every route but POST /train (whose limit is FLUXSERVE_JOBS_MAX_UPLOAD_BYTES);
     a larger declared Content-Length is refused with 413 before any of it is read."""
+    max_concurrent_uploads: int = Field(4, ge=1)
+    """POST /train uploads this facade streams and validates at once; one more is answered 503 with
+    Retry-After before its body is read (each holds up to the upload limit on disk and a decode thread)."""
+    min_free_disk_mb: int = Field(1024, ge=0)
+    """POST /train answers 507 before reading the body while the jobs folder's filesystem has less free."""
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

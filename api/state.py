@@ -20,6 +20,7 @@ from api.metrics import ApiMetrics
 from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag
+from api.upload_gate import UploadSlots
 from client.contract import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient, ClassifyResult
 from training.jobs import JobSettings, JobStore
@@ -60,6 +61,8 @@ class AppState:
     """The operator keys (api.auth): required on /train, and on inference when configured."""
     auth_failures: FailedAuthLimiter = field(init=False)
     """Wrong operator keys per client (api.auth_limit), built from the settings."""
+    uploads: UploadSlots = field(default_factory=UploadSlots)
+    """POST /train uploads in progress (api.upload_gate), capped by max_concurrent_uploads."""
     thresholds: VersionedParameter = field(
         default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER)
     )

@@ -20,6 +20,9 @@ from starlette.requests import Request
 MAX_FIELD_BYTES = 1024
 """A text field (trigger word, a number) is short; anything longer is a mistake or an attack."""
 MAX_PARTS = 32
+MAX_PART_HEADER_BYTES = 2048
+"""All the headers of one part together (a Content-Disposition with a long file name fits)."""
+MAX_PART_HEADERS = 8
 
 
 class UploadError(Exception):
@@ -44,6 +47,7 @@ class _Receiver:
         self.file_field, self.dest, self.max_file_bytes, self.allowed = file_field, dest, max_file_bytes, allowed_fields
         self.result = MultipartUpload()
         self.parts = 0
+        self._header_bytes = 0
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._disposition: bytes | None = None
@@ -72,11 +76,20 @@ class _Receiver:
         if self.parts > MAX_PARTS:
             raise UploadError(f"at most {MAX_PARTS} form fields are accepted")
         self._disposition, self._name, self._buf = None, None, None
+        self._header_bytes = 0
+
+    def _count_header_bytes(self, n: int) -> None:
+        # Checked as the bytes arrive: a part header is held in memory until its line ends.
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise UploadError(f"the headers of a form part are longer than {MAX_PART_HEADER_BYTES} bytes", 400)
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_field += data[start:end]
 
     def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_value += data[start:end]
 
     def header_end(self) -> None:
@@ -136,7 +149,12 @@ async def receive_multipart(
         raise UploadError("the body must be multipart/form-data (a `dataset` zip file and form fields)", 415)
     receiver = _Receiver(file_field, dest, max_file_bytes, allowed_fields)
     try:
-        parser = MultipartParser(boundary, receiver.callbacks())
+        parser = MultipartParser(
+            boundary,
+            receiver.callbacks(),
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
         async for chunk in request.stream():
             # Disk writes of one network chunk (64 KiB) take microseconds: no thread hop needed.
             parser.write(chunk)

@@ -45,7 +45,7 @@ from typing import Any, Literal
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
 from huey.serializer import SignedSerializer
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import TRAIN_LIMITS
@@ -95,7 +95,10 @@ class JobSettings(BaseSettings):
     max_queued_jobs: int = 20
     """POST /train answers 503 while this many jobs wait."""
     retention_s: float = 7 * 24 * 3600.0
-    """Folders of finished jobs (datasets, checkpoints, ONNX exports) are deleted after this."""
+    """Finished jobs are deleted this long after they finished: the record and its folder (dataset,
+    checkpoints, ONNX exports), and unused ONNX exports untouched as long (training.retention)."""
+    max_finished_jobs: int = Field(1000, ge=0)
+    """At most this many finished jobs are kept (the newest); older ones go as if expired."""
     publish_lock_timeout_s: float = 3600.0
     """How long a publish waits for another one to finish before failing."""
 
@@ -163,6 +166,10 @@ class JobStore(ABC):
 
     @abstractmethod
     def delete(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def finished(self) -> list[tuple[str, float]]:
+        """(id, updated_unix) of every job in a terminal status, newest created first (retention)."""
 
     @abstractmethod
     def heartbeat(self, worker_id: str) -> None: ...
@@ -423,6 +430,15 @@ class SqliteJobStore(JobStore):
     def delete(self, job_id: str) -> None:
         with self._lock, self._conn() as conn:
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def finished(self) -> list[tuple[str, float]]:
+        marks = ", ".join("?" * len(TERMINAL))
+        with self._conn() as conn:
+            rows = conn.execute(
+                f"SELECT id, updated_unix FROM jobs WHERE status IN ({marks}) ORDER BY created_unix DESC",
+                tuple(TERMINAL),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def heartbeat(self, worker_id: str) -> None:
         with self._lock, self._conn() as conn:

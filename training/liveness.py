@@ -3,8 +3,8 @@
 Every worker runs a `Heartbeat` thread that only beats, every `heartbeat_interval_s`, and a
 housekeeping thread beside it that reaps (fails the running jobs of workers whose heartbeat is
 older than `worker_timeout_s`, and `new` records that were never enqueued) and, now and then,
-deletes the folders of jobs finished longer than `retention_s` ago and the ONNX exports no served
-version links any more (export.retention).
+sweeps what finished jobs and publishes left behind (training.retention: old job records with
+their folders, unused ONNX exports).
 The facade reaps too (api.job_liveness), so the job of a worker killed while
 it was the only one still ends `failed`.
 """
@@ -12,11 +12,10 @@ it was the only one still ends `failed`.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 
-from training.jobs import TERMINAL, Job, JobSettings, JobStore, new_worker_id
+from training.jobs import Job, JobSettings, JobStore, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,10 @@ class Heartbeat:
             first = False
 
     def _prune(self) -> None:
-        from export.flux.settings import FluxSettings
-        from export.retention import prune_unused_exports
+        from training.retention import sweep
 
         self._last_prune = time.monotonic()
-        prune_job_folders(self.settings, self.store)
-        prune_unused_exports(FluxSettings().build_dir / "export", self.settings.retention_s)
+        sweep(self.settings, self.store)
 
     def __enter__(self) -> Heartbeat:
         self.store.heartbeat(self.worker_id)
@@ -101,24 +98,3 @@ def reap(store: JobStore, settings: JobSettings) -> list[Job]:
 
         recover_and_reload(settings.model_repository, settings.triton_http_url)
     return reaped
-
-
-def prune_job_folders(settings: JobSettings, store: JobStore, now: float | None = None) -> list[str]:
-    """Delete the folders (dataset, checkpoints, ONNX exports) of jobs finished more than
-    `retention_s` ago, and folders with no job record (an upload refused or interrupted) as old.
-    A version the repository still serves keeps its files: they are hard links or copies."""
-    now = time.time() if now is None else now
-    cutoff = now - settings.retention_s
-    removed = []
-    if not settings.jobs_dir.is_dir():
-        return removed
-    for folder in settings.jobs_dir.iterdir():
-        if not folder.is_dir() or folder.stat().st_mtime > cutoff:
-            continue
-        job = store.record(folder.name)
-        if job is None or (job.status in TERMINAL and job.updated_unix < cutoff):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    if removed:
-        log.info("pruned %d job folder(s) older than %.0fs", len(removed), settings.retention_s)
-    return removed

@@ -24,6 +24,7 @@ from training.jobs import JOB_FIELDS, TERMINAL, Job, JobSettings, JobStore
 
 PREFIX = "fluxserve:jobs:"
 PUBLISH_LOCK_KEY = PREFIX + "publish-lock"
+FINISHED_PAGE = 500
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -111,6 +112,22 @@ class RedisJobStore(JobStore):
             pipe.zrem(PREFIX + "index", job_id)
             pipe.srem(PREFIX + "unfinished", job_id)
             pipe.execute()
+
+    def finished(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        start = 0
+        while ids := self.r.zrevrange(PREFIX + "index", start, start + FINISHED_PAGE - 1):
+            start += len(ids)
+            with self.r.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.hmget(self._key(i.decode()), "status", "updated_unix")
+                rows = pipe.execute()
+            for i, (status, updated) in zip(ids, rows, strict=True):
+                if status is None:  # an index entry whose record is gone: reported as long finished
+                    out.append((i.decode(), 0.0))
+                elif json.loads(status) in TERMINAL:
+                    out.append((i.decode(), float(json.loads(updated))))
+        return out
 
     def heartbeat(self, worker_id: str) -> None:
         ttl_ms = max(1, int(self.settings.worker_timeout_s * 1000))

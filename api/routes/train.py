@@ -30,6 +30,7 @@ from api.job_view import public_job
 from api.schemas import ErrorResponse
 from api.state import AppState, get_state
 from api.upload import UploadError, receive_multipart
+from api.upload_gate import refuse_upload, uploads_busy
 from client.contract import TRAIN_LIMITS
 from training.classifier_params import ClassifierJobParams
 from training.jobs import TERMINAL, JobSettings, job_dir
@@ -163,11 +164,24 @@ async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tup
     "/train",
     status_code=202,
     openapi_extra=_OPENAPI,
-    responses={**ERRORS, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}},
+    responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (400, 413, 415, 503, 507)}},
 )
 async def create_job(
     request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
 ) -> JSONResponse:
+    # Past the operator key (a router dependency, run first) and before the body is read: an
+    # upload this facade could not take now is refused without reading it (api.upload_gate).
+    limit = state.settings.max_concurrent_uploads
+    if not state.uploads.try_take(limit):
+        return uploads_busy(limit)
+    try:
+        refusal = await refuse_upload(state.jobs, state.job_settings, state.settings)
+        return refusal if refusal is not None else await _accept(request, state, owner)
+    finally:
+        state.uploads.release()
+
+
+async def _accept(request: Request, state: AppState, owner: str) -> JSONResponse:
     settings: JobSettings = state.job_settings
     job_id = uuid.uuid4().hex
     folder = job_dir(settings, job_id)
@@ -181,8 +195,9 @@ async def create_job(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    # A bad request is the caller's 4xx whatever our state; a good one that no worker could take
-    # (none alive, or the queue full) is a 503 with Retry-After rather than a job that waits forever.
+    # Checked again now that the upload is in: the queue may have filled (or the last worker died)
+    # while it streamed. A bad request was the caller's 4xx whatever our state; a good one that no
+    # worker could take is a 503 with Retry-After rather than a job that waits forever.
     refusal = await refuse_new_job(state.jobs, settings)
     if kind == "classifier" or refusal is not None:
         shutil.rmtree(folder, ignore_errors=True)  # a classifier job uploads nothing; the worker makes its own

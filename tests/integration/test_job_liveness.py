@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT, start_facade
+from tests.conftest import PROJECT_ROOT, TEST_API_KEY, start_facade
 from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
@@ -40,6 +42,23 @@ def submit(http: httpx.Client, epochs: int) -> httpx.Response:
     return http.post("/train", data={"kind": "classifier", "steps": str(epochs), "publish": "false", "seed": "0"})
 
 
+def _answer_without_sending_the_body(url: str) -> bytes:
+    """The head of the facade's answer to a POST /train that declares 64 MiB and `Expect:
+    100-continue`, then waits without sending any of it (`curl` does this for large uploads)."""
+    parts = urlsplit(url)
+    request = (
+        f"POST /train HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {TEST_API_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: {64 << 20}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    )
+    answer = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request.encode())
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer.partition(b"\r\n\r\n")[0]
+
+
 def test_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path: Path) -> None:
     env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), **LIVENESS_ENV}
     log = PROJECT_ROOT / "build" / "logs" / "test-liveness-worker.log"
@@ -50,6 +69,9 @@ def test_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path: Path) -> No
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["type"] == "no_worker" and int(refused.headers["Retry-After"]) > 0
             assert http.get("/train").json()["jobs"] == []  # nothing was created
+            # Refused before the body is read: a client that waits for `100 Continue` sends none of it.
+            head = _answer_without_sending_the_body(facade.url)
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after" in head.lower(), head
 
             with running_worker(env, log) as worker:
                 r = submit(http, 50)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from export.publish_lock import repository_lock
+from export.retention import MARKER
 from training.jobs import NEVER_QUEUED, WORKER_LOST, JobSettings, JobStore, SqliteJobStore
-from training.liveness import prune_job_folders
 from training.redis_jobs import RedisJobStore
+from training.retention import prune_exports, prune_finished_jobs, prune_orphan_folders, sweep
+from training.tasks import publish_lock
 
 pytestmark = pytest.mark.integration
 
@@ -112,23 +115,80 @@ def test_a_record_never_enqueued_is_failed_after_the_submit_timeout(make_store) 
     assert (failed.status, failed.error) == ("failed", NEVER_QUEUED)
 
 
-def test_finished_job_folders_are_pruned_after_retention(make_store, tmp_path: Path) -> None:
+def _finished_job(store: JobStore, status: str = "succeeded") -> str:
+    job = store.create("classifier", {})
+    store.mark_queued(job.id)
+    store.start(job.id, "w")
+    store.update(job.id, status=status)
+    return job.id
+
+
+def _folder(settings: JobSettings, name: str) -> Path:
+    folder = settings.jobs_dir / name
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"x")
+    return folder
+
+
+def test_finished_jobs_are_deleted_with_their_folders_after_retention(make_store) -> None:
     store = make_store(retention_s=3600.0)
-    done, running = store.create("classifier", {}), store.create("classifier", {})
-    store.mark_queued(done.id)
-    store.mark_queued(running.id)
-    store.start(done.id, "w")
-    store.start(running.id, "w")
-    store.update(done.id, status="succeeded")
     settings = store.settings
-    for j in (done.id, running.id, "orphan-upload"):
-        (settings.jobs_dir / j).mkdir(parents=True)
-        (settings.jobs_dir / j / "model.onnx").write_bytes(b"x")
-    assert prune_job_folders(settings, store) == []  # all younger than the retention
+    done, failed = _finished_job(store), _finished_job(store, "failed")
+    running = store.create("classifier", {})
+    store.mark_queued(running.id)
+    store.start(running.id, "w")
+    queued, new = store.create("classifier", {}), store.create("classifier", {})
+    store.mark_queued(queued.id)
+    kept = [running.id, queued.id, new.id]
+    for name in (done, failed, *kept, "orphan-upload"):
+        _folder(settings, name)
+    # Younger than the retention: nothing goes.
+    assert prune_finished_jobs(settings, store) == [] and prune_orphan_folders(settings, store) == []
     later = time.time() + 2 * 3600
-    assert sorted(prune_job_folders(settings, store, now=later)) == sorted([done.id, "orphan-upload"])
-    assert (settings.jobs_dir / running.id / "model.onnx").exists()
-    assert store.get(done.id).status == "succeeded"  # the record stays
+    assert sorted(prune_finished_jobs(settings, store, now=later)) == sorted([done, failed])
+    assert store.record(done) is None and store.record(failed) is None  # the records go too
+    assert not (settings.jobs_dir / done).exists() and not (settings.jobs_dir / failed).exists()
+    assert prune_orphan_folders(settings, store, now=later) == ["orphan-upload"]
+    # Unfinished jobs stay whatever their age, records and folders.
+    assert [store.record(j).status for j in kept] == ["running", "queued", "new"]
+    assert all((settings.jobs_dir / j / "model.onnx").exists() for j in kept)
+    assert sorted(j.id for j in store.list()) == sorted([running.id, queued.id])
+    assert store.finished() == []
+
+
+def test_only_the_newest_finished_jobs_are_kept(make_store) -> None:
+    store = make_store(max_finished_jobs=2)
+    running = store.create("classifier", {})  # the oldest: never counted, never deleted
+    store.mark_queued(running.id)
+    store.start(running.id, "w")
+    finished = [_finished_job(store, status) for status in ("succeeded", "failed", "cancelled", "succeeded")]
+    for job_id in finished:
+        _folder(store.settings, job_id)
+    assert [j for j, _ in store.finished()] == finished[::-1]  # newest first
+    assert sorted(prune_finished_jobs(store.settings, store)) == sorted(finished[:2])
+    assert [j.id for j in store.list()] == [finished[3], finished[2], running.id]
+    assert not any((store.settings.jobs_dir / j).exists() for j in finished[:2])
+    assert all((store.settings.jobs_dir / j).exists() for j in finished[2:])
+    assert prune_finished_jobs(store.settings, store) == []  # at the cap, nothing more goes
+
+
+def test_the_export_sweep_waits_for_a_running_publish(make_store, tmp_path: Path) -> None:
+    """The sweep deletes no export while a publish holds its lock (it may be about to link that
+    export into the repository): the file lock on one machine, the Redis lock across machines."""
+    store = make_store(retention_s=0.0, model_repository=tmp_path / "repo")
+    settings = store.settings
+    export_root = tmp_path / "export"
+    unused = export_root / "flux_transformer" / "abc"
+    unused.mkdir(parents=True)
+    (unused / "model.onnx").write_bytes(b"onnx")
+    (unused / MARKER).write_text("{}")
+    held = publish_lock(settings) if settings.redis_url else repository_lock(settings.model_repository)
+    with held:  # what a publish holds (the Redis lock alone is enough to hold the sweep off)
+        assert prune_exports(settings, export_root) is None
+        sweep(settings, store, export_root)  # the rest of the sweep runs; the exports wait
+        assert unused.exists()
+    assert prune_exports(settings, export_root) == [unused]
+    assert not unused.exists()
 
 
 # A finished job's record is final: a worker that finishes a job the reaper already failed cannot
