@@ -255,6 +255,14 @@ FLUX_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     FLUX_VAE_DECODER: (("latent",), ("images",)),
 }
 
+FLUX_PIPELINE_SLOTS: dict[str, str] = {
+    FLUX_TEXT_ENCODER: "text_encoder",
+    FLUX_TEXT_ENCODER_2: "text_encoder_2",
+    FLUX_TRANSFORMER: "transformer",
+    FLUX_VAE_DECODER: "vae",
+}
+"""Each component's folder in a diffusers FLUX checkpoint (its FluxPipeline attribute, its LoRA key prefix)."""
+
 FLUX_MAX_BATCH = 8
 """Largest merged batch a FLUX component accepts (concurrent generations sharing a step)."""
 

@@ -22,13 +22,18 @@ from pathlib import Path
 from common.paths import CLASSIFIER_MODEL_DIR
 from export.publish_lock import repository_lock
 from export.repository import SOURCE_REPOSITORY
+from export.triton_config import TORCH_TARGET
 
 log = logging.getLogger("fluxserve.export")
 
 
-def export_classifier(model_dir: Path, repo: Path, target: str, force: bool, triton_url: str | None = None) -> None:
+def export_classifier(
+    model_dir: Path, repo: Path, target: str | None, force: bool, triton_url: str | None = None
+) -> None:
     from export.classifier import publish_and_swap_classifier, publish_classifier
 
+    # gpu-torch serves the classifier as cpu does: its GPU machines have no onnxruntime-gpu.
+    target = "cpu" if target in (None, TORCH_TARGET) else target
     if triton_url:
         result = publish_and_swap_classifier(model_dir, repo, triton_url, target=target, force=force)  # type: ignore[arg-type]
     else:
@@ -41,7 +46,7 @@ def export_classifier(model_dir: Path, repo: Path, target: str, force: bool, tri
 
 def export_flux(
     repo: Path,
-    target: str,
+    target: str | None,
     force: bool,
     checkpoint: str | None = None,
     lora: str | None = None,
@@ -101,7 +106,12 @@ def export_flux(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fluxserve-export", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
-    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "gpu", TORCH_TARGET),
+        help="cpu (default for a new repository), gpu (TensorRT), gpu-torch (PyTorch on CUDA in the python "
+        "backend); default: the target the repository's generate was published for",
+    )
     parser.add_argument("--force", action="store_true", help="write a new version even if nothing changed")
     parser.add_argument(
         "--triton-url",

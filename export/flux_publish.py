@@ -39,8 +39,8 @@ from client.cost import CPU_HOST_MEMORY_SHARE
 from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
-from export.repository import MANIFEST, fingerprint, publish, sha256_file
-from export.triton_config import Target
+from export.repository import MANIFEST, fingerprint, latest_manifest, publish, sha256_file
+from export.triton_config import TORCH_TARGET, Deployment, Target
 
 log = logging.getLogger(__name__)
 
@@ -288,16 +288,19 @@ def publish_flux(
     lora: str | Path | None = None,
     lora_scale: float | None = None,
     trigger_word: str | None = None,
-    target: Target = "cpu",
+    target: Target | None = None,
     settings: FluxSettings | None = None,
     export_settings: ExportSettings | None = None,
     force: bool = False,
     progress: Callable[[str, object], None] | None = None,
 ) -> dict[str, Any]:
     """Export and write new versions (idempotent per component). Returns {model: version, ...,
-    "created": [models with a new version], "report": export report}."""
+    "created": [models with a new version], "report": export report}. `target` None: the one
+    the repository's `generate` was published for (a training job's LoRA keeps the deployment's
+    target), else cpu."""
     from export.flux.lora import lora_targets, read_lora_manifest
 
+    target = target or deployed_target(repo)
     s = settings or FluxSettings()
     checkpoint = checkpoint if checkpoint is not None else default_checkpoint(s)
     lora = lora if lora is not None else default_lora(s)
@@ -316,35 +319,16 @@ def publish_flux(
         TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
     }
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
-    per_component = component_provenance(provenance, targets)
+    if target == TORCH_TARGET:
+        deps, parts, report = _torch_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
+    else:
+        deps, parts, report = _onnx_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
     export_root = s.build_dir / "export"
-    report = export_onnx(
-        checkpoint,
-        lora,
-        scale,
-        export_root,
-        per_component,
-        s,
-        progress,
-        base_provenance=component_provenance(provenance, frozenset()),
-    )
-
-    deps = flux_deployments(export_settings)
     out: dict[str, Any] = {"report": report, "created": []}
     components: dict[str, int] = {}
     for name in FLUX_COMPONENTS:
-        pub = publish(
-            repo,
-            deps[name],
-            target,
-            _component_files(Path(report[name]["onnx_dir"]), name),
-            per_component[name],
-            force=force,
-            report={
-                "parity_max_abs_error": report[name]["max_abs_error"],
-                **({"precision": report[name]["precision"]} if "precision" in report[name] else {}),
-            },
-        )
+        files, component_prov, component_report = parts[name]
+        pub = publish(repo, deps[name], target, files, component_prov, force=force, report=component_report)
         components[name] = pub.version
         if pub.created:
             out["created"].append(name)
@@ -379,7 +363,7 @@ def publish_flux(
                 parameters={
                     **deps[spec.name].parameters,
                     TRIGGER_PARAMETER: trigger_word,
-                    **_memory_facts(assets, target),
+                    **_memory_facts(assets, _on_host(target, deps)),
                 },
             )
             min_version = published[GENERATE.name].version if published else 1
@@ -394,14 +378,88 @@ def publish_flux(
     return out
 
 
-def _memory_facts(pipeline_assets: Path, target: Target) -> dict[str, str]:
+ComponentParts = dict[str, tuple[dict[str, Path], dict[str, Any], dict[str, Any]]]
+"""Component name -> (files of its new version, its provenance, facts for its manifest)."""
+
+
+def _onnx_parts(
+    checkpoint: str | Path,
+    lora: str | Path | None,
+    scale: float,
+    targets: frozenset[str],
+    provenance: dict[str, Any],
+    s: FluxSettings,
+    export_settings: ExportSettings | None,
+    progress: Callable[[str, object], None] | None,
+) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any]]:
+    """cpu and gpu targets: the components exported (or patched) to ONNX."""
+    per_component = component_provenance(provenance, targets)
+    report = export_onnx(
+        checkpoint,
+        lora,
+        scale,
+        s.build_dir / "export",
+        per_component,
+        s,
+        progress,
+        base_provenance=component_provenance(provenance, frozenset()),
+    )
+    parts: ComponentParts = {
+        name: (
+            _component_files(Path(report[name]["onnx_dir"]), name),
+            per_component[name],
+            {
+                "parity_max_abs_error": report[name]["max_abs_error"],
+                **({"precision": report[name]["precision"]} if "precision" in report[name] else {}),
+            },
+        )
+        for name in FLUX_COMPONENTS
+    }
+    return flux_deployments(export_settings), parts, report
+
+
+def _torch_parts(
+    checkpoint: str | Path,
+    lora: str | Path | None,
+    scale: float,
+    targets: frozenset[str],
+    provenance: dict[str, Any],
+    s: FluxSettings,
+    export_settings: ExportSettings | None,
+    progress: Callable[[str, object], None] | None,
+) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any]]:
+    """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export)."""
+    from export.flux.torch_export import torch_components
+    from export.torch_target import torch_flux_deployments
+
+    builds = torch_components(checkpoint, lora, scale, targets, provenance, s, progress)
+    parts: ComponentParts = {n: (b.files, b.provenance, {"torch": b.report}) for n, b in builds.items()}
+    return torch_flux_deployments(export_settings), parts, {n: b.report for n, b in builds.items()}
+
+
+def deployed_target(repo: Path) -> Target:
+    """The target the repository's newest `generate` was published for; cpu when there is none."""
+    manifest = latest_manifest(repo, GENERATE.name) or {}
+    return manifest.get("target") or "cpu"
+
+
+def _on_host(target: Target, deps: dict[str, Deployment]) -> bool:
+    """Whether the transformer's activations live in the host's memory (the memory guard's concern)."""
+    if target == TORCH_TARGET:
+        from common.torch_runtime import TorchRuntime
+
+        return TorchRuntime.from_parameters(deps[FLUX_TRANSFORMER].parameters).on_host
+    return target == "cpu"
+
+
+def _memory_facts(pipeline_assets: Path, on_host: bool) -> dict[str, str]:
     """What the memory guards (the facade's and `generate`'s own) need to know about this
     transformer (client.cost)."""
     config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
     return {
         ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),
         TEXT_TOKENS_PARAMETER: str(read_max_sequence_length(pipeline_assets)),
-        HOST_MEMORY_SHARE_PARAMETER: str(CPU_HOST_MEMORY_SHARE if target == "cpu" else 0),
+        HOST_MEMORY_SHARE_PARAMETER: str(CPU_HOST_MEMORY_SHARE if on_host else 0),
     }
 
 

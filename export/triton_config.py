@@ -8,6 +8,8 @@ into Triton's own `ModelConfig` protobuf for a target:
   (serving/triton_onnx.py), because the only Triton build that runs here has no ORT backend.
 * gpu: ONNX models become `onnxruntime_onnx` with the TensorRT accelerator (or `tensorrt_plan`
   when an engine was built); the python orchestration models stay the same code.
+* gpu-torch: every model is python, as on cpu; the FLUX components are PyTorch python models
+  (export/torch_target.py renders their Deployments).
 
 Both targets come from the same Deployment, so they cannot drift apart.
 """
@@ -22,7 +24,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from client.contract import ModelSpec, TensorSpec
 
-Target = Literal["cpu", "gpu"]
+Target = Literal["cpu", "gpu", "gpu-torch"]
+TORCH_TARGET: Target = "gpu-torch"
 Kind = Literal["python", "onnx"]
 
 

@@ -1,1 +1,1 @@
-from serving.triton_onnx import TritonPythonModel  # noqa: F401  (logic lives in serving/)
+from serving.triton_flux_component import TritonPythonModel  # noqa: F401  (logic lives in serving/)
