@@ -4,7 +4,9 @@ GET /train/{id}/events (server-sent progress events). Every route needs the oper
 
 The upload streams straight into the job's folder with the upload limit enforced as it arrives
 (api.upload), and is validated (zip safety, images, trigger word, settings) before anything is
-queued: a bad dataset is a 4xx with a message, never a failed job, and leaves nothing behind.
+queued: a bad dataset is a 4xx with a message, never a failed job, and leaves nothing behind. An
+upload that could not be taken now (no worker, queue full, low disk, too many uploads at once) is
+refused before its body is read (api.upload_gate).
 """
 
 from __future__ import annotations
