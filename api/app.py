@@ -25,6 +25,7 @@ from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from api.shedding import EarlyShedMiddleware
 from api.state import AppState
+from client.control_key import control_key
 from common.secret_strength import SecretConfigError
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
@@ -36,6 +37,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
+    control_key()  # sent to read model configs: a placeholder FLUXSERVE_TRITON_CONTROL_KEY is refused at start
     job_settings = JobSettings()
     # Training jobs: records in the job store, the queue in huey; the facade only enqueues.
     state = AppState(

@@ -20,13 +20,13 @@ import logging
 import os
 import re
 import secrets
-import stat
 from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.paths import PROJECT_ROOT
+from common.secret_strength import SecretConfigError, read_private_file, secret_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 """Triton's flag is `<groups>:<header>=<key>`: a key of URL-safe characters cannot be misparsed."""
 
 
-class ControlKeyError(RuntimeError):
+class ControlKeyError(SecretConfigError):
     """No usable control key: the message names the variable or file to fix (never the key)."""
 
 
@@ -59,20 +59,26 @@ class ControlKeySettings(BaseSettings):
 
 
 def check_key(key: str, source: str) -> str:
-    """`key` if it is long and random-looking enough for Triton's flag, else ControlKeyError."""
-    if len(key) < MIN_KEY_CHARS or not _KEY_CHARS.fullmatch(key):
+    """`key` if it is long and random-looking enough for Triton's flag (and no placeholder:
+    common.secret_strength), else ControlKeyError."""
+    problem = secret_problem(key, MIN_KEY_CHARS)
+    if problem is None and not _KEY_CHARS.fullmatch(key):
+        problem = "it has characters other than A-Z a-z 0-9 _ -"
+    if problem is not None:
         raise ControlKeyError(
-            f"{source}: the Triton control key needs at least {MIN_KEY_CHARS} characters of A-Z a-z 0-9 _ - "
-            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            f"{source}: the Triton control key is unusable: {problem}; it needs at least {MIN_KEY_CHARS} "
+            "random characters of A-Z a-z 0-9 _ - (make one with: python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
         )
     return key
 
 
 def _read_key_file(path: Path) -> str:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ControlKeyError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): run `chmod 600 {path}`")
-    return check_key(path.read_text().strip(), str(path))
+    try:
+        text = read_private_file(path)
+    except SecretConfigError as e:  # one exception type for callers: every control-key problem
+        raise ControlKeyError(str(e)) from None
+    return check_key(text.strip(), str(path))
 
 
 def control_key(settings: ControlKeySettings | None = None) -> str | None:

@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
@@ -50,6 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.contract import TRAIN_LIMITS
 from common.paths import BUILD_DIR, MODEL_REPOSITORY
+from common.secret_strength import SecretConfigError, require_strong_secret
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +462,7 @@ class SqliteJobStore(JobStore):
         return [r[0] for r in rows]
 
 
-class QueueConfigError(RuntimeError):
+class QueueConfigError(SecretConfigError):
     """The queue cannot be used safely as configured."""
 
 
@@ -470,6 +472,16 @@ def make_huey(settings: JobSettings) -> Huey:
             raise QueueConfigError(
                 "FLUXSERVE_JOBS_QUEUE_SECRET is required with FLUXSERVE_JOBS_REDIS_URL: "
                 "queue messages are signed with it"
+            )
+        # An example value copied as it is lets whoever reaches Redis forge the messages a worker
+        # unpickles: placeholders and weak values are refused, in the facade and the worker alike.
+        require_strong_secret(
+            "FLUXSERVE_JOBS_QUEUE_SECRET (compose env file: FLUXSERVE_QUEUE_SECRET)",
+            settings.queue_secret.get_secret_value(),
+        )
+        if password := urlsplit(settings.redis_url).password:
+            require_strong_secret(
+                "the password in FLUXSERVE_JOBS_REDIS_URL (compose env file: REDIS_PASSWORD)", unquote(password)
             )
         serializer = SignedSerializer(secret=settings.queue_secret.get_secret_value(), salt="fluxserve-jobs")
         return RedisHuey("fluxserve-training", url=settings.redis_url, serializer=serializer)

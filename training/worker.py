@@ -15,7 +15,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from client.control_key import control_key
 from common.paths import PROJECT_ROOT
+from common.secret_strength import SecretConfigError
 from training.jobs import JobSettings, job_store, make_huey
 from training.liveness import Heartbeat
 from training.tasks import register_tasks
@@ -88,7 +90,12 @@ def main() -> int:
     for chatty in ("onnx_ir", "onnxscript"):  # a line per rewritten node during every ONNX export
         logging.getLogger(chatty).setLevel(logging.WARNING)
     settings = JobSettings()
-    huey = make_huey(settings)
+    try:
+        huey = make_huey(settings)  # refuses a missing, placeholder or weak queue secret / Redis password
+        control_key()  # the publish sends it: a placeholder is refused now, not at the first publish
+    except SecretConfigError as e:  # the message names the variable to set: no traceback
+        log.error("not starting: %s", e)
+        return 2
     with Heartbeat(job_store(settings), settings, housekeeping=True) as beat:
         register_tasks(huey, settings, beat.worker_id)
         log.info(

@@ -40,12 +40,9 @@ PROJECT="fluxserve-compose-test"
 ENV_FILE="build/compose-test.env"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 umask 077
-API_KEY="$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
-{
-  printf 'REDIS_PASSWORD=%s\n' "$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
-  printf 'FLUXSERVE_QUEUE_SECRET=%s\n' "$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
-  printf 'FLUXSERVE_API_KEYS=compose-test:%s\n' "$API_KEY"
-} > "$ENV_FILE"
+# Fresh random secrets for every variable of the example file (which holds no usable values).
+FLUXSERVE_KEY_NAME=compose-test bash deploy/compose/make_env.sh > "$ENV_FILE"
+API_KEY="$(sed -n 's/^FLUXSERVE_API_KEYS=[^:]*://p' "$ENV_FILE")"
 export FLUXSERVE_API_KEY="$API_KEY"  # the smoke suite's training calls send it
 export FLUXSERVE_API_PORT="$PORT"
 # `up` waits for the export job and a healthy Triton (many minutes on a busy machine); compose v1

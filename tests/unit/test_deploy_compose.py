@@ -6,6 +6,7 @@ are shared."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from client.control_key import MIN_KEY_CHARS
+from common.secret_strength import secret_problem
 from tests.conftest import PROJECT_ROOT
 
 EXAMPLE_ENV = PROJECT_ROOT / "deploy" / "compose" / "env.example"
+MAKE_ENV = PROJECT_ROOT / "deploy" / "compose" / "make_env.sh"
 PROFILES = {
     "cpu": {"triton": "triton", "api": "api", "worker": "worker", "export": "export"},
     "gpu": {"triton": "triton-gpu", "api": "api-gpu", "worker": "worker-gpu", "export": "export-gpu"},
@@ -33,7 +37,19 @@ def compose_command() -> list[str]:
     pytest.skip("no Docker Compose CLI installed (`apt-get install docker-compose` gives one; .ci/run does it)")
 
 
-def render(profile: str, env_file: Path = EXAMPLE_ENV) -> dict:
+def env_file_with_random_secrets(path: Path) -> Path:
+    """What an operator writes: `deploy/compose/make_env.sh > fluxserve.env`."""
+    result = subprocess.run(["bash", str(MAKE_ENV)], capture_output=True, text=True, check=True)
+    path.write_text(result.stdout)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return env_file_with_random_secrets(tmp_path_factory.mktemp("compose") / "fluxserve.env")
+
+
+def compose_config(profile: str, env_file: Path) -> subprocess.CompletedProcess:
     cmd = [
         *compose_command(),
         "--project-directory",
@@ -46,14 +62,18 @@ def render(profile: str, env_file: Path = EXAMPLE_ENV) -> dict:
         profile,
         "config",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+
+
+def render(profile: str, env_file: Path) -> dict:
+    result = compose_config(profile, env_file)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
 
 @pytest.fixture(scope="module", params=sorted(PROFILES))
-def rendered(request: pytest.FixtureRequest) -> tuple[str, dict]:
-    return request.param, render(request.param)
+def rendered(request: pytest.FixtureRequest, env_file: Path) -> tuple[str, dict]:
+    return request.param, render(request.param, env_file)
 
 
 def _profile_services(profile: str, config: dict) -> dict[str, dict]:
@@ -126,6 +146,7 @@ def test_redis_password_comes_from_the_env_file(tmp_path: Path) -> None:
     env_file = tmp_path / "fluxserve.env"
     env_file.write_text(
         "REDIS_PASSWORD=s3cret-from-file\nFLUXSERVE_QUEUE_SECRET=q-secret\nFLUXSERVE_API_KEYS=op:0123456789abcdef\n"
+        "FLUXSERVE_TRITON_CONTROL_KEY=k0123456789abcdef0123456789\n"
     )
     services = render("cpu", env_file)["services"]
     assert services["redis"]["environment"]["REDIS_PASSWORD"] == "s3cret-from-file"
@@ -137,9 +158,61 @@ def test_redis_password_comes_from_the_env_file(tmp_path: Path) -> None:
     )
 
 
-def test_gpu_profile_reserves_nvidia_gpus() -> None:
-    services = render("gpu")["services"]
+def test_gpu_profile_reserves_nvidia_gpus(env_file: Path) -> None:
+    services = render("gpu", env_file)["services"]
     for name in ("triton-gpu", "export-gpu", "worker-gpu"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], name
     assert "--target" in services["export-gpu"]["command"] and "gpu" in services["export-gpu"]["command"]
+
+
+# ----------------------------------------------------------------------------- secrets (issue 26 item 2)
+
+
+def _assignments(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_example_env_file_holds_no_usable_value() -> None:
+    variables = _assignments(EXAMPLE_ENV.read_text())
+    assert set(variables) >= {"REDIS_PASSWORD", "FLUXSERVE_QUEUE_SECRET", "FLUXSERVE_API_KEYS"}
+    assert "FLUXSERVE_TRITON_CONTROL_KEY" in variables
+    assert all(value == "" for value in variables.values()), variables
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_example_env_file_copied_unchanged_refuses_to_start_naming_the_variable(tmp_path: Path, profile: str) -> None:
+    copied = tmp_path / "fluxserve.env"
+    copied.write_text(EXAMPLE_ENV.read_text())
+    result = compose_config(profile, copied)
+    assert result.returncode != 0
+    assert re.search(r"set (REDIS_PASSWORD|FLUXSERVE_\w+) in the env file", result.stderr), result.stderr
+
+
+def test_make_env_fills_every_variable_with_a_strong_secret(env_file: Path) -> None:
+    made = _assignments(env_file.read_text())
+    assert set(made) == set(_assignments(EXAMPLE_ENV.read_text()))
+    for name, value in made.items():
+        secret = value.split(":", 1)[1] if name == "FLUXSERVE_API_KEYS" else value
+        assert secret_problem(secret, MIN_KEY_CHARS) is None, name
+    assert made["FLUXSERVE_API_KEYS"].startswith("operator:")
+    assert len(set(made.values())) == len(made)  # one value per secret, never shared
+
+
+def test_only_the_facade_gets_the_operator_keys(rendered: tuple[str, dict], env_file: Path) -> None:
+    profile, config = rendered
+    names = PROFILES[profile]
+    services = _profile_services(profile, config)
+    api_env = services[names["api"]]["environment"]
+    assert api_env["FLUXSERVE_API_KEYS"] == _assignments(env_file.read_text())["FLUXSERVE_API_KEYS"]
+    # The facade keeps the shared settings (its env map merges the app's).
+    assert {"FLUXSERVE_JOBS_REDIS_URL", "FLUXSERVE_JOBS_QUEUE_SECRET", "FLUXSERVE_TRITON_CONTROL_KEY"} <= set(api_env)
+    for name in (names["worker"], names["export"], names["triton"], "redis"):
+        assert "FLUXSERVE_API_KEYS" not in (services[name].get("environment") or {}), name
+
+
+def test_facade_answers_its_service_names_and_loopback(rendered: tuple[str, dict]) -> None:
+    profile, config = rendered
+    allowed = _profile_services(profile, config)[PROFILES[profile]["api"]]["environment"]
+    hosts = set(allowed["FLUXSERVE_API_ALLOWED_HOSTS"].split(","))
+    assert {"127.0.0.1", "localhost", "[::1]", PROFILES[profile]["api"]} <= hosts

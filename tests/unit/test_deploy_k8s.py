@@ -73,3 +73,32 @@ def test_secrets_only_by_reference() -> None:
     assert not [doc for _, doc in resources() if doc["kind"] == "Secret"]
     text = "".join(p.read_text() for p in K8S.glob("*.yaml"))
     assert "secretKeyRef: {name: fluxserve-redis, key: password}" in text
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_only_the_facade_gets_the_operator_keys() -> None:
+    api = by_kind("Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
+    assert _env(api)["FLUXSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "fluxserve-api-keys"
+    for _, doc in resources():
+        if doc["kind"] in {"Deployment", "StatefulSet", "Job"} and doc["metadata"]["name"] != "api":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                assert "FLUXSERVE_API_KEYS" not in _env(c), (doc["metadata"]["name"], c["name"])
+
+
+def test_facade_host_allow_list_covers_its_service_and_its_probes() -> None:
+    from api.host_check import allowed_hosts, host_name
+
+    api = by_kind("Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
+    env = _env(api)
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # What the kubelet expands $(POD_NAMESPACE) to, here for namespace `ml`.
+    listed = env["FLUXSERVE_API_ALLOWED_HOSTS"]["value"].replace("$(POD_NAMESPACE)", "ml").split(",")
+    allowed = allowed_hosts(listed, "0.0.0.0")
+    service = by_kind("Service", "api")["metadata"]["name"]
+    assert {service, f"{service}.ml", f"{service}.ml.svc", f"{service}.ml.svc.cluster.local"} <= allowed
+    for probe in ("readinessProbe", "livenessProbe"):
+        headers = {h["name"]: h["value"] for h in api[probe]["httpGet"]["httpHeaders"]}
+        assert host_name(headers["Host"]) in allowed, probe  # else the kubelet's pod-IP Host is refused

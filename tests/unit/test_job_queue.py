@@ -3,6 +3,7 @@ share one queue between worker machines."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_default_queue_is_embedded_sqlite_in_the_jobs_folder(tmp_path: Path) -> 
 
 def test_redis_url_switches_the_queue_to_redis(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FLUXSERVE_JOBS_REDIS_URL", "redis://queue.internal:6390/3")
-    monkeypatch.setenv("FLUXSERVE_JOBS_QUEUE_SECRET", "s3cret")
+    monkeypatch.setenv("FLUXSERVE_JOBS_QUEUE_SECRET", secrets.token_hex(24))
     huey = make_huey(JobSettings(jobs_dir=tmp_path))
     assert isinstance(huey, RedisHuey)
     kwargs = huey.storage.pool.connection_kwargs  # parsed from the URL; nothing is dialled yet
