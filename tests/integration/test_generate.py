@@ -47,7 +47,14 @@ def gen_client(triton):
         yield c
 
 
-def test_served_image_matches_diffusers_pipeline(gen_client) -> None:
+@pytest.fixture(scope="module")
+def target_client(target_triton):
+    """A client of each target's Triton in turn (tests/integration/conftest.py: cpu, gpu-torch)."""
+    with TritonClient(target_triton.grpc_url, timeout_s=300) as c:
+        yield c
+
+
+def test_served_image_matches_diffusers_pipeline(target_client) -> None:
     """Same checkpoint, LoRA (fused), prompt, seed, size and steps as diffusers' FluxPipeline in PyTorch."""
     prov = provenance()
     pipe = load_pipeline(prov["checkpoint"], prov["lora"], lora_scale=prov["lora_scale"])
@@ -64,7 +71,7 @@ def test_served_image_matches_diffusers_pipeline(gen_client) -> None:
             max_sequence_length=checkpoint_msl,
         ).images[0]
         ref = (ref * 255).round().astype(np.uint8)
-        got = gen_client.generate(PROMPT, seed=7, width=width, height=height, steps=4, guidance=3.5).image
+        got = target_client.generate(PROMPT, seed=7, width=width, height=height, steps=4, guidance=3.5).image
         assert got.shape == (height, width, 3) and got.dtype == np.uint8
         diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
         print(f"parity {width}x{height}: mean {diff.mean():.4f} max {diff.max()} (of 255)")
@@ -72,16 +79,17 @@ def test_served_image_matches_diffusers_pipeline(gen_client) -> None:
         assert ref.std() > 5  # a non-trivial image, so the comparison means something
 
 
-def test_seed_determinism(gen_client) -> None:
-    a = gen_client.generate(PROMPT, seed=1, **SMALL).image
-    b = gen_client.generate(PROMPT, seed=1, **SMALL).image
-    c = gen_client.generate(PROMPT, seed=2, **SMALL).image
+def test_seed_determinism(target_client) -> None:
+    a = target_client.generate(PROMPT, seed=1, **SMALL).image
+    b = target_client.generate(PROMPT, seed=1, **SMALL).image
+    c = target_client.generate(PROMPT, seed=2, **SMALL).image
     assert np.array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
 
 
-def test_concurrent_requests_share_transformer_steps(triton, gen_client) -> None:
+def test_concurrent_requests_share_transformer_steps(target_triton, target_client) -> None:
     """4 concurrent generations: their per-step transformer calls are merged by the batcher."""
+    triton, gen_client = target_triton, target_client
     before_inf = triton_metric(triton.metrics_url, "nv_inference_count", FLUX_TRANSFORMER)
     before_exec = triton_metric(triton.metrics_url, "nv_inference_exec_count", FLUX_TRANSFORMER)
     steps = 6
@@ -96,10 +104,10 @@ def test_concurrent_requests_share_transformer_steps(triton, gen_client) -> None
     assert executions < inferences, f"no step batching: {executions} executions for {inferences} inferences"
 
 
-def test_bad_input_rejected_by_server(triton) -> None:
+def test_bad_input_rejected_by_server(target_triton) -> None:
     import tritonclient.grpc as g
 
-    raw = g.InferenceServerClient(triton.grpc_url)
+    raw = g.InferenceServerClient(target_triton.grpc_url)
     prompt = g.InferInput("prompt", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"a fox"], dtype=np.object_))
     width = g.InferInput("width", [1], "INT32")

@@ -76,7 +76,15 @@ def client(triton):
         yield c
 
 
-def test_one_progress_response_per_step_then_the_image(client) -> None:
+@pytest.fixture(scope="module")
+def target_client(target_triton):
+    """A client of each target's Triton in turn (tests/integration/conftest.py: cpu, gpu-torch)."""
+    with TritonClient(target_triton.grpc_url, timeout_s=300) as c:
+        yield c
+
+
+def test_one_progress_response_per_step_then_the_image(target_client) -> None:
+    client = target_client
     events = list(client.generate_stream(PROMPT, seed=5, **SMALL))
     # A response after each step, then the image (decoded after the last step) with the last step.
     assert [p.step for p, _ in events] == [1, 2, 3, 3]
@@ -143,7 +151,8 @@ def _assert_work_stopped(triton, before: float, steps_seen: int) -> None:
     )
 
 
-def test_closing_the_python_stream_stops_the_work_in_triton(triton, client) -> None:
+def test_closing_the_python_stream_stops_the_work_in_triton(target_triton, target_client) -> None:
+    triton, client = target_triton, target_client
     wait_until_stable(lambda: _transformer_count(triton))
     before = _transformer_count(triton)
     stream = client.generate_stream(PROMPT, seed=3, **LONG)
