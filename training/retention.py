@@ -15,6 +15,7 @@ store nor the disk grows forever. Workers run `sweep` now and then (training.liv
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from training.jobs import JobSettings, JobStore, job_dir
 
 log = logging.getLogger(__name__)
 
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Job ids are uuid hex; whoever can write to Redis could plant any string in its index."""
+
 
 def prune_finished_jobs(settings: JobSettings, store: JobStore, now: float | None = None) -> list[str]:
     """Delete the finished jobs past `retention_s` or beyond the newest `max_finished_jobs`,
@@ -39,7 +43,8 @@ def prune_finished_jobs(settings: JobSettings, store: JobStore, now: float | Non
         if rank >= settings.max_finished_jobs or finished_unix < cutoff
     ]
     for job_id in expired:
-        shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+        if SAFE_ID.fullmatch(job_id):  # an id is a folder name: never let a forged one name a path
+            shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
         store.delete(job_id)
     if expired:
         log.info("deleted %d finished job(s) with their folders", len(expired))

@@ -172,6 +172,19 @@ def test_only_the_newest_finished_jobs_are_kept(make_store) -> None:
     assert prune_finished_jobs(store.settings, store) == []  # at the cap, nothing more goes
 
 
+def test_a_forged_job_id_deletes_no_folder_outside_the_jobs_folder(make_store, tmp_path: Path) -> None:
+    """Whoever can write to the store (Redis) might plant a record whose id is a path."""
+    store = make_store(max_finished_jobs=0)
+    store.settings.jobs_dir.mkdir(parents=True, exist_ok=True)  # so that `jobs/../victim` resolves
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    forged = store.create("classifier", {}, job_id="../victim")
+    store.update(forged.id, status="failed")
+    assert prune_finished_jobs(store.settings, store) == [forged.id]
+    assert store.record(forged.id) is None  # the record goes; the folder it names stays
+    assert (victim / "keep").is_dir()
+
+
 def test_the_export_sweep_waits_for_a_running_publish(make_store, tmp_path: Path) -> None:
     """The sweep deletes no export while a publish holds its lock (it may be about to link that
     export into the repository): the file lock on one machine, the Redis lock across machines."""
