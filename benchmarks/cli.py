@@ -9,6 +9,7 @@ fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot 
 fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
 fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs baseline, driven by wrk
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
+fluxserve-bench gpu [--dry-run] [--configs bf16 bf16-compile fp8-compile]  # the gpu-torch path, 1024², 28 steps
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench readme                                     # put the latest tables into README.md
 """
@@ -145,6 +146,19 @@ def _wrk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu(args: argparse.Namespace) -> int:
+    from benchmarks.gpu import GpuBenchSettings, dry_run_settings, gpu_bench
+
+    s = GpuBenchSettings(out=args.out, configs=tuple(args.configs), budget_s=args.budget_s)
+    if args.dry_run:
+        s = dry_run_settings(s)
+    if args.work_dir:
+        s = replace(s, work_dir=args.work_dir)
+    files = gpu_bench(s)
+    sys.stdout.write(files["markdown"].read_text())
+    return 0
+
+
 def _readme(_args: argparse.Namespace) -> int:
     from benchmarks.readme import update_readme
 
@@ -257,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--duration-s", type=int, default=15)
     wk.add_argument("--out", type=Path, default=WRK_RESULT)
     wk.set_defaults(fn=_wrk)
+
+    from benchmarks.gpu import CONFIGS as GPU_CONFIGS
+    from benchmarks.gpu import RESULTS_DIR as GPU_RESULTS
+
+    gp = sub.add_parser("gpu", help="gpu-torch: build FLUX.1-dev-sized, serve it, measure Triton vs in-process")
+    gp.add_argument("--dry-run", action="store_true", help="the same phases on CPU with the tiny model (make test)")
+    gp.add_argument("--configs", nargs="+", choices=list(GPU_CONFIGS), default=["bf16", "bf16-compile", "fp8-compile"])
+    gp.add_argument("--budget-s", type=float, default=450.0, help="skip configs that would run past this")
+    gp.add_argument("--out", type=Path, default=GPU_RESULTS)
+    gp.add_argument("--work-dir", type=Path, help="checkpoint, repository and builds (default build/gpu-bench)")
+    gp.set_defaults(fn=_gpu)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
     rd.set_defaults(fn=_readme)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.contract import (
     ATTENTION_HEADS_PARAMETER,
@@ -41,6 +41,9 @@ from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
 from export.repository import MANIFEST, fingerprint, latest_manifest, publish, sha256_file
 from export.triton_config import TORCH_TARGET, Deployment, Target
+
+if TYPE_CHECKING:
+    from export.torch_target import TorchTargetSettings
 
 log = logging.getLogger(__name__)
 
@@ -293,11 +296,12 @@ def publish_flux(
     export_settings: ExportSettings | None = None,
     force: bool = False,
     progress: Callable[[str, object], None] | None = None,
+    torch_settings: TorchTargetSettings | None = None,
 ) -> dict[str, Any]:
     """Export and write new versions (idempotent per component). Returns {model: version, ...,
     "created": [models with a new version], "report": export report}. `target` None: the one
     the repository's `generate` was published for (a training job's LoRA keeps the deployment's
-    target), else cpu."""
+    target), else cpu. `torch_settings`: gpu-torch only (None: FLUXSERVE_TORCH_ from the environment)."""
     from export.flux.lora import lora_targets, read_lora_manifest
 
     target = target or deployed_target(repo)
@@ -320,7 +324,9 @@ def publish_flux(
     }
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
     if target == TORCH_TARGET:
-        deps, parts, report = _torch_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
+        deps, parts, report = _torch_parts(
+            checkpoint, lora, scale, targets, provenance, s, export_settings, torch_settings, progress
+        )
     else:
         deps, parts, report = _onnx_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
     export_root = s.build_dir / "export"
@@ -426,6 +432,7 @@ def _torch_parts(
     provenance: dict[str, Any],
     s: FluxSettings,
     export_settings: ExportSettings | None,
+    torch_settings: TorchTargetSettings | None,
     progress: Callable[[str, object], None] | None,
 ) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any]]:
     """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export)."""
@@ -434,7 +441,8 @@ def _torch_parts(
 
     builds = torch_components(checkpoint, lora, scale, targets, provenance, s, progress)
     parts: ComponentParts = {n: (b.files, b.provenance, {"torch": b.report}) for n, b in builds.items()}
-    return torch_flux_deployments(export_settings), parts, {n: b.report for n, b in builds.items()}
+    deps = torch_flux_deployments(export_settings, torch_settings)
+    return deps, parts, {n: b.report for n, b in builds.items()}
 
 
 def deployed_target(repo: Path) -> Target:

@@ -261,6 +261,8 @@ def test_compiled_transformer_equals_eager(torch_repo: Path) -> None:
     compiled = TorchComponent.load(
         FLUX_TRANSFORMER, version, TorchRuntime(device="cpu", dtype="float32", compile_mode="default", fuse_qkv=True)
     )
+    names = [n for n, _ in compiled.module.named_modules()]
+    assert any(n.endswith(".to_qkv") for n in names) and not any(n.endswith(".to_q") for n in names)
     feeds = transformer_inputs(eager.module, 1, 8, 8, 10, seed=6)
     np.testing.assert_allclose(compiled(feeds), eager(feeds), atol=2e-5)
 
