@@ -14,7 +14,7 @@ wheel (README "The GPU path"), in this order, each phase logged with its duratio
    size warmed up, and closed-loop `generate` at 1, 2 and 4 clients; then unloaded again, so the
    in-process pipeline and Triton never hold a transformer at the same time;
 5. quality: each config's latents and images against bf16's (same seeds, same in-process pipeline)
-   within the CPU int8 bounds (export.flux.transformer_precision), and Triton's images against the
+   within the CPU int8 bounds (export.flux.image_bounds), and Triton's images against the
    in-process ones;
 6. results: gpu-<device>.json and .md (the JSON is rewritten after every config, so a run cut short
    keeps what it measured).
@@ -470,7 +470,7 @@ def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
 def quality(configs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Each config against bf16 in-process (same seeds), with the CPU int8 bounds; and Triton's
     1-client images against the in-process pipeline's of the same config (served vs in-process)."""
-    from export.flux.transformer_precision import MAX_LATENT_RELATIVE_ERROR, MAX_MEAN_ABS_PIXEL, MIN_PSNR_DB
+    from export.flux.image_bounds import MAX_LATENT_RELATIVE_ERROR, MAX_MEAN_ABS_PIXEL, MIN_PSNR_DB
 
     bound = {
         "max_mean_abs_pixel_diff": MAX_MEAN_ABS_PIXEL,

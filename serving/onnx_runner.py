@@ -18,11 +18,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort  # noqa: F401  (type of BatchedOnnxRunner.session)
 
 from common.ort_session import make_session
+
+if TYPE_CHECKING:  # the gpu-torch components run this merging without onnxruntime installed
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 

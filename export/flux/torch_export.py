@@ -2,7 +2,7 @@
 
 A component version holds the checkpoint's own folder for it (`module/`, hard links made by
 publish) and, when a LoRA adapts the component, `lora.safetensors`: the LoRA's low-rank factors per
-Linear layer. They are read with diffusers' loader and folded alphas (export.flux.weight_patch.
+Linear layer. They are read with diffusers' loader and folded alphas (export.flux.lora_deltas.
 layer_deltas, the CPU target's patch reader, so Kohya / ai-toolkit / PEFT files mean the same on
 both targets), checked against the module's structure (built on the meta device: no memory), and
 added to the weights in place on the device when the model loads (serving/torch_components.py).
@@ -77,9 +77,9 @@ def lora_factors(
     structure: torch.nn.Module,
 ) -> LoraFactors:
     """The LoRA's factors for one component, keyed by the module's own layer paths. Raises
-    export.flux.weight_patch.NotPatchable when a key is not a low-rank update of a Linear layer
+    export.flux.lora_deltas.NotPatchable when a key is not a low-rank update of a Linear layer
     of `structure` with matching shapes."""
-    from export.flux.weight_patch import NotPatchable, layer_deltas
+    from export.flux.lora_deltas import NotPatchable, layer_deltas
 
     modules = dict(structure.named_modules())
     out: LoraFactors = {}
@@ -148,7 +148,7 @@ def torch_components(
         if slot not in adapted:
             out[name] = TorchComponentBuild(_files(folder / slot, MODULE_DIR), base, {"method": "checkpoint"})
         else:
-            from export.flux.weight_patch import NotPatchable, load_lora_state
+            from export.flux.lora_deltas import NotPatchable, load_lora_state
 
             assert lora is not None
             state = state or load_lora_state(lora, settings.lora_weight_name)

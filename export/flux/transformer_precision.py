@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from client.contract import FLUX_TRANSFORMER
+from export.flux.image_bounds import MAX_LATENT_RELATIVE_ERROR, MAX_MEAN_ABS_PIXEL, MIN_PSNR_DB
 from export.flux.weight_map import WEIGHTS_DIR, _tensor_bytes, save_per_tensor
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,6 @@ QUANT_OPS = ("MatMul",)
 QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 TRANSPOSED = "_Transposed"
 """ORT's quantizer rewrites Gemm(transB=1) into MatMul over `<W>_Transposed`."""
-MAX_MEAN_ABS_PIXEL = 1.0
-"""int8 may move a generated image's pixels (0..255) by at most 1 on average..."""
-MIN_PSNR_DB = 40.0
-"""...and no image may fall under 40 dB PSNR against fp32's. Measured: int8 transformer 0.20 /
-55 dB; an int8 VAE decoder 1.47 / 42.5 dB (so the bound does separate visible from invisible)."""
-MAX_LATENT_RELATIVE_ERROR = 0.05
-"""...and the latents entering the VAE decoder may differ from fp32's by at most 5% (relative L2).
-The image bounds alone cannot see a bad transformer on the small local model: its random-weight
-VAE decodes nearly every latent to the same grey. Measured: 0.45-0.47% for int8 on the small
-model (0.43-0.44% on the tests' tiny one); the bound leaves 10x that."""
 PARITY_PROMPTS = ("a red fox in the snow", "portrait of an old sailor, film grain", "a bowl of ramen, studio light")
 PARITY_SIZE = 256
 PARITY_STEPS = 4

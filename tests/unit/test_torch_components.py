@@ -42,9 +42,9 @@ from common.torch_runtime import (  # noqa: E402
 )
 from export.deployments import flux_deployments  # noqa: E402
 from export.flux.full_size import DEV_PARAMETERS, build_random_flux, meta_modules  # noqa: E402
+from export.flux.lora_deltas import NotPatchable, load_lora_state  # noqa: E402
 from export.flux.onnx_export import transformer_inputs  # noqa: E402
 from export.flux.settings import FluxSettings  # noqa: E402
-from export.flux.weight_patch import NotPatchable, load_lora_state  # noqa: E402
 from export.flux_publish import deployed_target, publish_flux  # noqa: E402
 from export.torch_target import TorchTargetSettings, torch_flux_deployments  # noqa: E402
 from export.triton_config import config_text, parse_config  # noqa: E402
