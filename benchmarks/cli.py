@@ -147,16 +147,9 @@ def _wrk(args: argparse.Namespace) -> int:
 
 
 def _gpu(args: argparse.Namespace) -> int:
-    from benchmarks.gpu import GpuBenchSettings, dry_run_settings, gpu_bench
+    from benchmarks.gpu import run_from_args
 
-    s = GpuBenchSettings(out=args.out, configs=tuple(args.configs), budget_s=args.budget_s)
-    if args.dry_run:
-        s = dry_run_settings(s)
-    if args.work_dir:
-        s = replace(s, work_dir=args.work_dir)
-    files = gpu_bench(s)
-    sys.stdout.write(files["markdown"].read_text())
-    return 0
+    return run_from_args(args)
 
 
 def _readme(_args: argparse.Namespace) -> int:
@@ -272,15 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--out", type=Path, default=WRK_RESULT)
     wk.set_defaults(fn=_wrk)
 
-    from benchmarks.gpu import CONFIGS as GPU_CONFIGS
-    from benchmarks.gpu import RESULTS_DIR as GPU_RESULTS
+    from benchmarks.gpu import add_arguments as gpu_arguments
 
     gp = sub.add_parser("gpu", help="gpu-torch: build FLUX.1-dev-sized, serve it, measure Triton vs in-process")
-    gp.add_argument("--dry-run", action="store_true", help="the same phases on CPU with the tiny model (make test)")
-    gp.add_argument("--configs", nargs="+", choices=list(GPU_CONFIGS), default=["bf16", "bf16-compile", "fp8-compile"])
-    gp.add_argument("--budget-s", type=float, default=450.0, help="skip configs that would run past this")
-    gp.add_argument("--out", type=Path, default=GPU_RESULTS)
-    gp.add_argument("--work-dir", type=Path, help="checkpoint, repository and builds (default build/gpu-bench)")
+    gpu_arguments(gp)
     gp.set_defaults(fn=_gpu)
 
     rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")

@@ -22,15 +22,21 @@ wheel (README "The GPU path"), in this order, each phase logged with its duratio
 A config is skipped, and says so, when the time left in the budget is shorter than the longest
 config so far. `--dry-run` runs the same phases on CPU with the tiny build, 64x64, 2 steps and
 dynamo's eager backend: `make test` runs it (tests/integration/test_bench_gpu_dry_run.py).
+
+`python -m benchmarks.gpu` is the same command as `fluxserve-bench gpu` without the other
+benchmarks' imports (aiohttp, redis, matplotlib...), for a GPU machine that carries few wheels.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
 import math
+import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -647,3 +653,40 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="the same phases on CPU with the tiny model (make test)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(GpuBenchSettings.configs))
+    parser.add_argument("--budget-s", type=float, default=GpuBenchSettings.budget_s, help="skip configs past this")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--work-dir", type=Path, help="checkpoint, repository and builds (default build/gpu-bench)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    s = GpuBenchSettings(out=args.out, configs=tuple(args.configs), budget_s=args.budget_s)
+    if args.dry_run:
+        s = dry_run_settings(s)
+    if args.work_dir:
+        s = replace(s, work_dir=args.work_dir)
+    files = gpu_bench(s)
+    sys.stdout.write(files["markdown"].read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time, here and in the servers it starts
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

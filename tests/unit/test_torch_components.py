@@ -301,3 +301,36 @@ def test_random_init_is_seeded_and_servable(tmp_path: Path) -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     other = load_module("vae", folder / "vae", torch.device("cpu"), torch.bfloat16)
     assert other.dtype == torch.bfloat16
+
+
+GPU_MACHINE_LACKS = (
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "peft",
+    "accelerate",
+    "aiohttp",
+    "redis",
+    "huey",
+    "matplotlib",
+)
+"""What the GPU path must run without: a lent GPU machine carries at most 64 MiB of wheels."""
+
+
+def test_the_gpu_path_imports_nothing_a_gpu_machine_would_have_to_carry_needlessly() -> None:
+    import subprocess
+    import sys
+
+    code = "\n".join(
+        [
+            "import sys, types",
+            *(f"sys.modules[{m!r}] = None" for m in GPU_MACHINE_LACKS),
+            "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')",
+            "import benchmarks.gpu, export.flux_publish, export.flux.torch_export, export.flux.full_size",
+            "import export.flux.lora_deltas, export.flux.image_bounds, export.torch_target, runtime.launcher",
+            "import serving.triton_flux_component, serving.triton_torch, serving.triton_generate",
+            "import serving.triton_generate_stream, serving.triton_flux_prepare",
+        ]
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
