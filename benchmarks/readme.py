@@ -25,6 +25,7 @@ SECTIONS: dict[str, Path] = {
     "overload": RESULTS / "overload.md",
     "recovery": RESULTS / "recovery.md",
     "wrk": RESULTS / "wrk.md",
+    "gpu": RESULTS / "gpu.md",  # the latest non-dry `fluxserve-bench gpu` (benchmarks/gpu.py)
 }
 
 
