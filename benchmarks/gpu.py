@@ -312,6 +312,7 @@ class InProcess:
             yield pipe
         finally:
             del pipe, modules
+            torch._dynamo.reset()  # compiled code (and CUDA graph pools) hold the modules' memory
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -495,7 +496,8 @@ def quality(configs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
                 for m in images
             ) and all(x <= MAX_LATENT_RELATIVE_ERROR for x in latents)
             out["vs_bf16"][name] = {"images": images, "latent_relative_error": latents, "within_bound": within}
-        served = c.get("triton", {}).get("points", [{}])[0].get("_images") if c.get("triton") else None
+        points = (c.get("triton") or {}).get("points") or [{}]
+        served = points[0].get("_images")
         if got and served:
             pairs = list(zip(served, got["_images"]))
             out["triton_vs_inprocess"][name] = [image_metrics(a, b) for a, b in pairs]
