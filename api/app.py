@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.admission import AdmissionSettings
 from api.auth import load_keyring
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
@@ -23,7 +24,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
-from api.shedding import EarlyShedMiddleware
+from api.shedding import EarlyShed, RefusalPacer, ShedRoute
 from api.state import AppState
 from client.control_key import control_key
 from common.secret_strength import SecretConfigError
@@ -75,19 +76,26 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     def body_limit(method: str, path: str) -> int:
         return upload_limit if (method, path.rstrip("/")) == ("POST", "/train") else settings.max_json_body_bytes
 
-    # Added innermost first: request id (outermost), metrics (so 413s and sheds are counted), body
-    # limit, early shedding (before routing and body parsing: api/shedding.py).
-    app.add_middleware(
-        EarlyShedMiddleware,
-        admission=lambda: state.admission,
-        lag=lambda: state.loop_lag,
-        queues={"/classify": lambda a: a.classify, "/generate": lambda a: a.generate},
-    )
+    # Added innermost first: request id, metrics (so 413s are counted), Host check, body limit.
+    # Early shedding is added last, so it wraps them all (api/shedding.py): a refusal costs nothing
+    # of theirs, and counts itself under its route.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     # Host allow-list (DNS rebinding) before any work, inside metrics so refusals are counted.
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
+    admission = AdmissionSettings()
+    state.pacer = RefusalPacer(admission.shed_refusal_budget_per_s, admission.shed_max_hold_s)
+    app.add_middleware(
+        EarlyShed,
+        admission=lambda: state.admission,
+        lag=lambda: state.loop_lag,
+        routes={
+            "/classify": ShedRoute(lambda a: a.classify, state.metrics.counter("/classify", "POST", 503)),
+            "/generate": ShedRoute(lambda a: a.generate, state.metrics.counter("/generate", "POST", 503)),
+        },
+        pacer=state.pacer,
+    )
     install_error_handlers(app)
     # Routes are matched in order: the high-rate one first.
     app.include_router(classify.router)

@@ -23,6 +23,7 @@ from client.errors import (
     InvalidInputError,
     ModelFailedError,
     ModelNotReadyError,
+    OverloadedError,
     RequestCancelledError,
     RequestTimeoutError,
     ServerUnavailableError,
@@ -92,7 +93,8 @@ def public_error(exc: BaseException) -> tuple[int, str, str]:
         log.error("unhandled error", exc_info=exc)
         return 500, "internal_error", f"internal error; request id {current_request_id()}"
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
+    if not isinstance(exc, OverloadedError):  # refusals are counted in /metrics, not logged one by one
+        log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
     return status, ERROR_TYPES.get(status, "error"), public_message(exc)
 
 
@@ -132,6 +134,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
         if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
             request.app.state.fluxserve.readiness.model_failed(exc)
+        if isinstance(exc, OverloadedError):  # paced like the early refusals (api/shedding.py)
+            await request.app.state.fluxserve.pacer.held()
         status, kind, message = public_error(exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None

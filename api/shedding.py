@@ -1,34 +1,38 @@
-"""Shed load before it costs anything: 503 + Retry-After ahead of routing and body parsing.
+"""Shed load before it costs anything: 503 + Retry-After ahead of every middleware, routing and
+body parsing.
 
 Admission control (api.admission) decides inside the handler, after FastAPI has read and
-validated the body, resolved dependencies and checked the key. When the facade itself is the
-bottleneck (a /classify burst on a small machine) that work is most of a request's cost, so
-rejecting there still saturates the event loop: requests queue in the loop before admission
-sees them, served latency and rejection time grow to seconds, and connections start failing.
+validated the body, resolved dependencies and checked the key. Under clients that retry at once
+(load balancers, wrk, a busy fleet: closed loop, Retry-After ignored) every refusal comes straight
+back, so what a refusal costs is taken from serving, again and again. So the same decision is made
+here first, on what is queued, in a few microseconds: `EarlyShed` wraps the whole application
+(outermost, before request ids, metrics and the Host check), answers with bytes built once per
+route and Retry-After value, and counts the refusal in one pre-bound counter: no logging, no
+label lookups, no body read (uvicorn discards the unread rest; the connection stays usable).
 
-One estimate is checked here, per request, in a few microseconds: how long a request that has
-just arrived will have waited before its own work starts, i.e. the sum of
-* how late the event loop is: `LoopLag` measures how late a periodic timer fires, which is how
-  long a request waits before the facade gets to read it, and
-* the route's cost queue: work admitted and not finished, over the measured throughput.
-Over the route's maximum wait, the request is shed. Counting both (not either) matters under
-heavy overload: the loop is then late by a good part of the bound, and a request admitted on the
-queue alone would wait the lag *and* the queue, which is what made accepted p99 run to 3x the bound.
-Neither sheds a request when the route has nothing in flight: as in admission, a lone request is
-always served (on a busy host the process itself may be descheduled, which looks like lag).
+The decision: a route's cost queue (api.admission.CostQueue) has room for a typical request,
+where the room shrinks by how late the event loop is (`LoopLag`: how long a request that has just
+arrived waits before the facade reads it), but never below one full batch: under a storm the loop
+is late because of the storm, and a bound that shrank to nothing would refuse the work that keeps
+the server busy. A lone request is always served.
+
+Refusals are also paced (`RefusalPacer`, here and for the handler's own 503s, api/errors.py): when more refusals are waiting to be answered than the
+budget clears at once, each waits its turn, at most `max_hold_s`. An immediate-retry client then
+retries at the pace the server chooses instead of spinning on 503s; a client that honours
+Retry-After never notices. Measured effect: docs/benchmarks.md, "Goodput under immediate retries".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.admission import Admission, CostQueue
-from api.errors import retry_after, send_error
 
 LAG_INTERVAL_S = 0.01
 LAG_SMOOTHING = 0.5
@@ -61,53 +65,98 @@ class LoopLag:
             self.lag_s = (1 - self.smoothing) * self.lag_s + self.smoothing * late
 
 
+class RefusalPacer:
+    """How long to hold a refusal before answering it: none while few refusals are pending; when
+    `pending` exceed what `budget_per_s` clears at once, `pending / budget_per_s`, at most `max_hold_s`."""
+
+    def __init__(self, budget_per_s: float, max_hold_s: float) -> None:
+        self.budget_per_s, self.max_hold_s = budget_per_s, max_hold_s
+        self.pending = 0
+
+    def hold_s(self) -> float:
+        if self.max_hold_s <= 0 or self.budget_per_s <= 0:
+            return 0.0
+        return min(self.max_hold_s, self.pending / self.budget_per_s)
+
+    async def held(self) -> None:
+        """Wait this refusal's turn (the caller answers afterwards, even when cancelled meanwhile)."""
+        self.pending += 1
+        try:
+            delay = self.hold_s()
+            if delay >= 0.001:
+                await asyncio.sleep(delay)
+        finally:
+            self.pending -= 1
+
+
 @dataclass(frozen=True)
 class ShedRoute:
-    """Stands in for the matched route in the scope, so rejected requests are counted under the
-    route's own label in /metrics (api.metrics reads `scope["route"].path`)."""
+    """One route that is shed here: its cost queue and a counter (a pre-bound metrics child)
+    incremented per refusal."""
 
-    path: str
-
-
-def shed_reason(queue: CostQueue, lag_s: float) -> tuple[str, float] | None:
-    """(message, retry-after seconds) when a request for `queue` must be shed now, else None."""
-    if queue.in_flight == 0:
-        return None  # a lone request is always served (a descheduled process is late too)
-    if lag_s > queue.max_wait_s:
-        return f"the server is saturated (requests wait {lag_s:.2f}s before being read); retry later", 1.0
-    wait = queue.estimated_wait_s()
-    if lag_s + wait > queue.max_wait_s:
-        return (
-            f"{queue.name} is at capacity: about {wait:.1f}s of work is ahead (limit {queue.max_wait_s:g}s); retry later",
-            max(1.0, wait - queue.max_wait_s),
-        )
-    return None
+    queue: Callable[[Admission], CostQueue]
+    count: Callable[[], None]
 
 
-class EarlyShedMiddleware:
-    """Answers 503 + Retry-After for POSTs to the routes in `queues` when `shed_reason` says so,
-    without reading the body (uvicorn discards the unread rest; the connection stays usable)."""
+def should_shed(queue: CostQueue, lag_s: float) -> bool:
+    """True when a request of the typical admitted cost could not be admitted now (the body is not
+    read here; the handler's admission decides on the real cost of what passes)."""
+    return not queue.has_room(queue.typical_cost, lag_s)
+
+
+class _Answers:
+    """The refusal's response messages, built once per (route, Retry-After seconds)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], tuple[dict, dict]] = {}
+
+    def get(self, path: str, queue: CostQueue) -> tuple[dict, dict]:
+        seconds = max(1, min(60, round(queue.retry_after_s())))
+        key = (path, seconds)
+        found = self._cache.get(key)
+        if found is None:
+            message = f"{queue.name} is at capacity; retry after {seconds}s"
+            body = json.dumps({"error": {"type": "unavailable", "message": message}}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(seconds).encode()),
+            ]
+            found = (
+                {"type": "http.response.start", "status": 503, "headers": headers},
+                {"type": "http.response.body", "body": body},
+            )
+            self._cache[key] = found
+        return found
+
+
+class EarlyShed:
+    """Wraps the whole ASGI app: POSTs to `routes` are answered 503 + Retry-After when
+    `should_shed` says so, after the pacer's hold, without reading the body."""
 
     def __init__(
         self,
         app: ASGIApp,
         admission: Callable[[], Admission | None],
         lag: Callable[[], LoopLag | None],
-        queues: dict[str, Callable[[Admission], CostQueue]],
+        routes: dict[str, ShedRoute],
+        pacer: RefusalPacer,
     ) -> None:
-        self.app, self.admission, self.lag, self.queues = app, admission, lag, queues
+        self.app, self.admission, self.lag, self.routes, self.pacer = app, admission, lag, routes, pacer
+        self._answers = _Answers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pick = self.queues.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        admission, lag = self.admission(), self.lag()
-        if pick is not None and admission is not None:
-            reason = shed_reason(pick(admission), lag.lag_s if lag is not None else 0.0)
-            if reason is not None:
-                scope["route"] = ShedRoute(scope["path"])
-                await _unavailable(send, *reason)
-                return
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is not None and scope["method"] == "POST":
+            admission = self.admission()
+            if admission is not None:
+                queue = route.queue(admission)
+                lag = self.lag()
+                if should_shed(queue, lag.lag_s if lag is not None else 0.0):
+                    route.count()
+                    await self.pacer.held()
+                    start, body = self._answers.get(scope["path"], queue)
+                    await send(start)
+                    await send(body)
+                    return
         await self.app(scope, receive, send)
-
-
-async def _unavailable(send: Send, message: str, retry_after_s: float) -> None:
-    await send_error(send, 503, "unavailable", message, retry_after(retry_after_s))

@@ -19,7 +19,7 @@ from api.classify_batcher import ClassifyBatcher
 from api.metrics import ApiMetrics
 from api.readiness import Readiness
 from api.settings import ApiSettings
-from api.shedding import LoopLag
+from api.shedding import LoopLag, RefusalPacer
 from api.upload_gate import UploadSlots
 from client.contract import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient, ClassifyResult
@@ -75,6 +75,8 @@ class AppState:
     """None when FLUXSERVE_API_CLASSIFY_CALLS_INFLIGHT=0 (one Triton call per request)."""
     admission: Admission | None = None
     loop_lag: LoopLag | None = None
+    pacer: RefusalPacer = field(default_factory=lambda: RefusalPacer(0.0, 0.0))
+    """Holds 503s for overload when many are pending (api/shedding.py); set by create_app."""
     stopping: asyncio.Event | None = None
     """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
     _loop: asyncio.AbstractEventLoop | None = None
