@@ -357,6 +357,8 @@ class InProcess:
             "warmup_s": round(warmup_s, 2),
             "s_per_image": round(float(np.mean(seconds)), 3),
             "images": len(seconds),
+            # Random weights at full depth: a non-finite latent would make every comparison meaningless.
+            "latents_finite": bool(all(np.isfinite(x).all() for x in latents)),
             "_latents": latents,
             "_images": images,
         }

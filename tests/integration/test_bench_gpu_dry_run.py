@@ -57,7 +57,7 @@ def test_every_config_served_every_load_point(dry_run) -> None:
         config = result["configs"][name]
         assert "error" not in config, config.get("error")
         assert config["runtime"] == CONFIGS[name]
-        assert config["inprocess"]["s_per_image"] > 0
+        assert config["inprocess"]["s_per_image"] > 0 and config["inprocess"]["latents_finite"]
         points = config["triton"]["points"]
         assert [p["clients"] for p in points] == list(CLIENTS)
         for p in points:

@@ -5,7 +5,8 @@ The other public behaviours run on both targets in test_generate.py and test_gen
 shared one keeps serving the built LoRA for their parity test) and checks what a user and an
 operator see: a new `generate` version, an image equal to diffusers' pipeline with that LoRA fused,
 a transformer version that added only the LoRA's factors (its weights are the same files), and
-T5 and the VAE untouched (no new version, no reload).
+T5 and the VAE untouched (no new version, no reload). And the facade, unary and streamed, in
+front of the shared gpu-torch Triton.
 """
 
 from __future__ import annotations
@@ -80,3 +81,27 @@ def test_a_new_lora_is_swapped_in_as_factors(swap_repo: Path, swap_triton, tmp_p
     diff = np.abs(after.image.astype(np.int16) - ref)
     assert diff.mean() <= 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
     assert np.abs(after.image.astype(np.int16) - before.image.astype(np.int16)).mean() > 1  # the LoRA changed it
+
+
+def test_the_facade_serves_gpu_torch_as_it_serves_cpu(torch_triton) -> None:
+    """/generate, unary and streamed, through the real facade in front of a gpu-torch Triton."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests.conftest import start_facade
+
+    facade = start_facade(torch_triton.grpc_url, {"FLUXSERVE_API_REQUIRED_MODELS": '["generate"]'}, "/readyz")
+    body = {"prompt": "a red fox in snow", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    try:
+        with facade.client(timeout_s=300) as http:
+            unary = http.post("/generate", json=body)
+            with http.stream("POST", "/generate", json=body, headers={"accept": "text/event-stream"}) as r:
+                events = [line[6:].strip() for line in r.iter_lines() if line.startswith("event:")]
+    finally:
+        facade.stop()
+    assert unary.status_code == 200, unary.text
+    image = Image.open(io.BytesIO(base64.b64decode(unary.json()["images"][0])))
+    assert image.size == (64, 64) and unary.json()["prompt"].startswith("Super Realism")
+    assert events == ["progress", "progress", "image"], events
