@@ -25,6 +25,7 @@ from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
 from api.shedding import EarlyShed, RefusalPacer, ShedRoute
+from api.slow_clients import guarded_protocol, raise_open_file_limit
 from api.state import AppState
 from client.control_key import control_key
 from common.secret_strength import SecretConfigError
@@ -123,8 +124,10 @@ def serve(settings: ApiSettings) -> None:
             app.state.fluxserve.begin_shutdown()  # end in-flight work now, with an answer
             super().handle_exit(sig, frame)
 
-    # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults;
+    # uvloop and httptools (pinned in pyproject) are picked up by uvicorn's "auto" defaults; the
+    # protocol is httptools' with bounds on slow and many clients (api/slow_clients.py).
     # log_config=None: uvicorn's lines go through our handler, request id included.
+    raise_open_file_limit(settings.max_connections + 1024)  # + Triton channels, files, logs
     Server(
         uvicorn.Config(
             app,
@@ -134,6 +137,15 @@ def serve(settings: ApiSettings) -> None:
             access_log=settings.access_log,
             timeout_graceful_shutdown=STOP_GRACE_S,
             log_config=None,
+            http=guarded_protocol(
+                settings.header_timeout_s,
+                settings.body_timeout_s,
+                settings.body_min_bytes_per_s,
+                settings.max_connections,
+            ),
+            # Connections wait in the kernel's queue while the loop is busy; a burst of
+            # thousands of clients must not be refused at connect (uvicorn's default is 2048).
+            backlog=4096,
         )
     ).run()
 

@@ -71,6 +71,16 @@ class ApiSettings(BaseSettings):
     max_concurrent_uploads: int = Field(4, ge=1)
     """POST /train uploads this facade streams and validates at once; one more is answered 503 with
     Retry-After before its body is read (each holds up to the upload limit on disk and a decode thread)."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A request's headers must arrive within this long (of its first byte, or of the connection's
+    opening), else the connection is closed without an answer (api/slow_clients.py: slowloris)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    body_min_bytes_per_s: float = Field(64 * 1024, gt=0)
+    """A body must arrive within body_timeout_s plus its declared length at this rate, else the
+    connection is closed (the handler sees a disconnect)."""
+    max_connections: int = Field(8192, ge=1)
+    """Open connections at most; one more is closed when accepted (the client sees a reset). Held
+    refusals (api/shedding.py) keep connections open for up to half a second each, hence the room."""
     min_free_disk_mb: int = Field(1024, ge=0)
     """POST /train answers 507 before reading the body while the jobs folder's filesystem has less free."""
 
