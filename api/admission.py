@@ -23,8 +23,10 @@ longer wait for a few seconds after a real loss of capacity.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,10 +57,14 @@ log = logging.getLogger(__name__)
 
 MIN_SAMPLE_S = 0.05
 """Completions closer together than this are pooled into one throughput sample (no 0-division
-spikes when a batch of requests finishes at once)."""
+spikes when a batch of requests finishes at once). /generate uses `generate_sample_s`: its
+requests finish in batches seconds apart, and a short window read one batch's completions as a
+rate several times the real one, which the slow-falling estimate then kept."""
 
 
 TYPICAL_COST_SMOOTHING = 0.1
+TORCH_DEVICE_PARAMETER = "torch_device"
+"""common.torch_runtime.TorchRuntime.device, as the gpu-torch target renders it into a config."""
 
 
 class AdmissionSettings(BaseSettings):
@@ -76,6 +82,11 @@ class AdmissionSettings(BaseSettings):
     """Transformer activation memory that admitted generations may use together. None: half of
     this machine's memory on a CPU deployment, no guard on GPU (TensorRT profiles bound it)."""
     generate_max_wait_s: float = 5.0
+    generate_triton_slots: int | None = None
+    """Triton `generate` requests (images) out at once; None: the deployed model's max_queue_size,
+    so that Triton never bounces an admitted request (see DispatchGate)."""
+    generate_sample_s: float = 2.0
+    """Busy time pooled into one /generate throughput sample (see MIN_SAMPLE_S)."""
     generate_initial_rate_mps: float = 0.5
     """Throughput assumed until the first measurement (megapixel-steps per second)."""
     classify_max_wait_s: float = 0.15
@@ -89,7 +100,7 @@ class AdmissionSettings(BaseSettings):
     """Weight of the newest throughput sample in the moving average."""
     capacity_half_life_s: float = 30.0
     """How fast the capacity estimate may fall (see the module docstring)."""
-    shed_refusal_budget_per_s: float = 500.0
+    shed_refusal_budget_per_s: float = 200.0
     """Refusals answered per second before the rest are held (api/shedding.py: RefusalPacer)."""
     shed_max_hold_s: float = 0.5
     """Longest a refusal is held before it is answered; 0 answers every refusal at once (then
@@ -110,9 +121,10 @@ class CostQueue:
         smoothing: float,
         floor: float = 0.0,
         half_life_s: float = 30.0,
+        sample_s: float = MIN_SAMPLE_S,
     ) -> None:
         self.name, self.unit, self.max_wait_s, self.smoothing = name, unit, max_wait_s, smoothing
-        self.floor, self.half_life_s = floor, half_life_s
+        self.floor, self.half_life_s, self.sample_s = floor, half_life_s, sample_s
         self.rate = initial_rate
         """Moving average of measured throughput (cost per second of busy time)."""
         self.typical_cost = 0.0
@@ -169,7 +181,7 @@ class CostQueue:
         if completed and self._mark is not None:
             self._done_since_mark += cost
             elapsed = now - self._mark
-            if elapsed >= MIN_SAMPLE_S:
+            if elapsed >= self.sample_s:
                 sample = self._done_since_mark / elapsed
                 self.rate = (1 - self.smoothing) * self.rate + self.smoothing * sample
                 self._mark, self._done_since_mark = now, 0.0
@@ -214,6 +226,62 @@ class MemoryBudget:
             self.in_flight -= needed
 
 
+class DispatchGate:
+    """First in, first out: at most `capacity` Triton `generate` requests (images) out at once.
+
+    Triton refuses what its `generate` queue cannot hold, as a 503 that costs a whole request's
+    parsing, a gRPC call and Triton's own work. Admitted work beyond that waits here instead, in
+    arrival order, so an admitted request is not bounced by Triton (issue 24: at 64 connections
+    nearly every /generate answer was such a bounce and goodput halved). The capacity is the
+    queue's max_queue_size, not that plus the instances: Triton still counts a request for a
+    moment after its response has reached us, and with instances + queue (12 here) half the
+    requests were still bounced; with the queue alone (8), none, and instances stay busy. The cost
+    queue still bounds how much waits."""
+
+    def __init__(self) -> None:
+        self.capacity: int | None = None
+        """None: no bound (a queue Triton does not limit)."""
+        self.out = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _grant(self) -> None:
+        while self._waiting:
+            n, future = self._waiting[0]
+            if future.done():  # its caller went away
+                self._waiting.popleft()
+                continue
+            if self.capacity is not None and self.out + n > max(self.capacity, n):
+                return
+            self._waiting.popleft()
+            self.out += n
+            future.set_result(None)
+
+    def resize(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self._grant()
+
+    @asynccontextmanager
+    async def held(self, n: int) -> AsyncIterator[None]:
+        """Hold `n` slots for the block (a request larger than the capacity waits for all of it)."""
+        if not self._waiting and (self.capacity is None or self.out + n <= max(self.capacity, n)):
+            self.out += n
+        else:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((n, future))
+            try:
+                await future
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    self.out -= n  # granted as it was cancelled: give the slots back
+                    self._grant()
+                raise
+        try:
+            yield
+        finally:
+            self.out -= n
+            self._grant()
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What the deployed `generate` model tells admission control."""
@@ -222,6 +290,8 @@ class ModelFacts:
     shape: TransformerShape
     image_budget_bytes: int | None = None
     """What one image may use in a `generate` instance, which refuses more itself (client.cost)."""
+    triton_slots: int | None = None
+    """Requests the facade sends `generate` at once (its max_queue_size); None: unbounded."""
 
 
 class Admission:
@@ -238,6 +308,7 @@ class Admission:
             settings.generate_initial_rate_mps,
             settings.rate_smoothing,
             half_life_s=settings.capacity_half_life_s,
+            sample_s=settings.generate_sample_s,
         )
         self.classify = CostQueue(
             "classification",
@@ -249,10 +320,14 @@ class Admission:
             half_life_s=settings.capacity_half_life_s,
         )
         self.memory = MemoryBudget()
+        self.dispatch = DispatchGate()
+        self._host_memory_bytes = psutil.virtual_memory().total
 
     async def facts(self) -> ModelFacts:
         if self._facts is None or time.monotonic() - self._facts[0] > self.settings.model_facts_ttl_s:
             self._facts = (time.monotonic(), await self._model_facts())
+            slots = self.settings.generate_triton_slots
+            self.dispatch.resize(slots if slots is not None else self._facts[1].triton_slots)
         return self._facts[1]
 
     def max_cost_mps(self, facts: ModelFacts) -> float:
@@ -263,7 +338,7 @@ class Admission:
     def memory_budget_bytes(self, facts: ModelFacts) -> int | None:
         if self.settings.generate_memory_budget_mb is not None:
             return int(self.settings.generate_memory_budget_mb * 2**20)
-        return None if facts.on_gpu else psutil.virtual_memory().total // 2
+        return None if facts.on_gpu else self._host_memory_bytes // 2
 
     @asynccontextmanager
     async def generation(self, width: int, height: int, steps: int, images: int) -> AsyncIterator[None]:
@@ -282,7 +357,7 @@ class Admission:
             raise InvalidInputError(memory_guard_message(per_image, facts.image_budget_bytes))
         needed = transformer_peak_bytes(width, height, images, facts.shape)
         self.memory.check(needed, self.memory_budget_bytes(facts))
-        async with self.generate.admitted(cost), self.memory.held(needed):
+        async with self.generate.admitted(cost), self.memory.held(needed), self.dispatch.held(images):
             yield
 
     def classification(self, texts: int):
@@ -306,9 +381,13 @@ async def deployed_model_facts(triton: AsyncTritonClient) -> ModelFacts:
         int(number(TEXT_TOKENS_PARAMETER, default.text_tokens)),
     )
     instances = sum(int(g.get("count", 1)) for g in generate.get("instance_group", []))
-    # On CPU every model runs in the python backend; on GPU the transformer is an engine.
+    queue = int(generate.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 0) or 0)
+    # On CPU every model runs in the python backend; on GPU the transformer is an engine, or (the
+    # gpu-torch target) a python model whose runtime puts it on a CUDA device.
+    device = transformer.get("parameters", {}).get(TORCH_DEVICE_PARAMETER, {}).get("string_value", "")
     return ModelFacts(
-        on_gpu=transformer.get("backend") != "python",
+        on_gpu=transformer.get("backend") != "python" or device.startswith("cuda"),
         shape=shape,
         image_budget_bytes=instance_memory_budget(number(HOST_MEMORY_SHARE_PARAMETER, 0), instances),
+        triton_slots=queue if queue > 0 else None,
     )

@@ -50,11 +50,10 @@ def error_event(exc: BaseException, state: AppState | None = None) -> dict[str, 
     return event("error", {"error": {"type": kind, "message": message}})
 
 
-async def generation_events(
-    state: AppState, body: GenerateRequest, prompt: str, seed: int
-) -> AsyncIterator[dict[str, str]]:
+async def generation_events(state: AppState, body: GenerateRequest, seed: int) -> AsyncIterator[dict[str, str]]:
     """A streamed generation is admitted like a unary one (api.admission: over the per-request
-    cost it is refused, and when the estimated wait is too long it is shed), as an `error` event."""
+    cost it is refused, and when the estimated wait is too long it is shed), as an `error` event.
+    The trigger words are looked up once admitted, as in the unary path."""
     admission = state.admission.generation(body.width, body.height, body.steps, body.num_images)
     try:
         await admission.__aenter__()
@@ -62,6 +61,11 @@ async def generation_events(
         yield error_event(e)
         return
     try:
+        try:
+            prompt = await state.generation_prompt(body.prompt)
+        except FluxServeError as e:
+            yield error_event(e, state)
+            return
         async for item in _admitted_generation_events(state, body, prompt, seed):
             yield item
     finally:

@@ -17,6 +17,7 @@ from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.auth_limit import FailedAuthLimiter
 from api.classify_batcher import ClassifyBatcher
 from api.metrics import ApiMetrics
+from api.prompt_rewrite import with_trigger
 from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag, RefusalPacer
@@ -126,6 +127,10 @@ class AppState:
             return self.settings.classify_threshold
         value = await self.thresholds.get(self.triton, version)
         return float(value) if value else DEFAULT_THRESHOLD
+
+    async def generation_prompt(self, prompt: str) -> str:
+        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled)."""
+        return with_trigger(prompt, await self.trigger_word(), self.settings.add_trigger_word)
 
     async def trigger_word(self) -> str:
         """The trigger words of the LoRA in the newest ready `generate` version (the one a request

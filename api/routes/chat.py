@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.event_stream import error_event, event, generation_events, wants_event_stream
 from api.prompt_rewrite import image_prompt
-from api.routes.generate import generate, raw_format, with_trigger
+from api.routes.generate import generate, raw_format
 from api.schemas import ChatKind, ChatRequest, ChatResponse, ClassifyResult, ErrorResponse, GenerateRequest
 from api.state import AppState, get_state
 from client.contract import IMAGE_REQUEST
@@ -85,9 +85,8 @@ async def chat_events(body: ChatRequest, state: AppState) -> AsyncIterator[dict[
     try:
         gen = generation_request(body)
         seed = gen.seed if gen.seed is not None else random_seed()
-        prompt = with_trigger(gen.prompt, await state.trigger_word(), state.settings.add_trigger_word)
     except FluxServeError as e:
         yield error_event(e, state)
         return
-    async for item in generation_events(state, gen, prompt, seed):
+    async for item in generation_events(state, gen, seed):
         yield item

@@ -37,12 +37,6 @@ def encode_image(pixels, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def with_trigger(prompt: str, trigger: str, enabled: bool) -> str:
-    if not enabled or not trigger or trigger.lower() in prompt.lower():
-        return prompt
-    return f"{trigger}, {prompt}"
-
-
 def raw_format(accept: str) -> str | None:
     """The image format a client asked for by Accept header, if it asked for raw bytes."""
     for fmt, media in MEDIA_TYPES.items():
@@ -67,15 +61,16 @@ async def generate(
 ) -> GenerateResponse | Response:
     settings = state.settings
     seed = body.seed if body.seed is not None else random_seed()
-    trigger = await state.trigger_word()
-    prompt = with_trigger(body.prompt, trigger, settings.add_trigger_word)
     if wants_event_stream(request):
-        return EventSourceResponse(generation_events(state, body, prompt, seed))
+        return EventSourceResponse(generation_events(state, body, seed))
     raw = raw_format(request.headers.get("accept", ""))
     if raw and body.num_images != 1:
         raise InvalidInputError("raw image responses carry one image: use num_images=1 or Accept: application/json")
     started = time.perf_counter()
     async with state.admission.generation(body.width, body.height, body.steps, body.num_images):
+        # Admitted first: the trigger word asks Triton which version serves, and a refused request
+        # must cost nothing more than the refusal (issue 24).
+        prompt = await state.generation_prompt(body.prompt)
         # Images of one request run concurrently, so they share transformer steps in Triton; they
         # share one fate too, and all are cancelled when the client leaves or the deadline passes.
         work = all_or_nothing(

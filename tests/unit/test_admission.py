@@ -303,3 +303,57 @@ def test_loop_lag_sees_a_blocked_event_loop() -> None:
 
     quiet, blocked = asyncio.run(main())
     assert blocked >= 0.25 and quiet < blocked
+
+
+def test_dispatch_gate_is_fifo_and_never_over_capacity() -> None:
+    from api.admission import DispatchGate
+
+    async def run() -> tuple[list[str], int]:
+        gate = DispatchGate()
+        gate.resize(3)
+        order: list[str] = []
+        most = 0
+        release = asyncio.Event()
+
+        async def request(name: str, images: int) -> None:
+            nonlocal most
+            async with gate.held(images):
+                order.append(name)
+                most = max(most, gate.out)
+                await release.wait()
+
+        tasks = [asyncio.create_task(request(n, k)) for n, k in [("a", 2), ("b", 2), ("c", 1), ("d", 1)]]
+        await asyncio.sleep(0)
+        assert order == ["a"]  # b needs 2 of the 1 left; c and d queue behind b (first in, first out)
+        gone = asyncio.create_task(request("gone", 1))
+        await asyncio.sleep(0)
+        gone.cancel()  # a caller that leaves while waiting takes no slot
+        release.set()
+        await asyncio.gather(*tasks)
+        assert gate.out == 0 and not gate._waiting
+        return order, most
+
+    order, most = asyncio.run(run())
+    assert order == ["a", "b", "c", "d"] and most <= 3
+
+
+def test_deployed_facts_read_triton_slots_and_the_torch_device() -> None:
+    from api.admission import deployed_model_facts
+
+    class Configs:
+        def __init__(self, transformer: dict) -> None:
+            self.transformer = transformer
+
+        async def model_config(self, model: str) -> dict:
+            if model == "generate":
+                return {
+                    "instance_group": [{"count": 4}],
+                    "dynamic_batching": {"default_queue_policy": {"max_queue_size": 8}},
+                }
+            return self.transformer
+
+    cpu = asyncio.run(deployed_model_facts(Configs({"backend": "python"})))  # type: ignore[arg-type]
+    assert cpu.triton_slots == 8 and not cpu.on_gpu
+    torch_cuda = {"backend": "python", "parameters": {"torch_device": {"string_value": "cuda:0"}}}
+    assert asyncio.run(deployed_model_facts(Configs(torch_cuda))).on_gpu  # type: ignore[arg-type]
+    assert asyncio.run(deployed_model_facts(Configs({"platform": "onnxruntime_onnx"}))).on_gpu  # type: ignore[arg-type]
