@@ -54,6 +54,7 @@ bench: models
 	$(BIN)/fluxserve-bench run
 	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
+	$(BIN)/fluxserve-bench goodput
 	$(BIN)/fluxserve-bench readme
 
 bench-smoke: models

@@ -16,8 +16,7 @@ The capacity estimate samples completed cost over busy time (time with work in f
 measures aggregate capacity under load whatever the concurrency inside Triton. It falls slowly
 (hysteresis: the peak of recent estimates, halving every `capacity_half_life_s`): when refusals
 take CPU from serving, the measured rate dips, and an estimate that followed the dip would refuse
-more, which takes more CPU: under clients that retry at once, that loop collapsed goodput to 2%
-(issue 24). Admitted work is bounded by the limit either way, so a slow fall costs at most a
+more, which takes more CPU: under clients that retry at once, that loop collapsed goodput (issue 24). Admitted work is bounded by the limit either way, so a slow fall costs at most a
 longer wait for a few seconds after a real loss of capacity.
 """
 
@@ -89,10 +88,10 @@ class AdmissionSettings(BaseSettings):
     """Busy time pooled into one /generate throughput sample (see MIN_SAMPLE_S)."""
     generate_initial_rate_mps: float = 0.5
     """Throughput assumed until the first measurement (megapixel-steps per second)."""
-    classify_max_wait_s: float = 0.15
+    classify_max_wait_s: float = 0.08
     """Accepted /classify requests should answer within 250 ms at any load (issue 24): this bound
-    on the queue ahead, plus the service time and the facade's own delay under load, stays below
-    that (docs: benchmarks, goodput)."""
+    on the queue ahead, plus the service time and the facade's own delay under a storm, stays below
+    that (README: "Goodput under immediate retries" has the figures behind the value)."""
     classify_floor_texts: float = CLASSIFY_LIMITS.max_texts_per_request
     """Texts always admitted while fewer are in flight: one full `classify` call."""
     classify_initial_rate_texts: float = 200.0
@@ -231,12 +230,12 @@ class DispatchGate:
 
     Triton refuses what its `generate` queue cannot hold, as a 503 that costs a whole request's
     parsing, a gRPC call and Triton's own work. Admitted work beyond that waits here instead, in
-    arrival order, so an admitted request is not bounced by Triton (issue 24: at 64 connections
-    nearly every /generate answer was such a bounce and goodput halved). The capacity is the
-    queue's max_queue_size, not that plus the instances: Triton still counts a request for a
-    moment after its response has reached us, and with instances + queue (12 here) half the
-    requests were still bounced; with the queue alone (8), none, and instances stay busy. The cost
-    queue still bounds how much waits."""
+    arrival order, so an admitted request is not bounced by Triton (issue 24: such bounces were
+    most of the 503s of a /generate storm, each costing a parse and a gRPC call). The capacity is
+    the queue's max_queue_size, not that plus the instances: Triton still counts a request for a
+    moment after its response has reached us, so instances + queue still bounced requests, while
+    the queue alone keeps the instances busy without (README: "Goodput under immediate retries").
+    The cost queue still bounds how much waits."""
 
     def __init__(self) -> None:
         self.capacity: int | None = None

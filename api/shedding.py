@@ -19,7 +19,7 @@ the server busy. A lone request is always served.
 Refusals are also paced (`RefusalPacer`, here and for the handler's own 503s, api/errors.py): when more refusals are waiting to be answered than the
 budget clears at once, each waits its turn, at most `max_hold_s`. An immediate-retry client then
 retries at the pace the server chooses instead of spinning on 503s; a client that honours
-Retry-After never notices. Measured effect: docs/benchmarks.md, "Goodput under immediate retries".
+Retry-After never notices. Measured effect: README, "Goodput under immediate retries".
 """
 
 from __future__ import annotations

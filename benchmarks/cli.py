@@ -7,6 +7,7 @@ fluxserve-bench precision [--concurrency 32] [--duration-s 10]  # fp32 vs int8 c
 fluxserve-bench sweep [--concurrency 32] [--duration-s 8] [--candidates 0 2000 5000:16,32]
 fluxserve-bench swap [--concurrency 2] [--train-steps 40]  # training job + hot swap under /generate load
 fluxserve-bench overload [--duration-s 30] [--multipliers 2 5 10]  # shedding beyond capacity
+fluxserve-bench goodput [--duration-s 10] [--endpoints ...]          # closed loop, immediate retries
 fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs baseline, driven by wrk
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench gpu [--dry-run] [--configs bf16 bf16-compile fp8-compile]  # the gpu-torch path, 1024², 28 steps
@@ -131,6 +132,23 @@ def _overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _goodput(args: argparse.Namespace) -> int:
+    from benchmarks.goodput import GoodputSettings, goodput, render_markdown
+
+    s = GoodputSettings(
+        duration_s=args.duration_s,
+        endpoints=tuple(args.endpoints),
+        drivers=tuple(args.drivers),
+        facade_env=dict(kv.split("=", 1) for kv in args.facade_env),
+        out=args.out,
+        log_dir=args.log_dir,
+    )
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    sys.stdout.write(render_markdown(goodput(s)))
+    return 0
+
+
 def _recovery(args: argparse.Namespace) -> int:
     from benchmarks.recovery import RecoverySettings, recovery, render_markdown
 
@@ -249,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)
     ov.set_defaults(fn=_overload)
+
+    from benchmarks.goodput import RESULT_FILE as GOODPUT_RESULT
+
+    gp = sub.add_parser(
+        "goodput", help="closed loop, immediate retries: answered-200 rate at 1x-64x the saturating concurrency"
+    )
+    gp.add_argument("--duration-s", type=float, default=10.0, help="seconds per load point and driver")
+    gp.add_argument("--endpoints", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
+    gp.add_argument("--drivers", nargs="+", choices=["wrk", "python"], default=["wrk", "python"])
+    gp.add_argument("--facade-env", nargs="*", default=[], metavar="NAME=VALUE", help="an experiment's facade settings")
+    gp.add_argument("--model-repository", type=Path)
+    gp.add_argument("--out", type=Path, default=GOODPUT_RESULT)
+    gp.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    gp.set_defaults(fn=_goodput)
 
     from benchmarks.recovery import RESULT_FILE as RECOVERY_RESULT
 

@@ -1,7 +1,7 @@
 """`fluxserve-bench readme`: put the latest measured tables into README.md.
 
 The README shows what the benchmark last measured, never numbers typed by hand: each result's
-markdown (written next to its JSON by `fluxserve-bench run` / `swap` / `precision` / `overload` /
+markdown (written next to its JSON by `fluxserve-bench run` / `swap` / `precision` / `overload` / `goodput` /
 `recovery` / `wrk`) replaces the text between
 its pair of markers.
 """
@@ -23,6 +23,7 @@ SECTIONS: dict[str, Path] = {
     "swap": RESULTS / "swap.md",
     "precision": RESULTS / "precision" / "latest.md",
     "overload": RESULTS / "overload.md",
+    "goodput": RESULTS / "goodput.md",
     "recovery": RESULTS / "recovery.md",
     "wrk": RESULTS / "wrk.md",
     "gpu": RESULTS / "gpu.md",  # the latest non-dry `fluxserve-bench gpu` (benchmarks/gpu.py)
