@@ -100,10 +100,13 @@ class AdmissionSettings(BaseSettings):
     capacity_half_life_s: float = 30.0
     """How fast the capacity estimate may fall (see the module docstring)."""
     shed_refusal_budget_per_s: float = 200.0
-    """Refusals answered per second before the rest are held (api/shedding.py: RefusalPacer)."""
+    """Immediate retries answered per second before the rest are held (api/shedding.py: RefusalPacer)."""
     shed_max_hold_s: float = 0.5
-    """Longest a refusal is held before it is answered; 0 answers every refusal at once (then
-    clients that retry at once spin on 503s, taking the CPU that serving needs)."""
+    """Longest an immediate retry's refusal is held before it is answered; 0 answers every refusal
+    at once (then clients that retry at once spin on 503s, taking the CPU that serving needs)."""
+    shed_retry_window_s: float = 0.01
+    """A request on a connection refused less than this long before (less the event loop's lag) is
+    an immediate retry."""
     model_facts_ttl_s: float = 30.0
     """How long the deployed model's facts (target, transformer shape) are cached."""
 

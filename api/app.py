@@ -86,7 +86,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     admission = AdmissionSettings()
-    state.pacer = RefusalPacer(admission.shed_refusal_budget_per_s, admission.shed_max_hold_s)
+    state.pacer = RefusalPacer(
+        admission.shed_refusal_budget_per_s, admission.shed_max_hold_s, admission.shed_retry_window_s
+    )
     app.add_middleware(
         EarlyShed,
         admission=lambda: state.admission,

@@ -135,7 +135,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
             request.app.state.fluxserve.readiness.model_failed(exc)
         if isinstance(exc, OverloadedError):  # paced like the early refusals (api/shedding.py)
-            await request.app.state.fluxserve.pacer.held()
+            state = request.app.state.fluxserve
+            lag_s = state.loop_lag.lag_s if state.loop_lag is not None else 0.0
+            await state.pacer.held(request.scope.get("client"), lag_s)
         status, kind, message = public_error(exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None

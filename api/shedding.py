@@ -16,10 +16,12 @@ arrived waits before the facade reads it), but never below one full batch: under
 is late because of the storm, and a bound that shrank to nothing would refuse the work that keeps
 the server busy. A lone request is always served.
 
-Refusals are also paced (`RefusalPacer`, here and for the handler's own 503s, api/errors.py): when more refusals are waiting to be answered than the
-budget clears at once, each waits its turn, at most `max_hold_s`. An immediate-retry client then
-retries at the pace the server chooses instead of spinning on 503s; a client that honours
-Retry-After never notices. Measured effect: README, "Goodput under immediate retries".
+Refusals of clients that retry at once are also paced (`RefusalPacer`, here and for the
+handler's own 503s, api/errors.py): a connection refused again within a few milliseconds of its
+last refusal waits its turn, at most `max_hold_s`, so it retries at the pace the server chooses
+instead of spinning on 503s (the faster a refusal, the faster such a client spins: cheap refusals
+alone only moved the CPU from serving to refusing). Independent arrivals and clients that honour
+Retry-After get their 503 at once. Measured effect: README, "Goodput under immediate retries".
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,27 +69,48 @@ class LoopLag:
 
 
 class RefusalPacer:
-    """How long to hold a refusal before answering it: none while few refusals are pending; when
-    `pending` exceed what `budget_per_s` clears at once, `pending / budget_per_s`, at most `max_hold_s`."""
+    """Holds the refusals of clients that retry at once; answers every other refusal at once.
 
-    def __init__(self, budget_per_s: float, max_hold_s: float) -> None:
-        self.budget_per_s, self.max_hold_s = budget_per_s, max_hold_s
+    A refusal is held only when the same connection was refused less than `retry_window_s`
+    before this request arrived: a client that sends its next request as soon as a 503 arrives
+    (wrk, a load balancer). Independent arrivals (an open loop, each on an idle connection of a
+    pool or a new one) come back later or never, and keep their immediate 503: holding them too
+    only ties up their connections (an open-loop run at 2x capacity then waited half a second
+    for every 503, and at 10x its pool queued arrivals for seconds). A retry is held
+    `pending / budget_per_s` (the retries waiting now, at the budget's pace), at most `max_hold_s`.
+    """
+
+    MAX_TRACKED = 65536
+    """Connections remembered (a connection is its client address and port); beyond, forget all."""
+
+    def __init__(self, budget_per_s: float, max_hold_s: float, retry_window_s: float = 0.005) -> None:
+        self.budget_per_s, self.max_hold_s, self.retry_window_s = budget_per_s, max_hold_s, retry_window_s
         self.pending = 0
+        self._refused_at: dict[object, float] = {}
 
     def hold_s(self) -> float:
         if self.max_hold_s <= 0 or self.budget_per_s <= 0:
             return 0.0
         return min(self.max_hold_s, self.pending / self.budget_per_s)
 
-    async def held(self) -> None:
-        """Wait this refusal's turn (the caller answers afterwards, even when cancelled meanwhile)."""
-        self.pending += 1
-        try:
-            delay = self.hold_s()
-            if delay >= 0.001:
-                await asyncio.sleep(delay)
-        finally:
-            self.pending -= 1
+    async def held(self, client: object = None, lag_s: float = 0.0) -> None:
+        """Wait this refusal's turn if it is an immediate retry of `client` (the scope's client
+        address; None: not tracked, never held); the caller answers afterwards. `lag_s`, how late
+        the event loop runs, is taken off the gap: a retry that arrived at once was read late."""
+        now = time.monotonic()
+        last = self._refused_at.pop(client, None) if client is not None else None
+        if last is not None and now - last - lag_s < self.retry_window_s:
+            self.pending += 1
+            try:
+                delay = self.hold_s()
+                if delay >= 0.001:
+                    await asyncio.sleep(delay)
+            finally:
+                self.pending -= 1
+        if client is not None:
+            if len(self._refused_at) >= self.MAX_TRACKED:
+                self._refused_at.clear()
+            self._refused_at[client] = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -152,9 +176,10 @@ class EarlyShed:
             if admission is not None:
                 queue = route.queue(admission)
                 lag = self.lag()
-                if should_shed(queue, lag.lag_s if lag is not None else 0.0):
+                lag_s = lag.lag_s if lag is not None else 0.0
+                if should_shed(queue, lag_s):
                     route.count()
-                    await self.pacer.held()
+                    await self.pacer.held(scope.get("client"), lag_s)
                     start, body = self._answers.get(scope["path"], queue)
                     await send(start)
                     await send(body)

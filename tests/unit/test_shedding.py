@@ -11,6 +11,27 @@ from api.admission import Admission, AdmissionSettings, CostQueue
 from api.shedding import EarlyShed, RefusalPacer, ShedRoute
 
 
+def test_pacer_holds_immediate_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        held.append(delay)
+
+    monkeypatch.setattr("api.shedding.asyncio.sleep", sleep)
+    pacer = RefusalPacer(budget_per_s=10.0, max_hold_s=0.5, retry_window_s=60.0)
+
+    async def run() -> None:
+        await pacer.held(("10.0.0.1", 1))  # a first refusal: answered at once
+        await pacer.held(("10.0.0.2", 1))  # another connection: at once too
+        await pacer.held(None)  # untracked: never held
+        await pacer.held(("10.0.0.1", 1))  # the same connection again, within the window: held
+        pacer.retry_window_s = 0.0
+        await pacer.held(("10.0.0.1", 1))  # back after the window: an independent arrival
+
+    asyncio.run(run())
+    assert held == [pytest.approx(0.1)] and pacer.pending == 0
+
+
 def test_pacer_holds_only_when_many_refusals_are_pending() -> None:
     pacer = RefusalPacer(budget_per_s=100.0, max_hold_s=0.5)
     pacer.pending = 1
@@ -58,7 +79,7 @@ def test_full_queue_is_refused_before_the_app_and_the_body(monkeypatch: pytest.M
         held.append(delay)
 
     monkeypatch.setattr("api.shedding.asyncio.sleep", sleep)
-    shed, inner, counted = _stack(queue, RefusalPacer(budget_per_s=10.0, max_hold_s=0.5))
+    shed, inner, counted = _stack(queue, RefusalPacer(budget_per_s=10.0, max_hold_s=0.5, retry_window_s=60.0))
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=shed), base_url="http://t") as client:
@@ -66,16 +87,18 @@ def test_full_queue_is_refused_before_the_app_and_the_body(monkeypatch: pytest.M
             for _ in range(10):
                 queue.admit(1.0)  # 0.1 s of texts in flight: a typical request more is too much
             out.append(await client.post("/classify", json={"text": "hi"}))
+            out.append(await client.post("/classify", json={"text": "hi"}))  # retried at once: held
             out.append(await client.get("/classify"))  # not a POST: not shed here
             out.append(await client.post("/healthz", json={}))  # not a shed route
             return out
 
-    ok, refused, get, other = asyncio.run(run())
+    ok, refused, retried, get, other = asyncio.run(run())
     assert ok.status_code == 200 and get.status_code == 200 and other.status_code == 200
     assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert retried.status_code == 503
     assert refused.json()["error"]["type"] == "unavailable" and "capacity" in refused.json()["error"]["message"]
-    assert inner.calls == 3 and counted == [1]
-    assert held == [pytest.approx(0.1)]  # one pending refusal at 10/s
+    assert inner.calls == 3 and counted == [1, 1]
+    assert held == [pytest.approx(0.1)]  # the retry only: one pending at 10/s
 
 
 def test_refusal_answers_are_built_once() -> None:
