@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
+from api.auth import require_inference_key
 from api.event_stream import error_event, event, generation_events, wants_event_stream
 from api.prompt_rewrite import image_prompt
 from api.routes.generate import generate, raw_format
@@ -24,7 +25,9 @@ from client.contract import IMAGE_REQUEST
 from client.errors import FluxServeError, InvalidInputError
 from client.triton_client import random_seed
 
-router = APIRouter(tags=["chat"])
+# /chat runs the classifier and the generator: the inference key guards it as it guards them
+# (it used to call the /generate route function directly and so skipped that lock).
+router = APIRouter(tags=["chat"], dependencies=[Depends(require_inference_key)])
 
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
 
