@@ -16,8 +16,9 @@ The capacity estimate samples completed cost over busy time (time with work in f
 measures aggregate capacity under load whatever the concurrency inside Triton. It falls slowly
 (hysteresis: the peak of recent estimates, halving every `capacity_half_life_s`): when refusals
 take CPU from serving, the measured rate dips, and an estimate that followed the dip would refuse
-more, which takes more CPU: under clients that retry at once, that loop collapsed goodput (issue 24). Admitted work is bounded by the limit either way, so a slow fall costs at most a
-longer wait for a few seconds after a real loss of capacity.
+more, which takes more CPU: under clients that retry at once, that loop collapsed goodput (issue 24).
+Admitted work is bounded by the limit either way, so a slow fall costs at most a longer wait for a
+few seconds after a real loss of capacity.
 """
 
 from __future__ import annotations
@@ -246,13 +247,17 @@ class DispatchGate:
         self.out = 0
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
+    def _fits(self, n: int) -> bool:
+        """`n` more slots may go out now (a request larger than the capacity goes out alone)."""
+        return self.capacity is None or self.out + n <= max(self.capacity, n)
+
     def _grant(self) -> None:
         while self._waiting:
             n, future = self._waiting[0]
             if future.done():  # its caller went away
                 self._waiting.popleft()
                 continue
-            if self.capacity is not None and self.out + n > max(self.capacity, n):
+            if not self._fits(n):
                 return
             self._waiting.popleft()
             self.out += n
@@ -265,7 +270,7 @@ class DispatchGate:
     @asynccontextmanager
     async def held(self, n: int) -> AsyncIterator[None]:
         """Hold `n` slots for the block (a request larger than the capacity waits for all of it)."""
-        if not self._waiting and (self.capacity is None or self.out + n <= max(self.capacity, n)):
+        if not self._waiting and self._fits(n):
             self.out += n
         else:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.admission import AdmissionSettings
 from api.auth import load_keyring
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
@@ -24,7 +23,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import chat, classify, generate, health, playground, train
 from api.settings import ApiSettings
-from api.shedding import EarlyShed, RefusalPacer, ShedRoute
+from api.shedding import EarlyShed, ShedRoute
 from api.slow_clients import guarded_protocol, raise_open_file_limit
 from api.state import AppState
 from client.control_key import control_key
@@ -85,14 +84,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
-    admission = AdmissionSettings()
-    state.pacer = RefusalPacer(
-        admission.shed_refusal_budget_per_s, admission.shed_max_hold_s, admission.shed_retry_window_s
-    )
     app.add_middleware(
         EarlyShed,
         admission=lambda: state.admission,
-        lag=lambda: state.loop_lag,
+        lag_s=state.lag_s,
         routes={
             "/classify": ShedRoute(lambda a: a.classify, state.metrics.counter("/classify", "POST", 503)),
             "/generate": ShedRoute(lambda a: a.generate, state.metrics.counter("/generate", "POST", 503)),

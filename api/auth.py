@@ -20,9 +20,7 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +29,13 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth_limit import client_id
-from common.secret_strength import MIN_SECRET_CHARS, SecretConfigError, read_private_file, secret_problem
+from common.secret_strength import (
+    MIN_SECRET_CHARS,
+    SecretConfigError,
+    create_secret_file,
+    read_private_file,
+    secret_problem,
+)
 
 if TYPE_CHECKING:  # api.state imports this module's KeyRing: only for the type checker here
     from api.state import AppState
@@ -141,17 +145,8 @@ def load_keyring(keys: str | None, key_file: Path | None) -> KeyRing:
 
 
 def ensure_key_file(path: Path) -> bool:
-    """Create `path` holding a new random key, once (mode 0600 in a 0700 folder); True if created.
-
-    O_EXCL: an existing file is never overwritten (rotating is the operator's explicit act)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    return True
+    """Create the operator key file `path` once (common.secret_strength.create_secret_file); True if created."""
+    return create_secret_file(path)
 
 
 def unauthorized(message: str = "a valid operator key is required: Authorization: Bearer <key>") -> HTTPException:

@@ -103,13 +103,22 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-async def send_error(send, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
-    """The error envelope as raw ASGI messages, for middlewares that answer before routing."""
+def error_messages(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """The error envelope as the two raw ASGI messages (start, body) that answer with it."""
     body = json.dumps({"error": {"type": kind, "message": message}}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    return {"type": "http.response.start", "status": status, "headers": raw}, {
+        "type": "http.response.body",
+        "body": body,
+    }
+
+
+async def send_error(send, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """The error envelope as raw ASGI messages, for middlewares that answer before routing."""
+    start, body = error_messages(status, kind, message, headers)
+    await send(start)
+    await send(body)
 
 
 def _loc(loc: tuple) -> str:
@@ -136,8 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
             request.app.state.fluxserve.readiness.model_failed(exc)
         if isinstance(exc, OverloadedError):  # paced like the early refusals (api/shedding.py)
             state = request.app.state.fluxserve
-            lag_s = state.loop_lag.lag_s if state.loop_lag is not None else 0.0
-            await state.pacer.held(request.scope.get("client"), lag_s)
+            await state.pacer.held(request.scope.get("client"), state.lag_s())
         status, kind, message = public_error(exc)
         # Every 503 says when to come back: overload, Triton restarting, a model reloading.
         headers = retry_after(exc.retry_after_s) if isinstance(exc, ServerUnavailableError) else None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.admission import Admission, CostQueue
+from api.errors import error_messages
 
 LAG_INTERVAL_S = 0.01
 LAG_SMOOTHING = 0.5
@@ -83,7 +83,7 @@ class RefusalPacer:
     MAX_TRACKED = 65536
     """Connections remembered (a connection is its client address and port); beyond, forget all."""
 
-    def __init__(self, budget_per_s: float, max_hold_s: float, retry_window_s: float = 0.005) -> None:
+    def __init__(self, budget_per_s: float, max_hold_s: float, retry_window_s: float = 0.01) -> None:
         self.budget_per_s, self.max_hold_s, self.retry_window_s = budget_per_s, max_hold_s, retry_window_s
         self.pending = 0
         self._refused_at: dict[object, float] = {}
@@ -140,16 +140,7 @@ class _Answers:
         found = self._cache.get(key)
         if found is None:
             message = f"{queue.name} is at capacity; retry after {seconds}s"
-            body = json.dumps({"error": {"type": "unavailable", "message": message}}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(seconds).encode()),
-            ]
-            found = (
-                {"type": "http.response.start", "status": 503, "headers": headers},
-                {"type": "http.response.body", "body": body},
-            )
+            found = error_messages(503, "unavailable", message, {"Retry-After": str(seconds)})
             self._cache[key] = found
         return found
 
@@ -162,11 +153,11 @@ class EarlyShed:
         self,
         app: ASGIApp,
         admission: Callable[[], Admission | None],
-        lag: Callable[[], LoopLag | None],
+        lag_s: Callable[[], float],
         routes: dict[str, ShedRoute],
         pacer: RefusalPacer,
     ) -> None:
-        self.app, self.admission, self.lag, self.routes, self.pacer = app, admission, lag, routes, pacer
+        self.app, self.admission, self.lag_s, self.routes, self.pacer = app, admission, lag_s, routes, pacer
         self._answers = _Answers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -175,8 +166,7 @@ class EarlyShed:
             admission = self.admission()
             if admission is not None:
                 queue = route.queue(admission)
-                lag = self.lag()
-                lag_s = lag.lag_s if lag is not None else 0.0
+                lag_s = self.lag_s()
                 if should_shed(queue, lag_s):
                     route.count()
                     await self.pacer.held(scope.get("client"), lag_s)

@@ -76,14 +76,17 @@ class AppState:
     """None when FLUXSERVE_API_CLASSIFY_CALLS_INFLIGHT=0 (one Triton call per request)."""
     admission: Admission | None = None
     loop_lag: LoopLag | None = None
-    pacer: RefusalPacer = field(default_factory=lambda: RefusalPacer(0.0, 0.0))
-    """Holds 503s for overload when many are pending (api/shedding.py); set by create_app."""
+    admission_settings: AdmissionSettings = field(default_factory=AdmissionSettings)
+    pacer: RefusalPacer = field(init=False)
+    """Holds the 503s of clients that retry at once (api/shedding.py), built from admission_settings."""
     stopping: asyncio.Event | None = None
     """Set when the server begins to stop: in-flight generations end with 503 (api/cancellation.py)."""
     _loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
         self.auth_failures = FailedAuthLimiter(self.settings.auth_failure_burst, self.settings.auth_failure_refill_s)
+        a = self.admission_settings
+        self.pacer = RefusalPacer(a.shed_refusal_budget_per_s, a.shed_max_hold_s, a.shed_retry_window_s)
 
     async def open(self) -> None:
         s = self.settings
@@ -97,11 +100,15 @@ class AppState:
                 s.classify_calls_inflight,
                 self.metrics.classify_call_texts.observe,
             )
-        self.admission = Admission(AdmissionSettings(), lambda: deployed_model_facts(self.triton))
+        self.admission = Admission(self.admission_settings, lambda: deployed_model_facts(self.triton))
         self.stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.loop_lag = LoopLag()
         self.loop_lag.start()
+
+    def lag_s(self) -> float:
+        """How late the event loop runs now (0 before the lifespan starts the measurement)."""
+        return self.loop_lag.lag_s if self.loop_lag is not None else 0.0
 
     def begin_shutdown(self) -> None:
         """Safe from a signal handler or another thread."""

@@ -17,16 +17,14 @@ and the facade (which reads model configs and reloads a crashed model) send it.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import secrets
 from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.paths import PROJECT_ROOT
-from common.secret_strength import SecretConfigError, read_private_file, secret_problem
+from common.secret_strength import SecretConfigError, create_secret_file, read_private_file, secret_problem
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +98,11 @@ def ensure_control_key(settings: ControlKeySettings | None = None) -> str:
         return key
     path = settings.control_key_file
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it meanwhile: use theirs
-        return _read_key_file(path)
+        created = create_secret_file(path)  # when another process created it meanwhile: theirs
     except OSError as e:
         raise ControlKeyError(f"cannot create {path} ({e.strerror}): set FLUXSERVE_TRITON_CONTROL_KEY") from e
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    log.info("created the Triton control key in %s", path)
+    if created:
+        log.info("created the Triton control key in %s", path)
     return _read_key_file(path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -60,6 +61,21 @@ def require_strong_secret(variable: str, value: str, min_chars: int = MIN_SECRET
     problem = secret_problem(value, min_chars)
     if problem is not None:
         raise SecretConfigError(f"{variable} is unusable: {problem}; {HOW_TO_GENERATE} and set it")
+
+
+def create_secret_file(path: Path) -> bool:
+    """Write a new random secret to `path`, once (mode 0600 in a 0700 folder); True if created.
+
+    O_EXCL: an existing file is never overwritten (rotating is the operator's explicit act), and of
+    processes racing to create it exactly one writes it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    return True
 
 
 def read_private_file(path: Path) -> str:

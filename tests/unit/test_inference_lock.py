@@ -4,15 +4,10 @@ model runs, and serve a caller with the operator key. In-process, against a fake
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
-from api.app import create_app
-from api.readiness import Readiness
-from api.settings import ApiSettings
-from tests.unit.test_public_errors import KEY, FakeTriton
+from tests.unit.test_public_errors import FakeTriton, run_facade
 
 SSE = {"Accept": "text/event-stream"}
 SMALL = {"width": 64, "height": 64, "steps": 1}
@@ -48,32 +43,16 @@ class CountingTriton(FakeTriton):
     ("path", "body", "headers"), ROUTES, ids=[f"{p} {'sse' if h else 'json'}" for p, _, h in ROUTES]
 )
 def test_locked_inference_needs_the_key(tmp_path, monkeypatch, path: str, body: dict, headers: dict) -> None:
-    monkeypatch.setenv("FLUXSERVE_JOBS_JOBS_DIR", str(tmp_path / "jobs"))
-    settings = ApiSettings(
-        keys=f"tests:{KEY}",
-        key_file=tmp_path / "no-key-file",
-        classify_calls_inflight=0,
-        triton_metrics_url=None,
-        require_key_for_inference=True,
-    )
+    out: dict[str, object] = {}
 
-    async def main() -> tuple[httpx.Response, int, httpx.Response]:
-        app = create_app(settings)
-        state = app.state.fluxserve
-        async with app.router.lifespan_context(app):
-            for client in (state.triton, state.triton_generate):
-                await client.close()
-            fake = CountingTriton()
-            state.triton = state.triton_generate = fake
-            state.readiness = Readiness(fake, settings.ready_probe_interval_s)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-                anonymous = await http.post(path, json=body, headers=headers)
-                calls = fake.calls
-                keyed = await http.post(path, json=body, headers={**headers, "Authorization": f"Bearer {KEY}"})
-        return anonymous, calls, keyed
+    async def scenario(http: httpx.AsyncClient, fake: CountingTriton, _state) -> None:
+        key = http.headers.pop("Authorization")  # the harness's client sends the key: not this time
+        out["anonymous"] = await http.post(path, json=body, headers=headers)
+        out["calls_before_key"] = fake.calls
+        out["keyed"] = await http.post(path, json=body, headers={**headers, "Authorization": key})
 
-    anonymous, calls_before_key, keyed = asyncio.run(main())
+    run_facade(tmp_path, monkeypatch, scenario, CountingTriton, require_key_for_inference=True)
+    anonymous, keyed = out["anonymous"], out["keyed"]
     assert anonymous.status_code == 401, anonymous.text
-    assert anonymous.headers["www-authenticate"] == "Bearer" and calls_before_key == 0
+    assert anonymous.headers["www-authenticate"] == "Bearer" and out["calls_before_key"] == 0
     assert keyed.status_code == 200, keyed.text

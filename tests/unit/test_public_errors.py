@@ -101,11 +101,22 @@ class FakeTriton:
 Scenario = Callable[[httpx.AsyncClient, FakeTriton, Any], Any]
 
 
-def run_facade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: Scenario) -> None:
-    """Run `scenario(http, fake, state)` against an in-process facade whose Triton is `fake`."""
+def run_facade(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scenario: Scenario,
+    fake_triton: Callable[[], FakeTriton] = FakeTriton,
+    **settings_changes: Any,
+) -> None:
+    """Run `scenario(http, fake, state)` against an in-process facade whose Triton is
+    `fake_triton()`; `http` sends the operator key unless a request says otherwise."""
     monkeypatch.setenv("FLUXSERVE_JOBS_JOBS_DIR", str(tmp_path / "jobs"))
     settings = ApiSettings(
-        keys=f"tests:{KEY}", key_file=tmp_path / "no-key-file", classify_calls_inflight=0, triton_metrics_url=None
+        keys=f"tests:{KEY}",
+        key_file=tmp_path / "no-key-file",
+        classify_calls_inflight=0,
+        triton_metrics_url=None,
+        **settings_changes,
     )
 
     async def main() -> None:
@@ -114,7 +125,7 @@ def run_facade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: Scenar
         async with app.router.lifespan_context(app):
             for client in (state.triton, state.triton_generate):
                 await client.close()
-            fake = FakeTriton()
+            fake = fake_triton()
             state.triton = state.triton_generate = fake
             state.readiness = Readiness(fake, settings.ready_probe_interval_s)
             transport = httpx.ASGITransport(app=app)

@@ -64,7 +64,7 @@ def _stack(queue: CostQueue, pacer: RefusalPacer) -> tuple[EarlyShed, _Inner, li
     shed = EarlyShed(
         inner,
         admission=lambda: admission,
-        lag=lambda: None,
+        lag_s=lambda: 0.0,
         routes={"/classify": ShedRoute(lambda a: a.classify, lambda: counted.append(1))},
         pacer=pacer,
     )
