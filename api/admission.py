@@ -3,7 +3,7 @@
 Two checks, both before any work reaches Triton:
 
 * per request (422): a /generate request larger than this deployment's maximum cost, or whose
-  transformer activations would not fit the memory budget (client.cost), is refused with the
+  transformer activations would not fit the memory budget (contract.cost), is refused with the
   limit in the message: an oversized request must never reach a stub and get it OOM-killed.
 * per moment (503 + Retry-After): work admitted but not finished is counted in cost units
   (megapixel-steps for /generate, images not requests; texts for /classify). A request is admitted
@@ -34,15 +34,8 @@ from dataclasses import dataclass
 import psutil
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import (
-    ATTENTION_HEADS_PARAMETER,
-    CLASSIFY_LIMITS,
-    FLUX_TRANSFORMER,
-    GENERATE,
-    HOST_MEMORY_SHARE_PARAMETER,
-    TEXT_TOKENS_PARAMETER,
-)
-from client.cost import (
+from client.triton_client import AsyncTritonClient
+from contract.cost import (
     MAX_CONTRACT_COST_MPS,
     TransformerShape,
     generate_cost_mps,
@@ -50,8 +43,15 @@ from client.cost import (
     memory_guard_message,
     transformer_peak_bytes,
 )
-from client.errors import InvalidInputError, OverloadedError
-from client.triton_client import AsyncTritonClient
+from contract.errors import InvalidInputError, OverloadedError
+from contract.specs import (
+    ATTENTION_HEADS_PARAMETER,
+    CLASSIFY_LIMITS,
+    FLUX_TRANSFORMER,
+    GENERATE,
+    HOST_MEMORY_SHARE_PARAMETER,
+    TEXT_TOKENS_PARAMETER,
+)
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class ModelFacts:
     on_gpu: bool
     shape: TransformerShape
     image_budget_bytes: int | None = None
-    """What one image may use in a `generate` instance, which refuses more itself (client.cost)."""
+    """What one image may use in a `generate` instance, which refuses more itself (contract.cost)."""
     triton_slots: int | None = None
     """Requests the facade sends `generate` at once (its max_queue_size); None: unbounded."""
 

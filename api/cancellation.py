@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from client.errors import RequestCancelledError, RequestTimeoutError, ServerUnavailableError
+from contract.errors import RequestCancelledError, RequestTimeoutError, ServerUnavailableError
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.request_id import current_request_id
-from client.errors import (
+from contract.errors import (
     FluxServeError,
     InferenceError,
     InvalidInputError,

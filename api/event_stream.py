@@ -26,8 +26,8 @@ from fastapi import Request
 from api.errors import public_error
 from api.schemas import GenerateRequest, GenerateResponse
 from api.state import AppState
-from client.codec import GenerateResult
-from client.errors import FluxServeError, ModelFailedError
+from contract.codec import GenerateResult
+from contract.errors import FluxServeError, ModelFailedError
 
 EVENT_STREAM = "text/event-stream"
 

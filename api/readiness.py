@@ -6,7 +6,7 @@ request that succeeded within `probe_interval_s`, or else a tiny probe inference
 a 64x64 one-step image), run at most once per interval per model. A real request is free
 evidence, so under traffic no probe runs.
 
-A failure naming a dead stub (client.errors.ModelFailedError, from a real request or a probe)
+A failure naming a dead stub (contract.errors.ModelFailedError, from a real request or a probe)
 marks the model not ready and reloads it through Triton's model-control API (unload + load
 restarts its stubs), once at a time per model, without an operator.
 """
@@ -19,9 +19,9 @@ import time
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
-from client.contract import CLASSIFY, GENERATE, GENERATE_LIMITS
-from client.errors import FluxServeError, ModelFailedError
 from client.triton_client import AsyncTritonClient
+from contract.errors import FluxServeError, ModelFailedError
+from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Request and response bodies. Bounds come from client.contract, never retyped here."""
+"""Request and response bodies. Bounds come from contract.specs, never retyped here."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from client.contract import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
+from contract.specs import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
 
 
 def _not_blank(value: str) -> str:

@@ -9,9 +9,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.host_check import LOOPBACK_HOSTS
-from client.contract import DEFAULT_TRIGGER_WORD, ENDPOINTS
 from client.facade_client import KEY_FILE
 from common.paths import PROJECT_ROOT
+from contract.specs import DEFAULT_TRIGGER_WORD, ENDPOINTS
 
 DEFAULT_KEY_FILE = PROJECT_ROOT / KEY_FILE
 

@@ -22,8 +22,8 @@ from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag, RefusalPacer
 from api.upload_gate import UploadSlots
-from client.contract import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from client.triton_client import AsyncTritonClient, ClassifyResult
+from contract.specs import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from training.jobs import JobSettings, JobStore
 
 if TYPE_CHECKING:  # api.auth reaches the state through get_state: no import cycle at run time

@@ -13,7 +13,7 @@ import logging
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.contract import PROMPT_CACHE_METRIC
+from contract.specs import PROMPT_CACHE_METRIC
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from client.contract import ENDPOINTS, GENERATE_DEFAULTS, LABELS
 from common.chat_text import normalized, recorded_normalizer
 from common.paths import CLASSIFIER_MODEL_DIR
+from contract.specs import ENDPOINTS, GENERATE_DEFAULTS, LABELS
 
 log = logging.getLogger(__name__)
 

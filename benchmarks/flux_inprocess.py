@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
-from client.contract import (
+from common.ort_session import make_session
+from contract.specs import (
     FLUX_COMPONENTS,
     FLUX_IO_NAMES,
     FLUX_TEXT_ENCODER,
@@ -28,7 +29,6 @@ from client.contract import (
     FLUX_VAE_DECODER,
     GENERATE,
 )
-from common.ort_session import make_session
 from export.repository import versions
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ import uvloop
 from benchmarks.fast_http import FastHttpPool
 from benchmarks.servers import CLASSIFY_STACK, GENERATE_STACK, LOG_DIR, MODEL_REPOSITORY, facade, triton
 from benchmarks.workload import GENERATE_PROMPTS, chat_texts
-from client.contract import CLASSIFY, GENERATE
+from contract.specs import CLASSIFY, GENERATE
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.servers import LOG_DIR
-from client.contract import (
+from common.paths import BUILD_DIR, PROJECT_ROOT
+from contract.specs import (
     FLUX_COMPONENTS,
     FLUX_PREPARE,
     FLUX_TEXT_ENCODER,
@@ -58,7 +59,6 @@ from client.contract import (
     FLUX_VAE_DECODER,
     GENERATE,
 )
-from common.paths import BUILD_DIR, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

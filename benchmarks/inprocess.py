@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.contract import CLASSIFIER_ONNX
+from contract.specs import CLASSIFIER_ONNX
 from export.deployments import classifier_deployments
 from serving.classify_encoder import InlineEncoder
 from serving.classify_pipeline import ClassifyPipeline

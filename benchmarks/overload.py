@@ -30,7 +30,7 @@ from benchmarks.load import closed_loop, open_loop
 from benchmarks.metrics_scrape import scrape
 from benchmarks.servers import CAPACITY_ENV, CLASSIFY_STACK, GENERATE_STACK, LOG_DIR, MODEL_REPOSITORY, facade, triton
 from benchmarks.workload import GENERATE_PROMPTS, chat_texts
-from client.contract import CLASSIFY, FLUX_TRANSFORMER, GENERATE
+from contract.specs import CLASSIFY, FLUX_TRANSFORMER, GENERATE
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from benchmarks.report import write_json
 from benchmarks.runner import RESULTS_DIR, RunSettings, run
 from benchmarks.servers import MODEL_REPOSITORY
 from benchmarks.targets import BASELINE, FACADE, ORT_INPROCESS, TRITON
-from client.contract import (
+from contract.specs import (
     CLASSIFIER_ONNX,
     CLASSIFY,
     INLINE_ENCODER_PARAMETER,

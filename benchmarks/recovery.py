@@ -27,8 +27,8 @@ import httpx
 import psutil
 
 from benchmarks.servers import LOG_DIR
-from client.contract import FLUX_TRANSFORMER
 from common.paths import PROJECT_ROOT
+from contract.specs import FLUX_TRANSFORMER
 from runtime.processes import free_port
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.targets import BASELINE, FACADE, TRITON
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, FLUX_TRANSFORMER, GENERATE
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, FLUX_TRANSFORMER, GENERATE
 
 Result = dict[str, Any]
 

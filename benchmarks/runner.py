@@ -29,9 +29,9 @@ from benchmarks.plots import RawRuns, latency_plot, throughput_plot
 from benchmarks.report import Result, add_ratios, headline, render_markdown, write_json
 from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, TargetName, make_target
 from benchmarks.workload import GenerateParams, chat_texts
-from client.contract import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
-from client.contract import CLASSIFY, GENERATE, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
 from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
+from contract.specs import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
+from contract.specs import CLASSIFY, GENERATE, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
 from export.repository import versions as repo_versions
 from export.triton_config import parse_config
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, ENDPOINTS, FLUX_COMPONENTS, FLUX_PREPARE, GENERATE
 from common.paths import BUILD_DIR, MODEL_REPOSITORY
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, ENDPOINTS, FLUX_COMPONENTS, FLUX_PREPARE, GENERATE
 from runtime import processes
 from runtime.launcher import TritonServer
 from runtime.processes import HttpServer, free_port

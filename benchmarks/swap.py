@@ -31,8 +31,8 @@ from PIL import Image
 from benchmarks import servers
 from benchmarks.environment import environment
 from benchmarks.report import write_json
-from client.contract import GENERATE, GENERATE_STREAM
 from common.paths import PROJECT_ROOT
+from contract.specs import GENERATE, GENERATE_STREAM
 from export.flux.settings import FluxSettings
 from training.worker import running_worker
 

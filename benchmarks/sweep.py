@@ -33,8 +33,8 @@ from benchmarks.load import closed_loop
 from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.targets import GrpcClassify
 from benchmarks.workload import chat_texts
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
 from common.paths import BUILD_DIR, PROJECT_ROOT
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import write_config
 from export.triton_config import DynamicBatching, parse_config

@@ -15,8 +15,8 @@ import aiohttp
 
 from benchmarks.fast_http import FastHttpPool
 from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
-from client.contract import CLASSIFY, GENERATE, LABELS
 from client.triton_client import AsyncTritonClient
+from contract.specs import CLASSIFY, GENERATE, LABELS
 
 # Target names as the CLI spells them: <door>-<model>, plus the in-process ORT limit.
 FACADE, TRITON, BASELINE = "facade", "triton", "baseline"

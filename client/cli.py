@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from client.codec import GenerateResult
-from client.contract import GENERATE_DEFAULTS
-from client.errors import FluxServeError
 from client.facade_client import API_KEY_ENV, DEFAULT_API_URL, KEY_FILE, FacadeClient, read_key_file
 from client.triton_client import DEFAULT_URL, TritonClient
+from contract.codec import GenerateResult
+from contract.errors import FluxServeError
+from contract.specs import GENERATE_DEFAULTS
 
 log = logging.getLogger("fluxserve.client")
 

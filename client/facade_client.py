@@ -4,7 +4,7 @@
         job = api.submit_lora("my_images.zip", trigger_word="zxq", steps=40)
         api.job(job["job_id"])
 
-Errors come back as client.errors.ApiError (AuthenticationError for a 401), carrying the facade's
+Errors come back as contract.errors.ApiError (AuthenticationError for a 401), carrying the facade's
 stable error type and message.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from client.contract import ENDPOINTS
-from client.errors import ApiError, AuthenticationError
+from contract.errors import ApiError, AuthenticationError
+from contract.specs import ENDPOINTS
 
 DEFAULT_API_URL = f"http://{ENDPOINTS.host}:{ENDPOINTS.api_port}"
 API_KEY_ENV = "FLUXSERVE_API_KEY"

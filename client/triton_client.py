@@ -1,7 +1,7 @@
 """Python clients for direct Triton gRPC use: `TritonClient` (sync) and `AsyncTritonClient`.
 
-Both validate inputs against client.contract before any network call, and raise only the
-exceptions in client.errors.
+Both validate inputs against contract.specs before any network call, and raise only the
+exceptions in contract.errors.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tritonclient.grpc import KeepAliveOptions
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from client.codec import (
+from client.control_key import control_headers
+from contract.codec import (
     ClassifyResult,
     GenerateProgress,
     GenerateResult,
@@ -27,9 +28,8 @@ from client.codec import (
     decode_generate_stream,
     generate_inputs,
 )
-from client.contract import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS, GENERATE_STREAM
-from client.control_key import control_headers
-from client.errors import FluxServeError, InferenceError, RequestTimeoutError, translate
+from contract.errors import FluxServeError, InferenceError, RequestTimeoutError, translate
+from contract.specs import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS, GENERATE_STREAM
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
 

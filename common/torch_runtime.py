@@ -128,4 +128,4 @@ MODULE_CLASSES: dict[str, tuple[str, str]] = {
     "transformer": ("diffusers", "FluxTransformer2DModel"),
     "vae": ("diffusers", "AutoencoderKL"),
 }
-"""FluxPipeline's class per checkpoint folder (client.contract.FLUX_PIPELINE_SLOTS names the folders)."""
+"""FluxPipeline's class per checkpoint folder (contract.specs.FLUX_PIPELINE_SLOTS names the folders)."""

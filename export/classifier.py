@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from client.contract import (
+from common.ort_session import make_session
+from common.paths import written_as_new_file
+from contract.specs import (
     CLASSIFIER_ONNX,
     CLASSIFY_LIMITS,
     INLINE_ENCODER_PARAMETER,
@@ -29,8 +31,6 @@ from client.contract import (
     RESCUE_MARGIN_PARAMETER,
     THRESHOLD_PARAMETER,
 )
-from common.ort_session import make_session
-from common.paths import written_as_new_file
 from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
 from export.classifier_precision import CPU_GRAPH_RECIPE, PER_CHANNEL, Precision, build_and_choose
 from export.deployments import INLINE_ENCODER_FILE, RESCUE_ENCODER_FILE, ExportSettings, classifier_deployments

@@ -27,11 +27,11 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from client.contract import CLASSIFY_LIMITS, LABELS
 from common.chat_text import normalized, recorded_normalizer
 from common.int8_rescue import near_boundary
 from common.ort_session import make_session
 from common.paths import written_as_new_file
+from contract.specs import CLASSIFY_LIMITS, LABELS
 
 log = logging.getLogger(__name__)
 

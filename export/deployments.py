@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import (
+from contract.specs import (
     CLASSIFIER_ONNX,
     CLASSIFY,
     FLUX_COMPONENTS,

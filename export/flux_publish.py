@@ -21,7 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.contract import (
+from common.flux_assets import copy_loop_assets, read_max_sequence_length
+from contract.cost import CPU_HOST_MEMORY_SHARE
+from contract.specs import (
     ATTENTION_HEADS_PARAMETER,
     FLUX_COMPONENTS,
     FLUX_PREPARE,
@@ -35,8 +37,6 @@ from client.contract import (
     TEXT_TOKENS_PARAMETER,
     TRIGGER_PARAMETER,
 )
-from client.cost import CPU_HOST_MEMORY_SHARE
-from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from export.deployments import ExportSettings, flux_deployments
 from export.flux.settings import FluxSettings
 from export.repository import MANIFEST, fingerprint, latest_manifest, publish, sha256_file
@@ -462,7 +462,7 @@ def _on_host(target: Target, deps: dict[str, Deployment]) -> bool:
 
 def _memory_facts(pipeline_assets: Path, on_host: bool) -> dict[str, str]:
     """What the memory guards (the facade's and `generate`'s own) need to know about this
-    transformer (client.cost)."""
+    transformer (contract.cost)."""
     config = json.loads((pipeline_assets / "transformer" / "config.json").read_text())
     return {
         ATTENTION_HEADS_PARAMETER: str(config["num_attention_heads"]),

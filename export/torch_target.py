@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS, FLUX_TRANSFORMER
 from common.torch_runtime import CompileMode, Dtype, TorchRuntime
+from contract.specs import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS, FLUX_TRANSFORMER
 from export.deployments import ExportSettings, flux_deployments
 from export.triton_config import Deployment
 

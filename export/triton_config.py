@@ -1,6 +1,6 @@
 """Triton model configs generated from one deployment spec per model.
 
-A `Deployment` says what a model is (its public `ModelSpec` from client.contract), whether it is
+A `Deployment` says what a model is (its public `ModelSpec` from contract.specs), whether it is
 python orchestration or an ONNX compute model, and how it is batched. `render_config` turns it
 into Triton's own `ModelConfig` protobuf for a target:
 
@@ -22,7 +22,7 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.contract import ModelSpec, TensorSpec
+from contract.specs import ModelSpec, TensorSpec
 
 Target = Literal["cpu", "gpu", "gpu-torch"]
 TORCH_TARGET: Target = "gpu-torch"

@@ -34,9 +34,9 @@ from pathlib import Path
 import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import ENDPOINTS
 from client.control_key import ControlKeyError, ensure_control_key, restricted_api_flags
 from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
+from contract.specs import ENDPOINTS
 from export.publish_journal import recover_repository
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from client.contract import ENDPOINTS
 from common.paths import BUILD_DIR, PROJECT_ROOT
+from contract.specs import ENDPOINTS
 from runtime.launcher import TritonServer, TritonSettings
 
 log = logging.getLogger(__name__)

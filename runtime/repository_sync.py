@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import CLASSIFY, ENDPOINTS, GENERATE
+from contract.specs import CLASSIFY, ENDPOINTS, GENERATE
 from export import publish_journal
 from export.model_control import load_models
 from export.repository import SOURCE_REPOSITORY, versions

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from client.contract import (
+from common.int8_rescue import near_boundary
+from contract.specs import (
     CLASSIFIER_ONNX,
     INLINE_ENCODER_PARAMETER,
     RESCUE_ENCODER_PARAMETER,
     RESCUE_MARGIN_PARAMETER,
 )
-from common.int8_rescue import near_boundary
 from serving.onnx_runner import BatchedOnnxRunner, runner_from_parameters
 
 Feeds = Mapping[str, np.ndarray]

@@ -15,8 +15,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from client.contract import CLASSIFY_LIMITS, LABELS
 from common.chat_text import LABELS_KEY, RAW, normalized, normalizer
+from contract.specs import CLASSIFY_LIMITS, LABELS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ VaeImageProcessor), so a seed gives the image `FluxPipeline(..., generator=torch
 
 FLUX.1-dev is guidance-distilled: one transformer call per step with a `guidance` input, no
 classifier-free guidance. Component callables take and return numpy arrays named as in
-`client.contract.FLUX_IO_NAMES`, all batch-major; this loop always sends batch 1 (Triton merges
+`contract.specs.FLUX_IO_NAMES`, all batch-major; this loop always sends batch 1 (Triton merges
 concurrent loops' calls into larger batches).
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.contract import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
 from common.flux_assets import read_max_sequence_length
+from contract.specs import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
 from serving.prompt_cache import PromptEmbeddingCache
 
 log = logging.getLogger(__name__)

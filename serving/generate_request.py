@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from client.codec import check_generate
-from client.contract import GenerateDefaults
-from client.errors import InvalidInputError
+from contract.codec import check_generate
+from contract.errors import InvalidInputError
+from contract.specs import GenerateDefaults
 from serving.flux_loop import GenerationRequest
 
 

@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from client.contract import FLUX_COMPONENTS, FLUX_IO_NAMES, FLUX_PIPELINE_SLOTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER
 from common.torch_runtime import (
     LORA_FILE,
     MODULE_CLASSES,
@@ -38,6 +37,7 @@ from common.torch_runtime import (
     TorchRuntime,
     load_lora_factors,
 )
+from contract.specs import FLUX_COMPONENTS, FLUX_IO_NAMES, FLUX_PIPELINE_SLOTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER
 
 log = logging.getLogger(__name__)
 

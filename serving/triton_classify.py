@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from serving.classify_encoder import InlineEncoder
 from serving.classify_pipeline import ClassifyPipeline, calibrated_softmax, validate_text
 from serving.onnx_runner import config_parameters

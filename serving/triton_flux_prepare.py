@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.codec import flux_component_feeds
-from client.contract import (
+from contract.codec import flux_component_feeds
+from contract.specs import (
     FLUX_IO_NAMES,
     FLUX_PREPARE,
     FLUX_TEXT_ENCODER,

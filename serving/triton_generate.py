@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.codec import flux_component_feeds
-from client.contract import (
+from contract.codec import flux_component_feeds
+from contract.cost import TransformerShape, instance_memory_budget, memory_guard_message, transformer_peak_bytes
+from contract.specs import (
     ATTENTION_HEADS_PARAMETER,
     FLUX_IO_NAMES,
     FLUX_PREPARE,
@@ -37,7 +38,6 @@ from client.contract import (
     HOST_MEMORY_SHARE_PARAMETER,
     TEXT_TOKENS_PARAMETER,
 )
-from client.cost import TransformerShape, instance_memory_budget, memory_guard_message, transformer_peak_bytes
 from serving.flux_loop import PREPARED_FIELDS, FluxLoop, GenerationRequest, Prepared
 from serving.generate_request import read_request
 from serving.stop_check import Stopped, stop_check
@@ -58,7 +58,7 @@ def _stop_check(request):
 
 def _memory_guard(model_config: dict):
     """A check refusing (ValueError) a request whose transformer activations would pass this
-    instance's part of the host's memory: the same estimate as the facade's guard (client.cost),
+    instance's part of the host's memory: the same estimate as the facade's guard (contract.cost),
     here for the gRPC clients that do not go through the facade. Every instance may hold its part
     at once, so together they stay within the model's share whatever arrives."""
     parameters = model_config.get("parameters", {})

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from client.contract import GENERATE_DEFAULTS, GENERATE_STREAM
+from contract.specs import GENERATE_DEFAULTS, GENERATE_STREAM
 from serving.generate_request import read_request
 from serving.triton_generate import ComponentError
 from serving.triton_generate import TritonPythonModel as UnaryGenerateModel

@@ -23,9 +23,9 @@ import torch
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from client.contract import CLASSIFY_LIMITS, LABELS
 from common.chat_text import LABELS_KEY, RAW, normalized, normalizer
 from common.paths import CLASSIFIER_MODEL_DIR
+from contract.specs import CLASSIFY_LIMITS, LABELS
 from export.classifier_network import MEAN_POOL_BASES, BertMeanPoolForSequenceClassification
 from export.classifier_precision import TEST_SPLIT_FILE
 from training.classifier_data import (

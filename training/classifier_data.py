@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.contract import LABELS
+from contract.specs import LABELS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
 HELD_OUT_DIR = DATA_DIR / "held_out"

@@ -49,9 +49,9 @@ from huey.serializer import SignedSerializer
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import TRAIN_LIMITS
 from common.paths import BUILD_DIR, MODEL_REPOSITORY
 from common.secret_strength import SecretConfigError, require_strong_secret
+from contract.specs import TRAIN_LIMITS
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from client.contract import TRAIN_LIMITS
+from contract.specs import TRAIN_LIMITS
 
 logger = logging.getLogger(__name__)
 

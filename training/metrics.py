@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from client.contract import IMAGE_REQUEST, LABELS
+from contract.specs import IMAGE_REQUEST, LABELS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from api.auth import require_inference_key
 from api.schemas import ClassifyBatchResponse, ClassifyRequest, ClassifyResult, ErrorResponse
 from api.state import AppState, get_state
-from client.contract import CLASSIFY
+from contract.specs import CLASSIFY
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_inference_key)])
 

@@ -17,9 +17,9 @@ from api.cancellation import all_or_nothing, bounded
 from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from api.state import AppState, get_state
-from client.contract import GENERATE, OutputFormat
-from client.errors import InvalidInputError
 from client.triton_client import random_seed
+from contract.errors import InvalidInputError
+from contract.specs import GENERATE, OutputFormat
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 

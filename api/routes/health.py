@@ -13,7 +13,7 @@ from api.errors import retry_after
 from api.readiness import NotReady
 from api.state import AppState, get_state
 from api.triton_metrics import fetch_prompt_cache_metrics
-from client.errors import DEFAULT_RETRY_AFTER_S
+from contract.errors import DEFAULT_RETRY_AFTER_S
 
 router = APIRouter(tags=["health"])
 

@@ -33,7 +33,7 @@ from api.schemas import ErrorResponse
 from api.state import AppState, get_state
 from api.upload import UploadError, receive_multipart
 from api.upload_gate import refuse_upload, uploads_busy
-from client.contract import TRAIN_LIMITS
+from contract.specs import TRAIN_LIMITS
 from training.classifier_params import ClassifierJobParams
 from training.jobs import TERMINAL, JobSettings, job_dir
 from training.lora_dataset import DatasetError, DatasetLimits, save_prepared, validate_and_extract

@@ -7,7 +7,7 @@ specialised to 1, and equal sample sizes can make the exporter tie two axes toge
 
 Layout written by `export_all(pipeline, out_dir)`: `out_dir/<model name>/model.onnx` (plus
 `model.onnx.data` when the weights exceed protobuf's 2 GB limit), where the model names come from
-`client.contract`. The transformer and CLIP, the components a LoRA changes, keep their weights
+`contract.specs`. The transformer and CLIP, the components a LoRA changes, keep their weights
 one file per tensor in `weights/` with a `weight_map.json` (export.flux.weight_map), so a LoRA is
 later applied by rewriting only the tensors it changes (export.flux.weight_patch).
 
@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.contract import (
+from common.ort_session import make_session
+from contract.specs import (
     FLUX_IO_NAMES,
     FLUX_MAX_BATCH,
     FLUX_TEXT_ENCODER,
@@ -46,7 +47,6 @@ from client.contract import (
     FLUX_VAE_DECODER,
     GENERATE_LIMITS,
 )
-from common.ort_session import make_session
 from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR, externalize_and_map
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.contract import DEFAULT_TRIGGER_WORD
 from common.flux_assets import DEFAULT_MAX_SEQUENCE_LENGTH
 from common.paths import BUILD_DIR
+from contract.specs import DEFAULT_TRIGGER_WORD
 
 REAL_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 """The production base model (12B-parameter transformer, guidance-distilled)."""

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from client.contract import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS
 from common.torch_runtime import LORA_FILE, MODULE_CLASSES, MODULE_DIR, LoraFactors, save_lora_factors
+from contract.specs import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS
 from export.flux.settings import FluxSettings
 from export.repository import fingerprint
 

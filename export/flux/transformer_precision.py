@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from client.contract import FLUX_TRANSFORMER
+from contract.specs import FLUX_TRANSFORMER
 from export.flux.image_bounds import MAX_LATENT_RELATIVE_ERROR, MAX_MEAN_ABS_PIXEL, MIN_PSNR_DB
 from export.flux.weight_map import WEIGHTS_DIR, _tensor_bytes, save_per_tensor
 
@@ -185,8 +185,8 @@ def _onnx_forward(path: Path, record: list) -> tuple[Callable[..., tuple[Any]], 
     thread and remembers its last feeds in `record`, its ONNX Runtime session)."""
     import torch
 
-    from client.contract import FLUX_IO_NAMES
     from common.ort_session import make_session
+    from contract.specs import FLUX_IO_NAMES
 
     session = make_session(path, 1, spinning=True)
     present = {i.name for i in session.get_inputs()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import GENERATE
+from contract.specs import GENERATE
 from export.repository import versions
 from tests.conftest import MODEL_REPOSITORY, require_models, start_triton
 

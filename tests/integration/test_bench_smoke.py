@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
 from common.paths import PROJECT_ROOT
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
 from export.triton_config import parse_config
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from client.contract import CLASSIFY_LIMITS, LABELS
 from client.triton_client import TritonClient
+from contract.specs import CLASSIFY_LIMITS, LABELS
 from training.classifier import ClassifierTrainSettings
 from training.classifier_data import load_examples, load_held_out
 
@@ -137,7 +137,7 @@ def test_manifest_records_the_precision_choice() -> None:
 
 def _served_rescue():  # -> Rescue | None
     """The fp32 graph and margin the served `classify` rescues int8's near-boundary rows with."""
-    from client.contract import RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
+    from contract.specs import RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
     from export.classifier_precision import Rescue
     from export.repository import versions
     from export.triton_config import parse_config

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.contract import CLASSIFY_LIMITS, LABELS
+from contract.specs import CLASSIFY_LIMITS, LABELS
 from tests.conftest import Facade, free_port, start_facade
 
 pytestmark = pytest.mark.integration

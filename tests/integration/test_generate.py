@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from client.contract import FLUX_TRANSFORMER, GENERATE
 from client.control_key import control_headers
 from client.triton_client import TritonClient
 from common.flux_assets import read_max_sequence_length
+from contract.specs import FLUX_TRANSFORMER, GENERATE
 from export.flux.lora import load_pipeline
 from tests.conftest import MODEL_REPOSITORY, start_facade, start_triton, triton_metric
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.contract import FLUX_TRANSFORMER, GENERATE_STREAM
-from client.errors import InvalidInputError
 from client.triton_client import TritonClient
+from contract.errors import InvalidInputError
+from contract.specs import FLUX_TRANSFORMER, GENERATE_STREAM
 from export.flux.transformer_precision import MAX_MEAN_ABS_PIXEL
 from tests.conftest import triton_metric
 

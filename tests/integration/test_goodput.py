@@ -12,7 +12,7 @@ import pytest
 import uvloop
 
 from benchmarks.goodput import GoodputSettings, storm
-from client.contract import CLASSIFY
+from contract.specs import CLASSIFY
 from tests.conftest import start_facade
 
 pytestmark = pytest.mark.integration

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.contract import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
 from client.triton_client import TritonClient
 from common.flux_assets import read_max_sequence_length
 from common.torch_runtime import LORA_FILE, MODULE_DIR
+from contract.specs import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
 from export.flux.lora import build_local_lora, load_pipeline
 from export.repository import versions
 from tests.conftest import start_triton

@@ -30,8 +30,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from client.errors import ApiError, AuthenticationError
 from client.facade_client import FacadeClient
+from contract.errors import ApiError, AuthenticationError
 from tests.conftest import PROJECT_ROOT, TEST_API_KEY, Facade, free_port, start_facade
 from training.worker import running_worker
 

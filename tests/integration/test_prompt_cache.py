@@ -11,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, PROMPT_CACHE_METRIC
 from client.triton_client import TritonClient
+from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, PROMPT_CACHE_METRIC
 from tests.conftest import start_facade, triton_metric
 
 pytestmark = pytest.mark.integration

@@ -26,9 +26,9 @@ import psutil
 import pytest
 import tritonclient.http as triton_http
 
-from client.contract import FLUX_TRANSFORMER, GENERATE
-from client.errors import InvalidInputError
 from client.triton_client import TritonClient
+from contract.errors import InvalidInputError
+from contract.specs import FLUX_TRANSFORMER, GENERATE
 from runtime import processes
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, Facade, free_port, require_models
 

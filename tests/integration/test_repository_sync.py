@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.contract import CLASSIFY, GENERATE
+from contract.specs import CLASSIFY, GENERATE
 from export.model_control import ready_versions
 from runtime.repository_sync import SyncSettings, changed_models, snapshot, sync_once
 from tests.conftest import PROJECT_ROOT, free_port

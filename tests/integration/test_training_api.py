@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from benchmarks.swap import solid_color_zip
-from client.codec import GenerateResult
-from client.contract import (
+from client.triton_client import TritonClient
+from contract.codec import GenerateResult
+from contract.specs import (
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
@@ -34,7 +35,6 @@ from client.contract import (
     GENERATE_DEFAULTS,
     GENERATE_STREAM,
 )
-from client.triton_client import TritonClient
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
 from training.worker import running_worker
 
@@ -139,8 +139,8 @@ def served_latents(
     to the same grey, so this is where a trained LoRA's effect on served output is observable."""
     import tritonclient.grpc as grpcclient
 
-    from client.codec import flux_component_feeds
-    from client.contract import FLUX_COMPONENTS, FLUX_IO_NAMES
+    from contract.codec import flux_component_feeds
+    from contract.specs import FLUX_COMPONENTS, FLUX_IO_NAMES
     from serving.flux_loop import FluxLoop, GenerationRequest
 
     version_dir = repo / GENERATE.name / generate_version
@@ -493,7 +493,7 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     The job runs in this process (not the worker) so the fault can be injected into the exported
     artifact itself: the real export runs, then its transformer file is replaced with garbage."""
     import export.flux_publish as flux_publish
-    from client.contract import FLUX_COMPONENTS
+    from contract.specs import FLUX_COMPONENTS
     from export.model_control import ready_versions
     from export.repository import versions
     from training.jobs import JobSettings, job_dir, job_store

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.sweep import copy_classifier_models
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER, LABELS, THRESHOLD_PARAMETER
-from client.errors import InvalidInputError
 from client.triton_client import TritonClient
 from common.ort_session import CPU_PROVIDERS, session_options
+from contract.errors import InvalidInputError
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER, LABELS, THRESHOLD_PARAMETER
 from export.deployments import ExportSettings, classifier_deployments
 from export.repository import latest_manifest, versions, write_config
 from export.triton_config import parse_config

@@ -8,8 +8,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from api.admission import Admission, AdmissionSettings, CostQueue, ModelFacts
-from client.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
-from client.errors import (
+from contract.cost import MAX_CONTRACT_COST_MPS, TransformerShape, generate_cost_mps, transformer_peak_bytes
+from contract.errors import (
     InvalidInputError,
     ModelFailedError,
     OverloadedError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sweep import Candidate, Layout, choose, choose_layout
-from client.contract import CLASSIFIER_ONNX, CLASSIFY
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import RECOMMENDATION_FILE, ExportSettings, classifier_deployments
 from export.triton_config import render_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.precision import render_markdown, scratch_repository
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
 from export.deployments import INLINE_ENCODER_FILE
 
 

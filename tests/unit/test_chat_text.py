@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import LABELS
 from common.chat_text import EMOJI_AS_WORDS, LABELS_KEY, RAW, emoji_as_words, normalizer, recorded_normalizer
+from contract.specs import LABELS
 from serving.classify_pipeline import ClassifyPipeline, LabelInfo
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from client.contract import LABELS
+from contract.specs import LABELS
 from training.classifier_data import (
     DATA_DIR,
     load_examples,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client.contract import CLASSIFY_LIMITS
-from client.errors import (
+from client.triton_client import TritonClient
+from contract.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotReadyError,
@@ -14,7 +14,7 @@ from client.errors import (
     ServerUnavailableError,
     translate,
 )
-from client.triton_client import TritonClient
+from contract.specs import CLASSIFY_LIMITS
 from tests.conftest import free_port
 
 

@@ -19,8 +19,8 @@ from api.app import create_app
 from api.auth_limit import FailedAuthLimiter, client_id
 from api.host_check import HostCheckMiddleware, allowed_hosts, host_name
 from api.settings import ApiSettings
-from client.contract import PROMPT_CACHE_METRIC
 from common.secret_strength import SecretConfigError
+from contract.specs import PROMPT_CACHE_METRIC
 
 KEY = secrets.token_urlsafe(24)
 ORIGIN = "http://127.0.0.1:8080"

@@ -118,7 +118,7 @@ def test_fused_lora_equals_unfused_peft_and_differs_from_base(
 def test_a_new_lora_re_exports_only_the_components_it_changes(tiny_lora: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+    from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
     from export.flux.lora import lora_targets
     from export.flux_publish import component_provenance
     from export.repository import fingerprint

@@ -16,8 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import FLUX_IO_NAMES, FLUX_TRANSFORMER  # noqa: E402
 from common.flux_assets import copy_loop_assets  # noqa: E402
+from contract.specs import FLUX_IO_NAMES, FLUX_TRANSFORMER  # noqa: E402
 from export.flux.onnx_export import export_all, onnx_path  # noqa: E402
 from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables, torch_callables  # noqa: E402
 

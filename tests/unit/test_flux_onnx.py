@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import (
+from contract.specs import (
     FLUX_COMPONENTS,
     FLUX_IO_NAMES,
     FLUX_TEXT_ENCODER,

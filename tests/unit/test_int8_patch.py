@@ -22,7 +22,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import FLUX_TRANSFORMER  # noqa: E402
+from contract.specs import FLUX_TRANSFORMER  # noqa: E402
 from export.flux.lora import load_pipeline, lora_target_modules  # noqa: E402
 from export.flux.onnx_export import export_all, transformer_inputs  # noqa: E402
 from export.flux.transformer_precision import (  # noqa: E402

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from client.contract import CLASSIFIER_ONNX, INLINE_ENCODER_PARAMETER, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
 from common.int8_rescue import near_boundary
+from contract.specs import CLASSIFIER_ONNX, INLINE_ENCODER_PARAMETER, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
 from serving.classify_encoder import InlineEncoder
 
 LOGITS = CLASSIFIER_ONNX.outputs[0].name

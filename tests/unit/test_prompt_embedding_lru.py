@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from api.triton_metrics import HIT_RATIO_METRIC, prompt_cache_exposition
-from client.contract import PROMPT_CACHE_METRIC
+from contract.specs import PROMPT_CACHE_METRIC
 from serving.prompt_cache import PromptEmbeddingCache
 
 

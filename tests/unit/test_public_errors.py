@@ -25,9 +25,9 @@ from tritonclient.utils import InferenceServerException
 from api.app import create_app
 from api.readiness import NotReady, Readiness
 from api.settings import ApiSettings
-from client.codec import ClassifyResult, GenerateProgress, GenerateResult
-from client.contract import CLASSIFY, GENERATE, GENERATE_LIMITS, IMAGE_REQUEST
-from client.errors import translate
+from contract.codec import ClassifyResult, GenerateProgress, GenerateResult
+from contract.errors import translate
+from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS, IMAGE_REQUEST
 
 KEY = "test-key-public-errors"
 ADDRESS = "10.9.8.7:8001"

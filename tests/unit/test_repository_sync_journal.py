@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.contract import GENERATE
+from contract.specs import GENERATE
 from export import publish_journal
 from runtime import repository_sync
 from runtime.repository_sync import SyncSettings, snapshot, sync_once

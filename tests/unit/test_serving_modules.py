@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client.contract import GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS
 from common.ort_session import make_session
+from contract.specs import GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS
 from serving.classify_pipeline import ClassifyPipeline, LabelInfo, validate_text
 from serving.generate_request import read_request
 from serving.onnx_runner import BatchedOnnxRunner, length_groups

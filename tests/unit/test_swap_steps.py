@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from client.contract import FLUX_PREPARE, FLUX_TRANSFORMER, GENERATE, GENERATE_STREAM
+from contract.specs import FLUX_PREPARE, FLUX_TRANSFORMER, GENERATE, GENERATE_STREAM
 from export.deployments import flux_deployments
 from export.hot_swap import _steps
 from export.repository import write_config

@@ -23,15 +23,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import (  # noqa: E402
-    FLUX_COMPONENTS,
-    FLUX_PIPELINE_SLOTS,
-    FLUX_TEXT_ENCODER,
-    FLUX_TEXT_ENCODER_2,
-    FLUX_TRANSFORMER,
-    FLUX_VAE_DECODER,
-    GENERATE,
-)
 from common.torch_runtime import (  # noqa: E402
     LORA_FILE,
     MODULE_DIR,
@@ -39,6 +30,15 @@ from common.torch_runtime import (  # noqa: E402
     TorchRuntime,
     load_lora_factors,
     save_lora_factors,
+)
+from contract.specs import (  # noqa: E402
+    FLUX_COMPONENTS,
+    FLUX_PIPELINE_SLOTS,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GENERATE,
 )
 from export.deployments import flux_deployments  # noqa: E402
 from export.flux.full_size import DEV_PARAMETERS, build_random_flux, meta_modules  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.contract import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
+from contract.specs import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER
 from export.deployments import INLINE_ENCODER_FILE, ExportSettings, all_deployments, classifier_deployments
 from export.triton_config import config_text, parse_config
 from tests.conftest import MODEL_REPOSITORY

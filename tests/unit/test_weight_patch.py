@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.contract import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER  # noqa: E402
 from common.flux_assets import LORA_WEIGHT_NAME  # noqa: E402
+from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER  # noqa: E402
 from export.flux.lora import load_pipeline, lora_target_modules  # noqa: E402
 from export.flux.onnx_export import BatchMajorFluxTransformer, ClipPooled, _token_ids, export_all, transformer_inputs  # noqa: E402
 from export.flux.settings import FluxSettings  # noqa: E402

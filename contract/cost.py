@@ -9,7 +9,7 @@ The memory guard estimates the FLUX transformer's peak activation memory: full s
 over image + text tokens materialises a (heads, tokens, tokens) score matrix and its softmax per
 image (ONNX Runtime on CPU keeps both alive), which dominates everything else at large sizes. The
 deployed `generate` model publishes its transformer's head count and text length as config
-parameters (client.contract's ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER), so the guard follows the model.
+parameters (contract.specs's ATTENTION_HEADS_PARAMETER, TEXT_TOKENS_PARAMETER), so the guard follows the model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from client.contract import GENERATE_LIMITS
+from contract.specs import GENERATE_LIMITS
 
 LATENT_PATCH_PIXELS = 16
 """One image token covers 16x16 pixels (8x VAE downsampling, 2x2 patch packing)."""

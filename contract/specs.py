@@ -185,9 +185,9 @@ RESCUE_MARGIN_PARAMETER = "rescue_margin"
 TRIGGER_PARAMETER = "trigger_word"
 """generate: the trigger words of the LoRA fused into that version."""
 ATTENTION_HEADS_PARAMETER = "attention_heads"
-"""generate: its transformer's attention heads (the facade's memory guard, client/cost.py)."""
+"""generate: its transformer's attention heads (the facade's memory guard, contract/cost.py)."""
 TEXT_TOKENS_PARAMETER = "text_tokens"
-"""generate: T5 tokens per prompt (the facade's memory guard, client/cost.py)."""
+"""generate: T5 tokens per prompt (the facade's memory guard, contract/cost.py)."""
 HOST_MEMORY_SHARE_PARAMETER = "host_memory_share"
 """generate, generate_stream: the share of the host's memory that the transformer activations of
 this model's concurrent images may use, split evenly over its instances ("0": no guard, the GPU

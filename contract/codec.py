@@ -1,6 +1,6 @@
 """Encoding requests to and decoding responses from Triton tensors, shared by both clients.
 
-Inputs are checked against client.contract before anything is sent, so a bad request fails
+Inputs are checked against contract.specs before anything is sent, so a bad request fails
 fast with InvalidInputError and never costs a network round trip.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from client.contract import (
+from contract.errors import InvalidInputError
+from contract.specs import (
     CLASSIFY,
     CLASSIFY_LIMITS,
     FLUX_IO_NAMES,
@@ -23,7 +24,6 @@ from client.contract import (
     GENERATE_STREAM,
     LABELS,
 )
-from client.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
