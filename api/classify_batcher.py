@@ -2,8 +2,8 @@
 
 Triton's dynamic batcher already merges requests into one encoder batch, but each request still
 pays its own gRPC call from the facade, its own request in Triton's core and its own response in
-the `classify` python model: about 0.7 ms of CPU per request on the 2-core reference machine,
-a third of what the int8 encoder itself costs per text. Here concurrent requests' texts travel
+the `classify` python model, a sizeable share of what the int8 encoder itself costs per text
+(docs/decisions/classify-shared-calls.md). Here concurrent requests' texts travel
 together as one `classify` request of up to `max_texts` texts, so that overhead is paid once per
 call instead of once per HTTP request.
 
@@ -12,8 +12,8 @@ request whose body arrived in the same turn (a lone request waits for nothing). 
 while `max_inflight` calls are already out; when one returns, everything queued meanwhile leaves
 together. Under load batches grow by themselves; when idle they are size 1. Taking the texts one
 turn late matters under load: the clients answered by one call send their next requests in a burst,
-and when the first of them took a free slot alone, calls averaged ~5 texts at 32 clients; taken a
-turn late, ~9 (`fluxserve-bench run`, issue 10).
+and when the first of them took a free slot alone, calls stayed small; taken a turn late, they
+fill up (docs/decisions/classify-shared-calls.md).
 
 A caller that goes away (client disconnect, cancelled task) drops only its own texts: queued ones
 are never sent, and a shared call already in flight finishes for the others.

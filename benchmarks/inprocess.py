@@ -6,14 +6,14 @@ directly, the recorded text normalization) and the same runner with the deployme
 regrouped by real length, serving/onnx_runner.py), on the same chat messages. Tokenization is inside
 the timed loop because the served path tokenizes too; so the figure is "texts classified per second
 by the model code the server runs", which no server can beat on the same cores. (Until this round
-it used the Hugging Face tokenizer wrapper and one padded call per batch; the served path had
-become cheaper per text than that "limit": 1.22 against ~1.5 ms of CPU, `make bench` 12:09 UTC.)
+it used the Hugging Face tokenizer wrapper and one padded call per batch, and the served path had
+become cheaper per text than that "limit": docs/decisions/honest-inprocess-limit.md.)
 
 Two layouts of the same cores, and the limit is the better one: one session whose operators use
 2 intra-op threads, and 2 sessions of 1 thread each, driven by 2 Python threads (ONNX Runtime and
-the Rust tokenizer release the GIL). On 2 cores the second was measured ~1.5x the first at 8
-texts per batch: a small batch's operators are too short to split across threads without the
-threads waiting on each other.
+the Rust tokenizer release the GIL). On 2 cores the second wins at chat-sized batches: a small
+batch's operators are too short to split across threads without the threads waiting on each other
+(docs/decisions/classify-layout-and-fusion.md).
 """
 
 from __future__ import annotations

@@ -39,13 +39,12 @@ class ExportSettings(BaseSettings):
 
     classifier_precision: Literal["auto", "fp32", "int8"] = "auto"
     """CPU classifier graph: `auto` serves int8 when its test accuracy is within 0.5 points of
-    fp32 (measured at export, recorded in the manifest); `fp32` / `int8` force one."""
+    fp32 (scored at export, recorded in the manifest); `fp32` / `int8` force one."""
     classify_encoder: Literal["inline", "bls"] = "inline"
     """CPU target: `inline` runs the encoder inside `classify`'s own processes (its version folder
     gets a copy of the served graph); `bls` calls `classifier_onnx` per merged batch, as the GPU
-    target always does. Inline saves the hop: at 32 clients, A/B/A/B in the same minutes, 845 ->
-    942 req/s through the facade, 929 -> 1,049 through gRPC, 1.94 -> 1.82 ms of CPU per request
-    (`fluxserve-bench run`, issue 10; README "How Triton runs here")."""
+    target always does. Inline saves a Triton request, two shared-memory hand-offs and a second
+    process's wake-up per merged batch (docs/decisions/classify-encoder-inline.md)."""
     classify_instances: int | None = None
     """None: the sweep's recommendation, else 2."""
     classify_max_queue_size: int = 64
@@ -59,13 +58,14 @@ class ExportSettings(BaseSettings):
     None: the sweep's recommendation, else 2."""
     classifier_int8_rescue_margin: float = 6.0
     """CPU, int8 served: rows whose int8 logit margin is below this are re-encoded in fp32 by
-    `classify` (common/int8_rescue.py). int8 moved margins by up to 5.0 on the validation split;
-    about 2% of chat messages fall under 6. 0 serves plain int8."""
+    `classify` (common/int8_rescue.py). The default sits above the largest margin shift int8
+    showed on the validation split (docs/decisions/int8-classifier-rescue.md). 0 serves plain int8."""
     classifier_onnx_max_queue_delay_us: int = 500
     classifier_onnx_call_cost_tokens: float = 12.0
     """One more ORT call's fixed cost in padded tokens' worth of encoder work: the exchange rate the
     classifier_onnx runner uses to split a merged batch by text length (0 would split every length).
-    Measured in-process on the int8 MiniLM (1 thread): about 0.94 ms + 84 us per token, i.e. 11 tokens."""
+    The default is the int8 MiniLM's fixed call cost over its per-token cost (docs/benchmarks.md,
+    "Where a /classify request's CPU goes")."""
     generate_instances: int = 4
     """Concurrent generations in Triton; their per-step transformer calls are batched together."""
     generate_max_queue_size: int = 8
@@ -83,18 +83,16 @@ class ExportSettings(BaseSettings):
     flux_transformer_threads: int = 1
     """Two instances of one ORT thread each, not one of two: a step's small GEMMs (batch 1-2 of
     256 image tokens on the small model) scale poorly over threads, and two instances keep both
-    cores on whole batches. Measured at 4 clients, 256x256, 4 steps (`fluxserve-bench run`, A/B/A
-    in the same minutes, int8): transformer CPU per request 225-236 vs 271 ms, /generate 2.73-2.84x
-    vs 2.59x the baseline. Each instance holds its own copy of the weights (FLUX.1-dev int8: ~12 GB):
-    set 1 instance and 2 threads where memory is short."""
+    cores on whole batches (docs/decisions/flux-transformer-instances.md). Each instance holds its
+    own copy of the weights (FLUX.1-dev int8: ~12 GB): set 1 instance and 2 threads where memory is
+    short."""
     flux_transformer_max_queue_delay_us: int = 2000
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
     the running forward pass anyway and merge there; a long wait only taxes a lone request every
-    step. Measured on the small model, 256x256, 4 steps (CPU): 20 ms gave 1.9 req/s alone and
-    3.2 at 4 clients; 2 ms gave 2.4 and 3.4, and 0 the same within noise."""
+    step (docs/decisions/flux-transformer-instances.md)."""
     flux_component_threads: int = 1
     batching_recommendation: Path = RECOMMENDATION_FILE
-    """Measured by `fluxserve-bench sweep`; the classifier knobs above override it."""
+    """Written by `fluxserve-bench sweep`; the classifier knobs above override it."""
 
 
 def _recommended(path: Path) -> dict:
@@ -122,7 +120,7 @@ def classifier_deployments(settings: ExportSettings | None = None, target: Targe
     encoder = {
         "intra_op_threads": str(_pick(s.classifier_onnx_threads, rec_onnx, "intra_op_threads", 2)),
         "pad_axis1": "input_ids,attention_mask",
-        # Merged chat batches are ~1.5x padding: regroup rows by real length (onnx_runner.py).
+        # Merged chat batches carry much padding: regroup rows by real length (onnx_runner.py).
         "length_buckets": "attention_mask",
         "call_cost_tokens": str(s.classifier_onnx_call_cost_tokens),
     }
