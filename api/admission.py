@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import psutil
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.triton_client import AsyncTritonClient
+from api.triton_port import TritonPort
 from contract.cost import (
     MAX_CONTRACT_COST_MPS,
     TransformerShape,
@@ -372,7 +372,7 @@ class Admission:
         return self.classify.admitted(float(texts))
 
 
-async def deployed_model_facts(triton: AsyncTritonClient) -> ModelFacts:
+async def deployed_model_facts(triton: TritonPort) -> ModelFacts:
     """Read the target and transformer shape from the deployed models' configs."""
     generate = await triton.model_config(GENERATE.name)
     transformer = await triton.model_config(FLUX_TRANSFORMER)

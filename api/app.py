@@ -26,7 +26,9 @@ from api.settings import ApiSettings
 from api.shedding import EarlyShed, ShedRoute
 from api.slow_clients import guarded_protocol, raise_open_file_limit
 from api.state import AppState
+from api.triton_port import TritonFactory
 from client.control_key import control_key
+from client.triton_client import AsyncTritonClient
 from common.secret_strength import SecretConfigError
 from training.jobs import JobSettings, job_store, make_huey
 from training.tasks import register_tasks
@@ -36,7 +38,9 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 """POST /train bodies may exceed the upload limit by this much: boundaries and the form fields."""
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None, triton: TritonFactory = AsyncTritonClient) -> FastAPI:
+    """The facade. `triton` makes its Triton clients: the real gRPC client, or a fake that satisfies
+    api.triton_port.TritonPort (the in-process tests drive the whole app against one)."""
     settings = settings or ApiSettings()
     control_key()  # sent to read model configs: a placeholder FLUXSERVE_TRITON_CONTROL_KEY is refused at start
     job_settings = JobSettings()
@@ -47,6 +51,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         jobs=job_store(job_settings),
         enqueue=register_tasks(make_huey(job_settings), job_settings),
         metrics=ApiMetrics(),
+        triton_factory=triton,
         keyring=load_keyring(settings.keys.get_secret_value() if settings.keys else None, settings.key_file),
     )
 

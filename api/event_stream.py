@@ -28,6 +28,7 @@ from api.schemas import GenerateRequest, GenerateResponse
 from api.state import AppState
 from contract.codec import GenerateResult
 from contract.errors import FluxServeError, ModelFailedError
+from contract.specs import GenerateParams
 
 EVENT_STREAM = "text/event-stream"
 
@@ -63,17 +64,18 @@ async def generation_events(state: AppState, body: GenerateRequest, seed: int) -
     try:
         try:
             prompt = await state.generation_prompt(body.prompt)
+            images = body.image_params(prompt, seed)
         except FluxServeError as e:
             yield error_event(e, state)
             return
-        async for item in _admitted_generation_events(state, body, prompt, seed):
+        async for item in _admitted_generation_events(state, body, images):
             yield item
     finally:
         await admission.__aexit__(None, None, None)
 
 
 async def _admitted_generation_events(
-    state: AppState, body: GenerateRequest, prompt: str, seed: int
+    state: AppState, body: GenerateRequest, images: list[GenerateParams]
 ) -> AsyncIterator[dict[str, str]]:
     """`progress` events for all `body.num_images` images (run concurrently, so they share
     transformer steps in Triton), then one `image` event; or an `error` event."""
@@ -85,9 +87,7 @@ async def _admitted_generation_events(
     total_steps = body.steps * body.num_images
 
     async def one(index: int) -> GenerateResult:
-        async for progress, result in state.triton_generate.generate_stream(
-            prompt, seed + index, body.width, body.height, body.steps, body.guidance
-        ):
+        async for progress, result in state.triton_generate.generate_stream(images[index]):
             if result is not None:  # the final response repeats the last step: no second event
                 return result
             done_steps[index] = progress.step
@@ -131,9 +131,9 @@ async def _admitted_generation_events(
     encoded = await asyncio.to_thread(lambda: [encode_image(r.image, body.output_format) for r in results])
     answer = GenerateResponse(
         images=[base64.b64encode(b).decode() for b in encoded],
-        seed=seed,
+        seed=images[0].seed,
         model_version=results[0].model_version,
-        prompt=prompt,
+        prompt=images[0].prompt,
         output_format=body.output_format,
         timings={"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)},
     )

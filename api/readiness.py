@@ -19,9 +19,9 @@ import time
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
-from client.triton_client import AsyncTritonClient
+from api.triton_port import TritonPort
 from contract.errors import FluxServeError, ModelFailedError
-from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS
+from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS, GenerateParams
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class NotReady(StrEnum):
 
 
 class Readiness:
-    def __init__(self, triton: AsyncTritonClient, probe_interval_s: float = 10.0) -> None:
+    def __init__(self, triton: TritonPort, probe_interval_s: float = 10.0) -> None:
         # Probes are bounded by the client's own timeout and never cut short: a cold first
         # generation on a busy machine can take a minute, and a probe restarted on every
         # /readyz poll would never finish.
@@ -86,7 +86,9 @@ class Readiness:
                 await self.triton.classify([PROBE_TEXT])
             elif model == GENERATE.name:
                 side = GENERATE_LIMITS.min_side
-                await self.triton.generate(PROBE_TEXT, 0, side, side, 1, 0.0)
+                await self.triton.generate(
+                    GenerateParams(prompt=PROBE_TEXT, seed=0, width=side, height=side, steps=1, guidance=0.0)
+                )
             else:
                 return True  # no probe known: model readiness only
         except ModelFailedError as e:

@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from contract.specs import CLASSIFY_LIMITS, GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS, OutputFormat
+from contract.specs import (
+    CLASSIFY_LIMITS,
+    GENERATE_DEFAULTS,
+    GENERATE_LIMITS,
+    LABELS,
+    GenerateParams,
+    ImageOptions,
+    OutputFormat,
+    Prompt,
+)
 
 
 def _not_blank(value: str) -> str:
@@ -60,23 +69,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class GenerateOptions(BaseModel):
-    """/generate's options without the prompt, with their bounds and checks: /chat's `generate`
+class GenerateOptions(ImageOptions):
+    """/generate's options without the prompt: the contract's ImageOptions (every input of the
+    `generate` model but the prompt) plus how many images and in which format. /chat's `generate`
     takes exactly this model, so the two can never validate differently."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    width: Annotated[
-        int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
-    ] = GENERATE_DEFAULTS.width
-    height: Annotated[
-        int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
-    ] = GENERATE_DEFAULTS.height
-    steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
-    guidance: Annotated[
-        float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)
-    ] = GENERATE_DEFAULTS.guidance
-    seed: Annotated[int, Field(ge=0, le=GENERATE_LIMITS.max_seed)] | None = None
     num_images: Annotated[int, Field(ge=1, le=GENERATE_LIMITS.max_num_images)] = GENERATE_DEFAULTS.num_images
     output_format: OutputFormat = "png"
 
@@ -87,6 +84,12 @@ class GenerateOptions(BaseModel):
             raise ValueError(f"seed + num_images - 1 must be at most {GENERATE_LIMITS.max_seed}")
         return self
 
+    def image_params(self, prompt: str, seed: int) -> list[GenerateParams]:
+        """Each image's GenerateParams (seeds seed, seed + 1, ...), passed whole to Triton. Checked
+        again: the prompt may have grown (trigger words) past the contract's limit."""
+        options = self.model_dump(include=set(ImageOptions.model_fields))
+        return [GenerateParams.build(**{**options, "prompt": prompt, "seed": seed + i}) for i in range(self.num_images)]
+
 
 class GenerateRequest(GenerateOptions):
     model_config = ConfigDict(
@@ -94,7 +97,7 @@ class GenerateRequest(GenerateOptions):
         json_schema_extra={"examples": [{"prompt": "a portrait in a cafe", "width": 1024, "height": 1024, "seed": 42}]},
     )
 
-    prompt: Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
+    prompt: Prompt
 
 
 class GenerateResponse(BaseModel):

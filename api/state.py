@@ -21,6 +21,7 @@ from api.prompt_rewrite import with_trigger
 from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag, RefusalPacer
+from api.triton_port import TritonFactory, TritonPort
 from api.upload_gate import UploadSlots
 from client.triton_client import AsyncTritonClient, ClassifyResult
 from contract.specs import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
@@ -45,7 +46,7 @@ class VersionedParameter:
     key: str
     values: dict[str, str | None] = field(default_factory=dict)
 
-    async def get(self, client: AsyncTritonClient, version: str) -> str | None:
+    async def get(self, client: TritonPort, version: str) -> str | None:
         if version not in self.values:
             self.values[version] = await client.model_parameter(self.model, self.key, version)
         return self.values[version]
@@ -69,8 +70,10 @@ class AppState:
     )
     triggers: VersionedParameter = field(default_factory=lambda: VersionedParameter(GENERATE.name, TRIGGER_PARAMETER))
     # Opened by the lifespan: they bind to the running event loop.
-    triton: AsyncTritonClient | None = None
-    triton_generate: AsyncTritonClient | None = None
+    triton_factory: TritonFactory = AsyncTritonClient
+    """How the lifespan makes its Triton clients: AsyncTritonClient, or a test's fake (api.triton_port)."""
+    triton: TritonPort | None = None
+    triton_generate: TritonPort | None = None
     readiness: Readiness | None = None
     classify_batcher: ClassifyBatcher | None = None
     """None when FLUXSERVE_API_CLASSIFY_CALLS_INFLIGHT=0 (one Triton call per request)."""
@@ -90,8 +93,8 @@ class AppState:
 
     async def open(self) -> None:
         s = self.settings
-        self.triton = AsyncTritonClient(s.triton_grpc_url, s.classify_timeout_s)
-        self.triton_generate = AsyncTritonClient(s.triton_grpc_url, s.generate_timeout_s)
+        self.triton = self.triton_factory(s.triton_grpc_url, s.classify_timeout_s)
+        self.triton_generate = self.triton_factory(s.triton_grpc_url, s.generate_timeout_s)
         self.readiness = Readiness(self.triton_generate, s.ready_probe_interval_s)
         if s.classify_calls_inflight > 0:
             self.classify_batcher = ClassifyBatcher(

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.targets import ALL_TARGETS
-from benchmarks.workload import GenerateParams
+from benchmarks.workload import GenerateWorkload
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.generate_size or args.generate_steps:
         g = s.generate
         side = args.generate_size or g.width
-        s = replace(s, generate=GenerateParams(side, side, args.generate_steps or g.steps, g.guidance))
+        s = replace(s, generate=GenerateWorkload(side, side, args.generate_steps or g.steps, g.guidance))
     started = time.monotonic()
     result = run(s)
     logging.getLogger("fluxserve.bench").info("done in %.0f s: %s", time.monotonic() - started, result["files"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
+from benchmarks.workload import GENERATE_PROMPTS, GenerateWorkload
 from common.ort_session import make_session
 from contract.specs import (
     FLUX_COMPONENTS,
@@ -28,6 +28,7 @@ from contract.specs import (
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
     GENERATE,
+    GenerateParams,
 )
 from export.repository import versions
 
@@ -62,10 +63,9 @@ def _served_loop(repo: Path, threads: int):
 
 
 def flux_inprocess(
-    repo: Path, params: GenerateParams, concurrency: Sequence[int] = (1, 4), requests: int = 16, threads: int = 2
+    repo: Path, params: GenerateWorkload, concurrency: Sequence[int] = (1, 4), requests: int = 16, threads: int = 2
 ) -> dict[str, object]:
     """Images per second of FluxLoop on the served ONNX files, per number of calling threads."""
-    from serving.flux_loop import GenerationRequest
 
     loop = _served_loop(repo, threads)
     runs = []
@@ -80,9 +80,27 @@ def flux_inprocess(
                 if i is None:
                     return
                 prompt = GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)]
-                loop(GenerationRequest(prompt, params.width, params.height, params.steps, params.guidance, i))
+                loop(
+                    GenerateParams(
+                        prompt=prompt,
+                        width=params.width,
+                        height=params.height,
+                        steps=params.steps,
+                        guidance=params.guidance,
+                        seed=i,
+                    )
+                )
 
-        loop(GenerationRequest(GENERATE_PROMPTS[0], params.width, params.height, params.steps, params.guidance, 0))
+        loop(
+            GenerateParams(
+                prompt=GENERATE_PROMPTS[0],
+                width=params.width,
+                height=params.height,
+                steps=params.steps,
+                guidance=params.guidance,
+                seed=0,
+            )
+        )
         started = time.perf_counter()
         pool = [threading.Thread(target=worker) for _ in range(conc)]
         for t in pool:

@@ -58,6 +58,7 @@ from contract.specs import (
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
     GENERATE,
+    GenerateParams,
 )
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,9 @@ def closed_loop(url: str, s: GpuBenchSettings, clients: int, images: int, steps:
                     return
                 began = time.perf_counter()
                 try:
-                    image = client.generate(PROMPT, seed=seed, width=s.width, height=s.height, steps=steps).image
+                    image = client.generate(
+                        GenerateParams(prompt=PROMPT, seed=seed, width=s.width, height=s.height, steps=steps)
+                    ).image
                 except Exception as e:  # recorded: one failure must not hide the other figures
                     errors.append(f"{type(e).__name__}: {e}"[:300])
                     continue

@@ -28,7 +28,7 @@ from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.plots import RawRuns, latency_plot, throughput_plot
 from benchmarks.report import Result, add_ratios, headline, render_markdown, write_json
 from benchmarks.targets import ALL_TARGETS, BASELINE, FACADE, ORT_INPROCESS, TargetName, make_target
-from benchmarks.workload import GenerateParams, chat_texts
+from benchmarks.workload import GenerateWorkload, chat_texts
 from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
 from contract.specs import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
 from contract.specs import CLASSIFY, GENERATE, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
@@ -66,7 +66,7 @@ class RunSettings:
     generate_max_requests: int = 40
     generate_rate_rps: float | None = None
     generate_warmup_requests: int = 2
-    generate: GenerateParams = field(default_factory=GenerateParams)
+    generate: GenerateWorkload = field(default_factory=GenerateWorkload)
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     ort_layouts: tuple[tuple[int, int], ...] = LAYOUTS
     """(sessions, intra-op threads each) tried for the in-process limit (benchmarks/inprocess.py)."""
@@ -98,7 +98,7 @@ def smoke_settings(base: RunSettings) -> RunSettings:
         generate_max_requests=4,
         generate_duration_s=300.0,
         generate_warmup_requests=1,
-        generate=GenerateParams(64, 64, 2, 3.5),
+        generate=GenerateWorkload(64, 64, 2, 3.5),
         batch_sizes=(1, 8),
         ort_duration_s=0.3,
     )

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import aiohttp
 
 from benchmarks.fast_http import FastHttpPool
-from benchmarks.workload import GENERATE_PROMPTS, GenerateParams
+from benchmarks.workload import GENERATE_PROMPTS, GenerateWorkload
 from client.triton_client import AsyncTritonClient
-from contract.specs import CLASSIFY, GENERATE, LABELS
+from contract.specs import CLASSIFY, GENERATE, LABELS, GenerateParams
 
 # Target names as the CLI spells them: <door>-<model>, plus the in-process ORT limit.
 FACADE, TRITON, BASELINE = "facade", "triton", "baseline"
@@ -126,7 +126,7 @@ class GrpcClassify:
 class HttpGenerate:
     """POST /generate on the facade or the baseline; expects one base64 PNG."""
 
-    def __init__(self, base_url: str, params: GenerateParams, pool: int, timeout_s: float = 600.0) -> None:
+    def __init__(self, base_url: str, params: GenerateWorkload, pool: int, timeout_s: float = 600.0) -> None:
         self.params = params
         self.client = _http_client(base_url, pool, timeout_s)
 
@@ -151,20 +151,14 @@ class HttpGenerate:
 
 
 class GrpcGenerate:
-    def __init__(self, grpc_url: str, params: GenerateParams, timeout_s: float = 600.0) -> None:
+    def __init__(self, grpc_url: str, params: GenerateWorkload, timeout_s: float = 600.0) -> None:
         self.params = params
         self.client = AsyncTritonClient(grpc_url, timeout_s)
 
     async def __call__(self, i: int) -> None:
         p = self.params
-        result = await self.client.generate(
-            GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)],
-            seed=i,
-            width=p.width,
-            height=p.height,
-            steps=p.steps,
-            guidance=p.guidance,
-        )
+        prompt = GENERATE_PROMPTS[i % len(GENERATE_PROMPTS)]
+        result = await self.client.generate(GenerateParams(prompt=prompt, seed=i, **asdict(p)))
         if tuple(result.image.shape) != (p.height, p.width, 3):
             raise BadResponse(f"image shape {result.image.shape}, expected {(p.height, p.width, 3)}")
 
@@ -172,7 +166,7 @@ class GrpcGenerate:
         await self.client.close()
 
 
-def make_target(name: TargetName, url: str, texts: list[str], params: GenerateParams, pool: int) -> Target:
+def make_target(name: TargetName, url: str, texts: list[str], params: GenerateWorkload, pool: int) -> Target:
     """`url` is an HTTP base URL for the facade/baseline, a host:port for Triton gRPC."""
     if name.model == CLASSIFY.name:
         return GrpcClassify(url, texts) if name.door == TRITON else HttpClassify(url, texts, pool)

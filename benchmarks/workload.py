@@ -43,7 +43,7 @@ def chat_texts() -> list[str]:
 
 
 @dataclass(frozen=True)
-class GenerateParams:
+class GenerateWorkload:
     """One generate request's knobs (the small local FLUX: keep it cheap enough to measure)."""
 
     width: int = 256

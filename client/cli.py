@@ -27,18 +27,21 @@ from client.facade_client import API_KEY_ENV, DEFAULT_API_URL, KEY_FILE, FacadeC
 from client.triton_client import DEFAULT_URL, TritonClient
 from contract.codec import GenerateResult
 from contract.errors import FluxServeError
-from contract.specs import GENERATE_DEFAULTS
+from contract.specs import GENERATE_DEFAULTS, GenerateParams
 
 log = logging.getLogger("fluxserve.client")
+
+
+def cli_params(args: argparse.Namespace) -> GenerateParams:
+    """The command line's options as GenerateParams: every field the parser has, by name."""
+    return GenerateParams.build(**{k: v for k, v in vars(args).items() if k in GenerateParams.model_fields})
 
 
 def generate_with_progress(client: TritonClient, args: argparse.Namespace) -> GenerateResult:
     from tqdm import tqdm
 
     with tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr) as bar:
-        for progress, result in client.generate_stream(
-            args.prompt, args.seed, args.width, args.height, args.steps, args.guidance
-        ):
+        for progress, result in client.generate_stream(cli_params(args)):
             bar.total = progress.total
             bar.update(progress.step - bar.n)
             if result is not None:
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from PIL import Image
 
                 if args.no_progress:
-                    res = client.generate(args.prompt, args.seed, args.width, args.height, args.steps, args.guidance)
+                    res = client.generate(cli_params(args))
                 else:
                     res = generate_with_progress(client, args)
                 Image.fromarray(res.image).save(args.output)

@@ -7,7 +7,6 @@ exceptions in contract.errors.
 from __future__ import annotations
 
 import queue
-import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -29,13 +28,9 @@ from contract.codec import (
     generate_inputs,
 )
 from contract.errors import FluxServeError, InferenceError, RequestTimeoutError, translate
-from contract.specs import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_DEFAULTS, GENERATE_STREAM
+from contract.specs import CLASSIFY, ENDPOINTS, GENERATE, GENERATE_STREAM, GenerateParams, random_seed
 
 DEFAULT_URL = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
-
-
-def random_seed() -> int:
-    return secrets.randbelow(2**31)
 
 
 def channel_args(max_reconnect_backoff_s: float = 2.0) -> list[tuple[str, int]]:
@@ -100,36 +95,21 @@ class TritonClient:
             raise translate(e) from e
         return decode_classify(result)
 
-    def generate(
-        self,
-        prompt: str,
-        seed: int | None = None,
-        width: int = GENERATE_DEFAULTS.width,
-        height: int = GENERATE_DEFAULTS.height,
-        steps: int = GENERATE_DEFAULTS.steps,
-        guidance: float = GENERATE_DEFAULTS.guidance,
-    ) -> GenerateResult:
-        seed = random_seed() if seed is None else seed
-        inputs, outputs = generate_inputs(prompt, seed, width, height, steps, guidance)
+    def generate(self, params: GenerateParams) -> GenerateResult:
+        """One image; a params without a seed gets a random one (the result says which)."""
+        params = params.seeded()
+        inputs, outputs = generate_inputs(params)
         try:
             result = self._client.infer(GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
             raise translate(e) from e
-        return decode_generate(result, seed)
+        return decode_generate(result, params.seed)
 
-    def generate_stream(
-        self,
-        prompt: str,
-        seed: int | None = None,
-        width: int = GENERATE_DEFAULTS.width,
-        height: int = GENERATE_DEFAULTS.height,
-        steps: int = GENERATE_DEFAULTS.steps,
-        guidance: float = GENERATE_DEFAULTS.guidance,
-    ) -> Iterator[StreamEvent]:
+    def generate_stream(self, params: GenerateParams) -> Iterator[StreamEvent]:
         """Yields (progress, None) after every step, then (progress of the last step, result).
         Closing the iterator early cancels the request in Triton (the stream is cancelled)."""
-        seed = random_seed() if seed is None else seed
-        inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
+        params = params.seeded()
+        inputs, _ = generate_inputs(params, GENERATE_STREAM)
         answers: queue.Queue = queue.Queue()
         self._client.start_stream(
             callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s
@@ -145,7 +125,7 @@ class TritonClient:
                     ) from None
                 if error is not None:
                     raise translate(error) from error
-                progress, done = decode_generate_stream(result, seed)
+                progress, done = decode_generate_stream(result, params.seed)
                 yield progress, done
                 if done is not None:
                     return
@@ -223,36 +203,23 @@ class AsyncTritonClient:
             raise translate(e) from e
         return decode_classify(result)
 
-    async def generate(
-        self,
-        prompt: str,
-        seed: int,
-        width: int = GENERATE_DEFAULTS.width,
-        height: int = GENERATE_DEFAULTS.height,
-        steps: int = GENERATE_DEFAULTS.steps,
-        guidance: float = GENERATE_DEFAULTS.guidance,
-    ) -> GenerateResult:
-        inputs, outputs = generate_inputs(prompt, seed, width, height, steps, guidance)
+    async def generate(self, params: GenerateParams) -> GenerateResult:
+        """One image; a params without a seed gets a random one (the result says which)."""
+        params = params.seeded()
+        inputs, outputs = generate_inputs(params)
         try:
             result = await self._client.infer(
                 GENERATE.name, inputs, outputs=outputs, client_timeout=self.timeout_s, timeout=int(self.timeout_s * 1e6)
             )
         except InferenceServerException as e:
             raise translate(e) from e
-        return decode_generate(result, seed)
+        return decode_generate(result, params.seed)
 
-    async def generate_stream(
-        self,
-        prompt: str,
-        seed: int,
-        width: int = GENERATE_DEFAULTS.width,
-        height: int = GENERATE_DEFAULTS.height,
-        steps: int = GENERATE_DEFAULTS.steps,
-        guidance: float = GENERATE_DEFAULTS.guidance,
-    ) -> AsyncIterator[StreamEvent]:
+    async def generate_stream(self, params: GenerateParams) -> AsyncIterator[StreamEvent]:
         """Yields (progress, None) after every step, then (progress of the last step, result). Leaving early
         (break, aclose, task cancelled) cancels the gRPC stream, and Triton stops the loop."""
-        inputs, _ = generate_inputs(prompt, seed, width, height, steps, guidance)
+        params = params.seeded()
+        inputs, _ = generate_inputs(params, GENERATE_STREAM)
 
         async def one_request():
             yield {"model_name": GENERATE_STREAM.name, "inputs": inputs}
@@ -262,7 +229,7 @@ class AsyncTritonClient:
             async for result, error in responses:
                 if error is not None:
                     raise translate(error) from error
-                progress, done = decode_generate_stream(result, seed)
+                progress, done = decode_generate_stream(result, params.seed)
                 yield progress, done
                 if done is not None:
                     return
@@ -279,8 +246,10 @@ __all__ = [
     "AsyncTritonClient",
     "ClassifyResult",
     "FluxServeError",
+    "GenerateParams",
     "GenerateProgress",
     "GenerateResult",
     "StreamEvent",
     "TritonClient",
+    "random_seed",
 ]

@@ -6,12 +6,13 @@ fast with InvalidInputError and never costs a network round trip.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import triton_to_np_dtype
 
 from contract.errors import InvalidInputError
 from contract.specs import (
@@ -20,9 +21,11 @@ from contract.specs import (
     FLUX_IO_NAMES,
     FLUX_SCALAR_INPUTS,
     GENERATE,
-    GENERATE_LIMITS,
     GENERATE_STREAM,
     LABELS,
+    GenerateParams,
+    ModelSpec,
+    TensorSpec,
 )
 
 
@@ -86,41 +89,45 @@ def decode_classify(result: grpcclient.InferResult) -> list[ClassifyResult]:
     return out
 
 
-def check_generate(prompt: str, width: int, height: int, steps: int, guidance: float) -> None:
-    lim = GENERATE_LIMITS
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidInputError("prompt must be a non-empty string")
-    if len(prompt) > lim.max_prompt_chars:
-        raise InvalidInputError(f"prompt is longer than {lim.max_prompt_chars} characters")
-    for name, side in (("width", width), ("height", height)):
-        if not lim.min_side <= side <= lim.max_side or side % lim.side_multiple:
-            raise InvalidInputError(
-                f"{name} must be a multiple of {lim.side_multiple} in [{lim.min_side}, {lim.max_side}], got {side}"
-            )
-    if not lim.min_steps <= steps <= lim.max_steps:
-        raise InvalidInputError(f"steps must be in [{lim.min_steps}, {lim.max_steps}], got {steps}")
-    if not math.isfinite(guidance) or not lim.min_guidance <= guidance <= lim.max_guidance:
-        raise InvalidInputError(f"guidance must be in [{lim.min_guidance}, {lim.max_guidance}], got {guidance}")
+def scalar_array(value: Any, spec: TensorSpec) -> np.ndarray:
+    """One request value as the [1] tensor `spec` describes (strings as UTF-8 bytes)."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return np.array([value], dtype=triton_to_np_dtype(spec.wire_dtype))
+
+
+def params_arrays(params: GenerateParams, model: ModelSpec = GENERATE) -> dict[str, np.ndarray]:
+    """`params` as `model`'s input arrays, one per field that has a value (an absent optional input
+    takes the model's default). Generic: a new GenerateParams field needs no change here."""
+    values = params.model_dump()
+    return {t.name: scalar_array(values[t.name], t) for t in model.inputs if values.get(t.name) is not None}
+
+
+def read_params(get: Callable[[str], np.ndarray | None], model: ModelSpec = GENERATE) -> GenerateParams:
+    """The inverse, inside Triton: a request's tensors (`get(name)` -> array or None) as checked
+    GenerateParams; InvalidInputError (a ValueError) names what is wrong. An absent seed is 0."""
+    values: dict[str, Any] = {}
+    for t in model.inputs:
+        if t.name not in GenerateParams.model_fields:  # e.g. flux_prepare's encoder versions
+            continue
+        array = get(t.name)
+        if array is None or array.size == 0:
+            continue
+        item = array.reshape(-1)[0]
+        values[t.name] = item.decode("utf-8") if isinstance(item, bytes) else item.item()
+    return GenerateParams.build(**{"seed": 0, "prompt": "", **values})
 
 
 def generate_inputs(
-    prompt: str, seed: int, width: int, height: int, steps: int, guidance: float
+    params: GenerateParams, model: ModelSpec = GENERATE
 ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
-    check_generate(prompt, width, height, steps, guidance)
-    values = {
-        "prompt": np.array([prompt.encode("utf-8")], dtype=np.object_),
-        "seed": np.array([seed], dtype=np.int64),
-        "steps": np.array([steps], dtype=np.int32),
-        "guidance": np.array([guidance], dtype=np.float32),
-        "width": np.array([width], dtype=np.int32),
-        "height": np.array([height], dtype=np.int32),
-    }
+    """`params` (checked again, so nothing unchecked reaches the wire) as `model`'s gRPC inputs."""
     inputs = []
-    for spec in GENERATE.inputs:
-        inp = grpcclient.InferInput(spec.name, list(values[spec.name].shape), spec.wire_dtype)
-        inp.set_data_from_numpy(values[spec.name])
+    for name, array in params_arrays(params.checked(), model).items():
+        inp = grpcclient.InferInput(name, list(array.shape), model.input(name).wire_dtype)
+        inp.set_data_from_numpy(array)
         inputs.append(inp)
-    return inputs, [grpcclient.InferRequestedOutput(GENERATE.outputs[0].name)]
+    return inputs, [grpcclient.InferRequestedOutput(t.name) for t in model.outputs]
 
 
 def decode_generate(result: grpcclient.InferResult, seed: int) -> GenerateResult:

@@ -7,8 +7,13 @@ it, so a change here changes every door at once.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from contract.errors import InvalidInputError
 
 TritonDType = Literal["TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32", "TYPE_INT64", "TYPE_UINT8", "TYPE_BOOL"]
 
@@ -166,6 +171,83 @@ GENERATE_STREAM = ModelSpec(
 """`generate` with progress: one response per denoising step (step, total, elapsed_s), then a
 final response with the image too. Same inputs, same pipeline, same pinned components; a
 cancelled stream stops the loop at its next step."""
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace")
+    return value
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=GENERATE_LIMITS.max_prompt_chars), AfterValidator(_not_blank)]
+Side = Annotated[
+    int, Field(ge=GENERATE_LIMITS.min_side, le=GENERATE_LIMITS.max_side, multiple_of=GENERATE_LIMITS.side_multiple)
+]
+
+
+class ImageOptions(BaseModel):
+    """How one image is generated, apart from its prompt: each field is one optional input tensor of
+    `generate` (same name; GENERATE.inputs gives the dtype). A new generation parameter is a field
+    here plus its TensorSpec in GENERATE: the codec, the Triton models' request reader, the facade's
+    request bodies (api.schemas subclasses this) and the OpenAPI page all follow from it.
+
+    `seed` None means "any": the client draws one before sending, so every answer names its seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: Annotated[int, Field(ge=0, le=GENERATE_LIMITS.max_seed)] | None = None
+    steps: Annotated[int, Field(ge=GENERATE_LIMITS.min_steps, le=GENERATE_LIMITS.max_steps)] = GENERATE_DEFAULTS.steps
+    guidance: Annotated[
+        float, Field(ge=GENERATE_LIMITS.min_guidance, le=GENERATE_LIMITS.max_guidance, allow_inf_nan=False)
+    ] = GENERATE_DEFAULTS.guidance
+    width: Side = GENERATE_DEFAULTS.width
+    height: Side = GENERATE_DEFAULTS.height
+
+
+class GenerateParams(ImageOptions):
+    """One image to generate: the `generate` model's inputs, whole. Passed as one object from the
+    facade's request body through the clients and the codec to the model's loop.
+
+    `GenerateParams.build(...)` (and `checked`) raise InvalidInputError naming each bad field, so a
+    bad request fails before any network call; `GenerateParams(...)` raises pydantic's error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: Prompt
+
+    @classmethod
+    def build(cls, **values: Any) -> GenerateParams:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise InvalidInputError(validation_message(e)) from None
+
+    def checked(self) -> GenerateParams:
+        """Checked again (an object made with model_construct or copied with an update is not)."""
+        return type(self).build(**self.model_dump())
+
+    def seeded(self) -> GenerateParams:
+        """With a seed: its own, else a random one."""
+        return self if self.seed is not None else self.model_copy(update={"seed": random_seed()})
+
+    def with_seed(self, seed: int) -> GenerateParams:
+        return self.model_copy(update={"seed": seed})
+
+
+def validation_message(e: ValidationError) -> str:
+    """pydantic's errors as one line: `field: reason; field: reason`."""
+    return "; ".join(
+        f"{'.'.join(map(str, err['loc'])) or 'request'}: {str(err['msg']).removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
+
+
+if {f for f in GenerateParams.model_fields} != {t.name for t in GENERATE.inputs}:
+    raise AssertionError("GenerateParams and the generate model's inputs disagree")  # checked at import: one home
 
 # Transformer input names as NVIDIA's FLUX ONNX export spells them.
 DEFAULT_TRIGGER_WORD = "Super Realism"

@@ -26,23 +26,20 @@ from pathlib import Path
 import numpy as np
 
 from common.flux_assets import read_max_sequence_length
-from contract.specs import FLUX_IO_NAMES, FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+from contract.specs import (
+    FLUX_IO_NAMES,
+    FLUX_TEXT_ENCODER,
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    GenerateParams,
+)
 from serving.prompt_cache import PromptEmbeddingCache
 
 log = logging.getLogger(__name__)
 
 ComponentFn = Callable[..., np.ndarray]
 """Called as fn(*arrays in input order) or fn(**{input name: array}); returns the one output."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class Prepared:
 
 PREPARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Prepared))
 
-PrepareFn = Callable[[GenerationRequest], Prepared]
+PrepareFn = Callable[[GenerateParams], Prepared]
 
 DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
 
@@ -187,7 +184,7 @@ class FluxPrep:
 
     def __call__(
         self,
-        req: GenerationRequest,
+        req: GenerateParams,
         encode_clip: ComponentFn,
         encode_t5: ComponentFn,
         versions: tuple[object, object] = ("in-process", "in-process"),
@@ -260,7 +257,7 @@ class FluxLoop:
         floats = np.clip(images.astype(np.float32, copy=False) / np.float32(2) + np.float32(0.5), 0, 1)
         return (floats[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
-    def __call__(self, req: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def __call__(self, req: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         p = self.prepare(req)
         pooled, text = p.pooled_embeds, p.text_embeds
         latents = np.asarray(p.latents, dtype=np.float32)

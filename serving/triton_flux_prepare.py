@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract.codec import flux_component_feeds
+from contract.codec import flux_component_feeds, read_params
 from contract.specs import (
     FLUX_IO_NAMES,
     FLUX_PREPARE,
@@ -27,7 +27,7 @@ from contract.specs import (
     PROMPT_CACHE_MB_PARAMETER,
     PROMPT_CACHE_METRIC,
 )
-from serving.flux_loop import PREPARED_FIELDS, FluxPrep, GenerationRequest
+from serving.flux_loop import PREPARED_FIELDS, FluxPrep
 
 
 class EncoderError(RuntimeError):
@@ -73,15 +73,7 @@ class TritonPythonModel:
                 return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
 
             try:
-                raw = get("prompt")[0]
-                req = GenerationRequest(
-                    prompt=raw.decode("utf-8") if isinstance(raw, bytes) else str(raw),
-                    width=int(get("width")[0]),
-                    height=int(get("height")[0]),
-                    steps=int(get("steps")[0]),
-                    guidance=0.0,  # not part of the preparation
-                    seed=int(get("seed")[0]),
-                )
+                req = read_params(get, FLUX_PREPARE)  # guidance is not part of the preparation
                 clip_v, t5_v = int(get("clip_version")[0]), int(get("t5_version")[0])
                 p = self.prep(
                     req, _encoder(FLUX_TEXT_ENCODER, clip_v), _encoder(FLUX_TEXT_ENCODER_2, t5_v), (clip_v, t5_v)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract.codec import flux_component_feeds
+from contract.codec import flux_component_feeds, params_arrays, read_params
 from contract.cost import TransformerShape, instance_memory_budget, memory_guard_message, transformer_peak_bytes
 from contract.specs import (
     ATTENTION_HEADS_PARAMETER,
@@ -34,12 +34,11 @@ from contract.specs import (
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
     GENERATE,
-    GENERATE_DEFAULTS,
     HOST_MEMORY_SHARE_PARAMETER,
     TEXT_TOKENS_PARAMETER,
+    GenerateParams,
 )
-from serving.flux_loop import PREPARED_FIELDS, FluxLoop, GenerationRequest, Prepared
-from serving.generate_request import read_request
+from serving.flux_loop import PREPARED_FIELDS, FluxLoop, Prepared
 from serving.stop_check import Stopped, stop_check
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def _memory_guard(model_config: dict):
     )
     budget = instance_memory_budget(number(HOST_MEMORY_SHARE_PARAMETER), instances)
 
-    def check(req: GenerationRequest) -> None:
+    def check(req: GenerateParams) -> None:
         needed = transformer_peak_bytes(req.width, req.height, 1, shape)
         if budget is not None and needed > budget:
             raise ValueError(memory_guard_message(needed, budget))
@@ -101,13 +100,9 @@ class TritonPythonModel:
         version = int(components.get(FLUX_PREPARE.name, -1))
         encoders = (int(components[FLUX_TEXT_ENCODER]), int(components[FLUX_TEXT_ENCODER_2]))
 
-        def prepare(req: GenerationRequest) -> Prepared:
+        def prepare(req: GenerateParams) -> Prepared:
             feeds = {
-                "prompt": np.array([req.prompt.encode("utf-8")], dtype=np.object_),
-                "width": np.array([req.width], dtype=np.int32),
-                "height": np.array([req.height], dtype=np.int32),
-                "steps": np.array([req.steps], dtype=np.int32),
-                "seed": np.array([req.seed], dtype=np.int64),
+                **params_arrays(req, FLUX_PREPARE),
                 "clip_version": np.array([encoders[0]], dtype=np.int64),
                 "t5_version": np.array([encoders[1]], dtype=np.int64),
             }
@@ -151,7 +146,7 @@ class TritonPythonModel:
                 return None if tensor is None else tensor.as_numpy()
 
             try:
-                req: GenerationRequest = read_request(get, GENERATE_DEFAULTS)
+                req = read_params(get)
                 self.memory_guard(req)
             except ValueError as e:
                 responses.append(

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract.specs import GENERATE_DEFAULTS, GENERATE_STREAM
-from serving.generate_request import read_request
+from contract.codec import read_params
+from contract.specs import GENERATE_STREAM
 from serving.triton_generate import ComponentError
 from serving.triton_generate import TritonPythonModel as UnaryGenerateModel
 
@@ -62,7 +62,7 @@ class TritonPythonModel(UnaryGenerateModel):
             return None if tensor is None else tensor.as_numpy()
 
         try:
-            req = read_request(get, GENERATE_DEFAULTS)
+            req = read_params(get)
             self.memory_guard(req)  # initialised by `generate`'s initialize, from this model's config
         except ValueError as e:
             sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=final)

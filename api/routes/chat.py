@@ -21,9 +21,8 @@ from api.prompt_rewrite import image_prompt
 from api.routes.generate import generate, raw_format
 from api.schemas import ChatKind, ChatRequest, ChatResponse, ClassifyResult, ErrorResponse, GenerateRequest
 from api.state import AppState, get_state
-from client.triton_client import random_seed
 from contract.errors import FluxServeError, InvalidInputError
-from contract.specs import IMAGE_REQUEST
+from contract.specs import IMAGE_REQUEST, random_seed
 
 # /chat runs the classifier and the generator: the inference key guards it as it guards them
 # (it used to call the /generate route function directly and so skipped that lock).

@@ -17,9 +17,8 @@ from api.cancellation import all_or_nothing, bounded
 from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from api.state import AppState, get_state
-from client.triton_client import random_seed
 from contract.errors import InvalidInputError
-from contract.specs import GENERATE, OutputFormat
+from contract.specs import GENERATE, OutputFormat, random_seed
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
@@ -73,12 +72,7 @@ async def generate(
         prompt = await state.generation_prompt(body.prompt)
         # Images of one request run concurrently, so they share transformer steps in Triton; they
         # share one fate too, and all are cancelled when the client leaves or the deadline passes.
-        work = all_or_nothing(
-            *(
-                state.triton_generate.generate(prompt, seed + i, body.width, body.height, body.steps, body.guidance)
-                for i in range(body.num_images)
-            )
-        )
+        work = all_or_nothing(*(state.triton_generate.generate(params) for params in body.image_params(prompt, seed)))
         results = await bounded(request, work, settings.generate_timeout_s, state.stopping)
     infer_s = time.perf_counter() - started
     state.readiness.served(GENERATE.name)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from client.triton_client import TritonClient
 from contract.errors import InvalidInputError
-from contract.specs import FLUX_TRANSFORMER, GENERATE_STREAM
+from contract.specs import FLUX_TRANSFORMER, GENERATE_STREAM, GenerateParams
 from export.flux.transformer_precision import MAX_MEAN_ABS_PIXEL
 from tests.conftest import triton_metric
 
@@ -85,7 +85,7 @@ def target_client(target_triton):
 
 def test_one_progress_response_per_step_then_the_image(target_client) -> None:
     client = target_client
-    events = list(client.generate_stream(PROMPT, seed=5, **SMALL))
+    events = list(client.generate_stream(GenerateParams(prompt=PROMPT, seed=5, **SMALL)))
     # A response after each step, then the image (decoded after the last step) with the last step.
     assert [p.step for p, _ in events] == [1, 2, 3, 3]
     assert all(p.total == 3 for p, _ in events)
@@ -95,14 +95,14 @@ def test_one_progress_response_per_step_then_the_image(target_client) -> None:
     final = events[-1][1]
     assert final is not None and final.image.shape == (64, 64, 3) and final.image.dtype == np.uint8
     # The same pipeline on the same pinned components as the unary model: the same image.
-    unary = client.generate(PROMPT, seed=5, **SMALL)
+    unary = client.generate(GenerateParams(prompt=PROMPT, seed=5, **SMALL))
     assert_same_image(final.image, unary.image)
     assert final.model_version == unary.model_version
 
 
 def test_stream_refuses_bad_input_before_sending(client) -> None:
     with pytest.raises(InvalidInputError):
-        next(client.generate_stream(PROMPT, seed=1, width=65, height=64, steps=2))
+        next(client.generate_stream(GenerateParams(prompt=PROMPT, seed=1, width=65, height=64, steps=2)))
 
 
 def test_facade_streams_progress_then_the_json_answer(facade) -> None:
@@ -155,7 +155,7 @@ def test_closing_the_python_stream_stops_the_work_in_triton(target_triton, targe
     triton, client = target_triton, target_client
     wait_until_stable(lambda: _transformer_count(triton))
     before = _transformer_count(triton)
-    stream = client.generate_stream(PROMPT, seed=3, **LONG)
+    stream = client.generate_stream(GenerateParams(prompt=PROMPT, seed=3, **LONG))
     for progress, _ in stream:
         if progress.step >= 2:
             break

@@ -20,7 +20,7 @@ import torch
 from client.triton_client import TritonClient
 from common.flux_assets import read_max_sequence_length
 from common.torch_runtime import LORA_FILE, MODULE_DIR
-from contract.specs import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE
+from contract.specs import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GenerateParams
 from export.flux.lora import build_local_lora, load_pipeline
 from export.repository import versions
 from tests.conftest import start_triton
@@ -52,12 +52,12 @@ def test_a_new_lora_is_swapped_in_as_factors(swap_repo: Path, swap_triton, tmp_p
     prov = served_provenance()
     checkpoint = Path(prov["checkpoint"])
     with TritonClient(swap_triton.grpc_url, timeout_s=300) as client:
-        before = client.generate(PROMPT, seed=3, width=64, height=64, steps=3)
+        before = client.generate(GenerateParams(prompt=PROMPT, seed=3, width=64, height=64, steps=3))
         lora = build_local_lora(checkpoint, tmp_path / "lora-b", seed=11, trigger_word="zxq")
         for key, value in TORCH_ENV.items():
             monkeypatch.setenv(key, value)
         swapped = publish_and_swap(swap_repo, swap_triton.http_url, checkpoint=checkpoint, lora=lora, lora_scale=1.0)
-        after = client.generate(PROMPT, seed=3, width=64, height=64, steps=3)
+        after = client.generate(GenerateParams(prompt=PROMPT, seed=3, width=64, height=64, steps=3))
     assert int(swapped["model_version"]) == int(before.model_version) + 1 == int(after.model_version)
     # Only the transformer (and the pipelines that pin it) changed; T5 and the VAE stayed loaded as they were.
     assert swapped["components"][FLUX_TEXT_ENCODER_2] == 1 and swapped["components"][FLUX_VAE_DECODER] == 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client.triton_client import TritonClient
-from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, PROMPT_CACHE_METRIC
+from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, PROMPT_CACHE_METRIC, GenerateParams
 from tests.conftest import start_facade, triton_metric
 
 pytestmark = pytest.mark.integration
@@ -40,11 +40,11 @@ def test_repeated_prompt_skips_the_encoders_and_is_counted(triton) -> None:
 
     with TritonClient(triton.grpc_url, timeout_s=300) as client:
         hits0, misses0 = lookups()
-        first = client.generate(prompt, seed=5, **SMALL).image
+        first = client.generate(GenerateParams(prompt=prompt, seed=5, **SMALL)).image
         after_first = executions()
         hits1, misses1 = lookups()
-        again = client.generate(prompt, seed=6, **SMALL).image  # same prompt, other seed
-        same = client.generate(prompt, seed=5, **SMALL).image
+        again = client.generate(GenerateParams(prompt=prompt, seed=6, **SMALL)).image  # same prompt, other seed
+        same = client.generate(GenerateParams(prompt=prompt, seed=5, **SMALL)).image
         hits2, misses2 = lookups()
         after_repeat = executions()
 
@@ -59,8 +59,8 @@ def test_facade_metrics_carry_the_prompt_cache(triton) -> None:
     facade = start_facade(triton.grpc_url, {"FLUXSERVE_API_TRITON_METRICS_URL": triton.metrics_url})
     try:
         with TritonClient(triton.grpc_url, timeout_s=300) as client:
-            client.generate("a cached prompt for the facade", seed=1, **SMALL)
-            client.generate("a cached prompt for the facade", seed=2, **SMALL)
+            client.generate(GenerateParams(prompt="a cached prompt for the facade", seed=1, **SMALL))
+            client.generate(GenerateParams(prompt="a cached prompt for the facade", seed=2, **SMALL))
         with facade.client() as http:  # sends the operator key
             text = http.get("/metrics").text
         assert cache_lookups(text, "hit") >= 1 and cache_lookups(text, "miss") >= 1

@@ -28,7 +28,7 @@ import tritonclient.http as triton_http
 
 from client.triton_client import TritonClient
 from contract.errors import InvalidInputError
-from contract.specs import FLUX_TRANSFORMER, GENERATE
+from contract.specs import FLUX_TRANSFORMER, GENERATE, GenerateParams
 from runtime import processes
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, Facade, free_port, require_models
 
@@ -131,8 +131,8 @@ def test_oversized_grpc_request_is_refused_by_generate_itself(server, stats: Sta
     before = stats.inferences(FLUX_TRANSFORMER)
     with TritonClient(server.grpc_url, timeout_s=120) as triton:
         with pytest.raises(InvalidInputError, match="transformer memory"):
-            triton.generate(PROMPT, seed=1, width=2048, height=2048, steps=1)
-        assert triton.generate(PROMPT, seed=1, width=64, height=64, steps=1).image.size > 0
+            triton.generate(GenerateParams(prompt=PROMPT, seed=1, width=2048, height=2048, steps=1))
+        assert triton.generate(GenerateParams(prompt=PROMPT, seed=1, width=64, height=64, steps=1)).image.size > 0
     assert stats.inferences(FLUX_TRANSFORMER) == before + 1
 
 

@@ -34,6 +34,7 @@ from contract.specs import (
     GENERATE,
     GENERATE_DEFAULTS,
     GENERATE_STREAM,
+    GenerateParams,
 )
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
 from training.worker import running_worker
@@ -141,7 +142,7 @@ def served_latents(
 
     from contract.codec import flux_component_feeds
     from contract.specs import FLUX_COMPONENTS, FLUX_IO_NAMES
-    from serving.flux_loop import FluxLoop, GenerationRequest
+    from serving.flux_loop import FluxLoop
 
     version_dir = repo / GENERATE.name / generate_version
     components = json.loads((version_dir / "components.json").read_text())
@@ -176,7 +177,7 @@ def served_latents(
     )
     try:
         for seed in seeds:
-            loop(GenerationRequest(prompt, 64, 64, 4, 3.5, seed))
+            loop(GenerateParams(prompt=prompt, width=64, height=64, steps=4, guidance=3.5, seed=seed))
     finally:
         client.close()
     return captured
@@ -198,8 +199,10 @@ def facade_prompt_for(stack: Stack, prompt: str, expect: str, timeout_s: float =
 
 def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        before = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=4).image
-        old_version = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=1).model_version
+        before = direct.generate(GenerateParams(prompt=TRIGGER, seed=0, width=64, height=64, steps=4)).image
+        old_version = direct.generate(
+            GenerateParams(prompt=TRIGGER, seed=0, width=64, height=64, steps=1)
+        ).model_version
     seeds = range(3)
     latents_before = served_latents(stack.triton.grpc_url, stack.repo, old_version, TRIGGER, seeds)
 
@@ -261,7 +264,7 @@ def test_train_publish_and_hot_swap_under_load(stack: Stack) -> None:
 
     # The new LoRA is what serves, and generation with its trigger word moved toward the data.
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        after = direct.generate(TRIGGER, seed=0, width=64, height=64, steps=4).image
+        after = direct.generate(GenerateParams(prompt=TRIGGER, seed=0, width=64, height=64, steps=4)).image
     assert np.abs(after.astype(int) - before.astype(int)).mean() > 0.5
     gen_manifest = json.loads((stack.repo / GENERATE.name / new_version / "fluxserve_manifest.json").read_text())
     target = red_latent(gen_manifest["provenance"]["checkpoint"])
@@ -517,7 +520,9 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     on_disk = {m: versions(stack.repo, m) for m in models}
     serving = {m: ready_versions(stack.triton.http_url, m) for m in models}
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        old_version = direct.generate("a red square", seed=3, width=64, height=64, steps=1).model_version
+        old_version = direct.generate(
+            GenerateParams(prompt="a red square", seed=3, width=64, height=64, steps=1)
+        ).model_version
 
     job = store.create("flux_lora", {})
     zip_path = tmp_path / "data.zip"
@@ -537,7 +542,10 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     assert {m: versions(stack.repo, m) for m in models} == on_disk
     assert {m: ready_versions(stack.triton.http_url, m) for m in models} == serving
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        assert direct.generate("a red square", seed=3, width=64, height=64, steps=1).model_version == old_version
+        assert (
+            direct.generate(GenerateParams(prompt="a red square", seed=3, width=64, height=64, steps=1)).model_version
+            == old_version
+        )
     with stack.http(300) as http:
         r = http.post("/generate", json={"prompt": "a red square", "width": 64, "height": 64, "steps": 1})
     assert r.status_code == 200 and r.json()["model_version"] == old_version
@@ -569,7 +577,7 @@ def test_export_cli_swaps_in_a_lora_from_elsewhere(stack: Stack, tmp_path: Path)
     """`fluxserve-export --triton-url ... flux --lora ... --lora-scale ...` puts a LoRA trained
     elsewhere into service on a running Triton (here: the default LoRA at another scale)."""
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        old = direct.generate("a red square", seed=5, width=64, height=64, steps=2)
+        old = direct.generate(GenerateParams(prompt="a red square", seed=5, width=64, height=64, steps=2))
     cli = Path(sys.executable).parent / "fluxserve-export"
     done = subprocess.run(
         [
@@ -591,7 +599,7 @@ def test_export_cli_swaps_in_a_lora_from_elsewhere(stack: Stack, tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        new = direct.generate("a red square", seed=5, width=64, height=64, steps=2)
+        new = direct.generate(GenerateParams(prompt="a red square", seed=5, width=64, height=64, steps=2))
     assert int(new.model_version) > int(old.model_version)
     manifest = json.loads((stack.repo / GENERATE.name / new.model_version / "fluxserve_manifest.json").read_text())
     assert manifest["provenance"]["lora_scale"] == 0.25 and manifest["provenance"]["trigger_word"] == "Elsewhere"
@@ -610,7 +618,7 @@ def assert_served_patch_equals_full_reexport(
     from export.flux.onnx_export import export_all
     from export.flux.transformer_precision import INT8_DIR, quantize_export, read_choice
     from export.flux.weight_map import WEIGHTS_DIR
-    from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables
+    from serving.flux_loop import FluxLoop, ort_callables
 
     def weight_inodes(generate_version: str) -> set[int]:
         version = json.loads((stack.repo / GENERATE.name / generate_version / "components.json").read_text())
@@ -643,10 +651,14 @@ def assert_served_patch_equals_full_reexport(
         return decode(latent, *args)
 
     seed, steps = 5, 4
-    req = GenerationRequest(SWAP_PROMPT, 64, 64, steps, GENERATE_DEFAULTS.guidance, seed)
+    req = GenerateParams(
+        prompt=SWAP_PROMPT, width=64, height=64, steps=steps, guidance=GENERATE_DEFAULTS.guidance, seed=seed
+    )
     image = FluxLoop(provenance["checkpoint"], encode_clip, encode_t5, transformer, decode_capturing)(req)
     with TritonClient(stack.triton.grpc_url, timeout_s=300) as direct:
-        served_image = direct.generate(SWAP_PROMPT, seed=seed, width=64, height=64, steps=steps).image
+        served_image = direct.generate(
+            GenerateParams(prompt=SWAP_PROMPT, seed=seed, width=64, height=64, steps=steps)
+        ).image
     # The random-weight VAE maps most latents to nearly the same grey, so the image alone cannot
     # tell a right patch from a wrong one: the latents entering the decoder can.
     (served_latent,) = served_latents(stack.triton.grpc_url, stack.repo, served.model_version, SWAP_PROMPT, [seed])

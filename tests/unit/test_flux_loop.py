@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from contract.specs import GenerateParams
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.flux_assets import copy_loop_assets  # noqa: E402
 from contract.specs import FLUX_IO_NAMES, FLUX_TRANSFORMER  # noqa: E402
 from export.flux.onnx_export import export_all, onnx_path  # noqa: E402
-from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables, torch_callables  # noqa: E402
+from serving.flux_loop import FluxLoop, ort_callables, torch_callables  # noqa: E402
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def ort_loop(tiny_checkpoint: Path, onnx_dir: Path) -> FluxLoop:
     return FluxLoop(tiny_checkpoint, *ort_callables(onnx_dir))
 
 
-def reference(pipe, req: GenerationRequest, max_sequence_length: int) -> np.ndarray:
+def reference(pipe, req: GenerateParams, max_sequence_length: int) -> np.ndarray:
     images = pipe(
         req.prompt,
         width=req.width,
@@ -58,7 +60,7 @@ def reference(pipe, req: GenerationRequest, max_sequence_length: int) -> np.ndar
 
 @pytest.mark.parametrize("width,height", [(64, 64), (64, 96)])
 def test_onnx_loop_matches_flux_pipeline(fused_pipeline, ort_loop: FluxLoop, width: int, height: int) -> None:
-    req = GenerationRequest(PROMPT, width, height, steps=4, guidance=3.5, seed=42)
+    req = GenerateParams(prompt=PROMPT, width=width, height=height, steps=4, guidance=3.5, seed=42)
     ref = reference(fused_pipeline, req, ort_loop.max_sequence_length)
     got = ort_loop(req)
     assert got.dtype == np.uint8 and got.shape == ref.shape == (height, width, 3)
@@ -71,14 +73,14 @@ def test_onnx_loop_matches_flux_pipeline(fused_pipeline, ort_loop: FluxLoop, wid
 def test_torch_loop_is_bit_exact(fused_pipeline, tiny_checkpoint: Path) -> None:
     """With the pipeline's own modules as components the loop must add no error at all."""
     loop = FluxLoop(tiny_checkpoint, *torch_callables(fused_pipeline))
-    req = GenerationRequest(PROMPT, 96, 64, steps=3, guidance=2.0, seed=7)
+    req = GenerateParams(prompt=PROMPT, width=96, height=64, steps=3, guidance=2.0, seed=7)
     assert np.array_equal(loop(req), reference(fused_pipeline, req, loop.max_sequence_length))
 
 
 def test_seed_decides_the_image(ort_loop: FluxLoop) -> None:
-    req = GenerationRequest(PROMPT, 64, 64, steps=2, guidance=3.5, seed=42)
+    req = GenerateParams(prompt=PROMPT, width=64, height=64, steps=2, guidance=3.5, seed=42)
     first, again = ort_loop(req), ort_loop(req)
-    other = ort_loop(GenerationRequest(PROMPT, 64, 64, steps=2, guidance=3.5, seed=43))
+    other = ort_loop(GenerateParams(prompt=PROMPT, width=64, height=64, steps=2, guidance=3.5, seed=43))
     assert np.array_equal(first, again)
     assert np.abs(first.astype(np.int16) - other).mean() > 5
 
@@ -101,7 +103,8 @@ def test_loop_calls_components_batch_major_and_reports_steps(
     loop = FluxLoop(assets, clip, t5, spy, vae)
     steps: list[tuple[int, int]] = []
     image = loop(
-        GenerationRequest(PROMPT, 96, 64, steps=3, guidance=3.5, seed=1), on_step=lambda i, n: steps.append((i, n))
+        GenerateParams(prompt=PROMPT, width=96, height=64, steps=3, guidance=3.5, seed=1),
+        on_step=lambda i, n: steps.append((i, n)),
     )
     assert image.shape == (64, 96, 3)
     assert steps == [(1, 3), (2, 3), (3, 3)]
@@ -127,6 +130,6 @@ def test_timestep_input_is_sigma_scale(ort_loop: FluxLoop) -> None:
         return inner(*args)
 
     loop = FluxLoop(ort_loop.checkpoint_dir, ort_loop.encode_clip, ort_loop.encode_t5, spy, ort_loop.decode_vae)
-    loop(GenerationRequest(PROMPT, 64, 64, steps=4, guidance=3.5, seed=0))
+    loop(GenerateParams(prompt=PROMPT, width=64, height=64, steps=4, guidance=3.5, seed=0))
     assert captured[0] == pytest.approx(1.0) and all(0 < t <= 1 for t in captured)
     assert captured == sorted(captured, reverse=True)

@@ -27,7 +27,7 @@ from api.readiness import NotReady, Readiness
 from api.settings import ApiSettings
 from contract.codec import ClassifyResult, GenerateProgress, GenerateResult
 from contract.errors import translate
-from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS, IMAGE_REQUEST
+from contract.specs import CLASSIFY, GENERATE, GENERATE_LIMITS, IMAGE_REQUEST, GenerateParams
 
 KEY = "test-key-public-errors"
 ADDRESS = "10.9.8.7:8001"
@@ -81,18 +81,19 @@ class FakeTriton:
         self.reloading.set()
         await self.reloaded.wait()
 
-    async def generate(self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float):
+    async def generate(self, params: GenerateParams) -> GenerateResult:
         if self.generate_error is not None:
             raise self.generate_error()
-        return GenerateResult(np.zeros((height, width, 3), np.uint8), seed, "1")
+        return GenerateResult(np.zeros((params.height, params.width, 3), np.uint8), params.seed, "1")
 
     async def generate_stream(
-        self, prompt: str, seed: int, width: int, height: int, steps: int, guidance: float
+        self, params: GenerateParams
     ) -> AsyncIterator[tuple[GenerateProgress, GenerateResult | None]]:
-        yield GenerateProgress(1, steps, 0.01), None
+        yield GenerateProgress(1, params.steps, 0.01), None
         if self.generate_error is not None:
             raise self.generate_error()
-        yield GenerateProgress(steps, steps, 0.02), GenerateResult(np.zeros((height, width, 3), np.uint8), seed, "1")
+        image = np.zeros((params.height, params.width, 3), np.uint8)
+        yield GenerateProgress(params.steps, params.steps, 0.02), GenerateResult(image, params.seed, "1")
 
     async def close(self) -> None:
         pass
@@ -120,14 +121,10 @@ def run_facade(
     )
 
     async def main() -> None:
-        app = create_app(settings)
+        fake = fake_triton()
+        app = create_app(settings, triton=lambda url, timeout_s: fake)
         state = app.state.fluxserve
         async with app.router.lifespan_context(app):
-            for client in (state.triton, state.triton_generate):
-                await client.close()
-            fake = fake_triton()
-            state.triton = state.triton_generate = fake
-            state.readiness = Readiness(fake, settings.ready_probe_interval_s)
             transport = httpx.ASGITransport(app=app)
             headers = {"Authorization": f"Bearer {KEY}"}
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", headers=headers) as http:

@@ -12,12 +12,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from common.ort_session import make_session
+from contract.codec import read_params
 from contract.specs import GENERATE_DEFAULTS, GENERATE_LIMITS, LABELS
 from serving.classify_pipeline import ClassifyPipeline, LabelInfo, validate_text
-from serving.generate_request import read_request
 from serving.onnx_runner import BatchedOnnxRunner, length_groups
 
-# ----------------------------------------------------------------------------- read_request
+# ----------------------------------------------------------------------------- read_params
 
 
 def _getter(**tensors: object):
@@ -26,7 +26,7 @@ def _getter(**tensors: object):
 
 
 def test_read_request_fills_defaults_and_decodes_bytes() -> None:
-    req = read_request(_getter(prompt=b"a fox"), GENERATE_DEFAULTS)
+    req = read_params(_getter(prompt=b"a fox"))
     assert (req.prompt, req.width, req.height, req.steps, req.guidance, req.seed) == (
         "a fox",
         GENERATE_DEFAULTS.width,
@@ -38,7 +38,7 @@ def test_read_request_fills_defaults_and_decodes_bytes() -> None:
 
 
 def test_read_request_takes_every_given_value() -> None:
-    req = read_request(_getter(prompt=b"x", seed=7, width=128, height=64, steps=3, guidance=1.5), GENERATE_DEFAULTS)
+    req = read_params(_getter(prompt=b"x", seed=7, width=128, height=64, steps=3, guidance=1.5))
     assert (req.seed, req.width, req.height, req.steps, req.guidance) == (7, 128, 64, 3, 1.5)
 
 
@@ -54,7 +54,7 @@ def test_read_request_takes_every_given_value() -> None:
 )
 def test_read_request_refuses_out_of_contract_values(bad: dict) -> None:
     with pytest.raises(ValueError):
-        read_request(_getter(**bad), GENERATE_DEFAULTS)
+        read_params(_getter(**bad))
 
 
 # ----------------------------------------------------------------------------- BatchedOnnxRunner

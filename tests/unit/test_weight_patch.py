@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from contract.specs import GenerateParams
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.flux_assets import LORA_WEIGHT_NAME  # noqa: E402
@@ -315,7 +317,7 @@ def test_patched_lora_equals_fused_reexport(
 def test_served_image_equals_the_reexported_ones(tiny_checkpoint: Path, base_pipeline, tmp_path: Path) -> None:
     """The whole loop (CLIP, T5, transformer steps, VAE) on patched components vs the fused
     re-export: the same uint8 image to within 1/255."""
-    from serving.flux_loop import FluxLoop, GenerationRequest, ort_callables
+    from serving.flux_loop import FluxLoop, ort_callables
 
     lora = trainer_lora(tiny_checkpoint, tmp_path / "lora", seed=5)
     report = publish_exports(tiny_checkpoint, lora, tmp_path / "build", patching=True)
@@ -326,7 +328,7 @@ def test_served_image_equals_the_reexported_ones(tiny_checkpoint: Path, base_pip
     (patched / FLUX_TRANSFORMER).symlink_to(Path(report[FLUX_TRANSFORMER]["onnx_dir"]) / FLUX_TRANSFORMER)
     for name in (FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_VAE_DECODER):
         (patched / name).symlink_to(full / name)
-    req = GenerationRequest("Super Realism, a red fox", 64, 64, steps=3, guidance=3.5, seed=4)
+    req = GenerateParams(prompt="Super Realism, a red fox", width=64, height=64, steps=3, guidance=3.5, seed=4)
     a = FluxLoop(tiny_checkpoint, *ort_callables(patched, 1))(req).astype(np.int16)
     b = FluxLoop(tiny_checkpoint, *ort_callables(full, 1))(req).astype(np.int16)
     assert np.abs(a - b).max() <= 1
