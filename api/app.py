@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.auth import load_keyring
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.host_check import HostCheckMiddleware, allowed_hosts
 from api.job_liveness import reap_forever
+from api.keys import load_keyring
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
 from api.routes import chat, classify, generate, health, playground, train

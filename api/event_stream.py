@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import Request
 
 from api.errors import public_error
+from api.media import encode_image
 from api.schemas import GenerateRequest, GenerateResponse
 from api.state import AppState
 from contract.codec import GenerateResult
@@ -79,8 +80,6 @@ async def _admitted_generation_events(
 ) -> AsyncIterator[dict[str, str]]:
     """`progress` events for all `body.num_images` images (run concurrently, so they share
     transformer steps in Triton), then one `image` event; or an `error` event."""
-    from api.routes.generate import encode_image  # the JSON answer's own encoder
-
     started = time.perf_counter()
     events: asyncio.Queue = asyncio.Queue()
     done_steps = [0] * body.num_images

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 
 from api.admission import Admission, AdmissionSettings, deployed_model_facts
 from api.auth_limit import FailedAuthLimiter
 from api.classify_batcher import ClassifyBatcher
+from api.keys import KeyRing
 from api.metrics import ApiMetrics
 from api.prompt_rewrite import with_trigger
 from api.readiness import Readiness
@@ -26,9 +27,6 @@ from api.upload_gate import UploadSlots
 from client.triton_client import AsyncTritonClient, ClassifyResult
 from contract.specs import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
 from training.jobs import JobSettings, JobStore
-
-if TYPE_CHECKING:  # api.auth reaches the state through get_state: no import cycle at run time
-    from api.auth import KeyRing
 
 DEFAULT_THRESHOLD = 0.5
 """Uncertainty threshold for a classifier published without one."""
@@ -60,7 +58,7 @@ class AppState:
     enqueue: Callable[[str], Any]
     metrics: ApiMetrics
     keyring: KeyRing
-    """The operator keys (api.auth): required on /train, and on inference when configured."""
+    """The operator keys (api.keys): required on /train, and on inference when configured."""
     auth_failures: FailedAuthLimiter = field(init=False)
     """Wrong operator keys per client (api.auth_limit), built from the settings."""
     uploads: UploadSlots = field(default_factory=UploadSlots)

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from api.app import serve
-from api.auth import ensure_key_file
+from api.keys import ensure_key_file
 from api.request_id import configure_logging
 from api.settings import ApiSettings
 from runtime.launcher import TritonServer, TritonStartError

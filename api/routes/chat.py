@@ -17,8 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.auth import require_inference_key
 from api.event_stream import error_event, event, generation_events, wants_event_stream
+from api.media import raw_format
 from api.prompt_rewrite import image_prompt
-from api.routes.generate import generate, raw_format
+from api.routes.generate import generate
 from api.schemas import ChatKind, ChatRequest, ChatResponse, ClassifyResult, ErrorResponse, GenerateRequest
 from api.state import AppState, get_state
 from contract.errors import FluxServeError, InvalidInputError

@@ -3,45 +3,29 @@
 from __future__ import annotations
 
 import base64
-import io
 import time
-from typing import Annotated, get_args
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from PIL import Image
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require_inference_key
 from api.cancellation import all_or_nothing, bounded
 from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
+from api.media import MEDIA_TYPES, encode_image, raw_format
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 from api.state import AppState, get_state
 from contract.errors import InvalidInputError
-from contract.specs import GENERATE, OutputFormat, random_seed
+from contract.specs import GENERATE, random_seed
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
 
-MEDIA_TYPES = {fmt: f"image/{fmt}" for fmt in get_args(OutputFormat)}
 ERRORS = {
     422: {"model": ErrorResponse},
     503: {"model": ErrorResponse, "description": "busy or recovering: see Retry-After"},
     504: {"model": ErrorResponse},
 }
-
-
-def encode_image(pixels, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt.upper(), **({"quality": 95} if fmt != "png" else {}))
-    return buf.getvalue()
-
-
-def raw_format(accept: str) -> str | None:
-    """The image format a client asked for by Accept header, if it asked for raw bytes."""
-    for fmt, media in MEDIA_TYPES.items():
-        if media in accept:
-            return fmt
-    return None
 
 
 @router.post(

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from api.auth import KeyConfigError, KeyRing, default_key_name, ensure_key_file, load_keyring, parse_keys
+from api.keys import KeyConfigError, KeyRing, default_key_name, ensure_key_file, load_keyring, parse_keys
 
 KEY_A = "k3Yq9-aZ0pLm7wXr2T"
 KEY_B = "b-7Hs2kQ9xLp0Zr4Vw8nM1cT6yJ3fD5gE"
