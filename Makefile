@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11 and make):
 #   make up    build what is needed, then run Triton + the facade on 127.0.0.1 until Ctrl-C
 #   make test  build what is needed, then run the whole test suite
-#   make compose-test  the docker compose stack, built and smoke-tested (README "Deploy")
+#   make compose-test  the docker compose stack, built and smoke-tested (docs/operations.md, Deploy)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,8 +9,8 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
-# Fine-tuning the classifier on shared cores: OpenMP's busy-wait made its first epoch take 17 min
-# here against about 3 with passive waits (torch reads this once, when it loads).
+# Training on cores shared with serving: OpenMP's busy-wait makes idle threads spin and starve the
+# other processes (docs/benchmarks.md, Training job and hot swap). torch reads this once, at load.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install models up lint test test-fast compose-test bench bench-smoke bench-sweep clean
@@ -48,14 +48,15 @@ compose-test: install
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
 
-# The README's measured tables: load through both doors vs the baseline, then a training job +
-# hot swap under load, then both tables spliced into README.md (about 10 minutes here).
+# docs/benchmarks.md's measured tables: load through both doors vs the baseline, the classifier's
+# precisions, a training job + hot swap under load, goodput under retries, then the tables spliced
+# into the page.
 bench: models
 	$(BIN)/fluxserve-bench run
 	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench goodput
-	$(BIN)/fluxserve-bench readme
+	$(BIN)/fluxserve-bench docs
 
 bench-smoke: models
 	$(BIN)/fluxserve-bench run --smoke --out build/bench-smoke

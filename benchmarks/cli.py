@@ -12,7 +12,7 @@ fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench gpu [--dry-run] [--configs bf16 bf16-compile fp8-compile]  # the gpu-torch path, 1024², 28 steps
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
-fluxserve-bench readme                                     # put the latest tables into README.md
+fluxserve-bench docs                                       # put the latest tables into docs/benchmarks.md (alias: readme)
 """
 
 from __future__ import annotations
@@ -170,10 +170,10 @@ def _gpu(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-def _readme(_args: argparse.Namespace) -> int:
-    from benchmarks.readme import update_readme
+def _docs(_args: argparse.Namespace) -> int:
+    from benchmarks.docs_page import PAGE, update_page
 
-    logging.getLogger("fluxserve.bench").info("README sections updated: %s", update_readme() or "none")
+    logging.getLogger("fluxserve.bench").info("%s sections updated: %s", PAGE.name, update_page() or "none")
     return 0
 
 
@@ -303,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     gpu_arguments(gp)
     gp.set_defaults(fn=_gpu)
 
-    rd = sub.add_parser("readme", help="put the latest run and swap tables into README.md")
-    rd.set_defaults(fn=_readme)
+    # `readme` was its name while the tables lived in README.md; scripts that call it keep working.
+    rd = sub.add_parser("docs", aliases=["readme"], help="put the latest measured tables into docs/benchmarks.md")
+    rd.set_defaults(fn=_docs)
 
     p = sub.add_parser("report", help="print the markdown table of a result JSON")
     p.add_argument("result", type=Path)
