@@ -35,7 +35,7 @@ DATE_SECTION = "date"
 _DATED_HEADING = re.compile(
     r"^(?P<head>#{1,6} .*?) \((?P<date>\d{4}-\d{2}-\d{2}) \d{2}:\d{2} UTC(?P<smoke>, smoke)?\)[ \t]*$", re.MULTILINE
 )
-"""A result heading as the reports write it: `### Benchmark (2026-11-26 16:04 UTC)`."""
+"""A result heading as the reports write it: `### Benchmark (<YYYY-MM-DD> <HH:MM> UTC)`."""
 
 
 def markers(section: str) -> tuple[str, str]:
