@@ -30,7 +30,7 @@ from contract.specs import (
     GENERATE,
     GenerateParams,
 )
-from export.repository import versions
+from publish.repository import versions
 
 log = logging.getLogger(__name__)
 

@@ -231,7 +231,7 @@ def build_and_publish(s: GpuBenchSettings, run: Run) -> tuple[Path, Path, dict[s
     from export.deployments import ExportSettings
     from export.flux.full_size import build_random_flux, build_random_lora
     from export.flux.settings import FluxSettings
-    from export.flux_publish import publish_flux
+    from publish.flux import publish_flux
 
     with run.phase("build") as rec:
         checkpoint = build_random_flux(s.work_dir / f"checkpoint-{s.size}", s.size)  # type: ignore[arg-type]

@@ -30,8 +30,8 @@ from contract.specs import (
     RESCUE_ENCODER_PARAMETER,
     RESCUE_MARGIN_PARAMETER,
 )
-from export.repository import versions
 from export.triton_config import parse_config
+from publish.repository import versions
 
 log = logging.getLogger(__name__)
 

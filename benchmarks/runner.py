@@ -32,8 +32,8 @@ from benchmarks.workload import GenerateWorkload, chat_texts
 from common.paths import CLASSIFIER_MODEL_DIR, PROJECT_ROOT
 from contract.specs import CLASSIFIER_ONNX as CLASSIFIER_ONNX_SPEC
 from contract.specs import CLASSIFY, GENERATE, RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
-from export.repository import versions as repo_versions
 from export.triton_config import parse_config
+from publish.repository import versions as repo_versions
 
 log = logging.getLogger(__name__)
 

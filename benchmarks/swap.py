@@ -126,8 +126,8 @@ def new_bytes(repo: Path, publish: dict[str, Any]) -> int:
         base = entry.get("base_onnx_dir") if isinstance(entry, dict) else None
         if base:
             # The job API shortens paths to their last part ("…/<fingerprint>"): find the base
-            # export where the publisher keeps them (export.flux_publish: build_dir/export/<component>/).
-            older.append(FluxSettings().build_dir / "export" / name / Path(base).name)
+            # export where the publisher keeps them (export.flux_build: <export_root>/<component>/).
+            older.append(FluxSettings().export_root / name / Path(base).name)
         seen = {f.stat().st_ino for p in older if p.is_dir() for f in p.rglob("*") if f.is_file()}
         fresh = [
             (st.st_size, f.name, st.st_nlink)

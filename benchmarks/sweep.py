@@ -36,8 +36,8 @@ from benchmarks.workload import chat_texts
 from common.paths import BUILD_DIR, PROJECT_ROOT
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
-from export.repository import write_config
 from export.triton_config import DynamicBatching, parse_config
+from publish.repository import write_config
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ CLASSIFIER_MODEL_DIR = BUILD_DIR / "classifier" / "model"
 def written_as_new_file(dst: Path) -> Iterator[Path]:
     """A sibling temporary path to write `dst`'s new content to; on success it replaces `dst`.
 
-    Published model versions hard-link build outputs (export/repository.py), so a writer that
+    Published model versions hard-link build outputs (publish/repository.py), so a writer that
     reopened `dst` in place would change every published version sharing its inode, rollbacks
     included. The rename gives `dst` a new inode and leaves those links as they were; a failed
     write leaves `dst` untouched.

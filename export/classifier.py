@@ -1,4 +1,5 @@
-"""Export the fine-tuned classifier to ONNX (with a parity check) and publish it to Triton.
+"""Export the fine-tuned classifier to ONNX (with a parity check) and build both of its Triton
+models' files (publish.classifier writes them into the repository and loads them).
 
 Two models come out: `classifier_onnx` (the encoder + head, token ids in, logits out) and
 `classify` (python BLS: tokenizer, call to `classifier_onnx`, softmax, label). BLS rather than an
@@ -13,9 +14,9 @@ import logging
 import shutil
 import time
 import warnings
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from contract.specs import (
 from export import classifier_network  # noqa: F401  (registers the mean-pool head with the Auto classes)
 from export.classifier_precision import CPU_GRAPH_RECIPE, PER_CHANNEL, Precision, build_and_choose
 from export.deployments import INLINE_ENCODER_FILE, RESCUE_ENCODER_FILE, ExportSettings, classifier_deployments
-from export.repository import MANIFEST, Published, fingerprint, publish, tree_hashes, versions
-from export.triton_config import Target
+from export.fingerprints import fingerprint, tree_hashes
+from export.triton_config import Deployment, Target
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,31 @@ def _served_onnx(
     return served, fp32, choice.as_dict()
 
 
-def publish_classifier(
-    model_dir: Path, repo: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False
-) -> dict[str, Published | float]:
-    """Export (when the model changed) and write both Triton models; returns versions and error."""
+@dataclass(frozen=True)
+class ModelBuild:
+    """One Triton model's next version: its deployment, files, provenance and manifest facts."""
+
+    deployment: Deployment
+    files: dict[str, Path]
+    provenance: dict[str, Any]
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClassifierBuild:
+    models: dict[str, ModelBuild]
+    """`classifier_onnx` and `classify`, in the order Triton must load them."""
+    parity_max_abs_logit_error: float
+    """ONNX vs PyTorch logits; NaN when the export was reused."""
+    precision: dict[str, Any] | None
+    """The CPU precision choice (export/classifier_precision.py); None on GPU."""
+
+
+def build_classifier(
+    model_dir: Path, target: Target = "cpu", work_dir: Path | None = None, force: bool = False
+) -> ClassifierBuild:
+    """Export the classifier in `model_dir` to ONNX when it changed (into `work_dir`, default
+    `<model_dir>/../onnx`), choose the served precision, and lay out both models' files."""
     settings = ExportSettings()
     deps = classifier_deployments(settings, target)
     provenance = {"classifier": str(model_dir), "classifier_files": tree_hashes(model_dir), "onnx_recipe": ONNX_RECIPE}
@@ -202,113 +224,60 @@ def publish_classifier(
     onnx_provenance = {**provenance, "precision": precision["served"] if precision else "fp32"}
     if precision:  # a new CPU graph recipe must publish new versions, as a new precision does
         onnx_provenance["graph"] = CPU_GRAPH_RECIPE
-    onnx_pub = publish(
-        repo,
+    encoder = ModelBuild(
         deps["classifier_onnx"],
-        target,
         {"model.onnx": served},
         onnx_provenance,
-        force=force,
-        report={"parity_max_abs_logit_error": parity, "precision": precision},
+        {"parity_max_abs_logit_error": parity, "precision": precision},
     )
+    # classify runs the same graph itself when inline: its version must change when the graph does
+    classify_provenance = onnx_provenance if inline else provenance
+    classify = _classify_model(
+        model_dir, work_dir, deps["classify"], classify_provenance, inline, served, fp32, precision
+    )
+    return ClassifierBuild({"classifier_onnx": encoder, "classify": classify}, parity, precision)
+
+
+def _classify_model(
+    model_dir: Path,
+    work_dir: Path,
+    dep: Deployment,
+    provenance: dict[str, Any],
+    inline: bool,
+    served: Path,
+    fp32: Path,
+    precision: dict[str, Any] | None,
+) -> ModelBuild:
+    """`classify`: tokenizer, labels and the uncertainty threshold; when inline, the encoder graph
+    too (and, int8 served, the fp32 graph that rescues rows near the boundary)."""
     tok_dir = work_dir / "tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tok_dir)
     # The facade reads the uncertainty threshold from the deployed model's config: one source.
     threshold = json.loads((model_dir / "labels.json").read_text()).get("recommended_threshold", 0.5)
-    cls_dep = replace(deps["classify"], parameters={**deps["classify"].parameters, THRESHOLD_PARAMETER: str(threshold)})
-    cls_files = {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}
-    cls_provenance = onnx_provenance if inline else provenance
-    if inline:  # classify runs the same graph itself; its version must change when the graph does
-        cls_files[INLINE_ENCODER_FILE] = served
+    dep = replace(dep, parameters={**dep.parameters, THRESHOLD_PARAMETER: str(threshold)})
+    files = {"tokenizer": tok_dir, "labels.json": model_dir / "labels.json"}
+    if inline:
+        files[INLINE_ENCODER_FILE] = served
         margin = (precision or {}).get("rescue_margin", 0.0) if served != fp32 else 0.0
         if margin > 0:  # int8 served: fp32 answers the rows near the boundary (common/int8_rescue.py)
-            cls_files[RESCUE_ENCODER_FILE] = fp32
-            cls_dep = replace(
-                cls_dep,
+            files[RESCUE_ENCODER_FILE] = fp32
+            dep = replace(
+                dep,
                 parameters={
-                    **cls_dep.parameters,
+                    **dep.parameters,
                     RESCUE_ENCODER_PARAMETER: RESCUE_ENCODER_FILE,
                     RESCUE_MARGIN_PARAMETER: str(margin),
                 },
             )
-            cls_provenance = {**cls_provenance, "rescue_margin": margin}
-    cls_pub = publish(
-        repo,
-        cls_dep,
-        target,
-        cls_files,
-        cls_provenance,
-        force=force,
-        report={"test_accuracy": _test_accuracy(model_dir)},
-    )
-    return {
-        "classifier_onnx": onnx_pub,
-        "classify": cls_pub,
-        "parity_max_abs_logit_error": parity,
-        "precision": precision,
-    }
+            provenance = {**provenance, "rescue_margin": margin}
+    return ModelBuild(dep, files, provenance, {"test_accuracy": recorded_test_accuracy(model_dir)})
 
 
-def publish_and_swap_classifier(
-    model_dir: Path,
-    repo: Path,
-    triton_http_url: str,
-    work_dir: Path | None = None,
-    keep_versions: int = 2,
-    target: Target = "cpu",
-    force: bool = False,
-    lock: AbstractContextManager[object] | None = None,
-    lock_timeout_s: float = 3600.0,
-) -> dict[str, Published | float]:
-    """Publish a fine-tuned classifier and load it into a running Triton; on failure the new
-    versions are removed and the previous classifier keeps serving (export.hot_swap.SwapError)."""
-    from export.hot_swap import publish_and_load
-
-    return publish_and_load(
-        repo,
-        triton_http_url,
-        ["classifier_onnx", "classify"],
-        lambda: publish_classifier(model_dir, repo, target=target, work_dir=work_dir, force=force),
-        keep_versions=keep_versions,
-        lock=lock,
-        lock_timeout_s=lock_timeout_s,
-    )
-
-
-def _test_accuracy(model_dir: Path) -> float | None:
+def recorded_test_accuracy(model_dir: Path) -> float | None:
     """The test-split accuracy `fluxserve-train` recorded beside a trained classifier, if any."""
     path = Path(model_dir) / "metrics.json"
     try:
         return float(json.loads(path.read_text())["test"]["accuracy"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def serving_classifier_accuracy(repo: Path, triton_http_url: str | None = None) -> float | None:
-    """Test-split accuracy of the `classify` version Triton serves (the newest READY one; the
-    newest on disk when Triton cannot say), from its manifest or, for versions published before
-    manifests carried it, from the metrics beside the model it was exported from. None: unknown."""
-    version: str | None = None
-    if triton_http_url:
-        try:
-            from export.model_control import ready_versions
-
-            ready = ready_versions(triton_http_url, "classify")
-            version = ready[-1] if ready else None
-        except Exception as e:  # noqa: BLE001 - Triton down is "ask the disk", not a failure
-            log.warning("could not ask Triton which classifier serves: %s", e)
-    if version is None:
-        on_disk = versions(repo, "classify")
-        version = str(on_disk[-1]) if on_disk else None
-    if version is None:
-        return None
-    try:
-        manifest = json.loads((repo / "classify" / version / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    recorded = manifest.get("report", {}).get("test_accuracy")
-    if recorded is not None:
-        return float(recorded)
-    source = manifest.get("provenance", {}).get("classifier")
-    return _test_accuracy(Path(source)) if source else None

@@ -1,10 +1,11 @@
-"""FLUX into Triton: fuse the LoRA, export the components to ONNX, write versioned models.
+"""FLUX's artifacts for Triton: fuse (or patch in) the LoRA, export the components, stage the
+pipeline's assets.
 
-`publish_flux` writes one new version of each component (`flux_text_encoder`,
-`flux_text_encoder_2`, `flux_transformer`, `flux_vae_decoder`) and of `generate`, whose
-`components.json` pins the component versions it was exported with. `publish_and_swap` then asks
-a running Triton to load them (components first, `generate` last), and rolls back on failure so
-the previous version keeps serving.
+`build_flux` makes the files, provenance and deployment of each component (`flux_text_encoder`,
+`flux_text_encoder_2`, `flux_transformer`, `flux_vae_decoder`), reusing finished exports;
+`staged_pipeline`, `generate_deployment` and `generate_version_files` make what `flux_prepare`,
+`generate` and `generate_stream` ship. Choosing version numbers, writing them into the model
+repository and loading them into Triton is publish.flux's part.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,20 +27,17 @@ from contract.cost import CPU_HOST_MEMORY_SHARE
 from contract.specs import (
     ATTENTION_HEADS_PARAMETER,
     FLUX_COMPONENTS,
-    FLUX_PREPARE,
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
-    GENERATE,
-    GENERATE_STREAM,
     HOST_MEMORY_SHARE_PARAMETER,
     TEXT_TOKENS_PARAMETER,
     TRIGGER_PARAMETER,
 )
 from export.deployments import ExportSettings, flux_deployments
-from export.flux.settings import FluxSettings
-from export.repository import MANIFEST, fingerprint, latest_manifest, publish, sha256_file
+from export.fingerprints import fingerprint, sha256_file
+from export.flux.settings import EXPORT_MARKER, FluxSettings
 from export.triton_config import TORCH_TARGET, Deployment, Target
 
 if TYPE_CHECKING:
@@ -47,8 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_MARKER = "export.json"
-"""Written last into an export folder: its presence means the export (or patch) is complete."""
 PATCH_PREFIXES = {FLUX_TRANSFORMER: "transformer.", FLUX_TEXT_ENCODER: "text_encoder."}
 """Components a LoRA can be patched into, with the key prefix of their LoRA weights."""
 
@@ -169,7 +165,7 @@ def _export_fused(
         if name == FLUX_TRANSFORMER and precision != "fp32":
             from export.flux.transformer_precision import build_and_choose
 
-            folder = Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint)
+            folder = _local_folder(checkpoint)
             facts["precision"] = build_and_choose(onnx_dir / name, precision, folder, pipeline).as_dict()
         (onnx_dir / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))  # written last: marks it complete
         report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
@@ -285,105 +281,6 @@ def _patch(
     return report
 
 
-def publish_flux(
-    repo: Path,
-    checkpoint: str | Path | None = None,
-    lora: str | Path | None = None,
-    lora_scale: float | None = None,
-    trigger_word: str | None = None,
-    target: Target | None = None,
-    settings: FluxSettings | None = None,
-    export_settings: ExportSettings | None = None,
-    force: bool = False,
-    progress: Callable[[str, object], None] | None = None,
-    torch_settings: TorchTargetSettings | None = None,
-) -> dict[str, Any]:
-    """Export and write new versions (idempotent per component). Returns {model: version, ...,
-    "created": [models with a new version], "report": export report}. `target` None: the one
-    the repository's `generate` was published for (a training job's LoRA keeps the deployment's
-    target), else cpu. `torch_settings`: gpu-torch only (None: FLUXSERVE_TORCH_ from the environment)."""
-    from export.flux.lora import lora_targets, read_lora_manifest
-
-    target = target or deployed_target(repo)
-    s = settings or FluxSettings()
-    checkpoint = checkpoint if checkpoint is not None else default_checkpoint(s)
-    lora = lora if lora is not None else default_lora(s)
-    scale = s.lora_scale if lora_scale is None else lora_scale
-    if trigger_word is None:
-        trigger_word = str(read_lora_manifest(lora).get("trigger_word") or s.trigger_word) if lora else s.trigger_word
-    provenance = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_files": source_fingerprint(checkpoint),
-        "lora": str(lora) if lora else None,
-        "lora_files": source_fingerprint(lora) if lora else None,
-        "lora_scale": scale,
-        "trigger_word": trigger_word,
-        "onnx_opset": s.onnx_opset,
-        # The GPU target builds TensorRT engines from the fp32 graph: the choice is CPU-only.
-        TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
-    }
-    targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
-    if target == TORCH_TARGET:
-        deps, parts, report = _torch_parts(
-            checkpoint, lora, scale, targets, provenance, s, export_settings, torch_settings, progress
-        )
-    else:
-        deps, parts, report = _onnx_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
-    export_root = s.build_dir / "export"
-    out: dict[str, Any] = {"report": report, "created": []}
-    components: dict[str, int] = {}
-    for name in FLUX_COMPONENTS:
-        files, component_prov, component_report = parts[name]
-        pub = publish(repo, deps[name], target, files, component_prov, force=force, report=component_report)
-        components[name] = pub.version
-        if pub.created:
-            out["created"].append(name)
-
-    export_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=export_root) as tmp:
-        assets = copy_loop_assets(
-            Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint), Path(tmp) / "pipeline"
-        )
-        # flux_prepare depends on the checkpoint only: a LoRA swap keeps its version (and Triton
-        # keeps it loaded), while generate, numpy-only, is what gets reloaded.
-        prep = publish(
-            repo,
-            deps[FLUX_PREPARE.name],
-            target,
-            {"pipeline": assets},
-            {k: provenance[k] for k in ("checkpoint", "checkpoint_files")},
-            force=force,
-        )
-        components[FLUX_PREPARE.name] = prep.version
-        if prep.created:
-            out["created"].append(FLUX_PREPARE.name)
-        (Path(tmp) / "components.json").write_text(json.dumps(components, indent=2))
-        files = {"pipeline": assets, "components.json": Path(tmp) / "components.json"}
-        gen_provenance = {**provenance, "lora_targets": sorted(targets), "components": components}
-        published = {}
-        # The streaming twin runs the same pipeline on the same pinned components; its version
-        # number follows generate's, so both doors report the same model_version.
-        for spec in (GENERATE, GENERATE_STREAM):
-            dep = replace(
-                deps[spec.name],
-                parameters={
-                    **deps[spec.name].parameters,
-                    TRIGGER_PARAMETER: trigger_word,
-                    **_memory_facts(assets, _on_host(target, deps)),
-                },
-            )
-            min_version = published[GENERATE.name].version if published else 1
-            published[spec.name] = publish(
-                repo, dep, target, files, gen_provenance, force=force, min_version=min_version
-            )
-    for name, pub in published.items():
-        if pub.created:
-            out["created"].append(name)
-        out[name] = pub.version
-    out.update(components)
-    return out
-
-
 ComponentParts = dict[str, tuple[dict[str, Path], dict[str, Any], dict[str, Any]]]
 """Component name -> (files of its new version, its provenance, facts for its manifest)."""
 
@@ -404,7 +301,7 @@ def _onnx_parts(
         checkpoint,
         lora,
         scale,
-        s.build_dir / "export",
+        s.export_root,
         per_component,
         s,
         progress,
@@ -445,12 +342,6 @@ def _torch_parts(
     return deps, parts, {n: b.report for n, b in builds.items()}
 
 
-def deployed_target(repo: Path) -> Target:
-    """The target the repository's newest `generate` was published for; cpu when there is none."""
-    manifest = latest_manifest(repo, GENERATE.name) or {}
-    return manifest.get("target") or "cpu"
-
-
 def _on_host(target: Target, deps: dict[str, Deployment]) -> bool:
     """Whether the transformer's activations live in the host's memory (the memory guard's concern)."""
     if target == TORCH_TARGET:
@@ -471,6 +362,11 @@ def _memory_facts(pipeline_assets: Path, on_host: bool) -> dict[str, str]:
     }
 
 
+def _local_folder(checkpoint: str | Path) -> Path:
+    """A local checkpoint as it is; a hub id as the snapshot of its configs and tokenizers."""
+    return Path(checkpoint) if Path(str(checkpoint)).exists() else _hub_snapshot(checkpoint)
+
+
 def _hub_snapshot(repo_id: str | Path) -> Path:
     """Local folder of a hub checkpoint's configs/tokenizers (needs a hub or a warm cache)."""
     from huggingface_hub import snapshot_download
@@ -480,40 +376,85 @@ def _hub_snapshot(repo_id: str | Path) -> Path:
     )
 
 
-def publish_and_swap(
-    repo: Path,
-    triton_http_url: str,
-    keep_versions: int = 2,
-    lock: AbstractContextManager[object] | None = None,
-    lock_timeout_s: float = 3600.0,
-    **publish_kwargs: Any,
-) -> dict[str, Any]:
-    """Publish a new FLUX export (`publish_flux(repo, **publish_kwargs)`) and load it into a
-    running Triton without downtime.
+@dataclass(frozen=True)
+class FluxBuild:
+    """Everything a publish writes for the FLUX components, and what `generate` pins."""
 
-    Components load first and `generate` last: its new version pins the new components, so a
-    request runs entirely on the old set or entirely on the new one. On failure the new version
-    folders are removed and the old set keeps serving (export.hot_swap.SwapError is raised).
-    """
-    from export.hot_swap import publish_and_load
+    checkpoint: str | Path
+    provenance: dict[str, Any]
+    """The whole pipeline's inputs: checkpoint, LoRA, scale, trigger word, opset, precision."""
+    trigger_word: str
+    lora_targets: frozenset[str]
+    """The modules the LoRA adapts (`transformer`, `text_encoder`)."""
+    deployments: dict[str, Deployment]
+    parts: ComponentParts
+    report: dict[str, Any]
 
-    started = time.monotonic()
-    result = publish_and_load(
-        repo,
-        triton_http_url,
-        [*FLUX_COMPONENTS, FLUX_PREPARE.name, GENERATE.name, GENERATE_STREAM.name],
-        lambda: publish_flux(repo, **publish_kwargs),
-        keep_versions=keep_versions,
-        lock=lock,
-        lock_timeout_s=lock_timeout_s,
-        # Both run the same loop on the same pinned components and call nothing of each other.
-        together=frozenset({GENERATE.name, GENERATE_STREAM.name}),
-    )
-    return {
-        "model_version": str(result[GENERATE.name]),
-        "components": {n: result[n] for n in (*FLUX_COMPONENTS, FLUX_PREPARE.name)},
-        "created": result["created"],
-        "report": result["report"],
-        "publish_seconds": round(time.monotonic() - started, 1),
-        "manifest": str(repo / GENERATE.name / str(result[GENERATE.name]) / MANIFEST),
+
+def build_flux(
+    target: Target,
+    checkpoint: str | Path | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float | None = None,
+    trigger_word: str | None = None,
+    settings: FluxSettings | None = None,
+    export_settings: ExportSettings | None = None,
+    progress: Callable[[str, object], None] | None = None,
+    torch_settings: TorchTargetSettings | None = None,
+) -> FluxBuild:
+    """Export (or reuse) every FLUX component for `target`. Unset sources come from `settings`
+    (the local random-weight build by default); the trigger word from the LoRA's manifest.
+    `torch_settings`: gpu-torch only (None: FLUXSERVE_TORCH_ from the environment)."""
+    from export.flux.lora import lora_targets, read_lora_manifest
+
+    s = settings or FluxSettings()
+    checkpoint = checkpoint if checkpoint is not None else default_checkpoint(s)
+    lora = lora if lora is not None else default_lora(s)
+    scale = s.lora_scale if lora_scale is None else lora_scale
+    if trigger_word is None:
+        trigger_word = str(read_lora_manifest(lora).get("trigger_word") or s.trigger_word) if lora else s.trigger_word
+    provenance = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_files": source_fingerprint(checkpoint),
+        "lora": str(lora) if lora else None,
+        "lora_files": source_fingerprint(lora) if lora else None,
+        "lora_scale": scale,
+        "trigger_word": trigger_word,
+        "onnx_opset": s.onnx_opset,
+        # The GPU target builds TensorRT engines from the fp32 graph: the choice is CPU-only.
+        TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
     }
+    targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
+    if target == TORCH_TARGET:
+        deps, parts, report = _torch_parts(
+            checkpoint, lora, scale, targets, provenance, s, export_settings, torch_settings, progress
+        )
+    else:
+        deps, parts, report = _onnx_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
+    return FluxBuild(checkpoint, provenance, trigger_word, targets, deps, parts, report)
+
+
+@contextmanager
+def staged_pipeline(checkpoint: str | Path, settings: FluxSettings) -> Iterator[Path]:
+    """The denoising loop's assets (configs, tokenizers, scheduler) of `checkpoint`, copied into a
+    temporary folder under the export root; the folder is removed on exit."""
+    settings.export_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.export_root) as tmp:
+        yield copy_loop_assets(_local_folder(checkpoint), Path(tmp) / "pipeline")
+
+
+def generate_version_files(assets: Path, components: Mapping[str, int]) -> dict[str, Path]:
+    """The files of a `generate` (or `generate_stream`) version: the loop's assets from
+    `staged_pipeline` and `components.json`, the component versions its calls pin."""
+    pins = assets.parent / "components.json"
+    pins.write_text(json.dumps(dict(components), indent=2))
+    return {"pipeline": assets, "components.json": pins}
+
+
+def generate_deployment(build: FluxBuild, name: str, assets: Path, target: Target) -> Deployment:
+    """`generate`'s (or its streaming twin's) deployment with this build's trigger words and the
+    memory facts of its transformer."""
+    dep = build.deployments[name]
+    on_host = _on_host(target, build.deployments)
+    parameters = {**dep.parameters, TRIGGER_PARAMETER: build.trigger_word, **_memory_facts(assets, on_host)}
+    return replace(dep, parameters=parameters)

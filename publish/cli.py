@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.paths import CLASSIFIER_MODEL_DIR
-from export.publish_lock import repository_lock
-from export.repository import SOURCE_REPOSITORY
 from export.triton_config import TORCH_TARGET
+from publish.publish_lock import repository_lock
+from publish.repository import SOURCE_REPOSITORY
 
 log = logging.getLogger("fluxserve.export")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("fluxserve.export")
 def export_classifier(
     model_dir: Path, repo: Path, target: str | None, force: bool, triton_url: str | None = None
 ) -> None:
-    from export.classifier import publish_and_swap_classifier, publish_classifier
+    from publish.classifier import publish_and_swap_classifier, publish_classifier
 
     # gpu-torch serves the classifier as cpu does: its GPU machines have no onnxruntime-gpu.
     target = "cpu" if target in (None, TORCH_TARGET) else target
@@ -59,7 +59,7 @@ def export_flux(
     from tqdm import tqdm
 
     from export.flux.settings import FluxSettings
-    from export.flux_publish import publish_and_swap, publish_flux
+    from publish.flux import publish_and_swap, publish_flux
 
     settings = FluxSettings.real() if real else FluxSettings(**({"local_size": size} if size else {}))
     bar = tqdm(total=4, desc="ONNX export", unit="model", disable=None)
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("onnx_ir", "onnxscript"):  # a line per folded initializer / rewritten node otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    from export.hot_swap import SwapError
+    from publish.hot_swap import SwapError
 
     try:
         return _dispatch(args)

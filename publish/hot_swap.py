@@ -3,9 +3,9 @@
 Triton (explicit model control) loads a new version beside the serving one and switches only
 when it is ready, so a successful swap has no downtime. A publish:
 
-1. takes the publish lock (export.publish_lock; plus the caller's cross-machine lock, if any),
+1. takes the publish lock (publish.publish_lock; plus the caller's cross-machine lock, if any),
    so version numbers are chosen and written by one publisher at a time;
-2. rolls back what a publisher that died mid-publish left (export.publish_journal);
+2. rolls back what a publisher that died mid-publish left (publish.publish_journal);
 3. journals the models, writes the new versions, loads them;
 4. commits (drops the journals) only after every load succeeded, then prunes old versions.
 
@@ -22,10 +22,10 @@ from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import TypeVar
 
-from export import publish_journal
-from export.model_control import load_models
-from export.publish_lock import repository_lock
-from export.repository import prune, versions
+from publish import publish_journal
+from publish.model_control import load_models
+from publish.publish_lock import repository_lock
+from publish.repository import prune, versions
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from export.publish_lock import PublishLockTimeout, repository_lock
+from publish.publish_lock import PublishLockTimeout, repository_lock
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _versions(model_dir: Path) -> list[int]:
 
 def note_version(repo: Path, name: str, version: int) -> None:
     """Record a version this publish is about to create (before its folder appears). A no-op
-    outside a journaled publish (the offline export CLI: nothing serves, nothing to undo)."""
+    outside a journaled publish (the offline `fluxserve-export` CLI: nothing serves, nothing to undo)."""
     journal = read(repo, name)
     if journal is not None:
         journal["versions"] = sorted({*journal["versions"], version})
@@ -107,7 +107,7 @@ def roll_back(repo: Path, names: Iterable[str] | None = None) -> list[str]:
         if journal is None:
             continue
         # Recorded versions, and any other that appeared since the publish began (the publisher
-        # held the lock, so it made them, whether or not it went through export.repository).
+        # held the lock, so it made them, whether or not it went through publish.repository).
         created = set(journal["versions"]) | (set(_versions(model_dir)) - set(journal.get("versions_before", [])))
         for version in sorted(created):
             log.warning("rolling back %s version %d (its publish did not commit)", name, version)

@@ -2,7 +2,7 @@
 versions, loads them and commits.
 
 * `repository_lock`: an fcntl lock on `<repo>/.fluxserve_publish.lock`. Every publisher on the
-  machine (the worker, the export CLI, Triton's start-up cleanup) takes it; the kernel releases
+  machine (the worker, `fluxserve-export`, Triton's start-up cleanup) takes it; the kernel releases
   it when its holder dies, so a `kill -9` never leaves it stuck.
 * `redis_lock`: with a Redis queue, workers on other machines publish into the same (shared)
   repository, where fcntl locks are not to be trusted: a Redis lock with a lease that a

@@ -9,15 +9,15 @@ Layout of one model:
     <repo>/<name>/<version>/fluxserve_manifest.json
 
 A version is assembled in a hidden staging folder and renamed into place, so Triton never sees a
-half-written version; within a hot swap (export.hot_swap) the version is first recorded in the
-publish journal (export.publish_journal), so a crash before the swap commits is undone at the
-next start. Version numbers are chosen under the publish lock (export.publish_lock). Publishing is idempotent: when the newest version already has the same
-fingerprint (same inputs and settings), nothing is written.
+half-written version; within a hot swap (publish.hot_swap) the version is first recorded in the
+publish journal (publish.publish_journal), so a crash before the swap commits is undone at the
+next start. Version numbers are chosen under the publish lock (publish.publish_lock). Publishing
+is idempotent: when the newest version already has the same fingerprint (same inputs and
+settings, export.fingerprints), nothing is written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from common.paths import MODEL_REPOSITORY
-from export.publish_journal import note_version
+from export.fingerprints import FileId, fingerprint, tree_hashes
 from export.triton_config import Deployment, Target, config_text
+from publish.publish_journal import note_version
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +62,6 @@ def latest_manifest(repo: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-FileId = tuple[int, int]
-"""(st_dev, st_ino): one file, however many hard links name it."""
-
-
-def tree_hashes(root: Path, known: Mapping[FileId, str] | None = None) -> dict[str, str]:
-    """sha256 of every file below root, keyed by its relative path (manifest excluded). A file
-    that is a hard link of one in `known` takes its recorded hash instead of being read again."""
-    known = known or {}
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            st = p.stat()
-            out[str(p.relative_to(root))] = known.get((st.st_dev, st.st_ino)) or sha256_file(p)
-    return out
-
-
 def known_hashes(repo: Path, name: str, manifest: Mapping[str, Any] | None) -> dict[FileId, str]:
     """The hashes the newest version's manifest recorded, by the file they belong to. Version
     files are never modified in place (a patched tensor is a new file), so a hard link of one
@@ -101,10 +78,6 @@ def known_hashes(repo: Path, name: str, manifest: Mapping[str, Any] | None) -> d
             continue
         out[(st.st_dev, st.st_ino)] = digest
     return out
-
-
-def fingerprint(provenance: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -181,7 +154,7 @@ def publish(
             "created_unix": time.time(),
             "provenance": dict(provenance),
             "report": dict(report or {}),
-            "files": tree_hashes(staging, known_hashes(repo, name, current)),
+            "files": tree_hashes(staging, known_hashes(repo, name, current), exclude={MANIFEST}),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = repo / name / str(version)

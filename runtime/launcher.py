@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from client.control_key import ControlKeyError, ensure_control_key, restricted_api_flags
 from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
 from contract.specs import ENDPOINTS
-from export.publish_journal import recover_repository
+from publish.publish_journal import recover_repository
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def recover_committed_set(repo: Path) -> None:
     Where this Triton only reads the repository (a read-only volume, as in docker compose and
     Kubernetes), the publishers own that clean-up: each publish rolls back a dead one's leftovers
     first, and the workers' housekeeping rolls back a reaped publisher's versions and reloads
-    them in Triton (export.hot_swap.recover_and_reload)."""
+    them in Triton (publish.hot_swap.recover_and_reload)."""
     try:
         recover_repository(repo)
     except OSError as e:
@@ -183,7 +183,7 @@ def recover_committed_set(repo: Path) -> None:
 
 class TritonServer:
     """A tritonserver subprocess: start, wait until ready, stop cleanly (models load through
-    export.model_control)."""
+    publish.model_control)."""
 
     def __init__(self, settings: TritonSettings | None = None) -> None:
         self.settings = settings or TritonSettings()

@@ -12,7 +12,7 @@ need; and it loads changed models in no particular order, while a pipeline must 
 component versions it pins. Here the component models load first and the pipelines last.
 Versions appear atomically (staging folder, then rename), so a poll never sees a half-written one.
 
-Only committed versions are loaded. A publish journals a model (export.publish_journal) before it
+Only committed versions are loaded. A publish journals a model (publish.publish_journal) before it
 writes anything and drops the journal when it commits; a rollback removes its versions. So a model
 with a journal is left alone until the journal is gone; and a model whose folder changed while
 Triton was loading it (a publish began, or came and went, during the load) is loaded again at the
@@ -32,9 +32,9 @@ from pathlib import Path
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.specs import CLASSIFY, ENDPOINTS, GENERATE
-from export import publish_journal
-from export.model_control import load_models
-from export.repository import SOURCE_REPOSITORY, versions
+from publish import publish_journal
+from publish.model_control import load_models
+from publish.repository import SOURCE_REPOSITORY, versions
 
 log = logging.getLogger("fluxserve.repository_sync")
 

@@ -9,14 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.repository import SOURCE_REPOSITORY
+from publish.repository import SOURCE_REPOSITORY
 from training.classifier import ClassifierTrainSettings, is_up_to_date, train_classifier
 
 
 def defaults(repo: Path, target: str = "cpu") -> int:
     """What `make models` runs: train the classifier when its data or settings changed, then export
     it and the default FLUX (both idempotent: unchanged models keep their version)."""
-    from export.cli import export_classifier, export_flux
+    from publish.cli import export_classifier, export_flux
 
     settings = ClassifierTrainSettings()
     if not is_up_to_date(settings):

@@ -94,7 +94,7 @@ def reap(store: JobStore, settings: JobSettings) -> list[Job]:
     running Triton may have loaded its versions) instead of at Triton's next start."""
     reaped = store.reap()
     if any(job.phase == "publishing" for job in reaped):
-        from export.hot_swap import recover_and_reload
+        from publish.hot_swap import recover_and_reload
 
         recover_and_reload(settings.model_repository, settings.triton_http_url)
     return reaped

@@ -6,7 +6,7 @@ store nor the disk grows forever. Workers run `sweep` now and then (training.liv
   exports) first, then its record, so a sweep cut short leaves a record whose folder is gone
   (deleted again next time), never a folder nothing points at. Unfinished jobs are never touched.
 * A folder with no record (an upload refused or cut off) goes once it is `retention_s` old.
-* ONNX exports no served version links any more (export.retention) go once untouched for
+* ONNX exports no served version links any more (publish.retention) go once untouched for
   `retention_s`, under the publish lock: a publish decides to reuse an export and links it into
   the repository under that lock, so the sweep must not delete one in between. The sweep only
   tries the lock; while a publish holds it, the exports wait for the next sweep.
@@ -23,8 +23,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from export.flux.settings import FluxSettings
-from export.publish_lock import PublishLockTimeout, redis_lock, repository_lock
-from export.retention import prune_unused_exports
+from publish.publish_lock import PublishLockTimeout, redis_lock, repository_lock
+from publish.retention import prune_unused_exports
 from training.jobs import JobSettings, JobStore, job_dir
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def prune_orphan_folders(settings: JobSettings, store: JobStore, now: float | No
 
 @contextmanager
 def publish_lock_if_free(settings: JobSettings) -> Iterator[None]:
-    """The locks a publish holds (export.publish_lock), in its order, tried once each:
+    """The locks a publish holds (publish.publish_lock), in its order, tried once each:
     PublishLockTimeout at once while a publish holds either."""
     with ExitStack() as held:
         if settings.redis_url:
@@ -93,4 +93,4 @@ def sweep(settings: JobSettings, store: JobStore, export_root: Path | None = Non
     """One retention pass: finished jobs, orphan folders, unused exports."""
     prune_finished_jobs(settings, store)
     prune_orphan_folders(settings, store)
-    prune_exports(settings, export_root or FluxSettings().build_dir / "export")
+    prune_exports(settings, export_root or FluxSettings().export_root)

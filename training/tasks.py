@@ -37,7 +37,8 @@ def _progress_writer(store: JobStore, job_id: str, min_interval_s: float = 0.2) 
 
 
 def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from export.flux_publish import default_checkpoint, publish_and_swap
+    from export.flux_build import default_checkpoint
+    from publish.flux import publish_and_swap
     from training.flux_lora import LoraTrainSettings, train_lora
     from training.lora_dataset import load_prepared
 
@@ -99,14 +100,14 @@ def publish_lock(settings: JobSettings) -> AbstractContextManager[object] | None
     """With Redis, the cross-machine lock (the repository's file lock is always taken too)."""
     if not settings.redis_url:
         return None
-    from export.publish_lock import redis_lock
+    from publish.publish_lock import redis_lock
     from training.redis_jobs import PUBLISH_LOCK_KEY, redis_client
 
     return redis_lock(redis_client(settings.redis_url), PUBLISH_LOCK_KEY, timeout_s=settings.publish_lock_timeout_s)
 
 
 def run_classifier(settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from export.classifier import publish_and_swap_classifier, serving_classifier_accuracy
+    from publish.classifier import publish_and_swap_classifier, serving_classifier_accuracy
     from training.classifier import ClassifierTrainSettings, train_classifier
 
     jd = job_dir(settings, job_id)

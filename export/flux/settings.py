@@ -29,6 +29,10 @@ LOCAL_T5_MAX_SEQUENCE_LENGTH = 64
 
 LocalSize = Literal["tiny", "small"]
 
+EXPORT_MARKER = "export.json"
+"""Written last into an ONNX export folder (`FluxSettings.export_root/<component>/<fingerprint>/`):
+its presence means the export (or patch) is complete."""
+
 
 class FluxSettings(BaseSettings):
     """Sources and build locations for the FLUX pipeline."""
@@ -55,6 +59,11 @@ class FluxSettings(BaseSettings):
     weight_patching: bool = True
     """Publish a LoRA by patching the base export's weights (seconds) instead of fusing it and
     re-exporting the component (a full trace); falls back to re-exporting what cannot be patched."""
+
+    @property
+    def export_root(self) -> Path:
+        """ONNX exports, one folder per component and fingerprint of what it was built from."""
+        return self.build_dir / "export"
 
     @property
     def local_checkpoint_dir(self) -> Path:

@@ -26,8 +26,8 @@ import torch
 
 from common.torch_runtime import LORA_FILE, MODULE_CLASSES, MODULE_DIR, LoraFactors, save_lora_factors
 from contract.specs import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS
+from export.fingerprints import fingerprint
 from export.flux.settings import FluxSettings
-from export.repository import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from export.flux.lora_deltas import LayerDelta, NotPatchable, layer_deltas, load_lora_state  # noqa: F401 (their old home)
+from export.flux.settings import EXPORT_MARKER
 from export.flux.transformer_precision import INT8_DIR, PRECISION_FILE, served_dir
 from export.flux.weight_map import Binding, WeightMap
 
@@ -147,7 +148,7 @@ def patch_export(base_dir: Path, out_dir: Path, deltas: dict[str, LayerDelta]) -
     linked = 0
     for src in sorted(p for p in base_dir.rglob("*") if p.is_file()):
         rel = src.relative_to(base_dir).as_posix()
-        if rel in files or rel == "export.json" or (keep is not None and rel.split("/")[0] not in keep):
+        if rel in files or rel == EXPORT_MARKER or (keep is not None and rel.split("/")[0] not in keep):
             continue
         dst = out_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)

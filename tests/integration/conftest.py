@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from contract.specs import GENERATE
-from export.repository import versions
+from publish.repository import versions
 from tests.conftest import MODEL_REPOSITORY, require_models, start_triton
 
 TARGETS = ("cpu", "gpu-torch")
@@ -33,7 +33,7 @@ def served_provenance(repo: Path = MODEL_REPOSITORY) -> dict:
 
 def publish_torch(repo: Path, **kwargs: object) -> dict:
     """publish_flux for the gpu-torch target on the host (FLUXSERVE_TORCH_ set for the call only)."""
-    from export.flux_publish import publish_flux
+    from publish.flux import publish_flux
 
     saved = {k: os.environ.get(k) for k in TORCH_ENV}
     os.environ.update(TORCH_ENV)

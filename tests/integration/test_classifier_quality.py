@@ -92,7 +92,7 @@ def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> 
 
     from common.chat_text import normalized, recorded_normalizer
     from export.classifier_precision import score_onnx
-    from export.repository import versions
+    from publish.repository import versions
     from tests.conftest import MODEL_REPOSITORY
 
     model_dir = ClassifierTrainSettings().output_dir
@@ -121,7 +121,7 @@ def test_served_matches_the_published_artifact_and_the_trained_model(triton) -> 
 
 
 def test_manifest_records_the_precision_choice() -> None:
-    from export.repository import latest_manifest
+    from publish.repository import latest_manifest
     from tests.conftest import MODEL_REPOSITORY
 
     manifest = latest_manifest(MODEL_REPOSITORY, "classifier_onnx")
@@ -139,8 +139,8 @@ def _served_rescue():  # -> Rescue | None
     """The fp32 graph and margin the served `classify` rescues int8's near-boundary rows with."""
     from contract.specs import RESCUE_ENCODER_PARAMETER, RESCUE_MARGIN_PARAMETER
     from export.classifier_precision import Rescue
-    from export.repository import versions
     from export.triton_config import parse_config
+    from publish.repository import versions
     from tests.conftest import MODEL_REPOSITORY
 
     folder = MODEL_REPOSITORY / "classify"
@@ -159,7 +159,7 @@ def test_served_labels_on_the_test_split_are_the_fp32_graphs(triton) -> None:
     from transformers import AutoTokenizer
 
     from export.classifier_precision import read_test_split, score_onnx
-    from export.repository import latest_manifest
+    from publish.repository import latest_manifest
     from tests.conftest import MODEL_REPOSITORY
 
     precision = (latest_manifest(MODEL_REPOSITORY, "classifier_onnx") or {}).get("report", {}).get("precision") or {}

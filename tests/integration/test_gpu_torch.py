@@ -22,7 +22,7 @@ from common.flux_assets import read_max_sequence_length
 from common.torch_runtime import LORA_FILE, MODULE_DIR
 from contract.specs import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GenerateParams
 from export.flux.lora import build_local_lora, load_pipeline
-from export.repository import versions
+from publish.repository import versions
 from tests.conftest import start_triton
 from tests.integration.conftest import TORCH_ENV, publish_torch, served_provenance
 
@@ -47,7 +47,7 @@ def swap_triton(swap_repo: Path):
 
 
 def test_a_new_lora_is_swapped_in_as_factors(swap_repo: Path, swap_triton, tmp_path: Path, monkeypatch) -> None:
-    from export.flux_publish import publish_and_swap
+    from publish.flux import publish_and_swap
 
     prov = served_provenance()
     checkpoint = Path(prov["checkpoint"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from export.publish_lock import repository_lock
-from export.retention import MARKER
+from export.flux.settings import EXPORT_MARKER
+from publish.publish_lock import repository_lock
 from training.jobs import NEVER_QUEUED, WORKER_LOST, JobSettings, JobStore, SqliteJobStore
 from training.redis_jobs import RedisJobStore
 from training.retention import prune_exports, prune_finished_jobs, prune_orphan_folders, sweep
@@ -194,7 +194,7 @@ def test_the_export_sweep_waits_for_a_running_publish(make_store, tmp_path: Path
     unused = export_root / "flux_transformer" / "abc"
     unused.mkdir(parents=True)
     (unused / "model.onnx").write_bytes(b"onnx")
-    (unused / MARKER).write_text("{}")
+    (unused / EXPORT_MARKER).write_text("{}")
     held = publish_lock(settings) if settings.redis_url else repository_lock(settings.model_repository)
     with held:  # what a publish holds (the Redis lock alone is enough to hold the sweep off)
         assert prune_exports(settings, export_root) is None

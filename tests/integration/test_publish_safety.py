@@ -1,5 +1,5 @@
 """Crash-safe, exclusive publishing into a live Triton (real Triton on a copy of the built
-repository, real publisher processes running export.hot_swap.publish_and_load, the code path a
+repository, real publisher processes running publish.hot_swap.publish_and_load, the code path a
 training job's publish step runs).
 
 * A publisher killed with SIGKILL after writing its versions (before they load and commit)
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from client.triton_client import TritonClient
-from export.model_control import ready_versions
-from export.publish_journal import JOURNAL
-from export.repository import MANIFEST, versions
+from publish.model_control import ready_versions
+from publish.publish_journal import JOURNAL
+from publish.repository import MANIFEST, versions
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, require_models, start_facade, start_triton
 from tests.integration.test_job_liveness import LIVENESS_ENV, wait_job
 from training.worker import running_worker
@@ -41,8 +41,8 @@ import json, sys, time
 from dataclasses import replace
 from pathlib import Path
 from export.deployments import classifier_deployments
-from export.hot_swap import publish_and_load
-from export.repository import MANIFEST, publish, versions
+from publish.hot_swap import publish_and_load
+from publish.repository import MANIFEST, publish, versions
 
 repo, url, tag, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 

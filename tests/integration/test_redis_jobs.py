@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from export.publish_lock import PublishLockTimeout, redis_lock
+from publish.publish_lock import PublishLockTimeout, redis_lock
 from tests.conftest import PROJECT_ROOT, start_facade
 from tests.integration.test_job_liveness import UNUSED_TRITON, submit, wait_job
 from training.jobs import JobSettings, make_huey
@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_job_is_detected_and_the_other_runs_the_next(stack: 
 
 HOLDER = """
 import sys, time
-from export.publish_lock import redis_lock
+from publish.publish_lock import redis_lock
 from training.redis_jobs import redis_client
 with redis_lock(redis_client(sys.argv[1]), sys.argv[2], lease_s=1.0):
     print("held", flush=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from contract.specs import CLASSIFY, GENERATE
-from export.model_control import ready_versions
+from publish.model_control import ready_versions
 from runtime.repository_sync import SyncSettings, changed_models, snapshot, sync_once
 from tests.conftest import PROJECT_ROOT, free_port
 
@@ -38,7 +38,7 @@ CONFIG = (
 
 
 def publish_version(repo: Path, name: str, version: int) -> None:
-    """As export/repository.py does: assemble in a hidden staging folder, then rename into place."""
+    """As publish/repository.py does: assemble in a hidden staging folder, then rename into place."""
     staging = repo / name / f".staging-{version}"
     staging.mkdir(parents=True)
     (staging / "model.py").write_text(MODEL)

@@ -392,7 +392,7 @@ def test_bad_fields_refused(stack: Stack, fields: dict, fragment: str) -> None:
 
 
 def _serving_classify_manifest(stack: Stack) -> Path:
-    from export.model_control import ready_versions
+    from publish.model_control import ready_versions
 
     return stack.repo / "classify" / ready_versions(stack.triton.http_url, "classify")[-1] / "fluxserve_manifest.json"
 
@@ -400,7 +400,7 @@ def _serving_classify_manifest(stack: Stack) -> Path:
 def test_classifier_job_worse_than_serving_is_not_published(stack: Stack) -> None:
     """The accuracy gate: a classifier that scores below the serving one on the test split ends
     `failed` with both figures, and the serving version does not change."""
-    from export.model_control import ready_versions
+    from publish.model_control import ready_versions
 
     serving_before = ready_versions(stack.triton.http_url, "classify")
     with stack.http() as http:
@@ -440,7 +440,7 @@ def test_classifier_job_trains_publishes_and_serves(stack: Stack) -> None:
         "serving_test_accuracy": 0.5,
     }
     new_version = job["result"]["publish"]["model_version"]
-    from export.model_control import ready_versions
+    from publish.model_control import ready_versions
 
     assert new_version in ready_versions(stack.triton.http_url, "classify")
     manifest = json.loads((stack.repo / "classify" / new_version / "fluxserve_manifest.json").read_text())
@@ -495,10 +495,10 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
 
     The job runs in this process (not the worker) so the fault can be injected into the exported
     artifact itself: the real export runs, then its transformer file is replaced with garbage."""
-    import export.flux_publish as flux_publish
+    import publish.flux as flux_publish
     from contract.specs import FLUX_COMPONENTS
-    from export.model_control import ready_versions
-    from export.repository import versions
+    from publish.model_control import ready_versions
+    from publish.repository import versions
     from training.jobs import JobSettings, job_dir, job_store
     from training.lora_dataset import save_prepared, validate_and_extract
     from training.lora_settings import LoraTrainSettings

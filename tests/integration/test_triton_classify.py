@@ -19,8 +19,8 @@ from common.ort_session import CPU_PROVIDERS, session_options
 from contract.errors import InvalidInputError
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY, INLINE_ENCODER_PARAMETER, LABELS, THRESHOLD_PARAMETER
 from export.deployments import ExportSettings, classifier_deployments
-from export.repository import latest_manifest, versions, write_config
 from export.triton_config import parse_config
+from publish.repository import latest_manifest, versions, write_config
 from runtime.launcher import TritonStartError
 from serving.classify_pipeline import ClassifyPipeline, calibrated_softmax
 from tests.conftest import MODEL_REPOSITORY, start_triton, triton_metric

@@ -21,7 +21,7 @@ import tritonclient.grpc as g
 from tritonclient.utils import InferenceServerException
 
 from client.control_key import CONTROL_KEY_HEADER, GRPC_CONTROL_KEY_HEADER, control_headers, control_key
-from export.model_control import load_models, ready_versions
+from publish.model_control import load_models, ready_versions
 from runtime.launcher import TritonServer
 from tests.conftest import start_triton
 

@@ -6,7 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from export.retention import MARKER, prune_unused_exports
+from export.flux.settings import EXPORT_MARKER as MARKER
+from publish.retention import prune_unused_exports
 
 
 def _export(root: Path, component: str, fp: str) -> Path:

@@ -119,9 +119,9 @@ def test_a_new_lora_re_exports_only_the_components_it_changes(tiny_lora: Path, t
     from safetensors.torch import save_file
 
     from contract.specs import FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER
+    from export.fingerprints import fingerprint
     from export.flux.lora import lora_targets
-    from export.flux_publish import component_provenance
-    from export.repository import fingerprint
+    from export.flux_build import component_provenance
 
     assert lora_targets(tiny_lora) == {"transformer"}
     sd = load_file(tiny_lora / LORA_WEIGHT_NAME)

@@ -58,7 +58,7 @@ def test_the_kit_covers_what_the_gpu_path_imports() -> None:
         [
             "import sys, types, json, importlib.metadata as md",
             "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')",
-            "import benchmarks.gpu, export.flux_publish, export.flux.torch_export, export.flux.full_size",
+            "import benchmarks.gpu, publish.flux, export.flux.torch_export, export.flux.full_size",
             "import export.flux.lora, runtime.launcher, serving.triton_flux_component, serving.triton_torch",
             "import serving.triton_generate, serving.triton_flux_prepare, client.triton_client, pytriton",
             "import tritonclient.http, tritonclient.grpc",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.hot_swap import SwapError, publish_and_load
-from export.repository import versions
+from publish.hot_swap import SwapError, publish_and_load
+from publish.repository import versions
 from runtime.processes import free_port
 
 

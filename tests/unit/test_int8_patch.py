@@ -163,7 +163,7 @@ def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, ti
     int8 graph, the LoRA is patched into it, and the files published are the int8 graph's."""
     from export.flux.lora import lora_targets
     from export.flux.settings import FluxSettings
-    from export.flux_publish import (
+    from export.flux_build import (
         TRANSFORMER_PRECISION,
         _component_files,
         component_provenance,
@@ -185,7 +185,7 @@ def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, ti
     per = {FLUX_TRANSFORMER: component_provenance(prov, lora_targets(tiny_lora))[FLUX_TRANSFORMER]}
     base = {FLUX_TRANSFORMER: component_provenance(prov, frozenset())[FLUX_TRANSFORMER]}
     assert per[FLUX_TRANSFORMER][TRANSFORMER_PRECISION] == "int8"
-    report = export_onnx(tiny_checkpoint, tiny_lora, 1.0, s.build_dir / "export", per, s, base_provenance=base)
+    report = export_onnx(tiny_checkpoint, tiny_lora, 1.0, s.export_root, per, s, base_provenance=base)
     facts = report[FLUX_TRANSFORMER]
     assert facts["method"] == "patch" and facts["precision"]["served"] == "int8"
     files = _component_files(Path(facts["onnx_dir"]), FLUX_TRANSFORMER)

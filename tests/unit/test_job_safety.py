@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from api.job_view import public_job
-from export.classifier import serving_classifier_accuracy
+from publish.classifier import serving_classifier_accuracy
 from training.jobs import Job
 from training.lora_dataset import DatasetError, DatasetLimits, validate_and_extract
 from training.tasks import PublishError, _accuracy_gate

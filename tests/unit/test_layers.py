@@ -1,6 +1,6 @@
 """Imports run downward only. A module may import its own package and the packages below it:
 
-    common → contract → client → export → training → api → runtime → benchmarks
+    common → contract → client → export → publish → training → api → runtime → benchmarks
 
 and `serving/` (code that runs inside Triton's python stubs) imports only `common/` and `contract/`
 (what both sides of the wire share):
@@ -18,7 +18,17 @@ import pytest
 
 from common.paths import PROJECT_ROOT
 
-LAYERS: tuple[str, ...] = ("common", "contract", "client", "export", "training", "api", "runtime", "benchmarks")
+LAYERS: tuple[str, ...] = (
+    "common",
+    "contract",
+    "client",
+    "export",
+    "publish",
+    "training",
+    "api",
+    "runtime",
+    "benchmarks",
+)
 ALLOWED: dict[str, frozenset[str]] = {
     **{pkg: frozenset(LAYERS[: i + 1]) for i, pkg in enumerate(LAYERS)},
     "serving": frozenset({"common", "contract", "serving"}),
@@ -63,7 +73,9 @@ def test_no_module_imports_upward() -> None:
     ("pkg", "source", "caught"),
     [
         ("export", "from training.classifier import ClassifierTrainSettings\n", True),
-        ("serving", "def f():\n    from export.repository import versions\n", True),
+        ("serving", "def f():\n    from publish.repository import versions\n", True),
+        ("export", "from publish.repository import versions\n", True),
+        ("publish", "from export.flux_build import build_flux\n", False),
         ("common", "import contract.specs\n", True),
         ("serving", "from client.triton_client import TritonClient\n", True),
         ("api", "from training.jobs import JobStore\n", False),

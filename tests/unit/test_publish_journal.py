@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export import publish_journal
-from export.publish_lock import PublishLockTimeout, repository_lock
-from export.repository import versions
+from publish import publish_journal
+from publish.publish_lock import PublishLockTimeout, repository_lock
+from publish.repository import versions
 
 
 def _model(repo: Path, name: str, vs: list[int], config: str) -> None:
@@ -22,7 +22,7 @@ def _crashed_publish(repo: Path) -> None:
     publish_journal.note_version(repo, "a", 3)
     (repo / "a" / "config.pbtxt").write_text("new config")
     (repo / "a" / "3").mkdir()
-    (repo / "b" / "2").mkdir()  # written without export.repository: found by the version list
+    (repo / "b" / "2").mkdir()  # written without publish.repository: found by the version list
     (repo / "b" / ".staging-3-123").mkdir()
 
 

@@ -1,5 +1,5 @@
 """The repository-sync sidecar loads only committed versions: a model whose publish journal says a
-publish is under way (export.publish_journal) is not loaded until it commits or rolls back, and a
+publish is under way (publish.publish_journal) is not loaded until it commits or rolls back, and a
 model that changed while Triton loaded it is loaded again. Triton's load is recorded here (what
 the real Triton does with a load: tests/integration/test_repository_sync.py)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from contract.specs import GENERATE
-from export import publish_journal
+from publish import publish_journal
 from runtime import repository_sync
 from runtime.repository_sync import SyncSettings, snapshot, sync_once
 
@@ -23,7 +23,7 @@ def model(repo: Path, name: str, *versions: int) -> None:
 
 
 def add_version(repo: Path, name: str, version: int) -> None:
-    """As export/repository.py does: a staging folder renamed into place."""
+    """As publish/repository.py does: a staging folder renamed into place."""
     staging = repo / name / f".staging-{version}"
     staging.mkdir()
     (staging / "model.py").write_text(f"# {name} v{version}\n")

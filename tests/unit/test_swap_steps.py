@@ -9,8 +9,8 @@ from pathlib import Path
 
 from contract.specs import FLUX_PREPARE, FLUX_TRANSFORMER, GENERATE, GENERATE_STREAM
 from export.deployments import flux_deployments
-from export.hot_swap import _steps
-from export.repository import write_config
+from publish.hot_swap import _steps
+from publish.repository import write_config
 
 
 def test_unchanged_config_is_not_rewritten(tmp_path: Path) -> None:
@@ -38,7 +38,8 @@ def test_publish_reads_only_files_it_did_not_link(tmp_path: Path) -> None:
     import hashlib
     import json
 
-    from export.repository import MANIFEST, publish, sha256_file
+    from export.fingerprints import sha256_file
+    from publish.repository import MANIFEST, publish
 
     src = tmp_path / "export"
     src.mkdir()

@@ -45,9 +45,9 @@ from export.flux.full_size import DEV_PARAMETERS, build_random_flux, meta_module
 from export.flux.lora_deltas import NotPatchable, load_lora_state  # noqa: E402
 from export.flux.onnx_export import transformer_inputs  # noqa: E402
 from export.flux.settings import FluxSettings  # noqa: E402
-from export.flux_publish import deployed_target, publish_flux  # noqa: E402
 from export.torch_target import TorchTargetSettings, torch_flux_deployments  # noqa: E402
 from export.triton_config import config_text, parse_config  # noqa: E402
+from publish.flux import deployed_target, publish_flux  # noqa: E402
 from serving.onnx_runner import BatchedOnnxRunner  # noqa: E402
 from serving.torch_components import (  # noqa: E402
     Fp8Linear,
@@ -326,7 +326,7 @@ def test_the_gpu_path_imports_nothing_a_gpu_machine_would_have_to_carry_needless
             "import sys, types",
             *(f"sys.modules[{m!r}] = None" for m in GPU_MACHINE_LACKS),
             "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')",
-            "import benchmarks.gpu, export.flux_publish, export.flux.torch_export, export.flux.full_size",
+            "import benchmarks.gpu, publish.flux, export.flux.torch_export, export.flux.full_size",
             "import export.flux.lora_deltas, export.flux.image_bounds, export.torch_target, runtime.launcher",
             "import serving.triton_flux_component, serving.triton_torch, serving.triton_generate",
             "import serving.triton_generate_stream, serving.triton_flux_prepare",

@@ -36,7 +36,7 @@ from export.flux.onnx_export import BatchMajorFluxTransformer, ClipPooled, _toke
 from export.flux.settings import FluxSettings  # noqa: E402
 from export.flux.weight_map import WEIGHTS_DIR, WeightMap, build_weight_map, read_initializer, save_per_tensor  # noqa: E402
 from export.flux.weight_patch import LayerDelta, NotPatchable, layer_deltas, patch_export  # noqa: E402
-from export.flux_publish import component_provenance, export_onnx, source_fingerprint  # noqa: E402
+from export.flux_build import component_provenance, export_onnx, source_fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def publish_exports(checkpoint: Path, lora: Path, build_dir: Path, patching: boo
     wanted = (FLUX_TRANSFORMER, FLUX_TEXT_ENCODER)
     per = {k: v for k, v in component_provenance(prov, lora_targets(lora)).items() if k in wanted}
     base = {k: v for k, v in component_provenance(prov, frozenset()).items() if k in wanted}
-    return export_onnx(checkpoint, lora, 1.0, build_dir / "export", per, s, base_provenance=base)
+    return export_onnx(checkpoint, lora, 1.0, s.export_root, per, s, base_provenance=base)
 
 
 # ----------------------------------------------------------------------------- the map
