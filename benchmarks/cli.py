@@ -187,7 +187,7 @@ def _report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.runner import RESULTS_DIR
     from benchmarks.servers import LOG_DIR
-    from benchmarks.sweep import RECOMMENDATION_FILE
+    from common.paths import RECOMMENDED_BATCHING_FILE
 
     parser = argparse.ArgumentParser(prog="fluxserve-bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='"CLASSIFY_INSTANCES,ONNX_INSTANCES,ONNX_THREADS" at the chosen batching (default: 6 built-in; none: skip)',
     )
     w.add_argument("--model-repository", type=Path)
-    w.add_argument("--out", type=Path, default=RECOMMENDATION_FILE)
+    w.add_argument("--out", type=Path, default=RECOMMENDED_BATCHING_FILE)
     w.add_argument("--log-dir", type=Path, default=LOG_DIR)
     w.set_defaults(fn=_sweep)
 

@@ -7,7 +7,7 @@ written with the export code's own deployment spec and config writer into a temp
 model repository (weights hard-linked, configs rewritten), served by a fresh Triton, and loaded
 with `concurrency` gRPC clients. Best throughput wins; within `tie_tolerance` of the best, the
 shortest queue delay (batching) or the least CPU per request (layouts) wins. The result goes to
-benchmarks/recommended_batching.json, which export/deployments.py reads as the classifier's defaults.
+data/recommended_batching.json (common.paths.RECOMMENDED_BATCHING_FILE), which export/deployments.py reads as the classifier's defaults.
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ from benchmarks.load import closed_loop
 from benchmarks.metrics_scrape import model_deltas, scrape
 from benchmarks.targets import GrpcClassify
 from benchmarks.workload import chat_texts
-from common.paths import BUILD_DIR, PROJECT_ROOT
+from common.paths import BUILD_DIR, RECOMMENDED_BATCHING_FILE
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
 from export.triton_config import DynamicBatching, parse_config
 from publish.repository import write_config
 
 log = logging.getLogger(__name__)
-
-RECOMMENDATION_FILE = PROJECT_ROOT / "benchmarks" / "recommended_batching.json"
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ class SweepSettings:
     """Rounds over all candidates (interleaved, so drift hits every candidate alike); medians are kept."""
     tie_tolerance: float = 0.03
     model_repository: Path = servers.MODEL_REPOSITORY
-    out: Path = RECOMMENDATION_FILE
+    out: Path = RECOMMENDED_BATCHING_FILE
     log_dir: Path = servers.LOG_DIR
 
 

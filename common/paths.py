@@ -13,6 +13,8 @@ BUILD_DIR = PROJECT_ROOT / "build"
 """Generated artifacts (checkpoints, ONNX exports, jobs, logs); never committed."""
 CLASSIFIER_MODEL_DIR = BUILD_DIR / "classifier" / "model"
 """Where `fluxserve-train classifier` writes the fine-tuned classifier and export reads it."""
+RECOMMENDED_BATCHING_FILE = PROJECT_ROOT / "data" / "recommended_batching.json"
+"""The classifier deployment `fluxserve-bench sweep` measured best (committed); export reads its defaults here."""
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Knobs come from ExportSettings (env prefix FLUXSERVE_EXPORT_); the classifier's dynamic batching,
 instance counts and ORT threads default to the recommendation measured by `fluxserve-bench sweep`
-(benchmarks/recommended_batching.json) when that file exists.
+(data/recommended_batching.json, common.paths.RECOMMENDED_BATCHING_FILE) when that file exists.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.paths import RECOMMENDED_BATCHING_FILE
 from contract.specs import (
     CLASSIFIER_ONNX,
     CLASSIFY,
@@ -27,7 +28,6 @@ from contract.specs import (
 )
 from export.triton_config import Deployment, DynamicBatching, Target
 
-RECOMMENDATION_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "recommended_batching.json"
 INLINE_ENCODER_FILE = "encoder.onnx"
 RESCUE_ENCODER_FILE = "encoder_fp32.onnx"
 """Beside an int8 `encoder.onnx`: the fp32 graph for rows near the boundary (common/int8_rescue.py)."""
@@ -91,7 +91,7 @@ class ExportSettings(BaseSettings):
     the running forward pass anyway and merge there; a long wait only taxes a lone request every
     step (docs/decisions/flux-transformer-instances.md)."""
     flux_component_threads: int = 1
-    batching_recommendation: Path = RECOMMENDATION_FILE
+    batching_recommendation: Path = RECOMMENDED_BATCHING_FILE
     """Written by `fluxserve-bench sweep`; the classifier knobs above override it."""
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.sweep import Candidate, Layout, choose, choose_layout
+from common.paths import RECOMMENDED_BATCHING_FILE
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY
-from export.deployments import RECOMMENDATION_FILE, ExportSettings, classifier_deployments
+from export.deployments import ExportSettings, classifier_deployments
 from export.triton_config import render_config
 
 
@@ -60,7 +61,7 @@ def test_generated_config_follows_the_recommendation(tmp_path: Path) -> None:
 
 
 def test_the_committed_recommendation_is_the_default() -> None:
-    committed = json.loads(RECOMMENDATION_FILE.read_text())["classify"]
+    committed = json.loads(RECOMMENDED_BATCHING_FILE.read_text())["classify"]
     assert _classify_batching(ExportSettings()) == (committed["max_queue_delay_us"], committed["preferred_batch_sizes"])
 
 
