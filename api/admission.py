@@ -92,7 +92,7 @@ class AdmissionSettings(BaseSettings):
     classify_max_wait_s: float = 0.08
     """Accepted /classify requests should answer within 250 ms at any load (issue 24): this bound
     on the queue ahead, plus the service time and the facade's own delay under a storm, stays below
-    that (README: "Goodput under immediate retries" has the figures behind the value)."""
+    that (docs/decisions/admission-and-pacing.md has the figures behind the value)."""
     classify_floor_texts: float = CLASSIFY_LIMITS.max_texts_per_request
     """Texts always admitted while fewer are in flight: one full `classify` call."""
     classify_initial_rate_texts: float = 200.0
@@ -238,7 +238,7 @@ class DispatchGate:
     most of the 503s of a /generate storm, each costing a parse and a gRPC call). The capacity is
     the queue's max_queue_size, not that plus the instances: Triton still counts a request for a
     moment after its response has reached us, so instances + queue still bounced requests, while
-    the queue alone keeps the instances busy without (README: "Goodput under immediate retries").
+    the queue alone keeps the instances busy without (docs/decisions/admission-and-pacing.md).
     The cost queue still bounds how much waits."""
 
     def __init__(self) -> None:

@@ -72,7 +72,7 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
         lifespan=lifespan,
         description="FLUX.1-dev image generation and an image-request classifier, served by Triton.",
         # FastAPI's native OpenTelemetry asks the global providers (an environment lookup) on every
-        # request: ~2% of the facade's CPU at full /classify load. /metrics carries our counts.
+        # request (docs/decisions/classify-facade-overhead.md). /metrics carries our counts.
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.fluxserve = state

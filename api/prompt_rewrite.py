@@ -40,7 +40,8 @@ def _without_tail(text: str) -> str:
     """`text` without a trailing `[\\s?!.]*`, and a `[\\s,]+please` just before it: what
     `re.sub(r"(?:[\\s,]+please)?[\\s?!.]*$", "", text, flags=re.I)` leaves, in one pass from the end.
     That regex is quadratic in a whitespace run that does not end the text (it is retried from
-    every position of the run): 60 ms for 2,000 characters, on the event loop."""
+    every position of the run), on the event loop (docs/benchmarks.md, "Measurements behind smaller
+    choices")."""
     end = len(text)
     while end and (text[end - 1].isspace() or text[end - 1] in "?!."):
         end -= 1

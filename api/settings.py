@@ -43,12 +43,14 @@ class ApiSettings(BaseSettings):
     add_trigger_word: bool = True
     """Prepend the LoRA's trigger words to prompts that lack them (case-insensitive check)."""
     access_log: bool = False
-    """One log line per request. Off by default: at full /classify load it costs ~7% of the facade's
-    CPU, and the Prometheus counters at /metrics carry the same counts by route and status."""
+    """One log line per request. Off by default: at full /classify load it costs the facade CPU
+    (docs/decisions/classify-facade-overhead.md), and the Prometheus counters at /metrics carry the
+    same counts by route and status."""
     opentelemetry: bool = False
     """FastAPI's native OpenTelemetry instrumentation (traces, metrics, logs to the globally configured
-    providers). Off by default: its per-request checks cost ~2% of the facade's CPU at full /classify
-    load, and the Prometheus metrics at /metrics need nothing from it."""
+    providers). Off by default: its per-request checks cost the facade CPU at full /classify load
+    (docs/decisions/classify-facade-overhead.md), and the Prometheus metrics at /metrics need nothing
+    from it."""
     keys: SecretStr | None = None
     """FLUXSERVE_API_KEYS: operator keys, comma-separated, each `key` or `name:key` (the name is
     recorded as a job's owner). Several at once allow rotation. Unset: the key file below."""

@@ -21,7 +21,7 @@ handler's own 503s, api/errors.py): a connection refused again within a few mill
 last refusal waits its turn, at most `max_hold_s`, so it retries at the pace the server chooses
 instead of spinning on 503s (the faster a refusal, the faster such a client spins: cheap refusals
 alone only moved the CPU from serving to refusing). Independent arrivals and clients that honour
-Retry-After get their 503 at once. Measured effect: README, "Goodput under immediate retries".
+Retry-After get their 503 at once. What it does to goodput: docs/decisions/admission-and-pacing.md.
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ class RefusalPacer:
     before this request arrived: a client that sends its next request as soon as a 503 arrives
     (wrk, a load balancer). Independent arrivals (an open loop, each on an idle connection of a
     pool or a new one) come back later or never, and keep their immediate 503: holding them too
-    only ties up their connections (an open-loop run at 2x capacity then waited half a second
-    for every 503, and at 10x its pool queued arrivals for seconds). A retry is held
+    only ties up their connections (docs/decisions/admission-and-pacing.md). A retry is held
     `pending / budget_per_s` (the retries waiting now, at the budget's pace), at most `max_hold_s`.
     """
 

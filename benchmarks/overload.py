@@ -52,7 +52,8 @@ class OverloadSettings:
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
     lone_requests: int = 15
-    """Median of this many: the ratios divide by it, and 5 samples of a 6 ms request varied by 30%."""
+    """Median of this many: the ratios divide by it, and a few samples of a short request vary
+    widely (docs/benchmarks.md, "Measurements behind smaller choices")."""
     warmup_requests: int = 3
     idle_timeout_s: float = 120.0
     model_repository: Path = MODEL_REPOSITORY

@@ -61,7 +61,8 @@ def _http_client(base_url: str, pool: int, timeout_s: float) -> aiohttp.ClientSe
     waits for a connection and none is re-opened during the run.
 
     aiohttp rather than httpx: the load generator shares the 2 cores with what it measures, and
-    httpx's async client spent ~2.8 ms of CPU per request here against aiohttp's ~0.2 ms.
+    httpx's async client costs many times aiohttp's CPU per request (docs/benchmarks.md,
+    "Measurements behind smaller choices").
     Must be called inside the running event loop.
     """
     return aiohttp.ClientSession(
@@ -87,8 +88,9 @@ class HttpClassify:
     """POST /classify {"text"} on the facade or the baseline (same public contract).
 
     Sent with benchmarks.fast_http rather than aiohttp: /classify runs at hundreds of requests per
-    second on the same 2 cores as the servers, and aiohttp's ~0.15 ms of Python per request was the
-    load generator taking CPU from what it measures (the issue-10 profile). Each request is built once
+    second on the same 2 cores as the servers, and aiohttp's Python per request was the load
+    generator taking CPU from what it measures (docs/benchmarks.md, "Measurements behind smaller
+    choices"). Each request is built once
     per message; the response is parsed by httptools and checked like any client would.
     """
 

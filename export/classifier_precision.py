@@ -39,9 +39,9 @@ Precision = Literal["auto", "fp32", "int8"]
 TEST_SPLIT_FILE = "test_split.jsonl"
 """Written by training next to the model: the messages no training or calibration step saw."""
 PER_CHANNEL = True
-"""One scale per output column of each weight. Measured on the shipped model's 170 test messages:
-per-tensor int8 flipped one label (-0.59 points, so fp32 would be served) and moved scores by
-0.0054 on average; per-channel flipped none, 0.0035 on average."""
+"""One scale per output column of each weight: on the shipped model's test messages per-tensor
+int8 flipped a label (so fp32 would be served) and moved scores more (docs/benchmarks.md,
+"Classifier precision")."""
 MAX_ACCURACY_DROP = 0.005
 """int8 may cost at most half a point of test accuracy (the issue's bar)."""
 FUSED_OPS = (
@@ -127,10 +127,10 @@ def split_skip_layer_norm(model: onnx.ModelProto) -> int:
     """Rewrite each SkipLayerNormalization as Add (input + skip [+ bias]) and LayerNormalization.
 
     Same arithmetic, but ONNX Runtime's CPU SkipLayerNormalization kernel is the slow way to run
-    it: 0.47 ms against 0.09 ms for the pair on 256 rows x 384 (ORT 1.32, one thread), a third of
-    the int8 encoder's time. The transformer optimizer's Attention fusion needs the fused node to
-    match, so we fuse first and split after. ORT's own SkipLayerNormFusion does not put it back on
-    load (tests/integration/test_triton_classify.py checks the served graph). Nodes that expose
+    it, and it was the largest share of the int8 encoder's time (docs/decisions/skiplayernorm-split.md).
+    The transformer optimizer's Attention fusion needs the fused node to match, so we fuse first and
+    split after. ORT's own SkipLayerNormFusion does not put it back on load
+    (tests/integration/test_triton_classify.py checks the served graph). Nodes that expose
     their mean or variance outputs stay fused.
     Returns how many nodes were split (0 when the opset predates LayerNormalization).
     """

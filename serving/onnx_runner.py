@@ -6,7 +6,8 @@ along dim 0; inputs listed as "pad along axis 1" (token ids, masks) are right-pa
 longest so that texts of different lengths still share one call.
 
 Padding is paid for: the encoder's cost grows with rows x padded length, and a merged chat batch
-of ~10-30 texts is about 1.5x padding. With `length_buckets` set (a right-padded 0/1 mask input,
+carries much of it (docs/benchmarks.md, "Where a /classify request's CPU goes"). With
+`length_buckets` set (a right-padded 0/1 mask input,
 for graphs whose outputs have no sequence axis, like the classifier's logits), the merged rows
 are regrouped by real length into the few calls that minimise rows x width plus a fixed cost per
 call, and each call is cut to its own longest row.

@@ -8,8 +8,7 @@ together and encoded in one go. Where the encoder runs is the deployment's choic
   folder), with the same ONNX Runtime runner and knobs as `classifier_onnx`, and with int8 an fp32
   second opinion for rows near the boundary (serving/classify_encoder.py). On 2 cores the BLS
   hop cost a Triton request, two shared-memory hand-offs and a second python process's wake-up per
-  merged batch: `classify` took ~18.5 ms per call against ~14.5 ms of encoder work in
-  `classifier_onnx`, with a core idle meanwhile (`fluxserve-bench run`, issue 10).
+  merged batch, with a core idle meanwhile (docs/decisions/classify-encoder-inline.md).
 `classifier_onnx` stays deployed on both targets for callers who want the logits.
 """
 

@@ -9,9 +9,10 @@ The version folder holds the pipeline's configs and tokenizers (no weights) and
 `components.json`: the component model versions this version was exported with. Calls pin those
 versions, so a request that started before a hot swap finishes on the weights it started with.
 
-A LoRA swap loads a new version of this model, so it imports numpy and the contract only (6
-instances with torch + diffusers took ~8 s each to start): the tokenizers, the seeded noise and
-the schedule come from the `flux_prepare` model over BLS, which a LoRA swap leaves loaded.
+A LoRA swap loads a new version of this model, so it imports numpy and the contract only (with torch
+and diffusers each instance was slow to start: docs/decisions/numpy-only-generate.md): the tokenizers,
+the seeded noise and the schedule come from the `flux_prepare` model over BLS, which a LoRA swap
+leaves loaded.
 """
 
 from __future__ import annotations

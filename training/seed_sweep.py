@@ -1,11 +1,11 @@
 """Train recipe variants under several seeds, and compare them by the spread, not one split.
 
 The seed draws the stratified split as well as the initialization and batch order, so one seed's
-test figure is one draw of 170 messages: on this data the served recipe scored 95.3% to 98.8%
-across seeds 0-4 (95.3% to 97.6% without the train-only messages). A recipe change is judged here by every seed's validation, test and held-out
-figures side by side. Each run trains into a scratch folder (only its metrics are kept: a model is
-90 MB), from the settings `ClassifierTrainSettings` reads (FLUXSERVE_CLASSIFIER_*) with one
-setting varied.
+test figure is one draw of 170 messages: on this data the served recipe's test accuracy spreads over
+several points across seeds 0-4 (docs/benchmarks.md, "Classifier quality"). A recipe change is
+judged here by every seed's validation, test and held-out figures side by side. Each run trains into
+a scratch folder (only its metrics are kept: a model is 90 MB), from the settings
+`ClassifierTrainSettings` reads (FLUXSERVE_CLASSIFIER_*) with one setting varied.
 """
 
 from __future__ import annotations

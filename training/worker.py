@@ -82,9 +82,8 @@ def _wait_alive(proc: subprocess.Popen[bytes], env: Mapping[str, str], timeout_s
 
 def main() -> int:
     # Training shares the cores with Triton when both run on one machine (`make up`). OpenMP's
-    # default busy-wait makes torch's idle worker threads spin and fight the serving processes:
-    # measured with fluxserve-bench swap under /generate load, 0.9 training steps/s with spinning,
-    # 6.0 passive, with the same /generate latency. Set before torch loads (it reads it once).
+    # default busy-wait makes torch's idle worker threads spin and fight the serving processes
+    # (docs/benchmarks.md, "Training job and hot swap"). Set before torch loads (it reads it once).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("onnx_ir", "onnxscript"):  # a line per rewritten node during every ONNX export

@@ -64,8 +64,8 @@ def per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """(quantized, scale, zero point) of a MatMul weight (in, out), one channel per column:
     ORT's per-channel symmetric QInt8 arithmetic (quant_utils.compute_scale_zp and
     quantize_nparray, applied column by column by base_quantizer) in whole-array numpy, the same
-    dtypes at every step. ORT's loop costs ~70 us a column (2.5 s for the small model's LoRA);
-    this is bit for bit the same (tests/unit/test_int8_patch.py checks it against ORT)."""
+    dtypes at every step. ORT's column loop is slow for a LoRA's many columns (docs/benchmarks.md,
+    "Generation"); this is bit for bit the same (tests/unit/test_int8_patch.py checks it against ORT)."""
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
     qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=False, symmetric=True)

@@ -1,12 +1,13 @@
 """fp32 or int8 for the CPU transformer, chosen by measurement on generated images.
 
-The transformer is compute-bound fp32 GEMMs; ONNX Runtime's integer GEMMs (VNNI/AMX on this
-CPU) run them about twice as fast. From the fp32 export (per-tensor weights, weight map) we build
-`int8/`: ORT's MMDiT fusions (`fuse`), then `quantize_dynamic` with QInt8 per-channel weights on
-every MatMul (ORT's quantizer turns the Gemm(transB=1) layers into MatMul on a transposed copy
-`<W>_Transposed` first); activations are quantized per call, so no calibration data is needed. Not measured to help, so not done:
-`quant_pre_process` (the plain quantization is already within the bound below) and the VAE
-decoder (dynamic int8 Conv ran 5.6x slower than fp32 here: ConvInteger has no fast kernel).
+The transformer is compute-bound fp32 GEMMs; ONNX Runtime's integer GEMMs (VNNI/AMX on this CPU) run
+them faster (docs/decisions/int8-flux-transformer.md). From the fp32 export (per-tensor weights,
+weight map) we build `int8/`: ORT's MMDiT fusions (`fuse`), then `quantize_dynamic` with QInt8
+per-channel weights on every MatMul (ORT's quantizer turns the Gemm(transB=1) layers into MatMul on
+a transposed copy `<W>_Transposed` first); activations are quantized per call, so no calibration
+data is needed. Not measured to help, so not done: `quant_pre_process` (the plain quantization is
+already within the bound below) and the VAE decoder (dynamic int8 Conv ran slower than fp32:
+ConvInteger has no fast kernel).
 
 Auto serves int8 only when it is faster and its images stay close to fp32's: a few seeded
 prompts run through the whole loop (FluxLoop; PyTorch CLIP/T5/VAE, the ONNX transformer in each
@@ -49,8 +50,8 @@ ONNX_FILE = "model.onnx"
 INT8_RECIPE = "mmdit-fusions+quantize_dynamic-qint8-per-channel-matmul/2"
 """In the transformer's provenance: a change of how int8 is built rebuilds the export."""
 PER_CHANNEL = True
-"""One scale per output column. Measured on the small model (4 seeded 256x256 images, 4 steps):
-per-channel 0.20 mean abs pixel difference, PSNR 55.1 dB, 307 ms/image; per-tensor 0.21, 55.0 dB, 324 ms."""
+"""One scale per output column: a little closer to fp32 and a little faster than one per tensor on
+the small model (docs/benchmarks.md, "Generation")."""
 QUANT_OPS = ("MatMul",)
 """The LoRA-targeted (and compute-heavy) layers; Gather/Conv/... stay fp32."""
 QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
@@ -145,8 +146,8 @@ def quantize_model(model: onnx.ModelProto, out_path: Path) -> None:
 def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's MMDiT fusions (RMSNorm -> SimplifiedLayerNormalization, tanh GELU ->
     FastGelu, LayerNormalization); they leave every MatMul/Gemm and its weight as they are, so
-    the weight map and the per-tensor requantization still hold. Measured on the small model,
-    batch 4, 2 threads: int8 step 40 -> 31 ms per image (fp32 67 vs 76-112 ms unfused)."""
+    the weight map and the per-tensor requantization still hold. They make a step faster in both
+    precisions (docs/benchmarks.md, "Generation")."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     try:
