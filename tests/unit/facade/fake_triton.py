@@ -98,6 +98,10 @@ class FakeTriton(TritonPort):
         if gate is not None:
             gate.set()
 
+    def entered(self, kind: str) -> int:
+        """Calls of `kind` that have arrived so far (held or answered)."""
+        return self._entered[kind]
+
     async def wait_entered(self, kind: str, count: int, timeout_s: float = 10.0) -> None:
         """Until `count` calls of `kind` have arrived (held or answered)."""
         async with asyncio.timeout(timeout_s), self._arrivals:

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.settings import ApiSettings
 from api.state import AppState
+from api.triton_port import TritonFactory
 from tests.unit.facade.fake_triton import FakeTriton, fake_factory
 
 KEY = "test-" + secrets.token_urlsafe(24)
@@ -63,10 +64,14 @@ def facade_settings(**changes: Any) -> ApiSettings:
 
 
 @asynccontextmanager
-async def running_facade(fake: FakeTriton | None = None, **settings_changes: Any) -> AsyncIterator[Facade]:
-    """A facade whose Triton is `fake`, lifespan started, with a keyed and an anonymous client."""
+async def running_facade(
+    fake: FakeTriton | None = None, triton: TritonFactory | None = None, **settings_changes: Any
+) -> AsyncIterator[Facade]:
+    """A facade whose Triton is `fake`, lifespan started, with a keyed and an anonymous client.
+    `triton` replaces the fake's factory (the real AsyncTritonClient, say, at a port where nothing
+    listens); `fake` is then only the harness's record."""
     fake = fake if fake is not None else FakeTriton()
-    app = create_app(facade_settings(**settings_changes), triton=fake_factory(fake))
+    app = create_app(facade_settings(**settings_changes), triton=triton or fake_factory(fake))
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
