@@ -1,7 +1,7 @@
 """`fluxserve-bench gpu`: the gpu-torch path measured by one command; `--dry-run` runs it on CPU.
 
 On a machine with a CUDA GPU, a Python with CUDA torch, this project's packages and the pytriton
-wheel (README "The GPU path"), in this order, each phase logged with its duration:
+wheel (docs/operations.md, "The GPU check"), in this order, each phase logged with its duration:
 
 1. build: a FLUX.1-dev-sized random-init checkpoint and a rank-16 LoRA (export/flux/full_size.py;
    the weights are made on the GPU at load, never written);
@@ -196,7 +196,7 @@ def check_environment(s: GpuBenchSettings) -> None:
 
     missing = [m for m in ("pytriton", "diffusers", "transformers", "tritonclient") if not importlib.util.find_spec(m)]
     if missing:
-        raise RuntimeError(f"missing packages: {missing} (README: The GPU path)")
+        raise RuntimeError(f"missing packages: {missing} (docs/operations.md: The GPU check)")
     if not s.dry_run:
         import torch
 
@@ -557,7 +557,7 @@ def write_results(run: Run, out: Path, slug: str) -> dict[str, Path]:
     paths = {"json": out / f"gpu-{slug}.json", "markdown": out / f"gpu-{slug}.md"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
     paths["markdown"].write_text(render_markdown(result))
-    if not s.dry_run:  # the README's section shows the latest GPU run (`fluxserve-bench readme`)
+    if not s.dry_run:  # docs/benchmarks.md shows the latest GPU run (`fluxserve-bench docs`)
         (out / "gpu.md").write_text(paths["markdown"].read_text())
     return paths
 

@@ -76,7 +76,7 @@ def export_classifier_onnx(model_dir: Path, out_path: Path, opset: int = 17) -> 
     recognises that graph's attention and embedding subgraphs and fuses them (Attention,
     EmbedLayerNormalization; int8 then quantizes attention as QAttention). The dynamo export, with
     eager or SDPA attention alike, leaves attention as ~20 loose ops per layer that no fusion
-    matches; measured on the served int8 graph at 32 texts per batch, 2 threads: 926 vs 1064 texts/s.
+    matches, and the served graph runs slower for it (docs/decisions/classify-layout-and-fusion.md).
     """
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
