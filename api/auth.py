@@ -20,7 +20,7 @@ from api.state import app_state
 
 log = logging.getLogger(__name__)
 
-_bearer = HTTPBearer(auto_error=False, description="the operator key (see README: Operator key)")
+_bearer = HTTPBearer(auto_error=False, description="the operator key (see docs/operations.md: Operator key)")
 
 
 def unauthorized(message: str = "a valid operator key is required: Authorization: Bearer <key>") -> HTTPException:

@@ -228,7 +228,7 @@ def goodput(s: GoodputSettings | None = None) -> dict[str, Any]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """The README's goodput table: one row per endpoint and connection count."""
+    """docs/benchmarks.md's goodput table: one row per endpoint and connection count."""
     lines = [
         f"Closed loop, immediate retries, Retry-After ignored; the facade: {result['facade']}; "
         f"{result['settings']['duration_s']:g} s per point (`fluxserve-bench goodput`).",

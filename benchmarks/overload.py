@@ -260,7 +260,7 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """The README's overload table."""
+    """docs/benchmarks.md's overload table."""
     lines = [
         "| endpoint | load | offered req/s | served | rejected (503) | failed | served p50 / p99 ms | p99 vs lone | "
         "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned | load generator late p99 ms |",

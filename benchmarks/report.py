@@ -1,4 +1,4 @@
-"""The result of a run as JSON, the ratios that make it readable, and the README table.
+"""The result of a run as JSON, the ratios that make it readable, and the docs/benchmarks.md table.
 
 Every served figure is divided by the baseline's figure for the same model and the same load
 (closed loop at the same concurrency, or open loop at the same rate) from the same run; classify
@@ -300,7 +300,7 @@ def _background_note(result: Result) -> list[str]:
 
 
 def render_markdown(result: Result) -> str:
-    """The README section for a run: load tables, Triton's split, the in-process limit, targets met."""
+    """The docs/benchmarks.md section for a run: load tables, Triton's split, the in-process limit, targets met."""
     env = result.get("environment", {})
     settings = result.get("settings", {})
     v = env.get("versions", {})

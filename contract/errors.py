@@ -87,4 +87,4 @@ class ApiError(FluxServeError):
 
 
 class AuthenticationError(ApiError):
-    """401: the operator key is missing or wrong (see README: Operator key)."""
+    """401: the operator key is missing or wrong (see docs/operations.md: Operator key)."""

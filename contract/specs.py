@@ -1,7 +1,7 @@
 """The public contract of fluxserve: model names, tensor names, dtypes, labels and limits.
 
 This module is the one source of truth for these facts. Triton configs (export/), the facade's
-validation (api/), the Python client, the benchmarks and the README tables are all derived from
+validation (api/), the Python client, the benchmarks and the docs' tables are all derived from
 it, so a change here changes every door at once.
 """
 

@@ -34,7 +34,7 @@ def announce_operator_key(settings: ApiSettings) -> None:
         return
     created = ensure_key_file(settings.key_file)
     log.info(
-        "operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; README: Operator key)",
+        "operator key for /train %s %s (send it as 'Authorization: Bearer <key>'; docs/operations.md: Operator key)",
         "created in" if created else "in",
         settings.key_file,
     )

@@ -1,4 +1,4 @@
-"""The overload benchmark's markdown table (what the README gets)."""
+"""The overload benchmark's markdown table (what docs/benchmarks.md gets)."""
 
 from __future__ import annotations
 
