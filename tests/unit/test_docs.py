@@ -1,5 +1,5 @@
 """The documentation's shape (issue 25): a README that is a front door, pages in docs/ whose links
-resolve, every setting and make target documented, and no measured figures in code comments or
+resolve and whose named files exist, every setting and make target documented, and no measured figures in code comments or
 docstrings (a comment says why; the numbers live in docs/benchmarks.md and docs/decisions/)."""
 
 from __future__ import annotations
@@ -90,12 +90,31 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, broken
 
 
+FILE_SPAN = re.compile(r"`([\w.-]+(?:/[\w.-]+)+\.(?:py|yaml|json|sh|md|png))(?::[\w.]+)?`")
+"""A repository file named in a code span (`api/admission.py`, `common/paths.py:written_as_new_file`)."""
+
+
+def named_files(text: str) -> list[str]:
+    return FILE_SPAN.findall(FENCE.sub("", text))
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_files_the_docs_name_exist(page: Path) -> None:
+    """Code moves (export/ -> publish/...): a page that still names the old place fails here."""
+    missing = [name for name in named_files(page.read_text()) if not (PROJECT_ROOT / name).exists()]
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
+
+
 def test_the_link_check_can_fail(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text("# Title\n[ok](#title) [gone](missing.md) [bad](#nope) `[code](x.md)`\n")
     assert list(relative_links(page)) == ["#title", "missing.md", "#nope"]
     assert anchors(page) == {"title"}
     assert anchor("`FLUXSERVE_TORCH_`: the `gpu-torch` target") == "fluxserve_torch_-the-gpu-torch-target"
+    assert named_files("`export/hot_swap.py` and `common/paths.py:written_as_new_file`, not `x.py`") == [
+        "export/hot_swap.py",
+        "common/paths.py",
+    ]
 
 
 def comments_and_docstrings(source: str) -> Iterator[tuple[int, str]]:
