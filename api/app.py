@@ -30,7 +30,8 @@ from api.triton_port import TritonFactory
 from client.control_key import control_key
 from client.triton_client import AsyncTritonClient
 from common.secret_strength import SecretConfigError
-from training.jobs import JobSettings, job_store, make_huey
+from training.jobs import JobSettings, make_huey
+from training.stores import job_store
 from training.tasks import register_tasks
 
 log = logging.getLogger(__name__)

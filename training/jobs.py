@@ -2,7 +2,7 @@
 
 * Records (status, progress, result, errors, worker heartbeats) live behind one `JobStore`
   interface: SQLite (`<jobs_dir>/jobs.sqlite`, the embedded default) or Redis when
-  FLUXSERVE_JOBS_REDIS_URL is set (training.redis_jobs), so workers on several machines share
+  FLUXSERVE_JOBS_REDIS_URL is set (training.redis_jobs; training.stores picks one), so workers on several machines share
   only Redis and the model repository.
 * The queue is huey: `SqliteHuey` by default (embedded, no server), `RedisHuey` when
   FLUXSERVE_JOBS_REDIS_URL is set; Redis messages are signed (FLUXSERVE_JOBS_QUEUE_SECRET).
@@ -487,14 +487,6 @@ def make_huey(settings: JobSettings) -> Huey:
         return RedisHuey("fluxserve-training", url=settings.redis_url, serializer=serializer)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
     return SqliteHuey("fluxserve-training", filename=str(settings.jobs_dir / "queue.sqlite"))
-
-
-def job_store(settings: JobSettings) -> JobStore:
-    if settings.redis_url:
-        from training.redis_jobs import RedisJobStore
-
-        return RedisJobStore(settings)
-    return SqliteJobStore(settings)
 
 
 def job_dir(settings: JobSettings, job_id: str) -> Path:

@@ -7,7 +7,7 @@ Keys (prefix `fluxserve:jobs:`):
     unfinished      set: ids in new/queued/running (what the reaper scans)
     worker:<id>     heartbeat, with a TTL of worker_timeout_s: liveness is judged by Redis's clock,
                     so workers' clocks need not agree
-    publish-lock    the cross-machine publish lock (publish.publish_lock.redis_publish_lock)
+    publish-lock    the cross-machine publish lock (publish.publish_lock.redis_lock)
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ from typing import Any
 
 from huey.api import Huey
 
-from training.jobs import JobSettings, JobStore, job_dir, job_store
+from training.jobs import JobSettings, JobStore, job_dir
 from training.liveness import Heartbeat
+from training.stores import job_store
 
 log = logging.getLogger(__name__)
 

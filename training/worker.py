@@ -18,8 +18,9 @@ from pathlib import Path
 from client.control_key import control_key
 from common.paths import PROJECT_ROOT
 from common.secret_strength import SecretConfigError
-from training.jobs import JobSettings, job_store, make_huey
+from training.jobs import JobSettings, make_huey
 from training.liveness import Heartbeat
+from training.stores import job_store
 from training.tasks import register_tasks
 
 log = logging.getLogger("fluxserve.worker")

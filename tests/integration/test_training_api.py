@@ -499,9 +499,10 @@ def test_failed_publish_keeps_the_previous_version_serving(stack: Stack, tmp_pat
     from contract.specs import FLUX_COMPONENTS
     from publish.model_control import ready_versions
     from publish.repository import versions
-    from training.jobs import JobSettings, job_dir, job_store
+    from training.jobs import JobSettings, job_dir
     from training.lora_dataset import save_prepared, validate_and_extract
     from training.lora_settings import LoraTrainSettings
+    from training.stores import job_store
     from training.tasks import run_job
 
     real_publish = flux_publish.publish_flux
