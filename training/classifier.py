@@ -15,8 +15,9 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from training.classifier_data import (
     training_splits,
 )
 from training.classifier_params import BatchSize, Epochs, LearningRate, Seed
-from training.metrics import fit_temperature, flagging, score, softmax, uncertainty_threshold
+from training.metrics import Flagging, fit_temperature, flagging, score, softmax, uncertainty_threshold
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,55 @@ def train_classifier(
     log.info("split sizes: train=%d validation=%d test=%d", len(splits.train), len(splits.validation), len(splits.test))
     model, tokenizer = load_base(settings.base_model, settings.pooling)
     normalize = normalizer(settings.text_normalization)
+    started = time.monotonic()
+    best_epoch = _fit(model, tokenizer, splits, settings, normalize, on_progress, should_stop)
+    evaluation = _evaluate_and_calibrate(model, tokenizer, splits, settings, normalize)
+    _save(model, tokenizer, splits, settings, evaluation)
+    metrics = {
+        "base_model": settings.base_model,
+        "data_sha256": data_sha256,
+        "settings": settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"}),
+        "best_epoch": best_epoch,
+        "sizes": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+            "held_out": evaluation.held_out,
+        },
+        "validation": evaluation.validation,
+        "test": evaluation.test,
+        "temperature": evaluation.temperature,
+        "threshold": evaluation.threshold.as_dict(),
+        "calibrated": evaluation.calibrated,
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+    out = settings.output_dir
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    test, flags = evaluation.test, evaluation.calibrated["test"]["flagging"]
+    log.info(
+        "test accuracy=%.4f f1(image_request)=%.4f; T=%.2f threshold=%.3f flags %.0f%% of test errors, %.1f%% of correct; saved to %s",
+        test["accuracy"],
+        test["f1_image_request"],
+        evaluation.temperature,
+        evaluation.threshold.threshold,
+        100 * flags["errors_flagged"],
+        100 * flags["correct_flagged"],
+        out,
+    )
+    return metrics
+
+
+def _fit(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: Splits,
+    settings: ClassifierTrainSettings,
+    normalize: Callable[[str], str] | None,
+    on_progress: Callable[[dict], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> int:
+    """`settings.epochs` epochs of AdamW with linear warm-up and decay; the model ends with the
+    weights of the epoch best on validation accuracy, whose number is returned."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(splits.train) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -230,14 +280,52 @@ def train_classifier(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert best_state is not None
     model.load_state_dict(best_state)
+    return best_epoch
 
+
+@dataclass(frozen=True)
+class _Evaluation:
+    validation: dict
+    test: dict
+    temperature: float
+    threshold: Flagging
+    """The uncertainty threshold chosen on validation, with its flagging there."""
+    calibrated: dict
+    """Per split (validation, test, held_out): accuracy, flagging and errors with calibrated scores."""
+    held_out: int
+
+
+def _evaluate_and_calibrate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: Splits,
+    settings: ClassifierTrainSettings,
+    normalize: Callable[[str], str] | None,
+) -> _Evaluation:
+    """Scores on every split; temperature and uncertainty threshold fitted on validation only, so
+    the test split then measures the calibrated service honestly."""
     val, y_val, z_val = _evaluate(model, tokenizer, splits.validation, settings.max_tokens, normalize)
     test, y_test, z_test = _evaluate(model, tokenizer, splits.test, settings.max_tokens, normalize)
-    # Calibrate on validation only: the test split then measures the calibrated service honestly.
     temperature = fit_temperature(z_val, y_val)
     thr = uncertainty_threshold(y_val, softmax(z_val, temperature))
     held_out = load_held_out(settings.data_dir / HELD_OUT_DIR.name)
     _, y_held, z_held = _evaluate(model, tokenizer, held_out, settings.max_tokens, normalize)
+    calibrated = {
+        "validation": _calibrated_report(splits.validation, y_val, z_val, temperature, thr.threshold),
+        "test": _calibrated_report(splits.test, y_test, z_test, temperature, thr.threshold),
+        "held_out": _calibrated_report(held_out, y_held, z_held, temperature, thr.threshold),
+    }
+    return _Evaluation(val, test, temperature, thr, calibrated, len(held_out))
+
+
+def _save(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: Splits,
+    settings: ClassifierTrainSettings,
+    evaluation: _Evaluation,
+) -> None:
+    """Model and tokenizer (Hugging Face format), the test split, and labels.json."""
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -254,48 +342,13 @@ def train_classifier(
             {
                 "labels": list(LABELS),
                 LABELS_KEY: settings.text_normalization,
-                "temperature": temperature,
-                "recommended_threshold": thr.threshold,
-                "threshold_validation": thr.as_dict(),
+                "temperature": evaluation.temperature,
+                "recommended_threshold": evaluation.threshold.threshold,
+                "threshold_validation": evaluation.threshold.as_dict(),
             },
             indent=2,
         )
     )
-    metrics = {
-        "base_model": settings.base_model,
-        "data_sha256": data_sha256,
-        "settings": settings.model_dump(mode="json", exclude={"output_dir", "data_dir", "threads"}),
-        "best_epoch": best_epoch,
-        "sizes": {
-            "train": len(splits.train),
-            "validation": len(splits.validation),
-            "test": len(splits.test),
-            "held_out": len(held_out),
-        },
-        "validation": val,
-        "test": test,
-        "temperature": temperature,
-        "threshold": thr.as_dict(),
-        "calibrated": {
-            "validation": _calibrated_report(splits.validation, y_val, z_val, temperature, thr.threshold),
-            "test": _calibrated_report(splits.test, y_test, z_test, temperature, thr.threshold),
-            "held_out": _calibrated_report(held_out, y_held, z_held, temperature, thr.threshold),
-        },
-        "train_seconds": round(time.monotonic() - started, 1),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    flags = metrics["calibrated"]["test"]["flagging"]
-    log.info(
-        "test accuracy=%.4f f1(image_request)=%.4f; T=%.2f threshold=%.3f flags %.0f%% of test errors, %.1f%% of correct; saved to %s",
-        test["accuracy"],
-        test["f1_image_request"],
-        temperature,
-        thr.threshold,
-        100 * flags["errors_flagged"],
-        100 * flags["correct_flagged"],
-        out,
-    )
-    return metrics
 
 
 def is_up_to_date(settings: ClassifierTrainSettings) -> bool:

@@ -183,11 +183,6 @@ def train_lora(
     raised and nothing is written. Deterministic for `settings.seed` (CPU, fp32); the global torch
     RNG is left untouched. Returns the manifest dict.
     """
-    from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     if dataset.count < 1 or len(dataset.captions) != dataset.count:
         raise ValueError("the dataset has no images or its captions do not match its images")
     out_dir = Path(out_dir)
@@ -198,26 +193,96 @@ def train_lora(
     logger.info(
         "loading FLUX from %s for LoRA training (%d images, %d steps)", checkpoint, dataset.count, settings.steps
     )
+    pipe = _load_frozen(checkpoint, options)
+    fixed = _encode_once(pipe, dataset, settings, msl)
+    transformer = pipe.transformer
+    params, optimizer = _add_lora(transformer, settings, options)
+    order = _batch_order(dataset.count, settings.steps, settings.batch_size, generator)
+    losses, steps_per_s = _train_loop(
+        transformer, fixed, order, params, optimizer, settings, options, generator, on_progress, should_stop
+    )
+    tensors = _save_lora(transformer, out_dir, settings)
+
+    manifest = _manifest(
+        checkpoint, dataset, settings, options, losses, steps_per_s, time.monotonic() - started, tensors, msl
+    )
+    write_lora_manifest(out_dir, manifest)
+    logger.info(
+        "LoRA saved to %s: loss %.4f -> %.4f, %.2f steps/s",
+        out_dir,
+        manifest["loss_history"]["mean_first_5"],
+        manifest["loss_history"]["mean_last_5"],
+        steps_per_s,
+    )
+    return manifest
+
+
+@dataclass
+class _Fixed:
+    """What stays the same across steps: the frozen models' outputs, computed once, and the
+    checkpoint's noise schedule."""
+
+    cond: _Conditioning
+    caption_row: list[int]
+    """Per image, its caption's row in `cond`."""
+    latent_mean: torch.Tensor  # (N, C, h, w)
+    latent_std: torch.Tensor
+    shift: float
+    scale: float
+    schedule_timesteps: torch.Tensor
+    schedule_sigmas: torch.Tensor
+    num_train_timesteps: int
+    img_ids: torch.Tensor
+    guidance: float | None
+    """What the guidance embedding is fed; None when the transformer has none."""
+
+
+def _load_frozen(checkpoint: Path | str, options: LoraTrainOptions) -> Any:
+    """The FluxPipeline with every module frozen and in eval mode (LoRA adapters come later)."""
+    from diffusers import FluxPipeline
+
     pipe = FluxPipeline.from_pretrained(str(checkpoint), dtype=torch.float32, local_files_only=options.local_files_only)
-    transformer, vae = pipe.transformer, pipe.vae
-    for module in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2):
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
         module.eval()
+    return pipe
+
+
+def _encode_once(pipe: Any, dataset: PreparedDataset, settings: LoraTrainSettings, msl: int) -> _Fixed:
+    """Captions and image latent distributions through the frozen encoders, once; then the text
+    encoders are dropped, which frees most of a real model's memory."""
+    from diffusers import FluxPipeline
 
     cond, caption_row = _encode_captions(pipe, dataset.captions, msl)
-    latent_mean, latent_std = _encode_images(vae, dataset.images, settings.resolution)
-    shift = vae.config.shift_factor or 0.0
-    scale = vae.config.scaling_factor
-    # The text encoders are no longer needed; dropping them frees most of a real model's memory.
+    latent_mean, latent_std = _encode_images(pipe.vae, dataset.images, settings.resolution)
     pipe.text_encoder = pipe.text_encoder_2 = None
-
     # Timesteps/sigmas come from the checkpoint's own scheduler table (as in the script), so a
     # checkpoint with a different schedule config trains on its own noise levels. The table is
     # only read, never stepped, so the pipeline's instance can be used as is.
     scheduler = pipe.scheduler
-    schedule_timesteps = scheduler.timesteps.clone().float()
-    schedule_sigmas = scheduler.sigmas.clone().float()
-    num_train_timesteps = scheduler.config.num_train_timesteps
+    _, _, lat_h, lat_w = latent_mean.shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(settings.batch_size, lat_h // 2, lat_w // 2, "cpu", torch.float32)
+    use_guidance = bool(pipe.transformer.config.guidance_embeds)
+    return _Fixed(
+        cond=cond,
+        caption_row=caption_row,
+        latent_mean=latent_mean,
+        latent_std=latent_std,
+        shift=pipe.vae.config.shift_factor or 0.0,
+        scale=pipe.vae.config.scaling_factor,
+        schedule_timesteps=scheduler.timesteps.clone().float(),
+        schedule_sigmas=scheduler.sigmas.clone().float(),
+        num_train_timesteps=scheduler.config.num_train_timesteps,
+        img_ids=img_ids,
+        guidance=settings.guidance if use_guidance else None,
+    )
+
+
+def _add_lora(
+    transformer: Any, settings: LoraTrainSettings, options: LoraTrainOptions
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """PEFT LoRA adapters on the target modules, the only trainable parameters, and their AdamW."""
+    from peft import LoraConfig
 
     lora_config = LoraConfig(
         r=settings.rank,
@@ -240,13 +305,23 @@ def train_lora(
         weight_decay=options.adam_weight_decay,
         eps=options.adam_eps,
     )
+    return params, optimizer
+
+
+def _train_loop(
+    transformer: Any,
+    fixed: _Fixed,
+    order: list[list[int]],
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    settings: LoraTrainSettings,
+    options: LoraTrainOptions,
+    generator: torch.Generator,
+    on_progress: ProgressCallback | None,
+    should_stop: StopCallback | None,
+) -> tuple[list[float], float]:
+    """One optimizer step per batch of `order`; returns the losses and the final steps/s."""
     transformer.train()
-
-    _, channels, lat_h, lat_w = latent_mean.shape
-    img_ids = FluxPipeline._prepare_latent_image_ids(settings.batch_size, lat_h // 2, lat_w // 2, "cpu", torch.float32)
-    use_guidance = bool(transformer.config.guidance_embeds)
-    order = _batch_order(dataset.count, settings.steps, settings.batch_size, generator)
-
     losses: list[float] = []
     loop_started = time.monotonic()
     steps_per_s = 0.0
@@ -254,44 +329,7 @@ def train_lora(
         if should_stop is not None and should_stop():
             logger.info("LoRA training stopped before step %d of %d", step, settings.steps)
             raise InterruptedError(f"training stopped at step {step - 1} of {settings.steps}")
-        index = torch.tensor(idx)
-        bsz = len(idx)
-        latents = latent_mean[index]
-        if options.latent_sampling == "sample":
-            latents = latents + latent_std[index] * torch.randn(latents.shape, generator=generator)
-        x0 = (latents - shift) * scale
-        noise = torch.randn(x0.shape, generator=generator)
-
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=options.weighting_scheme,
-            batch_size=bsz,
-            logit_mean=options.logit_mean,
-            logit_std=options.logit_std,
-            mode_scale=options.mode_scale,
-            generator=generator,
-        )
-        t_index = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-        timesteps = schedule_timesteps[t_index]
-        sigmas = schedule_sigmas[t_index].view(bsz, 1, 1, 1)
-        noisy = (1.0 - sigmas) * x0 + sigmas * noise
-
-        rows = torch.tensor([caption_row[i] for i in idx])
-        pred = transformer(
-            hidden_states=FluxPipeline._pack_latents(noisy, bsz, channels, lat_h, lat_w),
-            timestep=timesteps / 1000,
-            guidance=torch.full((bsz,), settings.guidance) if use_guidance else None,
-            pooled_projections=cond.pooled[rows],
-            encoder_hidden_states=cond.prompt_embeds[rows],
-            txt_ids=cond.text_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        # Compared in packed space: packing is a permutation, so the mean squared error is the
-        # same as after unpacking, and one reshape is saved per step.
-        target = FluxPipeline._pack_latents(noise - x0, bsz, channels, lat_h, lat_w)
-        weighting = compute_loss_weighting_for_sd3(options.weighting_scheme, sigmas=sigmas).view(bsz, 1, 1)
-        loss = (weighting * (pred.float() - target) ** 2).reshape(bsz, -1).mean(dim=1).mean()
-
+        loss = _flow_matching_loss(transformer, fixed, idx, options, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
         optimizer.step()
@@ -316,26 +354,69 @@ def train_lora(
             )
         if step == 1 or step % max(1, settings.steps // 10) == 0:
             logger.info("LoRA step %d/%d loss %.4f (%.2f steps/s)", step, settings.steps, value, steps_per_s)
-
     transformer.eval()
+    return losses, steps_per_s
+
+
+def _flow_matching_loss(
+    transformer: Any, fixed: _Fixed, idx: list[int], options: LoraTrainOptions, generator: torch.Generator
+) -> torch.Tensor:
+    """The weighted velocity loss on the images `idx`: a fresh latent and noise level per image."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    index = torch.tensor(idx)
+    bsz = len(idx)
+    _, channels, lat_h, lat_w = fixed.latent_mean.shape
+    latents = fixed.latent_mean[index]
+    if options.latent_sampling == "sample":
+        latents = latents + fixed.latent_std[index] * torch.randn(latents.shape, generator=generator)
+    x0 = (latents - fixed.shift) * fixed.scale
+    noise = torch.randn(x0.shape, generator=generator)
+
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=options.weighting_scheme,
+        batch_size=bsz,
+        logit_mean=options.logit_mean,
+        logit_std=options.logit_std,
+        mode_scale=options.mode_scale,
+        generator=generator,
+    )
+    t_index = (u * fixed.num_train_timesteps).long().clamp(0, fixed.num_train_timesteps - 1)
+    timesteps = fixed.schedule_timesteps[t_index]
+    sigmas = fixed.schedule_sigmas[t_index].view(bsz, 1, 1, 1)
+    noisy = (1.0 - sigmas) * x0 + sigmas * noise
+
+    rows = torch.tensor([fixed.caption_row[i] for i in idx])
+    pred = transformer(
+        hidden_states=FluxPipeline._pack_latents(noisy, bsz, channels, lat_h, lat_w),
+        timestep=timesteps / 1000,
+        guidance=torch.full((bsz,), fixed.guidance) if fixed.guidance is not None else None,
+        pooled_projections=fixed.cond.pooled[rows],
+        encoder_hidden_states=fixed.cond.prompt_embeds[rows],
+        txt_ids=fixed.cond.text_ids,
+        img_ids=fixed.img_ids,
+        return_dict=False,
+    )[0]
+    # Compared in packed space: packing is a permutation, so the mean squared error is the
+    # same as after unpacking, and one reshape is saved per step.
+    target = FluxPipeline._pack_latents(noise - x0, bsz, channels, lat_h, lat_w)
+    weighting = compute_loss_weighting_for_sd3(options.weighting_scheme, sigmas=sigmas).view(bsz, 1, 1)
+    return (weighting * (pred.float() - target) ** 2).reshape(bsz, -1).mean(dim=1).mean()
+
+
+def _save_lora(transformer: Any, out_dir: Path, settings: LoraTrainSettings) -> int:
+    """The adapters' weights, alpha/rank baked in, as FluxPipeline.save_lora_weights writes them;
+    returns the number of tensors."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
     state = _bake_alpha(get_peft_model_state_dict(transformer), settings.effective_alpha / settings.rank)
     out_dir.mkdir(parents=True, exist_ok=True)
     FluxPipeline.save_lora_weights(
         out_dir, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
     )
-
-    manifest = _manifest(
-        checkpoint, dataset, settings, options, losses, steps_per_s, time.monotonic() - started, len(state), msl
-    )
-    write_lora_manifest(out_dir, manifest)
-    logger.info(
-        "LoRA saved to %s: loss %.4f -> %.4f, %.2f steps/s",
-        out_dir,
-        manifest["loss_history"]["mean_first_5"],
-        manifest["loss_history"]["mean_last_5"],
-        steps_per_s,
-    )
-    return manifest
+    return len(state)
 
 
 def _manifest(
