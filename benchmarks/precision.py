@@ -23,6 +23,7 @@ from benchmarks.report import write_json
 from benchmarks.runner import RESULTS_DIR, RunSettings, run
 from benchmarks.servers import MODEL_REPOSITORY
 from benchmarks.targets import BASELINE, FACADE, ORT_INPROCESS, TRITON
+from common.paths import BUILD_DIR
 from contract.specs import (
     CLASSIFIER_ONNX,
     CLASSIFY,
@@ -35,9 +36,8 @@ from publish.repository import versions
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ONNX_WORK_DIR = PROJECT_ROOT / "build" / "classifier" / "onnx"
-SCRATCH = PROJECT_ROOT / "build" / "bench-precision"
+ONNX_WORK_DIR = BUILD_DIR / "classifier" / "onnx"
+SCRATCH = BUILD_DIR / "bench-precision"
 
 
 @dataclass(frozen=True)

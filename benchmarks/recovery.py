@@ -27,7 +27,7 @@ import httpx
 import psutil
 
 from benchmarks.servers import LOG_DIR
-from common.paths import PROJECT_ROOT
+from common.paths import BUILD_DIR, PROJECT_ROOT
 from contract.specs import FLUX_TRANSFORMER
 from runtime.processes import free_port
 
@@ -72,7 +72,7 @@ def _stack(s: RecoverySettings) -> Iterator[tuple[psutil.Process, str, float]]:
         **{f"FLUXSERVE_TRITON_{k}_PORT": str(v) for k, v in ports.items()},
         "FLUXSERVE_API_PORT": str(api_port),
         "FLUXSERVE_TRITON_LOG_FILE": str(s.log_dir / "recovery-triton.log"),
-        "FLUXSERVE_JOBS_JOBS_DIR": str(PROJECT_ROOT / "build" / "bench-recovery-jobs"),
+        "FLUXSERVE_JOBS_JOBS_DIR": str(BUILD_DIR / "bench-recovery-jobs"),
     }
     url = f"http://127.0.0.1:{api_port}"
     started = time.monotonic()

@@ -27,7 +27,7 @@ from client.facade_client import API_KEY_ENV, DEFAULT_API_URL, KEY_FILE, FacadeC
 from client.triton_client import DEFAULT_URL, TritonClient
 from contract.codec import GenerateResult
 from contract.errors import FluxServeError
-from contract.specs import GENERATE_DEFAULTS, GenerateParams
+from contract.specs import DEFAULT_JOB_KIND, GENERATE_DEFAULTS, JOB_KINDS, GenerateParams
 
 log = logging.getLogger("fluxserve.client")
 
@@ -98,7 +98,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     actions = t.add_subparsers(dest="action", required=True)
     s = actions.add_parser("submit", help="start a job: a LoRA from a zip of images, or --kind classifier")
     s.add_argument("dataset", nargs="?", type=Path, help="zip of images (+ same-name .txt captions)")
-    s.add_argument("--kind", choices=["flux_lora", "classifier"], default="flux_lora")
+    s.add_argument("--kind", choices=JOB_KINDS, default=DEFAULT_JOB_KIND)
     s.add_argument("--trigger-word")
     for name, kind in (
         ("steps", int),

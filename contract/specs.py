@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -302,6 +302,11 @@ class TrainLimits:
 
 
 TRAIN_LIMITS = TrainLimits()
+
+JobKind = Literal["flux_lora", "classifier"]
+"""What POST /train trains: a FLUX LoRA from a zip of images, or the prompt classifier."""
+JOB_KINDS: tuple[JobKind, ...] = get_args(JobKind)
+DEFAULT_JOB_KIND: JobKind = "flux_lora"
 
 
 @dataclass(frozen=True)

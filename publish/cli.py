@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.paths import CLASSIFIER_MODEL_DIR
+from contract.specs import ENDPOINTS
 from export.triton_config import TORCH_TARGET
 from publish.publish_lock import repository_lock
 from publish.repository import SOURCE_REPOSITORY
@@ -116,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--triton-url",
         metavar="HOST:PORT",
-        help="also load the new versions into this running Triton (its HTTP port, e.g. 127.0.0.1:8000)",
+        help="also load the new versions into this running Triton (its HTTP port, "
+        f"e.g. {ENDPOINTS.host}:{ENDPOINTS.triton_http_port})",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classifier")

@@ -8,9 +8,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.paths import PROJECT_ROOT
 from contract.specs import LABELS
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "classifier"
+DATA_DIR = PROJECT_ROOT / "data" / "classifier"
 HELD_OUT_DIR = DATA_DIR / "held_out"
 """Hand-written hard cases kept out of training, validation and test alike: `load_examples` reads
 only the top-level files, so these judge the finished model on messages no split has seen."""

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.paths import BUILD_DIR
 from publish.repository import SOURCE_REPOSITORY
 from training.classifier import ClassifierTrainSettings, is_up_to_date, train_classifier
 
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SETTING=V1,V2,... (a FLUXSERVE_CLASSIFIER_ setting, lower case); the rest from the environment",
     )
     sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    sw.add_argument("--out", type=Path, default=Path("build/classifier-seeds"))
+    sw.add_argument("--out", type=Path, default=BUILD_DIR / "classifier-seeds")
     dflt = sub.add_parser("defaults", help="train the classifier if needed, then export everything `make up` serves")
     dflt.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
     dflt.add_argument("--target", choices=("cpu", "gpu"), default="cpu")

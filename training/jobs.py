@@ -51,7 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.paths import BUILD_DIR, MODEL_REPOSITORY
 from common.secret_strength import SecretConfigError, require_strong_secret
-from contract.specs import TRAIN_LIMITS
+from contract.specs import ENDPOINTS, TRAIN_LIMITS, JobKind
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ NEXT: dict[str, frozenset[str]] = {
     **{status: frozenset() for status in TERMINAL},
 }
 """The statuses each status may change to (a worker may start a `new` job: its message exists)."""
-JobKind = Literal["flux_lora", "classifier"]
 WORKER_LOST = "worker lost: its worker stopped heartbeating while the job was running; resubmit it"
 NEVER_QUEUED = "never queued: the submission was interrupted before the job reached the queue; resubmit it"
 
@@ -81,7 +80,7 @@ class JobSettings(BaseSettings):
     queue_secret: SecretStr | None = None
     """Key that signs the Redis queue's messages (required with redis_url): whoever can write to
     Redis must not be able to make a worker unpickle arbitrary objects."""
-    triton_http_url: str = "127.0.0.1:8000"
+    triton_http_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_http_port}"
     """Triton to load re-exported models into (HTTP model-control API)."""
     model_repository: Path = MODEL_REPOSITORY
     base_checkpoint: str | None = None
@@ -108,7 +107,7 @@ class JobSettings(BaseSettings):
 @dataclass
 class Job:
     id: str
-    kind: str
+    kind: JobKind
     status: str
     created_unix: float
     updated_unix: float
@@ -218,7 +217,7 @@ class JobStore(ABC):
 
         return self._change(job_id, decide)[1]
 
-    def create(self, kind: str, params: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
+    def create(self, kind: JobKind, params: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
         now = time.time()
         job = Job(
             id=job_id or uuid.uuid4().hex,

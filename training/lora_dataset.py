@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from common.trigger_word import with_trigger
 from contract.specs import TRAIN_LIMITS
 
 logger = logging.getLogger(__name__)
@@ -126,16 +127,10 @@ def validate_trigger_word(trigger_word: str) -> str:
     return word
 
 
-def with_trigger(caption: str, trigger_word: str) -> str:
-    """`caption` with the trigger word in front, unless it already contains it (any case)."""
-    caption = " ".join(caption.split())
-    if not caption:
-        return trigger_word
-    # Whole-word match: "zxq" inside "zxqfoo" does not count as the trigger being present.
-    pattern = r"(?<!\w)" + re.escape(trigger_word) + r"(?!\w)"
-    if re.search(pattern, caption, flags=re.IGNORECASE):
-        return caption
-    return f"{trigger_word}, {caption}"
+def caption_text(caption: str, trigger_word: str) -> str:
+    """What an image is trained on: its caption with whitespace runs collapsed, led by the trigger
+    word unless it already has it (common.trigger_word, the rule the facade applies to prompts)."""
+    return with_trigger(" ".join(caption.split()), trigger_word)
 
 
 # ----------------------------------------------------------------------------- zip checks
@@ -447,7 +442,7 @@ def _extract(zip_path: Path, dest: Path, trigger: str, digest: str, limits: Data
                 final = dest / f"{i:04d}_{_safe_stem(e.path)}{_FORMAT_EXT[fmt]}"
                 tmp.rename(final)
                 paths.append(final)
-                texts.append(with_trigger(captions.pop(e.key, ""), trigger))
+                texts.append(caption_text(captions.pop(e.key, ""), trigger))
             for key in captions:
                 logger.info("caption %r has no matching image; ignored", key)
     except (zipfile.BadZipFile, zlib.error, EOFError, struct.error) as e:

@@ -15,6 +15,7 @@ from typing import Any
 
 from huey.api import Huey
 
+from contract.specs import JobKind
 from training.jobs import JobSettings, JobStore, job_dir
 from training.liveness import Heartbeat
 from training.stores import job_store
@@ -169,7 +170,8 @@ class PublishError(RuntimeError):
         self.result = result
 
 
-RUNNERS = {"flux_lora": run_flux_lora, "classifier": run_classifier}
+Runner = Callable[[JobSettings, JobStore, str, dict[str, Any]], dict[str, Any]]
+RUNNERS: dict[JobKind, Runner] = {"flux_lora": run_flux_lora, "classifier": run_classifier}
 
 
 def run_job(settings: JobSettings, job_id: str, worker_id: str | None = None) -> None:

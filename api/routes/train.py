@@ -33,7 +33,7 @@ from api.schemas import ErrorResponse
 from api.state import AppState, get_state
 from api.upload import UploadError, receive_multipart
 from api.upload_gate import refuse_upload, uploads_busy
-from contract.specs import TRAIN_LIMITS
+from contract.specs import DEFAULT_JOB_KIND, JOB_KINDS, TRAIN_LIMITS
 from training.classifier_params import ClassifierJobParams
 from training.jobs import TERMINAL, JobSettings, job_dir
 from training.lora_dataset import DatasetError, DatasetLimits, save_prepared, validate_and_extract
@@ -58,7 +58,7 @@ _FORM_SCHEMA = {
             "format": "binary",
             "description": "zip of png/jpeg/webp images with optional same-name .txt captions (flux_lora)",
         },
-        "kind": {"type": "string", "enum": ["flux_lora", "classifier"], "default": "flux_lora"},
+        "kind": {"type": "string", "enum": list(JOB_KINDS), "default": DEFAULT_JOB_KIND},
         "trigger_word": {"type": "string", "maxLength": 100},
         "steps": {"type": "integer", "description": "LoRA training steps; for kind=classifier: epochs"},
         "rank": {"type": "integer"},
@@ -139,9 +139,9 @@ async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tup
     upload_path = folder / "upload.zip"
     upload = await receive_multipart(request, UPLOAD_FIELD, upload_path, settings.max_upload_bytes, FORM_FIELDS)
     fields = upload.fields
-    kind = fields.get("kind", "flux_lora")
-    if kind not in ("flux_lora", "classifier"):
-        raise UploadError("kind must be 'flux_lora' or 'classifier'")
+    kind = fields.get("kind", DEFAULT_JOB_KIND)
+    if kind not in JOB_KINDS:
+        raise UploadError(f"kind must be one of {', '.join(repr(k) for k in JOB_KINDS)}")
     publish = _publish_flag(fields)
     if kind == "classifier":
         return kind, {"train": _classifier_params(fields), "publish": publish}

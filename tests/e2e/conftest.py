@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from common.paths import BUILD_DIR
 
 CHROMIUM = Path(os.environ.get("FLUXSERVE_E2E_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = [
@@ -31,7 +31,7 @@ HOW_TO_ENABLE = (
     "browser tests need Debian's Chromium at /usr/bin/chromium: run `apt-get update && apt-get install -y "
     "chromium` as root (.ci/run does this), or point FLUXSERVE_E2E_CHROMIUM at a Chromium binary"
 )
-SCREENSHOTS = PROJECT_ROOT / "build" / "e2e"
+SCREENSHOTS = BUILD_DIR / "e2e"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT, TEST_API_KEY, start_facade
+from common.paths import BUILD_DIR
+from tests.conftest import TEST_API_KEY, start_facade
 from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def _answer_without_sending_the_body(url: str) -> bytes:
 
 def test_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path: Path) -> None:
     env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), **LIVENESS_ENV}
-    log = PROJECT_ROOT / "build" / "logs" / "test-liveness-worker.log"
+    log = BUILD_DIR / "logs" / "test-liveness-worker.log"
     facade = start_facade(UNUSED_TRITON, env)
     try:
         with facade.client() as http:

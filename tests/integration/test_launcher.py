@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.paths import BUILD_DIR
 from runtime.launcher import TritonServer, TritonSettings, TritonStartError
 from tests.conftest import PROJECT_ROOT, free_port
 
@@ -47,7 +48,7 @@ def test_stub_runs_in_this_environment(tmp_path: Path, monkeypatch: pytest.Monke
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        log_file=PROJECT_ROOT / "build" / "logs" / "test-probe.log",
+        log_file=BUILD_DIR / "logs" / "test-probe.log",
     )
     with TritonServer(settings) as server:
         client = g.InferenceServerClient(server.grpc_url)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from client.triton_client import TritonClient
+from common.paths import BUILD_DIR
 from publish.model_control import ready_versions
 from publish.publish_journal import JOURNAL
 from publish.repository import MANIFEST, versions
@@ -136,7 +137,7 @@ def test_a_worker_killed_while_publishing_its_job(repo: Path, triton, tmp_path: 
     facade = start_facade(triton.grpc_url, env)
     try:
         with facade.client() as http:
-            with running_worker(env, PROJECT_ROOT / "build" / "logs" / "test-publish-worker.log") as worker:
+            with running_worker(env, BUILD_DIR / "logs" / "test-publish-worker.log") as worker:
                 r = http.post("/train", data={"kind": "classifier", "steps": "1", "seed": "0"})
                 assert r.status_code == 202, r.text
                 job_id = r.json()["job_id"]

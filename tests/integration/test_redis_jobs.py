@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from common.paths import BUILD_DIR
 from publish.publish_lock import PublishLockTimeout, redis_lock
 from tests.conftest import PROJECT_ROOT, start_facade
 from tests.integration.test_job_liveness import UNUSED_TRITON, submit, wait_job
@@ -45,7 +46,7 @@ class RedisStack:
         self.services.callback(self.facade.stop)
         self.workers = {}
         for i in range(2):
-            log = PROJECT_ROOT / "build" / "logs" / f"test-redis-worker-{i}.log"
+            log = BUILD_DIR / "logs" / f"test-redis-worker-{i}.log"
             proc = self.services.enter_context(running_worker(self.env, log))
             self.workers[proc.pid] = (proc, log)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.paths import BUILD_DIR
 from contract.specs import CLASSIFY, GENERATE
 from publish.model_control import ready_versions
 from runtime.repository_sync import SyncSettings, changed_models, snapshot, sync_once
-from tests.conftest import PROJECT_ROOT, free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,7 @@ def test_new_version_in_shared_repository_reaches_this_triton(tmp_path: Path) ->
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        log_file=PROJECT_ROOT / "build" / "logs" / "test-repository-sync.log",
+        log_file=BUILD_DIR / "logs" / "test-repository-sync.log",
     )
     with TritonServer(settings) as server:
         sync = SyncSettings(model_repository=repo, triton_http_url=server.http_url)

@@ -34,3 +34,11 @@ def test_redis_queue_without_a_secret_is_refused(tmp_path: Path, monkeypatch) ->
     monkeypatch.setenv("FLUXSERVE_JOBS_REDIS_URL", "redis://queue.internal:6390/3")
     with pytest.raises(QueueConfigError, match="QUEUE_SECRET"):
         make_huey(JobSettings(jobs_dir=tmp_path))
+
+
+def test_every_kind_of_job_has_a_runner() -> None:
+    """The kinds POST /train accepts (contract.specs.JOB_KINDS) are exactly the ones a worker runs."""
+    from contract.specs import JOB_KINDS
+    from training.tasks import RUNNERS
+
+    assert set(RUNNERS) == set(JOB_KINDS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.lora_dataset import DatasetError, DatasetLimits, validate_and_extract, with_trigger
+from training.lora_dataset import DatasetError, DatasetLimits, caption_text, validate_and_extract
 
 TRIGGER = "zxq"
 
@@ -109,12 +109,14 @@ def test_valid_dataset_png_jpeg_webp_with_captions(work: Path) -> None:
             im.load()
 
 
-def test_with_trigger_rules() -> None:
-    assert with_trigger("", "zxq") == "zxq"
-    assert with_trigger("  a\n dog ", "zxq") == "zxq, a dog"
-    assert with_trigger("a ZXQ dog", "zxq") == "a ZXQ dog"
-    assert with_trigger("a zxq-style dog", "zxq") == "a zxq-style dog"
-    assert with_trigger("azxq dog", "zxq") == "zxq, azxq dog"
+def test_caption_text_rules() -> None:
+    """Captions: whitespace collapsed, then the trigger rule (tests/unit/test_trigger_word.py)."""
+    assert caption_text("", "zxq") == "zxq"
+    assert caption_text(" \n ", "zxq") == "zxq"
+    assert caption_text("  a\n dog ", "zxq") == "zxq, a dog"
+    assert caption_text("a ZXQ dog", "zxq") == "a ZXQ dog"
+    assert caption_text("a  zxq-style\tdog", "zxq") == "a zxq-style dog"
+    assert caption_text("azxq dog", "zxq") == "zxq, azxq dog"
 
 
 def test_dest_must_be_empty(work: Path) -> None:
