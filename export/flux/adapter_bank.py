@@ -581,3 +581,16 @@ class AdapterSession:
             self._binding.bind_output(self._output)
             self.session.run_with_iobinding(self._binding)
             return self._binding.copy_outputs_to_cpu()[0]
+
+
+def quantize_adapter_export(export_dir: Path) -> Path:
+    """`export_dir/int8/model.onnx` from the branch graph in `export_dir`, built exactly as the
+    plain transformer's int8 graph (export.flux.transformer_precision.quantize_export): the
+    quantizer leaves MatMuls with a non-constant B in fp32, so the branch stays fp32. The bank
+    layout is copied beside it."""
+    from export.flux.transformer_precision import INT8_DIR, quantize_export
+
+    export_dir = Path(export_dir)
+    path = quantize_export(export_dir, export_dir / INT8_DIR)
+    shutil.copy2(export_dir / BANK_FILE, path.parent / BANK_FILE)
+    return path
