@@ -2,7 +2,8 @@
 
 `create_app` is the factory; long-lived objects (the async gRPC clients, metrics, settings, the job
 store, the operator keys) live in one typed `api.state.AppState`, opened and closed by the lifespan
-and reached by routes through the `get_state` dependency.
+and reached by routes through the `get_state` dependency; the model work goes through one service
+per kind (api.services: generation, classification), which the routes only adapt to HTTP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from api.job_liveness import reap_forever
 from api.keys import load_keyring
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
-from api.routes import chat, classify, generate, health, playground, train
+from api.routes import health, inference, playground, train
+from api.services.classification import ClassificationService
+from api.services.generation import GenerationService
 from api.settings import ApiSettings
 from api.shedding import EarlyShed, ShedRoute
 from api.slow_clients import guarded_protocol, raise_open_file_limit
@@ -77,6 +80,10 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.fluxserve = state
+    # One service per kind of model work, over the state (api.services): routes reach them through
+    # their dependencies (generation_service, classification_service).
+    app.state.generation = GenerationService(state)
+    app.state.classification = ClassificationService(state)
     upload_limit = job_settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
 
     def body_limit(method: str, path: str) -> int:
@@ -101,12 +108,11 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
         pacer=state.pacer,
     )
     install_error_handlers(app)
-    # Routes are matched in order: the high-rate one first.
-    app.include_router(classify.router)
+    # Routes are matched in order: the high-rate one (/classify) first. Every route that runs a
+    # model is on the inference router, behind the inference key.
+    app.include_router(inference.router)
     app.include_router(health.router)
-    app.include_router(generate.router)
     app.include_router(train.router)
-    app.include_router(chat.router)
     app.include_router(playground.router)
     return app
 

@@ -75,7 +75,8 @@ async def optional_operator(
 async def require_inference_key(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> str | None:
-    """/classify and /generate: open unless FLUXSERVE_API_REQUIRE_KEY_FOR_INFERENCE is set."""
+    """Every route that runs a model (api.routes.inference): open unless
+    FLUXSERVE_API_REQUIRE_KEY_FOR_INFERENCE is set."""
     if not app_state(request).settings.require_key_for_inference:
         return None
     return _check_key(request, credentials)

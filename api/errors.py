@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +22,6 @@ from contract.errors import (
     FluxServeError,
     InferenceError,
     InvalidInputError,
-    ModelFailedError,
     ModelNotReadyError,
     OverloadedError,
     RequestCancelledError,
@@ -31,24 +31,36 @@ from contract.errors import (
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[FluxServeError], int] = {
-    InvalidInputError: 422,
-    ServerUnavailableError: 503,
-    ModelNotReadyError: 503,
-    RequestTimeoutError: 504,
-    InferenceError: 502,
-    RequestCancelledError: 499,  # nginx's "client closed request": only logs and metrics see it
-}
+
+@dataclass(frozen=True)
+class PublicError:
+    """What a caller gets for one kind of failure."""
+
+    status: int
+    type: str
+    """The envelope's stable `type`."""
+    server_message: str
+    """What a caller reads when the failure was raised from a lower layer's exception (Triton's
+    text, gRPC details): a short, stable sentence; the original goes to the log."""
 
 
-# Stable `type` of the envelope per status of a FluxServeError.
-ERROR_TYPES = {
-    422: "invalid_request",
-    503: "unavailable",
-    504: "timeout",
-    502: "inference_failed",
-    499: "cancelled",
-}
+# The one table of our failures, for JSON answers and SSE `error` events alike. The first row
+# whose class the exception is an instance of decides, so a subclass comes before its base.
+ERRORS: tuple[tuple[type[FluxServeError], PublicError], ...] = (
+    (InvalidInputError, PublicError(422, "invalid_request", "the inference server refused the request as invalid")),
+    (ModelNotReadyError, PublicError(503, "unavailable", "the model is not ready; try again later")),
+    # Also overload (OverloadedError), a dead stub (ModelFailedError) and a server stopping.
+    (
+        ServerUnavailableError,
+        PublicError(503, "unavailable", "the inference server is unavailable; try again later"),
+    ),
+    (RequestTimeoutError, PublicError(504, "timeout", "the request timed out")),
+    (InferenceError, PublicError(502, "inference_failed", "inference failed")),
+    # nginx's "client closed request": only logs and metrics see it.
+    (RequestCancelledError, PublicError(499, "cancelled", "the request was cancelled")),
+)
+OTHER_ERROR = PublicError(500, "error", "inference failed")
+"""A FluxServeError of no row above."""
 
 # Stable `type` for the statuses Starlette/FastAPI raise themselves (unknown route, wrong method...).
 HTTP_TYPES = {
@@ -62,18 +74,20 @@ HTTP_TYPES = {
     415: "unsupported_media_type",
     429: "too_many_requests",
 }
-# What a caller reads when Triton produced the error: a short, stable sentence per kind.
-SERVER_MESSAGES: dict[type[FluxServeError], str] = {
-    InvalidInputError: "the inference server refused the request as invalid",
-    ServerUnavailableError: "the inference server is unavailable; try again later",
-    ModelNotReadyError: "the model is not ready; try again later",
-    RequestTimeoutError: "the request timed out",
-    InferenceError: "inference failed",
-}
+
+
+def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
+    """The one error envelope: `{"error": {"type": kind, "message": message}}`."""
+    return {"error": {"type": kind, "message": message}}
 
 
 def envelope(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
+    return JSONResponse(status_code=status, content=error_body(kind, message), headers=headers)
+
+
+def public_kind(exc: FluxServeError) -> PublicError:
+    """`exc`'s row of the table."""
+    return next((row for cls, row in ERRORS if isinstance(exc, cls)), OTHER_ERROR)
 
 
 def public_message(exc: FluxServeError) -> str:
@@ -81,8 +95,7 @@ def public_message(exc: FluxServeError) -> str:
     exception (Triton's text, gRPC details) replaced by a fixed one, the original going to the log."""
     if exc.__cause__ is None:
         return str(exc)
-    cls = next((c for c in SERVER_MESSAGES if isinstance(exc, c)), InferenceError)
-    return f"{SERVER_MESSAGES[cls]} (request id {current_request_id()})"
+    return f"{public_kind(exc).server_message} (request id {current_request_id()})"
 
 
 def public_error(exc: BaseException) -> tuple[int, str, str]:
@@ -92,10 +105,10 @@ def public_error(exc: BaseException) -> tuple[int, str, str]:
     if not isinstance(exc, FluxServeError):
         log.error("unhandled error", exc_info=exc)
         return 500, "internal_error", f"internal error; request id {current_request_id()}"
-    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    row = public_kind(exc)
     if not isinstance(exc, OverloadedError):  # refusals are counted in /metrics, not logged one by one
-        log.warning("%s -> %d: %s", type(exc).__name__, status, exc)
-    return status, ERROR_TYPES.get(status, "error"), public_message(exc)
+        log.warning("%s -> %d: %s", type(exc).__name__, row.status, exc)
+    return row.status, row.type, public_message(exc)
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -105,7 +118,7 @@ def retry_after(seconds: float) -> dict[str, str]:
 
 def error_messages(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> tuple[dict, dict]:
     """The error envelope as the two raw ASGI messages (start, body) that answer with it."""
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    body = json.dumps(error_body(kind, message)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     return {"type": "http.response.start", "status": status, "headers": raw}, {
@@ -141,8 +154,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FluxServeError)
     async def _flux(request: Request, exc: FluxServeError) -> JSONResponse:
-        if isinstance(exc, ModelFailedError):  # a dead stub: readiness reports it and reloads the model
-            request.app.state.fluxserve.readiness.model_failed(exc)
         if isinstance(exc, OverloadedError):  # paced like the early refusals (api/shedding.py)
             state = request.app.state.fluxserve
             await state.pacer.held(request.scope.get("client"), state.lag_s())

@@ -1,139 +1,71 @@
-"""Server-sent events for /generate and /chat (`Accept: text/event-stream`).
+"""Server-sent events for /generate and /chat (`Accept: text/event-stream`): services' events as SSE.
 
 Events, each `data` one JSON object:
 - `progress`: `{"image", "step", "total", "elapsed_s", "fraction"}` after every denoising step
   of image `image` (0-based); `fraction` is the request's overall progress in [0, 1].
 - `image`: the same object the JSON answer of /generate has (`images`, `seed`, ...), last.
-- `error`: the error envelope `{"error": {"type", "message"}}`; nothing follows it.
+- `error`: the error envelope `{"error": {"type", "message"}}` with the type and text the JSON
+  answer to the same failure carries (api.errors.public_error); nothing follows it.
 /chat sends a `classification` event first.
 
-Streams come from Triton's decoupled `generate_stream` model. When the HTTP client goes away,
-sse-starlette cancels the generator; leaving `AsyncTritonClient.generate_stream` cancels the
-gRPC stream, and the model stops at its next step.
+Streams come from api.services.generation (Triton's decoupled `generate_stream` model). When the
+HTTP client goes away, sse-starlette cancels the generator, which cancels the work in Triton.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
 
-from api.errors import public_error
-from api.media import encode_image
-from api.schemas import GenerateRequest, GenerateResponse
-from api.state import AppState
-from contract.codec import GenerateResult
-from contract.errors import FluxServeError, ModelFailedError
-from contract.specs import GenerateParams
+from api.errors import error_body, public_error
+from api.services.generation import Done, GenerationEvent
 
 EVENT_STREAM = "text/event-stream"
+
+Event = dict[str, str]
 
 
 def wants_event_stream(request: Request) -> bool:
     return EVENT_STREAM in request.headers.get("accept", "")
 
 
-def event(name: str, payload: Any) -> dict[str, str]:
+def event(name: str, payload: Any) -> Event:
     return {"event": name, "data": json.dumps(payload)}
 
 
-def error_event(exc: BaseException, state: AppState | None = None) -> dict[str, str]:
-    """The error envelope as an event, with the type and text a JSON answer would carry
-    (api.errors.public_error): never Triton's text, an address or a stack trace. With `state`,
-    a dead stub is reported to readiness as the JSON path's handler does."""
-    if state is not None and isinstance(exc, ModelFailedError):
-        state.readiness.model_failed(exc)
+def error_event(exc: BaseException) -> Event:
+    """The error envelope as an event, with the type and text a JSON answer would carry: never
+    Triton's text, an address or a stack trace."""
     _, kind, message = public_error(exc)
-    return event("error", {"error": {"type": kind, "message": message}})
+    return event("error", error_body(kind, message))
 
 
-async def generation_events(state: AppState, body: GenerateRequest, seed: int) -> AsyncIterator[dict[str, str]]:
-    """A streamed generation is admitted like a unary one (api.admission: over the per-request
-    cost it is refused, and when the estimated wait is too long it is shed), as an `error` event.
-    The trigger words are looked up once admitted, as in the unary path."""
-    admission = state.admission.generation(body.width, body.height, body.steps, body.num_images)
-    try:
-        await admission.__aenter__()
-    except FluxServeError as e:
-        yield error_event(e)
-        return
-    try:
-        try:
-            prompt = await state.generation_prompt(body.prompt)
-            images = body.image_params(prompt, seed)
-        except FluxServeError as e:
-            yield error_event(e, state)
-            return
-        async for item in _admitted_generation_events(state, body, images):
-            yield item
-    finally:
-        await admission.__aexit__(None, None, None)
-
-
-async def _admitted_generation_events(
-    state: AppState, body: GenerateRequest, images: list[GenerateParams]
-) -> AsyncIterator[dict[str, str]]:
-    """`progress` events for all `body.num_images` images (run concurrently, so they share
-    transformer steps in Triton), then one `image` event; or an `error` event."""
-    started = time.perf_counter()
-    events: asyncio.Queue = asyncio.Queue()
-    done_steps = [0] * body.num_images
-    total_steps = body.steps * body.num_images
-
-    async def one(index: int) -> GenerateResult:
-        async for progress, result in state.triton_generate.generate_stream(images[index]):
-            if result is not None:  # the final response repeats the last step: no second event
-                return result
-            done_steps[index] = progress.step
-            await events.put(
-                event(
-                    "progress",
-                    {
-                        "image": index,
-                        "step": progress.step,
-                        "total": progress.total,
-                        "elapsed_s": round(progress.elapsed_s, 4),
-                        "fraction": round(sum(done_steps) / total_steps, 4),
-                    },
-                )
-            )
-        raise RuntimeError("stream ended without an image")  # the client raises first; belt and braces
-
-    tasks = [asyncio.create_task(one(i)) for i in range(body.num_images)]
-    gathered = asyncio.gather(*tasks)
-    getter: asyncio.Task | None = None
-    try:
-        while not gathered.done() or not events.empty():
-            getter = asyncio.create_task(events.get())
-            await asyncio.wait({getter, gathered}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield getter.result()
+async def generation_events(events: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[Event, None]:
+    """`progress` events, then the `image` event. Closing this closes `events` (and so cancels
+    the work) at once, not when the garbage collector gets to it; so does every nesting here."""
+    async with aclosing(events):
+        async for item in events:
+            if isinstance(item, Done):
+                yield event("image", item.response().model_dump())
             else:
-                getter.cancel()
-        results: list[GenerateResult] = gathered.result()
-    except Exception as e:  # noqa: BLE001  (an `error` event; public_error logs the exception)
-        yield error_event(e, state)
-        return
-    finally:
-        # Client gone (this generator cancelled) or one image failed: stop the others in Triton.
-        for task in [*tasks, *([getter] if getter else [])]:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    infer_s = time.perf_counter() - started
-    state.metrics.items.labels("generate").inc(len(results))
-    # Encoding large images takes tens of ms of CPU: off the event loop, as for unary answers.
-    encoded = await asyncio.to_thread(lambda: [encode_image(r.image, body.output_format) for r in results])
-    answer = GenerateResponse(
-        images=[base64.b64encode(b).decode() for b in encoded],
-        seed=images[0].seed,
-        model_version=results[0].model_version,
-        prompt=images[0].prompt,
-        output_format=body.output_format,
-        timings={"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)},
-    )
-    yield event("image", answer.model_dump())
+                yield event("progress", asdict(item))
+
+
+def event_response(events: AsyncGenerator[Event, None]) -> EventSourceResponse:
+    """`events` as an SSE answer; a failure anywhere in them ends it with one `error` event."""
+    return EventSourceResponse(_ending_in_error(events))
+
+
+async def _ending_in_error(events: AsyncGenerator[Event, None]) -> AsyncIterator[Event]:
+    async with aclosing(events):
+        try:
+            async for item in events:
+                yield item
+        except Exception as e:  # noqa: BLE001  (an `error` event; public_error logs the exception)
+            yield error_event(e)

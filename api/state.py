@@ -2,6 +2,8 @@
 
 `create_app` builds an `AppState`; the lifespan opens the Triton clients (they need the running
 event loop) and closes them.
+The rules of model work over these objects (admission, readiness evidence, trigger words,
+thresholds, shared fate) are the services' (api.services), which create_app builds beside it.
 """
 
 from __future__ import annotations
@@ -18,36 +20,14 @@ from api.auth_limit import FailedAuthLimiter
 from api.classify_batcher import ClassifyBatcher
 from api.keys import KeyRing
 from api.metrics import ApiMetrics
-from api.prompt_rewrite import with_trigger
 from api.readiness import Readiness
 from api.settings import ApiSettings
 from api.shedding import LoopLag, RefusalPacer
 from api.triton_port import TritonFactory, TritonPort
 from api.upload_gate import UploadSlots
-from client.triton_client import AsyncTritonClient, ClassifyResult
-from contract.specs import CLASSIFY, CLASSIFY_LIMITS, GENERATE, THRESHOLD_PARAMETER, TRIGGER_PARAMETER
+from client.triton_client import AsyncTritonClient
+from contract.specs import CLASSIFY_LIMITS
 from training.jobs import JobSettings, JobStore
-
-DEFAULT_THRESHOLD = 0.5
-"""Uncertainty threshold for a classifier published without one."""
-
-
-@dataclass
-class VersionedParameter:
-    """A deployed model's config parameter (config.pbtxt `parameters`), cached per model version.
-
-    A hot swap publishes a new version with its own value (a new classifier's threshold, a new
-    LoRA's trigger words); keying by version means the value always matches the weights that
-    answered, with no time-to-live to tune."""
-
-    model: str
-    key: str
-    values: dict[str, str | None] = field(default_factory=dict)
-
-    async def get(self, client: TritonPort, version: str) -> str | None:
-        if version not in self.values:
-            self.values[version] = await client.model_parameter(self.model, self.key, version)
-        return self.values[version]
 
 
 @dataclass
@@ -63,10 +43,6 @@ class AppState:
     """Wrong operator keys per client (api.auth_limit), built from the settings."""
     uploads: UploadSlots = field(default_factory=UploadSlots)
     """POST /train uploads in progress (api.upload_gate), capped by max_concurrent_uploads."""
-    thresholds: VersionedParameter = field(
-        default_factory=lambda: VersionedParameter(CLASSIFY.name, THRESHOLD_PARAMETER)
-    )
-    triggers: VersionedParameter = field(default_factory=lambda: VersionedParameter(GENERATE.name, TRIGGER_PARAMETER))
     # Opened by the lifespan: they bind to the running event loop.
     triton_factory: TritonFactory = AsyncTritonClient
     """How the lifespan makes its Triton clients: AsyncTritonClient, or a test's fake (api.triton_port)."""
@@ -122,30 +98,6 @@ class AppState:
         for client in (self.triton, self.triton_generate):
             if client is not None:
                 await client.close()
-
-    async def classify(self, texts: list[str]) -> list[ClassifyResult]:
-        """Classify through Triton, sharing calls with concurrent requests when configured."""
-        if self.classify_batcher is not None:
-            return await self.classify_batcher.classify(texts)
-        return await self.triton.classify(texts)
-
-    async def classify_threshold(self, version: str) -> float:
-        """The override from settings, else what `classify` version `version` was published with."""
-        if self.settings.classify_threshold is not None:
-            return self.settings.classify_threshold
-        value = await self.thresholds.get(self.triton, version)
-        return float(value) if value else DEFAULT_THRESHOLD
-
-    async def generation_prompt(self, prompt: str) -> str:
-        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled)."""
-        return with_trigger(prompt, await self.trigger_word(), self.settings.add_trigger_word)
-
-    async def trigger_word(self) -> str:
-        """The trigger words of the LoRA in the newest ready `generate` version (the one a request
-        sent now runs on), else the configured default."""
-        version = await self.triton.newest_ready_version(GENERATE.name)
-        value = await self.triggers.get(self.triton, version) if version else None
-        return value or self.settings.trigger_word
 
 
 def app_state(request: Request) -> AppState:

@@ -3,48 +3,43 @@ classifier is sure), generate from it in the same call.
 
 The prompt sent to FLUX is the message with its request phrasing removed (api/prompt_rewrite.py).
 With `Accept: text/event-stream` the answer streams: `classification` first, then the
-generation's `progress` events and its `image` (api/event_stream.py).
+generation's `progress` events and its `image` (api/event_stream.py). An adapter: classification
+and generation are the services' (api.services), with their rules, as on /classify and /generate.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
-from api.auth import require_inference_key
-from api.event_stream import error_event, event, generation_events, wants_event_stream
+from api.cancellation import disconnected
+from api.event_stream import Event, event, event_response, generation_events, wants_event_stream
 from api.media import raw_format
 from api.prompt_rewrite import image_prompt
-from api.routes.generate import generate
 from api.schemas import ChatKind, ChatRequest, ChatResponse, ClassifyResult, ErrorResponse, GenerateRequest
-from api.state import AppState, get_state
-from contract.errors import FluxServeError, InvalidInputError
-from contract.specs import IMAGE_REQUEST, random_seed
+from api.services.classification import ClassificationService, classification_service
+from api.services.generation import GenerationService, generation_service
+from contract.errors import InvalidInputError
+from contract.specs import IMAGE_REQUEST
 
-# /chat runs the classifier and the generator: the inference key guards it as it guards them
-# (it used to call the /generate route function directly and so skipped that lock).
-router = APIRouter(tags=["chat"], dependencies=[Depends(require_inference_key)])
+router = APIRouter(tags=["chat"])
+"""Included by api.routes.inference, behind the inference key (it runs both models)."""
 
 ERRORS = {422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+
+Classification = Annotated[ClassificationService, Depends(classification_service)]
+Generation = Annotated[GenerationService, Depends(generation_service)]
 
 
 def chat_kind(result: ClassifyResult) -> ChatKind:
     if result.uncertain:
         return "uncertain"
     return "image" if result.label == IMAGE_REQUEST else "conversation"
-
-
-async def classify_message(state: AppState, message: str) -> ClassifyResult:
-    (result,) = await state.classify([message])
-    threshold = await state.classify_threshold(result.model_version)
-    state.metrics.items.labels("classify").inc()
-    return ClassifyResult(
-        label=result.label, score=result.score, scores=result.scores, uncertain=result.score < threshold
-    )
 
 
 def generation_request(body: ChatRequest) -> GenerateRequest:
@@ -63,33 +58,28 @@ def generation_request(body: ChatRequest) -> GenerateRequest:
 
 @router.post("/chat", response_model=ChatResponse, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
 async def chat(
-    body: ChatRequest, request: Request, state: Annotated[AppState, Depends(get_state)]
+    body: ChatRequest, request: Request, classification: Classification, generation: Generation
 ) -> ChatResponse | EventSourceResponse:
     if wants_event_stream(request):
-        return EventSourceResponse(chat_events(body, state))
+        return event_response(chat_events(body, classification, generation))
     if raw_format(request.headers.get("accept", "")):
         raise InvalidInputError("/chat answers application/json or text/event-stream")
-    classification = await classify_message(state, body.message)
-    kind = chat_kind(classification)
-    image = await generate(generation_request(body), request, state) if kind == "image" else None
-    return ChatResponse(kind=kind, classification=classification, image=image)
+    (result,) = await classification.classify([body.message])
+    kind = chat_kind(result)
+    image = None
+    if kind == "image":
+        done = await generation.run(generation_request(body), gone=lambda: disconnected(request))
+        image = done.response()
+    return ChatResponse(kind=kind, classification=result, image=image)
 
 
-async def chat_events(body: ChatRequest, state: AppState) -> AsyncIterator[dict[str, str]]:
-    try:
-        classification = await classify_message(state, body.message)
-    except FluxServeError as e:
-        yield error_event(e, state)
-        return
-    kind = chat_kind(classification)
-    yield event("classification", {"kind": kind, "classification": classification.model_dump()})
-    if kind != "image":
-        return
-    try:
-        gen = generation_request(body)
-        seed = gen.seed if gen.seed is not None else random_seed()
-    except FluxServeError as e:
-        yield error_event(e, state)
-        return
-    async for item in generation_events(state, gen, seed):
-        yield item
+async def chat_events(
+    body: ChatRequest, classification: ClassificationService, generation: GenerationService
+) -> AsyncGenerator[Event, None]:
+    (result,) = await classification.classify([body.message])
+    kind = chat_kind(result)
+    yield event("classification", {"kind": kind, "classification": result.model_dump()})
+    if kind == "image":
+        async with aclosing(generation_events(generation.stream(generation_request(body)))) as events:
+            async for item in events:
+                yield item

@@ -1,25 +1,23 @@
-"""POST /generate: FLUX images as base64 JSON, or raw bytes with `Accept: image/png` etc."""
+"""POST /generate: FLUX images as base64 JSON, raw bytes with `Accept: image/png` etc., or progress
+events with `Accept: text/event-stream`. An adapter: the work and its rules are
+api.services.generation's; this only picks the answer's form."""
 
 from __future__ import annotations
 
-import base64
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
-from api.auth import require_inference_key
-from api.cancellation import all_or_nothing, bounded
-from api.event_stream import EVENT_STREAM, generation_events, wants_event_stream
-from api.media import MEDIA_TYPES, encode_image, raw_format
+from api.cancellation import disconnected
+from api.event_stream import EVENT_STREAM, event_response, generation_events, wants_event_stream
+from api.media import MEDIA_TYPES, raw_format
 from api.schemas import ErrorResponse, GenerateRequest, GenerateResponse
-from api.state import AppState, get_state
+from api.services.generation import GenerationService, generation_service
 from contract.errors import InvalidInputError
-from contract.specs import GENERATE, random_seed
 
-router = APIRouter(tags=["generate"], dependencies=[Depends(require_inference_key)])
+router = APIRouter(tags=["generate"])
+"""Included by api.routes.inference, behind the inference key."""
 
 ERRORS = {
     422: {"model": ErrorResponse},
@@ -40,43 +38,19 @@ ERRORS = {
     },
 )
 async def generate(
-    body: GenerateRequest, request: Request, state: Annotated[AppState, Depends(get_state)]
-) -> GenerateResponse | Response:
-    settings = state.settings
-    seed = body.seed if body.seed is not None else random_seed()
+    body: GenerateRequest, request: Request, service: Annotated[GenerationService, Depends(generation_service)]
+) -> GenerateResponse | Response | EventSourceResponse:
     if wants_event_stream(request):
-        return EventSourceResponse(generation_events(state, body, seed))
+        return event_response(generation_events(service.stream(body)))
     raw = raw_format(request.headers.get("accept", ""))
-    if raw and body.num_images != 1:
+    if raw is None:
+        return (await service.run(body, gone=lambda: disconnected(request))).response()
+    if body.num_images != 1:
         raise InvalidInputError("raw image responses carry one image: use num_images=1 or Accept: application/json")
-    started = time.perf_counter()
-    async with state.admission.generation(body.width, body.height, body.steps, body.num_images):
-        # Admitted first: the trigger word asks Triton which version serves, and a refused request
-        # must cost nothing more than the refusal (issue 24).
-        prompt = await state.generation_prompt(body.prompt)
-        # Images of one request run concurrently, so they share transformer steps in Triton; they
-        # share one fate too, and all are cancelled when the client leaves or the deadline passes.
-        work = all_or_nothing(*(state.triton_generate.generate(params) for params in body.image_params(prompt, seed)))
-        results = await bounded(request, work, settings.generate_timeout_s, state.stopping)
-    infer_s = time.perf_counter() - started
-    state.readiness.served(GENERATE.name)
-    state.metrics.items.labels("generate").inc(len(results))
-    fmt = raw or body.output_format
-    # PNG/JPEG encoding of large images takes tens of ms of CPU: keep it off the event loop.
-    encoded = await run_in_threadpool(lambda: [encode_image(r.image, fmt) for r in results])
-    timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
-    if raw:
-        headers = {
-            "X-Seed": str(seed),
-            "X-Model-Version": results[0].model_version,
-            "X-Inference-Seconds": str(timings["inference_s"]),
-        }
-        return Response(encoded[0], media_type=MEDIA_TYPES[fmt], headers=headers)
-    return GenerateResponse(
-        images=[base64.b64encode(b).decode() for b in encoded],
-        seed=seed,
-        model_version=results[0].model_version,
-        prompt=prompt,
-        output_format=fmt,
-        timings=timings,
-    )
+    done = await service.run(body.model_copy(update={"output_format": raw}), gone=lambda: disconnected(request))
+    headers = {
+        "X-Seed": str(done.seed),
+        "X-Model-Version": done.model_version,
+        "X-Inference-Seconds": str(done.timings["inference_s"]),
+    }
+    return Response(done.images[0], media_type=MEDIA_TYPES[raw], headers=headers)

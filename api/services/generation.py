@@ -1,0 +1,198 @@
+"""Generation: /generate (JSON, raw bytes, SSE) and /chat's image, through one path.
+
+`GenerationService.stream` is the one path: admission (api.admission: 422 over the deployment's
+cost or memory limit, 503 when the work ahead would not clear in time, then a place in the
+dispatch gate), the trigger-word prompt (looked up only once admitted: a refused request costs
+nothing more than the refusal), each image's GenerateParams, the images run concurrently so they
+share transformer steps in Triton, with one fate (api.cancellation: all cancelled when one fails,
+the client leaves, the deadline passes or the server stops), readiness evidence, the items metric
+and the encoding off the event loop. It yields `Progress` events and then one `Done`; failures are
+raised as contract.errors exceptions, which api.errors maps for JSON and SSE alike.
+
+With `progress=False` the images run on `generate` (one gRPC call each) and no Progress comes:
+`run`, the unary answer, is the fold of that stream, so the two answers cannot drift apart (TGI's
+`generate()` = fold of `generate_stream()`). With progress they run on `generate_stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from api.cancellation import Gone, guarded, merged
+from api.media import encode_image
+from api.model_parameter import VersionedParameter
+from api.prompt_rewrite import with_trigger
+from api.schemas import GenerateRequest, GenerateResponse
+from api.state import AppState
+from contract.codec import GenerateProgress, GenerateResult
+from contract.errors import InferenceError, ModelFailedError
+from contract.specs import GENERATE, GENERATE_STREAM, TRIGGER_PARAMETER, GenerateParams, random_seed
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Image `image` (0-based) finished denoising step `step` of `total`; `fraction` is the whole
+    request's progress in [0, 1]."""
+
+    image: int
+    step: int
+    total: int
+    elapsed_s: float
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer: the encoded images (seeds seed, seed + 1, ...) and what produced them."""
+
+    images: tuple[bytes, ...]
+    seed: int
+    model_version: str
+    prompt: str
+    """As sent to the model (trigger words added when configured)."""
+    output_format: str
+    timings: dict[str, float]
+
+    def response(self) -> GenerateResponse:
+        """The JSON answer of /generate (images base64-encoded)."""
+        return GenerateResponse(
+            images=[base64.b64encode(b).decode() for b in self.images],
+            seed=self.seed,
+            model_version=self.model_version,
+            prompt=self.prompt,
+            output_format=self.output_format,
+            timings=self.timings,
+        )
+
+
+GenerationEvent = Progress | Done
+
+
+@dataclass(frozen=True)
+class _Step:
+    index: int
+    progress: GenerateProgress
+
+
+@dataclass(frozen=True)
+class _Image:
+    index: int
+    result: GenerateResult
+
+
+class GenerationService:
+    """One per app (api.app.create_app); reads the state's parts at call time, as the lifespan
+    opens them."""
+
+    def __init__(self, state: AppState) -> None:
+        self._state = state
+        self._triggers = VersionedParameter(GENERATE.name, TRIGGER_PARAMETER)
+
+    async def run(self, body: GenerateRequest, gone: Gone | None = None) -> Done:
+        """The unary answer: the fold of `stream(body, progress=False)`."""
+        done: Done | None = None
+        async for event in self.stream(body, progress=False, gone=gone):
+            if isinstance(event, Done):
+                done = event
+        if done is None:  # stream either yields a Done or raises: belt and braces
+            raise InferenceError("the generation ended without an answer")
+        return done
+
+    def stream(
+        self, body: GenerateRequest, *, progress: bool = True, gone: Gone | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """`Progress` events (when `progress`), then one `Done`; or a raised contract.errors
+        exception. `gone` returns when the client has left (api.cancellation.Gone)."""
+        settings = self._state.settings
+        return guarded(self._generation(body, progress), settings.generate_timeout_s, self._state.stopping, gone)
+
+    async def _generation(self, body: GenerateRequest, progress: bool) -> AsyncGenerator[GenerationEvent, None]:
+        state = self._state
+        started = time.perf_counter()
+        seed = body.seed if body.seed is not None else random_seed()
+        results: list[GenerateResult] = []
+        try:
+            async with state.admission.generation(body.width, body.height, body.steps, body.num_images):
+                prompt = await self.prompt(body.prompt)
+                images = body.image_params(prompt, seed)
+                # Closed with this generator, not when the garbage collector gets to it: closing
+                # it cancels the images in Triton.
+                async with aclosing(self._images(images, progress)) as events:
+                    async for event in events:
+                        if isinstance(event, Progress):
+                            yield event
+                        else:
+                            results = event
+        except ModelFailedError as e:  # a dead stub: readiness reports it and reloads the model
+            state.readiness.model_failed(e)
+            raise
+        infer_s = time.perf_counter() - started
+        state.readiness.served(GENERATE_STREAM.name if progress else GENERATE.name)
+        state.metrics.items.labels("generate").inc(len(results))
+        # PNG/JPEG encoding of large images takes tens of ms of CPU: keep it off the event loop.
+        fmt = body.output_format
+        encoded = await asyncio.to_thread(lambda: tuple(encode_image(r.image, fmt) for r in results))
+        timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
+        yield Done(encoded, seed, results[0].model_version, prompt, fmt, timings)
+
+    async def _images(
+        self, images: list[GenerateParams], progress: bool
+    ) -> AsyncGenerator[Progress | list[GenerateResult], None]:
+        """All images at once (they share transformer steps in Triton) with one fate: Progress
+        events as their steps finish, then the results in image order."""
+        results: dict[int, GenerateResult] = {}
+        done_steps = [0] * len(images)
+        total_steps = sum(p.steps for p in images)
+        async with aclosing(merged(*(self._image(i, p, progress) for i, p in enumerate(images)))) as items:
+            async for item in items:
+                if isinstance(item, _Image):
+                    results[item.index] = item.result
+                    continue
+                done_steps[item.index] = item.progress.step
+                yield Progress(
+                    image=item.index,
+                    step=item.progress.step,
+                    total=item.progress.total,
+                    elapsed_s=round(item.progress.elapsed_s, 4),
+                    fraction=round(sum(done_steps) / total_steps, 4),
+                )
+        yield [results[i] for i in range(len(images))]
+
+    async def _image(self, index: int, params: GenerateParams, progress: bool) -> AsyncIterator[_Step | _Image]:
+        triton = self._state.triton_generate
+        if not progress:
+            yield _Image(index, await triton.generate(params))
+            return
+        result: GenerateResult | None = None
+        async for step, last in triton.generate_stream(params):
+            if last is not None:  # the final response repeats the last step: no second event
+                result = last
+            else:
+                yield _Step(index, step)
+        if result is None:  # the client raises first; belt and braces
+            raise InferenceError(f"{GENERATE_STREAM.name} ended without an image")
+        yield _Image(index, result)
+
+    async def prompt(self, prompt: str) -> str:
+        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled)."""
+        return with_trigger(prompt, await self.trigger_word(), self._state.settings.add_trigger_word)
+
+    async def trigger_word(self) -> str:
+        """The trigger words of the LoRA in the newest ready `generate` version (the one a request
+        sent now runs on), else the configured default."""
+        triton = self._state.triton
+        version = await triton.newest_ready_version(GENERATE.name)
+        value = await self._triggers.get(triton, version) if version else None
+        return value or self._state.settings.trigger_word
+
+
+async def generation_service(request: Request) -> GenerationService:
+    """FastAPI dependency (a coroutine: see api.state.get_state)."""
+    return request.app.state.generation
