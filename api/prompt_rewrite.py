@@ -65,10 +65,3 @@ def image_prompt(message: str) -> str:
     if not re.search(r"[^\W\d_]", rest):
         return original
     return rest
-
-
-def with_trigger(prompt: str, trigger: str, enabled: bool) -> str:
-    """`prompt` led by the LoRA's trigger words, unless disabled or already there (any case)."""
-    if not enabled or not trigger or trigger.lower() in prompt.lower():
-        return prompt
-    return f"{trigger}, {prompt}"

@@ -28,9 +28,9 @@ from fastapi import Request
 from api.cancellation import Gone, guarded, merged
 from api.media import encode_image
 from api.model_parameter import VersionedParameter
-from api.prompt_rewrite import with_trigger
 from api.schemas import GenerateRequest, GenerateResponse
 from api.state import AppState
+from common.trigger_word import with_trigger
 from contract.codec import GenerateProgress, GenerateResult
 from contract.errors import InferenceError, ModelFailedError
 from contract.specs import GENERATE, GENERATE_STREAM, TRIGGER_PARAMETER, GenerateParams, random_seed
@@ -181,8 +181,11 @@ class GenerationService:
         yield _Image(index, result)
 
     async def prompt(self, prompt: str) -> str:
-        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled)."""
-        return with_trigger(prompt, await self.trigger_word(), self._state.settings.add_trigger_word)
+        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled),
+        unless it has them already, by the rule training applied to its captions."""
+        if not self._state.settings.add_trigger_word:
+            return prompt
+        return with_trigger(prompt, await self.trigger_word())
 
     async def trigger_word(self) -> str:
         """The trigger words of the LoRA in the newest ready `generate` version (the one a request

@@ -70,6 +70,13 @@ async def test_trigger_words_are_not_added_twice(facade: Facade) -> None:
     assert r.json()["prompt"] == f"{DEPLOYED_TRIGGER.lower()}, a fox"
 
 
+async def test_trigger_words_inside_another_word_do_not_count(facade: Facade) -> None:
+    """The rule training captions were written by (common.trigger_word): whole words only."""
+    prompt = f"a {DEPLOYED_TRIGGER.lower()}ish fox"
+    r = await facade.http.post("/generate", json={"prompt": prompt, **SMALL})
+    assert r.json()["prompt"] == f"{DEPLOYED_TRIGGER}, {prompt}"
+
+
 async def test_unseeded_requests_get_a_random_seed(facade: Facade) -> None:
     seeds = [(await facade.http.post("/generate", json={"prompt": "a fox", **SMALL})).json()["seed"] for _ in range(3)]
     assert all(isinstance(s, int) and s >= 0 for s in seeds) and len(set(seeds)) > 1
