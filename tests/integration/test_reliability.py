@@ -27,6 +27,7 @@ import pytest
 import tritonclient.http as triton_http
 
 from client.triton_client import TritonClient
+from common.paths import BUILD_DIR
 from contract.errors import InvalidInputError
 from contract.specs import FLUX_TRANSFORMER, GENERATE, GenerateParams
 from runtime import processes
@@ -306,7 +307,7 @@ def stack(tmp_path) -> Iterator[tuple[subprocess.Popen, str, dict[str, int]]]:
         "FLUXSERVE_TRITON_STARTUP_TIMEOUT_S": str(STARTUP_TIMEOUT_S),
         "FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"),
     }
-    log_path = PROJECT_ROOT / "build" / "logs" / f"test-stack-{ports['api']}.log"
+    log_path = BUILD_DIR / "logs" / f"test-stack-{ports['api']}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as out:
         proc = subprocess.Popen(

@@ -25,6 +25,7 @@ from PIL import Image
 
 from benchmarks.swap import solid_color_zip
 from client.triton_client import TritonClient
+from common.paths import BUILD_DIR
 from contract.codec import GenerateResult
 from contract.specs import (
     FLUX_TEXT_ENCODER,
@@ -73,7 +74,7 @@ class Stack:
 
     def start_services(self) -> None:
         self.facade = start_facade(self.triton.grpc_url, self.env, ready_path="/readyz")
-        self.services.enter_context(running_worker(self.env, PROJECT_ROOT / "build" / "logs" / "test-worker.log"))
+        self.services.enter_context(running_worker(self.env, BUILD_DIR / "logs" / "test-worker.log"))
 
     def stop_services(self) -> None:
         self.facade.stop()
