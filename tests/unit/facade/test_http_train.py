@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.unit.facade.harness import KEY, KEY_NAME, Facade, running_facade
+from tests.unit.facade.harness import KEY, KEY_NAME, Facade, running_facade, sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -235,3 +235,60 @@ async def test_classifier_fields_are_bounded(train: Train, fields: dict, fragmen
     assert r.status_code == 422, r.text
     assert r.json()["error"]["type"] == "invalid_request" and fragment in r.json()["error"]["message"]
     assert train.job_ids() == before
+
+
+# ----------------------------------------------------------------------------- the job routes
+
+
+async def submit_classifier(train: Train) -> str:
+    r = await train.facade.http.post("/train", data={"kind": "classifier", "steps": "1", "publish": "false"})
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    return r.json()["job_id"]
+
+
+async def test_cancel_answers_by_the_jobs_state(train: Train) -> None:
+    """A queued job is cancelled at once; a running one is flagged; a publishing one, a finished
+    one and an unknown id are refused with the envelope (409, 409, 404)."""
+    http, store = train.facade.http, train.facade.state.jobs
+    queued, running, publishing = [await submit_classifier(train) for _ in range(3)]
+    for job_id in (running, publishing):
+        assert store.start(job_id, "test-worker")
+    assert store.begin_publish(publishing)
+
+    cancelled = await http.delete(f"/train/{queued}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = await http.delete(f"/train/{queued}")
+    assert again.status_code == 409 and again.json()["error"] == {
+        "type": "conflict",
+        "message": "job already cancelled",
+    }
+    flagged = await http.delete(f"/train/{running}")
+    assert flagged.status_code == 200 and flagged.json()["status"] == "running" and flagged.json()["cancel_requested"]
+    refused = await http.delete(f"/train/{publishing}")
+    assert refused.status_code == 409 and "publishing" in refused.json()["error"]["message"]
+    for method in ("GET", "DELETE"):
+        unknown = await http.request(method, "/train/nope")
+        assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found"
+
+
+async def test_jobs_are_listed_newest_first_with_their_owner(train: Train) -> None:
+    ids = [await submit_classifier(train) for _ in range(3)]
+    jobs = (await train.facade.http.get("/train")).json()["jobs"]
+    assert [j["job_id"] for j in jobs] == ids[::-1]
+    assert [j["created_unix"] for j in jobs] == sorted((j["created_unix"] for j in jobs), reverse=True)
+    assert {j["owner"] for j in jobs} == {KEY_NAME} and {j["status"] for j in jobs} == {"queued"}
+    newest_two = (await train.facade.http.get("/train", params={"limit": 2})).json()["jobs"]
+    assert [j["job_id"] for j in newest_two] == ids[:0:-1]
+
+
+async def test_events_of_a_finished_job_end_with_its_status(train: Train) -> None:
+    job_id = await submit_classifier(train)
+    store = train.facade.state.jobs
+    assert store.start(job_id, "test-worker")
+    assert store.finish(job_id, "test-worker", "succeeded", result={"test": {"accuracy": 0.9}})
+    r = await train.facade.http.get(f"/train/{job_id}/events")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert [name for name, _ in events] == ["status"]
+    assert events[0][1]["job_id"] == job_id and events[0][1]["status"] == "succeeded"
+    assert (await train.facade.http.get("/train/nope/events")).status_code == 404
