@@ -11,6 +11,7 @@ fluxserve-bench goodput [--duration-s 10] [--endpoints ...]          # closed lo
 fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs baseline, driven by wrk
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench gpu [--dry-run] [--configs bf16 bf16-compile fp8-compile]  # the gpu-torch path, 1024², 28 steps
+fluxserve-bench adapters [--rank 16] [--repeats 15] [--no-int8]  # per-request LoRA branch: step cost, memory
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench docs                                       # put the latest tables into docs/benchmarks.md (alias: readme)
 """
@@ -170,6 +171,27 @@ def _gpu(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _adapters(args: argparse.Namespace) -> int:
+    from benchmarks.adapters import AdapterBenchSettings, bench_adapters, render_markdown
+
+    given = {
+        "checkpoint": args.checkpoint,
+        "rank": args.rank,
+        "slots": args.slots,
+        "layouts": tuple(args.layouts) if args.layouts else None,
+        "batch": args.batch,
+        "image_side": args.image_side,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "out": args.out,
+    }
+    s = AdapterBenchSettings(
+        int8=args.int8, reuse_exports=args.reuse_exports, **{k: v for k, v in given.items() if v is not None}
+    )
+    sys.stdout.write(render_markdown(bench_adapters(s)))
+    return 0
+
+
 def _docs(_args: argparse.Namespace) -> int:
     from benchmarks.docs_page import PAGE, update_page
 
@@ -304,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     gp.set_defaults(fn=_gpu)
 
     # `readme` was its name while the tables lived in README.md; scripts that call it keep working.
+    # Defaults live in benchmarks.adapters.AdapterBenchSettings (not imported here: it pulls in torch and onnx).
+    ad = sub.add_parser("adapters", help="per-request LoRA branch: transformer step cost vs the plain graph, memory")
+    ad.add_argument("--checkpoint", type=Path, help="FLUX folder (default: the local build)")
+    ad.add_argument("--rank", type=int, help="the bank's max rank R (default 16)")
+    ad.add_argument("--slots", type=int, help="bank slots, slot 0 included (default 8)")
+    ad.add_argument("--layouts", nargs="+", help="bank layouts: per_layer grouped (default both)")
+    ad.add_argument("--batch", type=int, help="rows per step (default 4; distinct adapters cycle over 4)")
+    ad.add_argument("--image-side", type=int, help="pixels (default 256)")
+    ad.add_argument("--repeats", type=int, help="interleaved timed steps per variant (default 15)")
+    ad.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 1)")
+    ad.add_argument("--no-int8", dest="int8", action="store_false", help="fp32 graphs only")
+    ad.add_argument("--reuse-exports", action="store_true", help="reuse an earlier run's exports (same sources)")
+    ad.add_argument("--out", type=Path, help="results folder (default build/bench/adapters)")
+    ad.set_defaults(fn=_adapters)
+
     rd = sub.add_parser("docs", aliases=["readme"], help="put the latest measured tables into docs/benchmarks.md")
     rd.set_defaults(fn=_docs)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import shutil
 import threading
 import time
@@ -481,18 +482,26 @@ def read_adapter(lora: str | Path, layout: BankLayout, weight_name: str | None =
     return adapter_from_deltas(deltas, layout)
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros in an anonymous mapping: pages become resident only when written. (np.zeros
+    may be served from heap memory the allocator already holds and zeroes, all resident at once.)"""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(4 * count, 1))
+    return np.frombuffer(buf, np.float32, count=count).reshape(shape)  # keeps `buf` alive
+
+
 class AdapterBank:
     """The bank as numpy arrays, one per bank input (shapes BankLayout.bank_shapes), slot 0 zero.
 
-    Allocated with np.zeros, so a slot's pages become resident only when an adapter is written
-    into it: memory grows by a slot per loaded adapter, not by the whole bank at start."""
+    The arrays are lazily backed (lazy_zeros), so memory grows by a slot's bytes per loaded
+    adapter, not by the whole bank at start."""
 
     def __init__(self, layout: BankLayout, slots: int = DEFAULT_SLOTS) -> None:
         if not 2 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be in 2..{MAX_SLOTS} (slot 0 is the zero adapter), got {slots}")
         self.layout = layout
         self.slots = slots
-        self.arrays = {name: np.zeros(shape, np.float32) for name, shape in layout.bank_shapes(slots).items()}
+        self.arrays = {name: lazy_zeros(shape) for name, shape in layout.bank_shapes(slots).items()}
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot < self.slots:
