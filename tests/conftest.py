@@ -27,6 +27,19 @@ TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
 """The operator key every facade the tests start accepts (as FLUXSERVE_API_KEYS `tests:<key>`)."""
 
 
+REAL_STACK_DIRS = ("integration", "e2e", "compose")
+"""Tests that start real servers (Triton, the facade, workers, Redis, a browser) and share them as
+session fixtures: `make test` keeps them on one xdist worker, in order, while the other worker runs
+the in-process tests (pytest -n 2 --dist loadgroup)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        if item.path.relative_to(tests_dir).parts[0] in REAL_STACK_DIRS:
+            item.add_marker(pytest.mark.xdist_group("real-stack"))
+
+
 def require_models(*names: str) -> None:
     missing = [n for n in names if not (MODEL_REPOSITORY / n / "config.pbtxt").exists()]
     if missing:
