@@ -198,7 +198,8 @@ def _exports(s: AdapterBenchSettings, checkpoint: Path) -> tuple[torch.nn.Module
     from diffusers import FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(checkpoint / "transformer").eval()
-    root = s.out / "export"
+    # Absolute: the int8 quantizer changes directory before it resolves its output path.
+    root = s.out.resolve() / "export"
     source = {
         "checkpoint": str(checkpoint.resolve()),
         "transformer_files": sorted(
