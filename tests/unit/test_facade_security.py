@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -192,33 +189,8 @@ def test_a_request_without_host_is_refused() -> None:
 # ----------------------------------------------------------------------------- /metrics
 
 
-@pytest.fixture
-def fake_triton_metrics() -> Iterator[str]:
-    body = (
-        f"# HELP {PROMPT_CACHE_METRIC} lookups\n# TYPE {PROMPT_CACHE_METRIC} counter\n"
-        f'{PROMPT_CACHE_METRIC}{{result="hit"}} 3\n{PROMPT_CACHE_METRIC}{{result="miss"}} 1\n'
-    ).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    server.shutdown()
-    server.server_close()
-
-
-def test_prompt_cache_counters_only_for_the_operator(fake_triton_metrics: str) -> None:
-    app = create_app(ApiSettings(keys=f"ops:{KEY}", triton_metrics_url=fake_triton_metrics))
+def test_prompt_cache_counters_only_for_the_operator(triton_metrics_url: str) -> None:
+    app = create_app(ApiSettings(keys=f"ops:{KEY}", triton_metrics_url=triton_metrics_url))
     public = call(app, "GET", "/metrics")
     assert public.status_code == 200 and "fluxserve_http_requests_total" in public.text
     assert PROMPT_CACHE_METRIC not in public.text and "prompt_cache" not in public.text

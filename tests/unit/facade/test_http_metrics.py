@@ -6,9 +6,7 @@ facade test, which started two facade processes for it."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 import pytest
 
@@ -17,33 +15,6 @@ from contract.specs import PROMPT_CACHE_METRIC
 from runtime.processes import free_port
 
 pytestmark = pytest.mark.anyio
-
-TRITON_METRICS = (
-    "# HELP nv_inference_count Number of inferences performed\n# TYPE nv_inference_count counter\n"
-    'nv_inference_count{model="flux_prepare",version="1"} 4\n'
-    f"# HELP {PROMPT_CACHE_METRIC} flux_prepare prompt-embedding cache lookups\n# TYPE {PROMPT_CACHE_METRIC} counter\n"
-    f'{PROMPT_CACHE_METRIC}{{result="hit"}} 3\n{PROMPT_CACHE_METRIC}{{result="miss"}} 1\n'
-).encode()
-
-
-@pytest.fixture
-def triton_metrics_url() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(TRITON_METRICS)))
-            self.end_headers()
-            self.wfile.write(TRITON_METRICS)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    server.shutdown()
-    server.server_close()
 
 
 def cache_lines(text: str) -> list[str]:
