@@ -41,7 +41,11 @@ def test_short_or_typed_values_are_refused(value: str, why: str) -> None:
     assert why in secret_problem(value)
 
 
-@pytest.mark.parametrize("value", [secrets.token_hex(24), secrets.token_urlsafe(32), "k3Yq9-aZ0pLm7wXr"])
+@pytest.mark.parametrize(
+    "value",
+    [secrets.token_hex(24), secrets.token_urlsafe(32), "k3Yq9-aZ0pLm7wXr"],
+    ids=["hex", "urlsafe", "typed-by-hand"],
+)
 def test_random_values_pass(value: str) -> None:
     assert secret_problem(value) is None
 
