@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint models
-	$(BIN)/python -m pytest -ra --timeout=900 --durations=25 -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 # The docker compose cpu stack for real (not part of `make test`): Docker engine (installed and
 # started when missing), images, `--scale worker=2`, the smoke suite in tests/compose/, then down.

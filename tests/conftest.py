@@ -29,8 +29,9 @@ TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
 
 REAL_STACK_DIRS = ("integration", "e2e", "compose")
 """Tests that start real servers (Triton, the facade, workers, Redis, a browser) and share them as
-session fixtures: `make test` keeps them on one xdist worker, in order, while the other worker runs
-the in-process tests (pytest -n 2 --dist loadgroup)."""
+session fixtures: under xdist (`PYTEST_ARGS="-n 2 --dist loadgroup"`) they stay on one worker, in
+order, while the other runs the in-process tests. Not make test's default: on this 2-core machine the
+two workers starved each other (load average 5, 14% of the suite done in 14 minutes)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
