@@ -56,6 +56,10 @@ class TritonSettings(BaseSettings):
     log_file: Path | None = None
     """Triton's own log; "-": the launcher's stdout (containers, where `docker logs` must show it)."""
     startup_timeout_s: float = 180.0
+    exit_timeout_s: int = 30
+    """How long Triton drains on SIGINT/SIGTERM before it exits anyway (`--exit-timeout-secs`): in-flight
+    requests finish within it. A model instance whose stub died never reports unloaded, so a stop
+    after a stub death always waits this long."""
     log_verbose: int = 0
     models: tuple[str, ...] = ("*",)
     """Models loaded at start (explicit control mode); "*" loads every model in the repository."""
@@ -146,6 +150,7 @@ def build_command(settings: TritonSettings, backend_dir: Path, control_key: str)
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
         *restricted_api_flags(control_key),
     ]
@@ -276,7 +281,10 @@ class TritonServer:
             f"Triton not ready after {self.settings.startup_timeout_s:.0f}s:\n{_error_lines(self.log_text())}"
         )
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGINT, then SIGKILL if Triton has not exited `timeout_s` (default: its own exit timeout
+        and a margin for the stubs) later."""
+        timeout_s = self.settings.exit_timeout_s + 10.0 if timeout_s is None else timeout_s
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return

@@ -22,6 +22,10 @@ from tests.redis_server import redis_server  # noqa: F401  (a real Redis, as a s
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every test Triton (and every stack a test starts) drains for at most 5 s on stop instead of
+# production's 30: after a reload or a killed stub, Triton waits out the whole timeout for an
+# instance that never reports unloaded, and no test sends work that takes longer than 5 s to finish.
+os.environ.setdefault("FLUXSERVE_TRITON_EXIT_TIMEOUT_S", "5")
 
 TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
 """The operator key every facade the tests start accepts (as FLUXSERVE_API_KEYS `tests:<key>`)."""

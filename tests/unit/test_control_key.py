@@ -82,3 +82,12 @@ def test_image_entrypoint_flags(monkeypatch, capsys) -> None:
     assert main() == 1 and capsys.readouterr().out == ""
     monkeypatch.setenv("FLUXSERVE_TRITON_CONTROL_KEY", GOOD)
     assert main() == 0 and capsys.readouterr().out.split() == restricted_api_flags(GOOD)
+
+
+def test_launcher_passes_the_exit_timeout(tmp_path) -> None:
+    """Triton's drain on stop is the setting (production keeps Triton's own 30 s)."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text("")
+    settings = TritonSettings(model_repository=tmp_path, exit_timeout_s=7)
+    assert "--exit-timeout-secs=7" in build_command(settings, tmp_path, GOOD)
+    assert TritonSettings.model_fields["exit_timeout_s"].default == 30
