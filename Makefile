@@ -64,5 +64,6 @@ bench-smoke: models
 bench-sweep: models
 	$(BIN)/fluxserve-bench sweep --repeats 2
 
+# adapters/: published LoRAs fitted to the base model that build/ held (common/adapter_store.py).
 clean:
-	rm -rf build model_repository/*/[0-9]* model_repository/*/config.pbtxt
+	rm -rf build adapters model_repository/*/[0-9]* model_repository/*/config.pbtxt
