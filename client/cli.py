@@ -3,9 +3,12 @@
     fluxserve-client classify "can I see you in the kitchen?" "see you tomorrow"
     fluxserve-client generate "a red fox in snow" --width 256 --height 256 --steps 4 -o fox.png
     fluxserve-client train submit my_images.zip --trigger-word zxq --steps 40
+    fluxserve-client train submit my_images.zip --trigger-word zxq --adapter --name my-dog
     fluxserve-client train list | get JOB_ID | cancel JOB_ID
+    fluxserve-client loras list | show NAME | delete NAME
+    fluxserve-client generate "zxq, a dog on a beach" --lora my-dog --lora-scale 0.8
 
-The training commands need the operator key: --api-key, else $FLUXSERVE_API_KEY, else the file
+The training and adapter commands need the operator key: --api-key, else $FLUXSERVE_API_KEY, else the file
 `make up` created (.fluxserve/api_key). Prefer the variable or the file: a flag shows in `ps`.
 
 `generate` shows a progress bar fed by `generate_stream` (one update per denoising step);
@@ -63,13 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--height", type=int, default=GENERATE_DEFAULTS.height)
     g.add_argument("--steps", type=int, default=GENERATE_DEFAULTS.steps)
     g.add_argument("--guidance", type=float, default=GENERATE_DEFAULTS.guidance)
+    g.add_argument("--lora", help="a published adapter's name (fluxserve-client loras list); default: none")
+    g.add_argument("--lora-scale", type=float, help="the adapter's strength, 0-2 (default: the adapter's own)")
     g.add_argument("-o", "--output", type=Path, default=Path("image.png"))
     _add_train_commands(sub)
+    _add_lora_commands(sub)
     g.add_argument("--no-progress", action="store_true", help="no progress bar: call the unary generate model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "train":
         return _train(args)
+    if args.cmd == "loras":
+        return _loras(args)
     try:
         with TritonClient(args.url, args.timeout_s) as client:
             if args.cmd == "classify":
@@ -91,10 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _add_facade_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-url", default=DEFAULT_API_URL, help="the facade's address")
+    parser.add_argument("--api-key", help=f"operator key (default: ${API_KEY_ENV}, else {KEY_FILE})")
+
+
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="the facade's training API (needs the operator key)")
-    t.add_argument("--api-url", default=DEFAULT_API_URL, help="the facade's address")
-    t.add_argument("--api-key", help=f"operator key (default: ${API_KEY_ENV}, else {KEY_FILE})")
+    _add_facade_options(t)
     actions = t.add_subparsers(dest="action", required=True)
     s = actions.add_parser("submit", help="start a job: a LoRA from a zip of images, or --kind classifier")
     s.add_argument("dataset", nargs="?", type=Path, help="zip of images (+ same-name .txt captions)")
@@ -109,17 +121,67 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
         ("batch-size", int),
     ):
         s.add_argument(f"--{name}", type=kind)
-    s.add_argument("--no-publish", action="store_true", help="train only; do not serve the result")
+    publish = s.add_mutually_exclusive_group()
+    publish.add_argument("--no-publish", action="store_true", help="train only; do not serve the result")
+    publish.add_argument(
+        "--adapter",
+        action="store_true",
+        help="publish the LoRA as an adapter that requests name (--lora), not as a new model version",
+    )
+    s.add_argument("--name", help="the adapter's name with --adapter (default: the job id)")
     ls = actions.add_parser("list", help="recent jobs")
     ls.add_argument("--limit", type=int, default=20)
     for action in ("get", "cancel"):
         actions.add_parser(action).add_argument("job_id")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _add_lora_commands(sub: argparse._SubParsersAction) -> None:
+    lo = sub.add_parser("loras", help="the facade's published adapters (needs the operator key)")
+    _add_facade_options(lo)
+    actions = lo.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every published adapter")
+    for action, text in (("show", "one adapter's record"), ("delete", "remove an adapter")):
+        actions.add_parser(action, help=text).add_argument("name")
+
+
+def _operator_key(args: argparse.Namespace) -> str | None:
     key = args.api_key or os.environ.get(API_KEY_ENV) or read_key_file()
     if not key:
         log.error("no operator key: pass --api-key, set %s, or run `make up` once to create %s", API_KEY_ENV, KEY_FILE)
+    return key
+
+
+def _print(out: object) -> int:
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _loras(args: argparse.Namespace) -> int:
+    key = _operator_key(args)
+    if not key:
+        return 2
+    try:
+        with FacadeClient(args.api_url, api_key=key) as api:
+            if args.action == "list":
+                out = api.loras()
+            elif args.action == "show":
+                out = api.lora(args.name)
+            else:
+                out = api.delete_lora(args.name)
+    except (FluxServeError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    return _print(out)
+
+
+def _publish_choice(args: argparse.Namespace) -> bool | str:
+    return "adapter" if args.adapter else not args.no_publish
+
+
+def _train(args: argparse.Namespace) -> int:
+    key = _operator_key(args)
+    if not key:
         return 2
     try:
         with FacadeClient(args.api_url, api_key=key) as api:
@@ -133,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
                 if args.kind == "classifier":
                     out = api.submit_classifier(
                         epochs=params.pop("steps"),
-                        publish=not args.no_publish,
+                        publish=_publish_choice(args),
                         **{k: v for k, v in params.items() if v is not None},
                     )
                 else:
@@ -143,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
                     out = api.submit_lora(
                         args.dataset,
                         args.trigger_word,
-                        publish=not args.no_publish,
+                        publish=_publish_choice(args),
+                        name=args.name,
                         rank=args.rank,
                         resolution=args.resolution,
                         **params,
@@ -160,9 +223,7 @@ def _train(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("%s", e)
         return 2
-    json.dump(out, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    return _print(out)
 
 
 if __name__ == "__main__":

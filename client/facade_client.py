@@ -1,4 +1,4 @@
-"""`FacadeClient`: the HTTP facade's training API (and /classify) from Python, with the operator key.
+"""`FacadeClient`: the HTTP facade's training and adapter API (and /classify) from Python, with the operator key.
 
     with FacadeClient("http://127.0.0.1:8080", api_key=...) as api:   # or FLUXSERVE_API_KEY
         job = api.submit_lora("my_images.zip", trigger_word="zxq", steps=40)
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -33,6 +34,11 @@ def read_key_file(path: Path = KEY_FILE) -> str | None:
         return None
     _, sep, key = first.partition(":")  # `name:key` or a bare key
     return (key if sep else first) or None
+
+
+def _publish_field(publish: bool | str) -> str:
+    """POST /train's `publish` form field: "true", "false" or "adapter"."""
+    return publish if isinstance(publish, str) else str(publish).lower()
 
 
 class FacadeClient:
@@ -65,12 +71,20 @@ class FacadeClient:
         return r.json()
 
     def submit_lora(
-        self, dataset: str | Path, trigger_word: str, publish: bool = True, **params: Any
+        self,
+        dataset: str | Path,
+        trigger_word: str,
+        publish: bool | Literal["adapter"] = True,
+        name: str | None = None,
+        **params: Any,
     ) -> dict[str, Any]:
-        """POST /train with a zip of images; `params`: steps, rank, learning_rate, resolution, seed, batch_size."""
+        """POST /train with a zip of images; `params`: steps, rank, learning_rate, resolution, seed, batch_size.
+        `publish="adapter"` publishes the LoRA as the adapter `name` (default: the job id) instead
+        of a new model version."""
         fields = {
             "trigger_word": trigger_word,
-            "publish": str(publish).lower(),
+            "publish": _publish_field(publish),
+            **({"name": name} if name is not None else {}),
             **{k: str(v) for k, v in params.items() if v is not None},
         }
         with Path(dataset).open("rb") as fh:
@@ -78,9 +92,11 @@ class FacadeClient:
                 "POST", "/train", data=fields, files={"dataset": (Path(dataset).name, fh, "application/zip")}
             )
 
-    def submit_classifier(self, epochs: int | None = None, publish: bool = True, **params: Any) -> dict[str, Any]:
+    def submit_classifier(
+        self, epochs: int | None = None, publish: bool | Literal["adapter"] = True, **params: Any
+    ) -> dict[str, Any]:
         """POST /train kind=classifier; `params`: learning_rate, seed, batch_size."""
-        fields = {"kind": "classifier", "publish": str(publish).lower(), "steps": epochs, **params}
+        fields = {"kind": "classifier", "publish": _publish_field(publish), "steps": epochs, **params}
         return self._call("POST", "/train", data={k: str(v) for k, v in fields.items() if v is not None})
 
     def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -91,6 +107,16 @@ class FacadeClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/train/{job_id}")
+
+    def loras(self) -> list[dict[str, Any]]:
+        """GET /loras: the published adapters."""
+        return self._call("GET", "/loras")["loras"]
+
+    def lora(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/loras/{quote(name, safe='')}")
+
+    def delete_lora(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/loras/{quote(name, safe='')}")
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         return self._call("POST", "/classify", json={"texts": texts})["results"]
