@@ -16,6 +16,8 @@ from tritonclient.utils import triton_to_np_dtype
 
 from contract.errors import InvalidInputError
 from contract.specs import (
+    ADAPTER_OUTPUT,
+    ADAPTER_SHA256_OUTPUT,
     CLASSIFY,
     CLASSIFY_LIMITS,
     FLUX_IO_NAMES,
@@ -43,6 +45,10 @@ class GenerateResult:
     image: np.ndarray  # uint8 (H, W, 3)
     seed: int
     model_version: str
+    lora: str | None = None
+    """The adapter that made the image (issue 27); None: the default model."""
+    lora_sha256: str | None = None
+    """The sha256 of that adapter's LoRA file."""
 
 
 @dataclass(frozen=True)
@@ -127,18 +133,41 @@ def generate_inputs(
         inp = grpcclient.InferInput(name, list(array.shape), model.input(name).wire_dtype)
         inp.set_data_from_numpy(array)
         inputs.append(inp)
-    return inputs, [grpcclient.InferRequestedOutput(t.name) for t in model.outputs]
+    return inputs, [grpcclient.InferRequestedOutput(name) for name in requested_outputs(params, model)]
+
+
+def requested_outputs(params: GenerateParams, model: ModelSpec = GENERATE) -> list[str]:
+    """The outputs to ask for: the optional ones (which adapter made the image) only when the
+    request names an adapter, so a plain request also works on a `generate` built before them."""
+    return [t.name for t in model.outputs if not t.optional or params.lora is not None]
+
+
+def _text_output(result: grpcclient.InferResult, name: str) -> str | None:
+    array = result.as_numpy(name)
+    if array is None or array.size == 0:
+        return None
+    item = array.reshape(-1)[0]
+    text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    return text or None
+
+
+def _generate_result(result: grpcclient.InferResult, image: np.ndarray, seed: int) -> GenerateResult:
+    return GenerateResult(
+        image=image,
+        seed=seed,
+        model_version=result.get_response().model_version,
+        lora=_text_output(result, ADAPTER_OUTPUT),
+        lora_sha256=_text_output(result, ADAPTER_SHA256_OUTPUT),
+    )
 
 
 def decode_generate(result: grpcclient.InferResult, seed: int) -> GenerateResult:
-    image = result.as_numpy(GENERATE.outputs[0].name)
-    version = result.get_response().model_version
-    return GenerateResult(image=image, seed=seed, model_version=version)
+    return _generate_result(result, result.as_numpy(GENERATE.outputs[0].name), seed)
 
 
 def decode_generate_stream(result: grpcclient.InferResult, seed: int) -> tuple[GenerateProgress, GenerateResult | None]:
     """One `generate_stream` response: its progress, and the image when it is the last one."""
-    step, total, elapsed, image = (spec.name for spec in GENERATE_STREAM.outputs)
+    step, total, elapsed, image = (spec.name for spec in GENERATE_STREAM.outputs[:4])
     progress = GenerateProgress(
         step=int(result.as_numpy(step).reshape(-1)[0]),
         total=int(result.as_numpy(total).reshape(-1)[0]),
@@ -147,7 +176,7 @@ def decode_generate_stream(result: grpcclient.InferResult, seed: int) -> tuple[G
     pixels = result.as_numpy(image)
     if pixels is None:
         return progress, None
-    return progress, GenerateResult(image=pixels, seed=seed, model_version=result.get_response().model_version)
+    return progress, _generate_result(result, pixels, seed)
 
 
 def flux_component_feeds(

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from common.adapter_store import MAX_SCALE as MAX_ADAPTER_SCALE
+from common.adapter_store import InvalidAdapterName, check_name
 from contract.errors import InvalidInputError
 
 TritonDType = Literal["TYPE_STRING", "TYPE_FP32", "TYPE_FP16", "TYPE_INT32", "TYPE_INT64", "TYPE_UINT8", "TYPE_BOOL"]
@@ -141,6 +143,9 @@ class GenerateDefaults:
 
 GENERATE_DEFAULTS = GenerateDefaults()
 
+ADAPTER_OUTPUT = "adapter"
+ADAPTER_SHA256_OUTPUT = "adapter_sha256"
+
 GENERATE = ModelSpec(
     name="generate",
     inputs=(
@@ -150,8 +155,17 @@ GENERATE = ModelSpec(
         TensorSpec("guidance", "TYPE_FP32", (1,), optional=True),
         TensorSpec("width", "TYPE_INT32", (1,), optional=True),
         TensorSpec("height", "TYPE_INT32", (1,), optional=True),
+        # Issue 27: a published adapter (LoRA) by name, and its scale; absent = the default model.
+        TensorSpec("lora", "TYPE_STRING", (1,), optional=True),
+        TensorSpec("lora_scale", "TYPE_FP32", (1,), optional=True),
     ),
-    outputs=(TensorSpec("image", "TYPE_UINT8", (-1, -1, 3)),),
+    outputs=(
+        TensorSpec("image", "TYPE_UINT8", (-1, -1, 3)),
+        # Which adapter made the image and the sha256 of its LoRA file ("" without one). Optional:
+        # clients ask for them only when a request names an adapter.
+        TensorSpec(ADAPTER_OUTPUT, "TYPE_STRING", (1,), optional=True),
+        TensorSpec(ADAPTER_SHA256_OUTPUT, "TYPE_STRING", (1,), optional=True),
+    ),
     max_batch_size=0,
 )
 
@@ -177,6 +191,13 @@ def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or whitespace")
     return value
+
+
+def _adapter_name(value: str) -> str:
+    try:
+        return check_name(value)
+    except InvalidAdapterName as e:
+        raise ValueError(str(e)) from None
 
 
 def random_seed() -> int:
@@ -206,6 +227,10 @@ class ImageOptions(BaseModel):
     ] = GENERATE_DEFAULTS.guidance
     width: Side = GENERATE_DEFAULTS.width
     height: Side = GENERATE_DEFAULTS.height
+    lora: Annotated[str, AfterValidator(_adapter_name)] | None = None
+    """A published adapter (common.adapter_store) to generate with; None: the default model."""
+    lora_scale: Annotated[float, Field(ge=0.0, le=MAX_ADAPTER_SCALE, allow_inf_nan=False)] | None = None
+    """The adapter's strength; None: the adapter's own default scale. Ignored without `lora`."""
 
 
 class GenerateParams(ImageOptions):
