@@ -41,21 +41,17 @@ import torch
 
 from benchmarks.environment import background_load, environment
 from benchmarks.report import write_json
+from common.adapter_bank import DEFAULT_MAX_RANK, DEFAULT_SLOTS, LAYOUTS, AdapterWeights, Layout
 from common.ort_session import make_session
 from common.paths import BUILD_DIR
 from contract.specs import FLUX_IO_NAMES, FLUX_TRANSFORMER
 from export.flux.adapter_bank import (
     ADAPTER_TRANSFORMER,
-    DEFAULT_MAX_RANK,
-    DEFAULT_SLOTS,
-    LAYOUTS,
-    AdapterSession,
-    AdapterWeights,
-    Layout,
     export_adapter_transformer,
     quantize_adapter_export,
     read_adapter,
 )
+from serving.adapter_session import AdapterSession
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +221,7 @@ def _exports(s: AdapterBenchSettings, checkpoint: Path) -> tuple[torch.nn.Module
 
 def _adapters(s: AdapterBenchSettings, checkpoint: Path, layout_dir: Path) -> tuple[list[AdapterWeights], list[int]]:
     """ADAPTERS random rank-R LoRA files (the local LoRA builder, other seeds), read for the bank."""
-    from export.flux.adapter_bank import BankLayout
+    from common.adapter_bank import BankLayout
     from export.flux.lora import build_local_lora
 
     layout = BankLayout.load(layout_dir)

@@ -31,15 +31,11 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common.adapter_bank import BANK_FILE, AdapterBank, AdapterRefused, BankLayout  # noqa: E402
 from common.ort_session import make_session  # noqa: E402
 from contract.specs import FLUX_TRANSFORMER  # noqa: E402
 from export.flux.adapter_bank import (  # noqa: E402
-    BANK_FILE,
-    AdapterBank,
     AdapterFluxTransformer,
-    AdapterRefused,
-    AdapterSession,
-    BankLayout,
     adapter_from_deltas,
     branch_layers,
     export_adapter_transformer,
@@ -51,6 +47,7 @@ from export.flux.lora_deltas import LayerDelta, layer_deltas, load_lora_state  #
 from export.flux.onnx_export import BatchMajorFluxTransformer, export_all, transformer_inputs  # noqa: E402
 from export.flux.transformer_precision import INT8_DIR, PRECISION_FILE, quantize_export  # noqa: E402
 from export.flux.weight_patch import patch_export  # noqa: E402
+from serving.adapter_session import AdapterSession  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
