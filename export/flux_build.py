@@ -90,6 +90,15 @@ def source_fingerprint(path: str | Path) -> dict[str, str]:
     return out
 
 
+def base_transformer_fingerprint(checkpoint: str | Path) -> str:
+    """The identity of a checkpoint's base transformer (its weights and config, as
+    source_fingerprint sees them): what an adapter must have been trained on to be served with
+    it (common.adapter_bank.BankLayout.base_fingerprint). A hub id is identified by name."""
+    files = source_fingerprint(checkpoint)
+    transformer = {k: v for k, v in files.items() if k.startswith("transformer/")}
+    return fingerprint({"transformer": transformer or files})
+
+
 def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
     from export.flux.transformer_precision import PRECISION_FILE, served_dir
     from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR
