@@ -22,7 +22,7 @@ from api.job_liveness import reap_forever
 from api.keys import load_keyring
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.request_id import RequestIdMiddleware, configure_logging
-from api.routes import health, inference, playground, train
+from api.routes import health, inference, loras, playground, train
 from api.services.classification import ClassificationService
 from api.services.generation import GenerationService
 from api.settings import ApiSettings
@@ -113,6 +113,7 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
     app.include_router(inference.router)
     app.include_router(health.router)
     app.include_router(train.router)
+    app.include_router(loras.router)
     app.include_router(playground.router)
     return app
 

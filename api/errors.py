@@ -27,6 +27,7 @@ from contract.errors import (
     RequestCancelledError,
     RequestTimeoutError,
     ServerUnavailableError,
+    UnknownAdapterError,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class PublicError:
 # The one table of our failures, for JSON answers and SSE `error` events alike. The first row
 # whose class the exception is an instance of decides, so a subclass comes before its base.
 ERRORS: tuple[tuple[type[FluxServeError], PublicError], ...] = (
+    (UnknownAdapterError, PublicError(404, "not_found", "the adapter the request names does not exist")),
     (InvalidInputError, PublicError(422, "invalid_request", "the inference server refused the request as invalid")),
     (ModelNotReadyError, PublicError(503, "unavailable", "the model is not ready; try again later")),
     # Also overload (OverloadedError), a dead stub (ModelFailedError) and a server stopping.
@@ -92,8 +94,9 @@ def public_kind(exc: FluxServeError) -> PublicError:
 
 def public_message(exc: FluxServeError) -> str:
     """Our own messages as they are (validation, admission); a message built from a lower layer's
-    exception (Triton's text, gRPC details) replaced by a fixed one, the original going to the log."""
-    if exc.__cause__ is None:
+    exception (Triton's text, gRPC details) replaced by a fixed one, the original going to the log;
+    an exception whose message is always our own (`own_message`) keeps it either way."""
+    if exc.__cause__ is None or exc.own_message:
         return str(exc)
     return f"{public_kind(exc).server_message} (request id {current_request_id()})"
 

@@ -100,6 +100,14 @@ class GenerateRequest(GenerateOptions):
     prompt: Prompt
 
 
+class AppliedLora(BaseModel):
+    """The adapter that made an answer's images."""
+
+    name: str
+    sha256: str = Field(description="of the adapter's LoRA file: which published adapter it was")
+    scale: float = Field(description="the lora_scale applied (the request's, else the adapter's default)")
+
+
 class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded images, one per num_images (seeds seed, seed+1, ...)")
     seed: int
@@ -107,6 +115,25 @@ class GenerateResponse(BaseModel):
     prompt: str = Field(description="the prompt as sent to the model (trigger words added when configured)")
     output_format: str
     timings: dict[str, float]
+    lora: AppliedLora | None = Field(default=None, description="the adapter the request named; null: none")
+
+
+class LoraInfo(BaseModel):
+    """A published adapter as GET /loras shows it (common.adapter_store.AdapterRecord, less what
+    only the server needs: where it came from, the base model's fingerprint)."""
+
+    name: str
+    trigger_words: str = Field(description="added to a prompt that names this adapter and lacks them")
+    rank: int
+    scale: float = Field(description="the default lora_scale")
+    owner: str | None = Field(description="the operator key's name that published it")
+    created: str = Field(description="ISO 8601, UTC")
+    sha256: str = Field(description="of the adapter's LoRA file")
+    tensor_bytes: int = Field(description="float32 bytes of its factors: about what a loaded adapter costs")
+
+
+class LoraList(BaseModel):
+    loras: list[LoraInfo] = Field(description="oldest first")
 
 
 ChatKind = Literal["image", "conversation", "uncertain"]

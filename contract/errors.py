@@ -9,14 +9,31 @@ from tritonclient.utils import InferenceServerException
 DEFAULT_RETRY_AFTER_S = 5.0
 """What a 503 tells a client to wait when nobody measured better (Triton down, model loading)."""
 _DEAD_STUB = re.compile(r"Stub process '([A-Za-z0-9_.-]+?)_\d+_\d+' is not healthy")
+_UNKNOWN_ADAPTER = re.compile(r"no adapter named '([a-z0-9][a-z0-9_-]{0,63})'")
+"""common.adapter_store.AdapterNotFound's message, as the models inside Triton pass it on."""
 
 
 class FluxServeError(Exception):
     """Base class for everything the client raises."""
 
+    own_message: bool = False
+    """True when the message is always built here from checked values (never a lower layer's
+    text), so a caller may be shown it even when the exception was translated from Triton's."""
+
 
 class InvalidInputError(FluxServeError, ValueError):
     """The request was refused as malformed, by this client or by the server."""
+
+
+class UnknownAdapterError(InvalidInputError):
+    """The request names an adapter (`lora`) that is not published (404 at the facade, an
+    INVALID_ARG from Triton)."""
+
+    own_message = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no adapter named {name!r}")
+        self.name = name
 
 
 class ServerUnavailableError(FluxServeError):
@@ -65,6 +82,9 @@ def translate(e: InferenceServerException) -> FluxServeError:
     dead = _DEAD_STUB.search(message)
     if dead:
         return ModelFailedError(f"model {dead.group(1)!r} failed and is being recovered: {message}", dead.group(1))
+    unknown_adapter = _UNKNOWN_ADAPTER.search(message)
+    if unknown_adapter:
+        return UnknownAdapterError(unknown_adapter.group(1))
     if "CANCELLED" in status:
         return RequestCancelledError(message)
     if "UNAVAILABLE" in status or "failed to connect" in lowered or "connection refused" in lowered:

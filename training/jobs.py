@@ -65,6 +65,13 @@ NEXT: dict[str, frozenset[str]] = {
     **{status: frozenset() for status in TERMINAL},
 }
 """The statuses each status may change to (a worker may start a `new` job: its message exists)."""
+PUBLISH_ADAPTER = "adapter"
+"""A flux_lora job's `publish` param (and POST /train's field) that publishes the LoRA as an adapter
+(common.adapter_store) instead of a new model version."""
+PublishMode = bool | Literal["adapter"]
+"""A job's `publish` param: True (a new model version), False (train only) or PUBLISH_ADAPTER."""
+ADAPTER_NAME_PARAM = "adapter_name"
+"""The job param naming the adapter a publish=adapter job publishes (checked and claimed at submit)."""
 WORKER_LOST = "worker lost: its worker stopped heartbeating while the job was running; resubmit it"
 NEVER_QUEUED = "never queued: the submission was interrupted before the job reached the queue; resubmit it"
 
@@ -245,6 +252,10 @@ class JobStore(ABC):
 
     def waiting(self) -> int:
         return sum(j.status in WAITING for j in self._unfinished())
+
+    def unfinished(self) -> list[Job]:
+        """Jobs in new, queued or running (e.g. the adapter names they will publish)."""
+        return self._unfinished()
 
     def start(self, job_id: str, worker_id: str) -> bool:
         """new/queued -> running on `worker_id`, atomically; False when cancelled or already taken."""

@@ -1,4 +1,5 @@
-"""What the training worker runs for a job: train, then (optionally) re-export and hot-swap.
+"""What the training worker runs for a job: train, then (optionally) re-export and hot-swap, or,
+for a LoRA job with publish=adapter, publish the LoRA into the adapter store (no model changes).
 
 Tasks are registered on a huey instance by `register_tasks`, called identically by the facade
 (which only enqueues) and the worker (which runs them), so no settings are read at import time.
@@ -16,7 +17,7 @@ from typing import Any
 from huey.api import Huey
 
 from contract.specs import JobKind
-from training.jobs import JobSettings, JobStore, job_dir
+from training.jobs import ADAPTER_NAME_PARAM, PUBLISH_ADAPTER, JobSettings, JobStore, job_dir
 from training.liveness import Heartbeat
 from training.stores import job_store
 
@@ -57,7 +58,11 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
     )
     # Paths in a job's result are relative to the job's folder: callers never see host paths.
     result: dict[str, Any] = {"lora_dir": "lora", "manifest": manifest}
-    if params.get("publish", True):
+    if params.get("publish", True) == PUBLISH_ADAPTER:
+        result["publish"] = _publish(
+            store, job_id, result, lambda: publish_lora_adapter(settings, store, job_id, params, checkpoint)
+        )
+    elif params.get("publish", True):
         result["publish"] = _publish(
             store,
             job_id,
@@ -75,6 +80,28 @@ def run_flux_lora(settings: JobSettings, store: JobStore, job_id: str, params: d
             ),
         )
     return result
+
+
+def publish_lora_adapter(
+    settings: JobSettings, store: JobStore, job_id: str, params: dict[str, Any], checkpoint: str
+) -> dict[str, Any]:
+    """The job's LoRA into the adapter store under the name claimed at submit, owned by the job's
+    owner: requests naming it use it from now on, and no model version changes. What the job's
+    result says of it: its name and the sha256 that answers naming it carry."""
+    from publish.adapters import publish_adapter
+
+    job = store.get(job_id)
+    record = publish_adapter(
+        job_dir(settings, job_id) / "lora",
+        params[ADAPTER_NAME_PARAM],
+        trigger_words=params["trigger_word"],
+        owner=job.owner if job is not None else None,
+        scale=1.0,  # the trainer bakes alpha/rank into the weights: full strength as trained
+        repository=settings.model_repository,
+        base_checkpoint=checkpoint,
+        source=f"job {job_id}",
+    )
+    return {"adapter": {"name": record.name, "sha256": record.sha256, "rank": record.rank}}
 
 
 def _publish(

@@ -104,7 +104,8 @@ function showImages(container, answer) {
     img.className = "generated";
     const caption = document.createElement("figcaption");
     const facts = document.createElement("span");
-    facts.textContent = "seed " + seed + " · model version " + answer.model_version;
+    facts.textContent = "seed " + seed + " · model version " + answer.model_version +
+      (answer.lora ? " · adapter " + answer.lora.name : "");
     facts.className = "image-facts";
     const link = document.createElement("a");
     link.href = img.src;
@@ -120,6 +121,42 @@ function showImages(container, answer) {
 // ------------------------------------------------------------------------------ Generate
 function numberOrNull(input) {
   return input.value === "" ? null : Number(input.value);
+}
+
+// The adapter picker, filled from GET /loras. Listing adapters needs the operator key (as reading
+// jobs does), so without one the page asks for it instead of calling (a 401 would only be noise).
+async function loadAdapters() {
+  const select = $("gen-lora");
+  const hint = $("gen-lora-hint");
+  const chosen = select.value;
+  let loras = [];
+  if (!sessionStorage.getItem(KEY_STORAGE)) {
+    hint.textContent = "Set the operator key (Train pane) to list adapters.";
+  } else {
+    try {
+      const response = await fetch("/loras", { headers: authHeaders() });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      loras = (await response.json()).loras;
+      hint.textContent = loras.length ? "" : "No adapters published yet.";
+    } catch (err) {
+      hint.textContent = "Adapters unavailable: " + err.message;
+    }
+  }
+  select.replaceChildren(new Option("none: the default model", ""));
+  for (const a of loras) {
+    const words = a.trigger_words ? " (" + a.trigger_words + ")" : "";
+    select.add(new Option(a.name + words, a.name));
+  }
+  if (loras.some((a) => a.name === chosen)) select.value = chosen;
+}
+
+// The chosen adapter as /generate options (nothing when none is chosen).
+function adapterOptions() {
+  const options = {};
+  if ($("gen-lora").value) options.lora = $("gen-lora").value;
+  const scale = numberOrNull($("gen-lora-scale"));
+  if (options.lora && scale !== null) options.lora_scale = scale;
+  return options;
 }
 
 function setupGenerate() {
@@ -139,6 +176,7 @@ function setupGenerate() {
       steps: Number($("gen-steps").value),
       guidance: Number($("gen-guidance").value),
       num_images: Number($("gen-count").value),
+      ...adapterOptions(),
     };
     const seed = numberOrNull($("gen-seed"));
     if (seed !== null) body.seed = seed;
@@ -216,6 +254,7 @@ function setupClassify() {
     const generate = {
       width: Number($("gen-width").value), height: Number($("gen-height").value),
       steps: Number($("gen-steps").value), guidance: Number($("gen-guidance").value),
+      ...adapterOptions(),
     };
     try {
       let failed = null;
@@ -255,16 +294,23 @@ function setupTrain() {
     if (keyInput.value.trim()) sessionStorage.setItem(KEY_STORAGE, keyInput.value.trim());
     keyInput.value = "";
     showKeyState();
+    loadAdapters();
   });
   $("key-forget").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
     showKeyState();
+    loadAdapters();
   });
   showKeyState();
 
   const kind = $("train-kind");
-  const syncKind = () => document.querySelectorAll(".lora-only").forEach((el) => (el.hidden = kind.value !== "flux_lora"));
+  const publish = $("train-publish");
+  const syncKind = () => {
+    document.querySelectorAll(".lora-only").forEach((el) => (el.hidden = kind.value !== "flux_lora"));
+    document.querySelectorAll(".adapter-only").forEach((el) => (el.hidden ||= publish.value !== "adapter"));
+  };
   kind.addEventListener("change", syncKind);
+  publish.addEventListener("change", syncKind);
   syncKind();
 
   const form = $("train-form");
@@ -290,6 +336,8 @@ function setupTrain() {
       data.append("dataset", file);
       data.append("trigger_word", $("train-trigger").value.trim());
       data.append("resolution", $("train-resolution").value);
+      data.append("publish", publish.value);
+      if (publish.value === "adapter" && $("train-name").value.trim()) data.append("name", $("train-name").value.trim());
     }
     $("train-submit").disabled = true;
     setProgress($("train-progress"), $("train-percent"), 0);
@@ -325,13 +373,20 @@ function setupTrain() {
     if (p.total_steps) setProgress($("train-progress"), $("train-percent"), (p.step || 0) / p.total_steps);
     if (typeof p.loss === "number") $("train-loss").textContent = p.loss.toFixed(4);
     const publish = (job.result || {}).publish;
-    if (publish && publish.status === "running") status.textContent = "Training done; exporting and loading the new version…";
+    if (publish && publish.status === "running") status.textContent = "Training done; publishing…";
     else if (job.status === "running") status.textContent = "Training: step " + (p.step || 0) + " of " + (p.total_steps || "?");
     if (job.status === "succeeded") {
       setProgress($("train-progress"), $("train-percent"), 1);
       const version = publish && publish.model_version;
-      $("train-version").textContent = version ? version : "not published";
-      status.textContent = version ? "Version " + version + " is now being served." : "Training succeeded.";
+      const adapter = publish && publish.adapter;
+      if (adapter) {
+        $("train-version").textContent = "adapter " + adapter.name;
+        status.textContent = "Adapter " + adapter.name + " is ready: pick it in the Generate pane.";
+        loadAdapters();
+      } else {
+        $("train-version").textContent = version ? version : "not published";
+        status.textContent = version ? "Version " + version + " is now being served." : "Training succeeded.";
+      }
     } else if (job.status === "failed" || job.status === "cancelled") {
       status.textContent = "Job " + job.status + (job.error ? ": " + job.error : ".");
     }
@@ -343,4 +398,5 @@ document.addEventListener("DOMContentLoaded", () => {
   setupGenerate();
   setupClassify();
   setupTrain();
+  loadAdapters();
 });

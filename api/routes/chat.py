@@ -3,7 +3,9 @@ classifier is sure), generate from it in the same call.
 
 The prompt sent to FLUX is the message with its request phrasing removed (api/prompt_rewrite.py).
 With `Accept: text/event-stream` the answer streams: `classification` first, then the
-generation's `progress` events and its `image` (api/event_stream.py). An adapter: classification
+generation's `progress` events and its `image` (api/event_stream.py). A message whose `generate`
+options name an unpublished LoRA (`lora`) is refused (404, or an `error` event) before it is
+classified, whatever it asks for. An adapter: classification
 and generation are the services' (api.services), with their rules, as on /classify and /generate.
 """
 
@@ -64,6 +66,7 @@ async def chat(
         return event_response(chat_events(body, classification, generation))
     if raw_format(request.headers.get("accept", "")):
         raise InvalidInputError("/chat answers application/json or text/event-stream")
+    await generation.adapter(body.generate)  # an unknown adapter is a 404 before any model runs
     (result,) = await classification.classify([body.message])
     kind = chat_kind(result)
     image = None
@@ -76,6 +79,7 @@ async def chat(
 async def chat_events(
     body: ChatRequest, classification: ClassificationService, generation: GenerationService
 ) -> AsyncGenerator[Event, None]:
+    await generation.adapter(body.generate)
     (result,) = await classification.classify([body.message])
     kind = chat_kind(result)
     yield event("classification", {"kind": kind, "classification": result.model_dump()})

@@ -53,4 +53,6 @@ async def generate(
         "X-Model-Version": done.model_version,
         "X-Inference-Seconds": str(done.timings["inference_s"]),
     }
+    if done.lora is not None:
+        headers |= {"X-Lora": done.lora.name, "X-Lora-Sha256": done.lora.sha256}
     return Response(done.images[0], media_type=MEDIA_TYPES[raw], headers=headers)

@@ -2,6 +2,11 @@
 GET /train/{id}/events (server-sent progress events). Every route needs the operator key
 (api.auth); the key's name is recorded as the job's owner.
 
+`publish` is `true` (the default: a new model version serves the LoRA), `false`, or `adapter`: the
+LoRA becomes the adapter `name` (default: the job id) that requests choose by name, and no model
+version changes. A name that is taken (published, or claimed by an unfinished job) is a 409 before
+anything is queued; a classifier job cannot be published as an adapter (422).
+
 The upload streams straight into the job's folder with the upload limit enforced as it arrives
 (api.upload), and is validated (zip safety, images, trigger word, settings) before anything is
 queued: a bad dataset is a 4xx with a message, never a failed job, and leaves nothing behind. An
@@ -33,9 +38,12 @@ from api.schemas import ErrorResponse
 from api.state import AppState, get_state
 from api.upload import UploadError, receive_multipart
 from api.upload_gate import refuse_upload, uploads_busy
+from common.adapter_bank import AdapterRefused
+from common.adapter_store import InvalidAdapterName, adapter_exists, adapters_dir, check_name
 from contract.specs import DEFAULT_JOB_KIND, JOB_KINDS, TRAIN_LIMITS
+from publish.adapters import served_bank_layout
 from training.classifier_params import ClassifierJobParams
-from training.jobs import TERMINAL, JobSettings, job_dir
+from training.jobs import ADAPTER_NAME_PARAM, PUBLISH_ADAPTER, TERMINAL, JobSettings, JobStore, PublishMode, job_dir
 from training.lora_dataset import DatasetError, DatasetLimits, save_prepared, validate_and_extract
 from training.lora_settings import LoraTrainSettings
 
@@ -44,7 +52,7 @@ ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"m
 JobId = Annotated[str, PathParam(max_length=64)]
 UPLOAD_FIELD = "dataset"
 FORM_FIELDS = frozenset(
-    {"trigger_word", "kind", "steps", "rank", "learning_rate", "resolution", "seed", "batch_size", "publish"}
+    {"trigger_word", "kind", "steps", "rank", "learning_rate", "resolution", "seed", "batch_size", "publish", "name"}
 )
 _BOOL = TypeAdapter(bool)
 
@@ -67,9 +75,16 @@ _FORM_SCHEMA = {
         "seed": {"type": "integer"},
         "batch_size": {"type": "integer"},
         "publish": {
-            "type": "boolean",
+            "anyOf": [{"type": "boolean"}, {"type": "string", "enum": [PUBLISH_ADAPTER]}],
             "default": True,
-            "description": "re-export and serve the result when training succeeds",
+            "description": "true: re-export and serve the result as a new model version when training succeeds; "
+            "false: train only; adapter (flux_lora): publish it as the adapter `name`, chosen per request",
+        },
+        "name": {
+            "type": "string",
+            "maxLength": 64,
+            "pattern": "^[a-z0-9][a-z0-9_-]*$",
+            "description": "with publish=adapter: the adapter's name, unique (default: the job id)",
         },
     },
 }
@@ -126,26 +141,76 @@ def _lora_settings(fields: dict[str, str]) -> LoraTrainSettings:
         raise UploadError(_validation_message(e, LoraTrainSettings)) from None
 
 
-def _publish_flag(fields: dict[str, str]) -> bool:
+def _publish_mode(fields: dict[str, str]) -> PublishMode:
+    value = fields.get("publish", "true")
+    if value.strip().lower() == PUBLISH_ADAPTER:
+        return PUBLISH_ADAPTER
+    if "name" in fields:
+        raise UploadError(f"name: only with publish={PUBLISH_ADAPTER} (it names the adapter the job publishes)")
     try:
-        return _BOOL.validate_python(fields.get("publish", "true"))
+        return _BOOL.validate_python(value)
     except ValidationError:
-        raise UploadError("publish: must be true or false") from None
+        raise UploadError(f"publish: must be true, false or {PUBLISH_ADAPTER}") from None
 
 
-async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tuple[str, dict[str, Any]]:
+def _adapter_name(fields: dict[str, str], job_id: str) -> str:
+    """The adapter name a publish=adapter job claims: the `name` field, else the job id."""
+    try:
+        return check_name(fields.get("name") or job_id)
+    except InvalidAdapterName as e:
+        raise UploadError(f"name: {e}") from None
+
+
+def refuse_taken_name(store: JobStore, settings: JobSettings, name: str) -> None:
+    """UploadError 409 when adapter `name` is published or an unfinished job will publish it. Called
+    again right before the job is created, with no await between: within one facade two uploads
+    cannot both claim a name; across facades the second publish fails (the store never overwrites)."""
+    if adapter_exists(adapters_dir(settings.model_repository), name) or any(
+        j.params.get(ADAPTER_NAME_PARAM) == name for j in store.unfinished()
+    ):
+        raise UploadError(f"an adapter named {name!r} already exists or is being trained; choose another name", 409)
+
+
+async def refuse_unservable(settings: JobSettings, train: LoraTrainSettings) -> None:
+    """UploadError 422 when the served transformer could not take this job's adapter: it has no
+    adapter branch, or a bank of a lower rank than the job trains (publishing checks again)."""
+    try:
+        layout = await run_in_threadpool(served_bank_layout, settings.model_repository)
+    except AdapterRefused as e:
+        reason = str(e).replace(str(settings.model_repository), "the model repository")
+        raise UploadError(f"publish: {PUBLISH_ADAPTER} is not served here: {reason}") from None
+    if train.rank > layout.rank:
+        raise UploadError(
+            f"rank: at most {layout.rank} with publish={PUBLISH_ADAPTER} (the served adapter bank's rank), got {train.rank}"
+        )
+
+
+async def _prepare(request: Request, state: AppState, folder: Path, job_id: str) -> tuple[str, dict[str, Any]]:
     """Stream and validate the request into `folder`; the job's kind and params, or UploadError /
     DatasetError (the caller removes the folder)."""
+    settings: JobSettings = state.job_settings
     upload_path = folder / "upload.zip"
     upload = await receive_multipart(request, UPLOAD_FIELD, upload_path, settings.max_upload_bytes, FORM_FIELDS)
     fields = upload.fields
     kind = fields.get("kind", DEFAULT_JOB_KIND)
     if kind not in JOB_KINDS:
         raise UploadError(f"kind must be one of {', '.join(repr(k) for k in JOB_KINDS)}")
-    publish = _publish_flag(fields)
+    publish = _publish_mode(fields)
     if kind == "classifier":
+        if publish == PUBLISH_ADAPTER:
+            raise UploadError(
+                f"publish: {PUBLISH_ADAPTER} is for flux_lora jobs; a classifier is published as a new "
+                "model version (true) or not at all (false)"
+            )
         return kind, {"train": _classifier_params(fields), "publish": publish}
+    adapter = {}
+    if publish == PUBLISH_ADAPTER:
+        # Before the dataset is extracted and decoded: a taken name costs the caller nothing more.
+        adapter = {ADAPTER_NAME_PARAM: _adapter_name(fields, job_id)}
+        refuse_taken_name(state.jobs, settings, adapter[ADAPTER_NAME_PARAM])
     train = _lora_settings(fields)
+    if adapter:
+        await refuse_unservable(settings, train)
     if upload.file_bytes is None:
         raise UploadError(f"{UPLOAD_FIELD}: a zip file is required for flux_lora jobs")
     limits = DatasetLimits(max_zip_bytes=settings.max_upload_bytes)
@@ -158,6 +223,7 @@ async def _prepare(request: Request, settings: JobSettings, folder: Path) -> tup
         "train": train.model_dump(),
         "trigger_word": prepared.trigger_word,
         "publish": publish,
+        **adapter,
         "dataset": {"images": prepared.count, "sha256": prepared.sha256},
     }
 
@@ -189,18 +255,21 @@ async def _accept(request: Request, state: AppState, owner: str) -> JSONResponse
     folder = job_dir(settings, job_id)
     folder.mkdir(parents=True)
     try:
-        kind, params = await _prepare(request, settings, folder)
+        kind, params = await _prepare(request, state, folder, job_id)
+        # Checked again now that the upload is in: the queue may have filled (or the last worker
+        # died) while it streamed. A bad request was the caller's 4xx whatever our state; a good
+        # one that no worker could take is a 503 with Retry-After rather than a job that waits forever.
+        refusal = await refuse_new_job(state.jobs, settings)
+        if refusal is None and ADAPTER_NAME_PARAM in params:
+            refuse_taken_name(state.jobs, settings, params[ADAPTER_NAME_PARAM])  # no await from here to create
     except (UploadError, DatasetError) as e:
         shutil.rmtree(folder, ignore_errors=True)
         status = e.status if isinstance(e, UploadError) else e.http_status
-        return envelope(status, "invalid_dataset" if isinstance(e, DatasetError) else "invalid_request", str(e))
+        error = "invalid_dataset" if isinstance(e, DatasetError) else "conflict" if status == 409 else "invalid_request"
+        return envelope(status, error, str(e))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    # Checked again now that the upload is in: the queue may have filled (or the last worker died)
-    # while it streamed. A bad request was the caller's 4xx whatever our state; a good one that no
-    # worker could take is a 503 with Retry-After rather than a job that waits forever.
-    refusal = await refuse_new_job(state.jobs, settings)
     if kind == "classifier" or refusal is not None:
         shutil.rmtree(folder, ignore_errors=True)  # a classifier job uploads nothing; the worker makes its own
     if refusal is not None:

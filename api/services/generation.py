@@ -9,6 +9,11 @@ the client leaves, the deadline passes or the server stops), readiness evidence,
 and the encoding off the event loop. It yields `Progress` events and then one `Done`; failures are
 raised as contract.errors exceptions, which api.errors maps for JSON and SSE alike.
 
+A request that names an adapter (`lora`) has it looked up in the adapter store first, before
+admission and before any Triton call: an unknown name is an UnknownAdapterError (404 naming it);
+a known one leads the prompt with its trigger words instead of the default LoRA's, and the answer
+says which adapter (and its hash) made the images.
+
 With `progress=False` the images run on `generate` (one gRPC call each) and no Progress comes:
 `run`, the unary answer, is the fold of that stream, so the two answers cannot drift apart (TGI's
 `generate()` = fold of `generate_stream()`). With progress they run on `generate_stream`.
@@ -28,11 +33,12 @@ from fastapi import Request
 from api.cancellation import Gone, guarded, merged
 from api.media import encode_image
 from api.model_parameter import VersionedParameter
-from api.schemas import GenerateRequest, GenerateResponse
+from api.schemas import AppliedLora, GenerateOptions, GenerateRequest, GenerateResponse
 from api.state import AppState
+from common.adapter_store import AdapterNotFound, AdapterRecord, AdapterStoreError, adapters_dir, read_adapter_record
 from common.trigger_word import with_trigger
 from contract.codec import GenerateProgress, GenerateResult
-from contract.errors import InferenceError, ModelFailedError
+from contract.errors import InferenceError, InvalidInputError, ModelFailedError, UnknownAdapterError
 from contract.specs import GENERATE, GENERATE_STREAM, TRIGGER_PARAMETER, GenerateParams, random_seed
 
 
@@ -59,6 +65,7 @@ class Done:
     """As sent to the model (trigger words added when configured)."""
     output_format: str
     timings: dict[str, float]
+    lora: AppliedLora | None = None
 
     def response(self) -> GenerateResponse:
         """The JSON answer of /generate (images base64-encoded)."""
@@ -69,6 +76,7 @@ class Done:
             prompt=self.prompt,
             output_format=self.output_format,
             timings=self.timings,
+            lora=self.lora,
         )
 
 
@@ -117,10 +125,11 @@ class GenerationService:
         state = self._state
         started = time.perf_counter()
         seed = body.seed if body.seed is not None else random_seed()
+        adapter = await self.adapter(body)
         results: list[GenerateResult] = []
         try:
             async with state.admission.generation(body.width, body.height, body.steps, body.num_images):
-                prompt = await self.prompt(body.prompt)
+                prompt = await self.prompt(body.prompt, adapter)
                 images = body.image_params(prompt, seed)
                 # Closed with this generator, not when the garbage collector gets to it: closing
                 # it cancels the images in Triton.
@@ -140,7 +149,8 @@ class GenerationService:
         fmt = body.output_format
         encoded = await asyncio.to_thread(lambda: tuple(encode_image(r.image, fmt) for r in results))
         timings = {"inference_s": round(infer_s, 4), "total_s": round(time.perf_counter() - started, 4)}
-        yield Done(encoded, seed, results[0].model_version, prompt, fmt, timings)
+        lora = applied_lora(body, adapter, results[0])
+        yield Done(encoded, seed, results[0].model_version, prompt, fmt, timings, lora)
 
     async def _images(
         self, images: list[GenerateParams], progress: bool
@@ -180,11 +190,28 @@ class GenerationService:
             raise InferenceError(f"{GENERATE_STREAM.name} ended without an image")
         yield _Image(index, result)
 
-    async def prompt(self, prompt: str) -> str:
-        """The prompt sent to `generate`: led by the serving LoRA's trigger words (when enabled),
-        unless it has them already, by the rule training applied to its captions."""
+    async def adapter(self, options: GenerateOptions | None) -> AdapterRecord | None:
+        """The published adapter `options` names (None when it names none); UnknownAdapterError
+        (404) when there is no such adapter. One small file read, off the event loop."""
+        name = options.lora if options is not None else None
+        if name is None:
+            return None
+        root = adapters_dir(self._state.job_settings.model_repository)
+        try:
+            return await asyncio.to_thread(read_adapter_record, root, name)
+        except AdapterNotFound:
+            raise UnknownAdapterError(name) from None
+        except AdapterStoreError as e:  # a bad name, or a record this server cannot read: the caller's 422
+            raise InvalidInputError(str(e)) from None
+
+    async def prompt(self, prompt: str, adapter: AdapterRecord | None = None) -> str:
+        """The prompt sent to `generate`: led by the trigger words of the adapter it names, else
+        of the serving LoRA (when enabled), unless it has them already, by the rule training
+        applied to its captions. An adapter was trained on captions led by its own words only."""
         if not self._state.settings.add_trigger_word:
             return prompt
+        if adapter is not None:
+            return with_trigger(prompt, adapter.trigger_words)
         return with_trigger(prompt, await self.trigger_word())
 
     async def trigger_word(self) -> str:
@@ -194,6 +221,16 @@ class GenerationService:
         version = await triton.newest_ready_version(GENERATE.name)
         value = await self._triggers.get(triton, version) if version else None
         return value or self._state.settings.trigger_word
+
+
+def applied_lora(body: GenerateOptions, adapter: AdapterRecord | None, result: GenerateResult) -> AppliedLora | None:
+    """What the answer says of the adapter: what the model reports it ran (an adapter deleted and
+    published again under the same name since the lookup has another hash), else the record looked
+    up for this request; with the scale applied (the request's, else the adapter's default)."""
+    if adapter is None:
+        return None
+    scale = body.lora_scale if body.lora_scale is not None else adapter.scale
+    return AppliedLora(name=result.lora or adapter.name, sha256=result.lora_sha256 or adapter.sha256, scale=scale)
 
 
 async def generation_service(request: Request) -> GenerationService:

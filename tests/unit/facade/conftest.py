@@ -1,5 +1,5 @@
 """Fixtures of the in-process facade tests (tests/unit/facade/harness.py): every test gets a job
-store of its own in a temporary folder, a FakeTriton, and `facade`, the app running against it
+store and an adapter store of its own in a temporary folder, a FakeTriton, and `facade`, the app running against it
 with the default settings; `facade_with(**settings)` opens one with other settings."""
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ def anyio_backend() -> str:
 @pytest.fixture(autouse=True)
 def _jobs_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLUXSERVE_JOBS_JOBS_DIR", str(tmp_path / "jobs"))
+    # The adapter store lies beside the repository (common.adapter_store.adapters_dir): a test's own,
+    # so DELETE /loras can never reach the checkout's adapters.
+    monkeypatch.setenv("FLUXSERVE_JOBS_MODEL_REPOSITORY", str(tmp_path / "serving" / "model_repository"))
     for name in ("FLUXSERVE_JOBS_REDIS_URL", "FLUXSERVE_API_KEYS", "FLUXSERVE_API_KEY"):
         monkeypatch.delenv(name, raising=False)
 

@@ -78,6 +78,9 @@ class FakeTriton(TritonPort):
         self.generate_error: Callable[[], Exception] | None = None
         self.configs: dict[str, dict] = configs if configs is not None else {}
         self.version = version
+        self.adapters: dict[str, str] = {}
+        """The adapters the fake `generate` serves: name -> the sha256 it reports. A request naming
+        another is refused as Triton refuses it (INVALID_ARG: no adapter named ...)."""
         self.calls: Counter[str] = Counter()
         self.classified: list[list[str]] = []
         self.generated: list[GenerateParams] = []
@@ -150,12 +153,19 @@ class FakeTriton(TritonPort):
         self.reloading.set()
         await self.reloaded.wait()
 
+    def _result(self, params: GenerateParams) -> GenerateResult:
+        if params.lora is None:
+            return GenerateResult(seed_image(params), params.seed, self.version)
+        if params.lora not in self.adapters:
+            raise triton_error(f"generate: no adapter named {params.lora!r}", "StatusCode.INVALID_ARGUMENT")
+        return GenerateResult(seed_image(params), params.seed, self.version, params.lora, self.adapters[params.lora])
+
     async def generate(self, params: GenerateParams) -> GenerateResult:
         await self._enter("generate", "generate")
         self.generated.append(params)
         if self.generate_error is not None:
             raise self.generate_error()
-        return GenerateResult(seed_image(params), params.seed, self.version)
+        return self._result(params)
 
     async def generate_stream(
         self, params: GenerateParams
@@ -169,7 +179,7 @@ class FakeTriton(TritonPort):
             if self.generate_error is not None:
                 raise self.generate_error()
         last = GenerateProgress(params.steps, params.steps, 0.01 * params.steps)
-        yield last, GenerateResult(seed_image(params), params.seed, self.version)
+        yield last, self._result(params)
 
     async def close(self) -> None:
         pass

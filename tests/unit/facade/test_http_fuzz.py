@@ -45,6 +45,9 @@ ROUTES = [
     ("/train/{job_id}", "DELETE", BOTH, True, EXAMPLES),
     ("/train/{job_id}/events", "GET", BOTH, True, EXAMPLES),
     ("/train", "POST", BOTH, False, 5),
+    ("/loras", "GET", BOTH, True, EXAMPLES),
+    ("/loras/{name}", "GET", BOTH, True, EXAMPLES),
+    ("/loras/{name}", "DELETE", BOTH, True, EXAMPLES),
     ("/healthz", "GET", (POSITIVE,), False, 3),
     ("/readyz", "GET", (POSITIVE,), False, 3),
     ("/metrics", "GET", (POSITIVE,), False, 3),
@@ -61,9 +64,10 @@ SPENDING = {"/generate": GenerateRequest, "/chat": ChatRequest}
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
     from schemathesis.python.asgi import shutdown_lifespans
 
-    jobs = tmp_path_factory.mktemp("fuzz") / "jobs"
+    root = tmp_path_factory.mktemp("fuzz")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("FLUXSERVE_JOBS_JOBS_DIR", str(jobs))
+        env.setenv("FLUXSERVE_JOBS_JOBS_DIR", str(root / "jobs"))
+        env.setenv("FLUXSERVE_JOBS_MODEL_REPOSITORY", str(root / "model_repository"))  # its adapters: none
         env.delenv("FLUXSERVE_JOBS_REDIS_URL", raising=False)
         app = create_app(
             facade_settings(key_file=Path("/nonexistent/fluxserve-key")), triton=fake_factory(FakeTriton())
