@@ -192,6 +192,16 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_ready(args: argparse.Namespace) -> int:
+    from benchmarks.adapter_ready import AdapterReadySettings, adapter_ready, render_markdown
+
+    s = AdapterReadySettings(train_steps=args.train_steps, out=args.out, log_dir=args.log_dir)
+    if args.model_repository:
+        s = replace(s, model_repository=args.model_repository)
+    sys.stdout.write(render_markdown(adapter_ready(s)))
+    return 0
+
+
 def _docs(_args: argparse.Namespace) -> int:
     from benchmarks.docs_page import PAGE, update_page
 
@@ -340,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--reuse-exports", action="store_true", help="reuse an earlier run's exports (same sources)")
     ad.add_argument("--out", type=Path, help="results folder (default build/bench/adapters)")
     ad.set_defaults(fn=_adapters)
+
+    from benchmarks.adapter_ready import RESULT_FILE as ADAPTER_READY_RESULT
+
+    ar = sub.add_parser("adapter-ready", help="an adapter job's `succeeded` to the first image naming it")
+    ar.add_argument("--train-steps", type=int, default=20)
+    ar.add_argument("--model-repository", type=Path, help="a repository whose transformer has the adapter branch")
+    ar.add_argument("--out", type=Path, default=ADAPTER_READY_RESULT)
+    ar.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    ar.set_defaults(fn=_adapter_ready)
 
     rd = sub.add_parser("docs", aliases=["readme"], help="put the latest measured tables into docs/benchmarks.md")
     rd.set_defaults(fn=_docs)
