@@ -5,7 +5,8 @@ wheel (docs/operations.md, "The GPU check"), in this order, each phase logged wi
 
 1. build: a FLUX.1-dev-sized random-init checkpoint and a rank-16 LoRA (export/flux/full_size.py;
    the weights are made on the GPU at load, never written);
-2. publish: a gpu-torch repository of it (the LoRA as factors added in place at load);
+2. publish: a gpu-torch repository of it (the LoRA as factors that the loaded transformer patches
+   into its weights in place: the in-process pipeline times that patch, `lora_patch_s`);
 3. triton: Triton with `generate`, `flux_prepare` and the two text encoders (T5-XXL real size);
 4. per runtime config (bf16 eager, bf16 compiled, fp8 compiled; fp8 only where the GPU has fp8
    tensor cores): the in-process PyTorch pipeline (diffusers' FluxPipeline over the same modules,
@@ -57,6 +58,7 @@ from contract.specs import (
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
+    FUSED_LORA_FILE,
     GENERATE,
     GenerateParams,
 )
@@ -248,8 +250,8 @@ def build_and_publish(s: GpuBenchSettings, run: Run) -> tuple[Path, Path, dict[s
             export_settings=ExportSettings(generate_instances=max(s.clients)),
             torch_settings=torch_settings(s, s.configs[0]),
         )
-        pins = {n: int(result[n]) for n in (*FLUX_COMPONENTS, FLUX_PREPARE.name)}
-        rec["versions"] = pins | {GENERATE.name: int(result[GENERATE.name])}
+        pins = {n: int(result[n]) for n in (*FLUX_COMPONENTS, FLUX_PREPARE.name, GENERATE.name)}
+        rec["versions"] = pins
     return checkpoint, repo, pins
 
 
@@ -278,6 +280,10 @@ class InProcess:
         from common.flux_assets import read_max_sequence_length
 
         self.s, self.repo, self.pins = s, repo, pins
+        has_lora = (repo / GENERATE.name / str(pins[GENERATE.name]) / FUSED_LORA_FILE).exists()
+        self.lora_source = f"{GENERATE.name}/{pins[GENERATE.name]}" if has_lora else None
+        self.lora_patch_s: dict[str, float] = {}
+        """Per config: the seconds the in-place LoRA patch of the loaded transformer took."""
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint / "scheduler")
         self.tokenizers = (
             CLIPTokenizer.from_pretrained(checkpoint / "tokenizer"),
@@ -287,10 +293,18 @@ class InProcess:
         self.encoders = self._load((FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2), REFERENCE)
 
     def _load(self, names: tuple[str, ...], config: str) -> dict[str, Any]:
+        """The modules as Triton's models hold them for `generate`'s calls: the transformer patched
+        in place to the LoRA of the pinned `generate` version (serving/torch_lora.py)."""
         from serving.torch_components import TorchComponent
 
         ts = torch_settings(self.s, config)
-        return {n: TorchComponent.load(n, self.repo / n / str(self.pins[n]), ts.runtime(n)).module for n in names}
+        loaded = {n: TorchComponent.load(n, self.repo / n / str(self.pins[n]), ts.runtime(n)) for n in names}
+        for component in loaded.values():
+            if component.lora is not None:
+                started = time.perf_counter()
+                component.lora.use(self.lora_source)
+                self.lora_patch_s[config] = round(time.perf_counter() - started, 3)
+        return {n: c.module for n, c in loaded.items()}
 
     @contextmanager
     def pipeline(self, config: str) -> Iterator[Any]:
@@ -356,6 +370,7 @@ class InProcess:
                 images.append(img)
         return {
             "warmup_s": round(warmup_s, 2),
+            "lora_patch_s": self.lora_patch_s.get(config),
             "s_per_image": round(float(np.mean(seconds)), 3),
             "images": len(seconds),
             # Random weights at full depth: a non-finite latent would make every comparison meaningless.

@@ -7,6 +7,7 @@ it, so a change here changes every door at once.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
@@ -396,6 +397,30 @@ _FLUX_DIMS: dict[str, dict[str, tuple[int, ...]]] = {
     FLUX_VAE_DECODER: {"latent": (-1, -1, -1), "images": (3, -1, -1)},
 }
 FLUX_SCALAR_INPUTS: tuple[str, ...] = ("timestep", "guidance")
+
+FUSED_LORA_PARAMETER = "fused_lora"
+"""`flux_transformer` request parameter (gpu-torch target): "<pipeline>/<version>", the `generate`
+or `generate_stream` version whose FUSED_LORA_FILE the call runs with; absent or "": the base
+weights. The running transformer patches its own weights in place to that LoRA before the call
+(serving/torch_lora.py), so a LoRA swap reloads no transformer and every call names its LoRA."""
+FUSED_LORA_FILE = "transformer_lora.safetensors"
+"""In a `generate` / `generate_stream` version (gpu-torch): the transformer LoRA's low-rank factors
+(common.torch_runtime.save_lora_factors' layout) that this pipeline version runs with."""
+_FUSED_LORA_SOURCE = re.compile(r"^(?P<model>[a-z_]+)/(?P<version>[1-9][0-9]{0,17})$")
+
+
+def fused_lora_source(value: object) -> tuple[str, int] | None:
+    """(pipeline model, version) of a FUSED_LORA_PARAMETER value; None for absent or "". ValueError
+    for anything else: the transformer reads only a pipeline version's own LoRA file."""
+    if value is None or value == "":
+        return None
+    m = _FUSED_LORA_SOURCE.match(value) if isinstance(value, str) else None
+    if m is None or m["model"] not in (GENERATE.name, GENERATE_STREAM.name):
+        raise ValueError(
+            f"{FUSED_LORA_PARAMETER} must be '{GENERATE.name}/<version>' or '{GENERATE_STREAM.name}/<version>', "
+            f"not {str(value)[:80]!r}"
+        )
+    return m["model"], int(m["version"])
 
 
 def _flux_spec(name: str) -> ModelSpec:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,15 +340,17 @@ def _torch_parts(
     export_settings: ExportSettings | None,
     torch_settings: TorchTargetSettings | None,
     progress: Callable[[str, object], None] | None,
-) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any]]:
-    """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export)."""
+) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any], dict[str, Path]]:
+    """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export);
+    last, the files the pipeline versions carry (the transformer LoRA it patches in per call)."""
     from export.flux.torch_export import torch_components
     from export.torch_target import torch_flux_deployments
 
     builds = torch_components(checkpoint, lora, scale, targets, provenance, s, progress)
     parts: ComponentParts = {n: (b.files, b.provenance, {"torch": b.report}) for n, b in builds.items()}
     deps = torch_flux_deployments(export_settings, torch_settings)
-    return deps, parts, {n: b.report for n, b in builds.items()}
+    pipeline_files = {rel: src for b in builds.values() for rel, src in b.pipeline_files.items()}
+    return deps, parts, {n: b.report for n, b in builds.items()}, pipeline_files
 
 
 def _on_host(target: Target, deps: dict[str, Deployment]) -> bool:
@@ -398,6 +400,9 @@ class FluxBuild:
     deployments: dict[str, Deployment]
     parts: ComponentParts
     report: dict[str, Any]
+    pipeline_files: dict[str, Path] = field(default_factory=dict)
+    """Files every `generate` / `generate_stream` version of this build ships beside its assets
+    (gpu-torch: contract.specs.FUSED_LORA_FILE, the transformer LoRA its calls name)."""
 
 
 def build_flux(
@@ -434,13 +439,14 @@ def build_flux(
         TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
     }
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
+    pipeline_files: dict[str, Path] = {}
     if target == TORCH_TARGET:
-        deps, parts, report = _torch_parts(
+        deps, parts, report, pipeline_files = _torch_parts(
             checkpoint, lora, scale, targets, provenance, s, export_settings, torch_settings, progress
         )
     else:
         deps, parts, report = _onnx_parts(checkpoint, lora, scale, targets, provenance, s, export_settings, progress)
-    return FluxBuild(checkpoint, provenance, trigger_word, targets, deps, parts, report)
+    return FluxBuild(checkpoint, provenance, trigger_word, targets, deps, parts, report, pipeline_files)
 
 
 @contextmanager
@@ -452,12 +458,15 @@ def staged_pipeline(checkpoint: str | Path, settings: FluxSettings) -> Iterator[
         yield copy_loop_assets(_local_folder(checkpoint), Path(tmp) / "pipeline")
 
 
-def generate_version_files(assets: Path, components: Mapping[str, int]) -> dict[str, Path]:
+def generate_version_files(
+    assets: Path, components: Mapping[str, int], extra: Mapping[str, Path] | None = None
+) -> dict[str, Path]:
     """The files of a `generate` (or `generate_stream`) version: the loop's assets from
-    `staged_pipeline` and `components.json`, the component versions its calls pin."""
+    `staged_pipeline`, `components.json`, the component versions its calls pin, and `extra`
+    (FluxBuild.pipeline_files)."""
     pins = assets.parent / "components.json"
     pins.write_text(json.dumps(dict(components), indent=2))
-    return {"pipeline": assets, "components.json": pins}
+    return {"pipeline": assets, "components.json": pins, **(extra or {})}
 
 
 def generate_deployment(build: FluxBuild, name: str, assets: Path, target: Target) -> Deployment:

@@ -94,7 +94,7 @@ def _write_pipelines(
     force: bool,
 ) -> dict[str, int]:
     """`generate` and `generate_stream`, pinned to `components`; returns their versions."""
-    files = generate_version_files(assets, components)
+    files = generate_version_files(assets, components, build.pipeline_files)
     provenance = {**build.provenance, "lora_targets": sorted(build.lora_targets), "components": dict(components)}
     written: dict[str, int] = {}
     # The streaming twin runs the same pipeline on the same pinned components; its version

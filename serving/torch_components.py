@@ -2,14 +2,17 @@
 
 A version folder of `flux_text_encoder`, `flux_text_encoder_2`, `flux_transformer` or
 `flux_vae_decoder` holds the component's diffusers/transformers folder (`module/`, hard links of
-the checkpoint's files) and, when a LoRA targets the component, `lora.safetensors` with the LoRA's
-low-rank factors. `TorchComponent.load` builds the module on the configured device and dtype, adds
-`scale * up @ down` to the adapted Linear weights in place on the device (no fused copy is written
-or read), then applies what the runtime asks for the transformer (fused q/k/v, fp8 Linear layers)
-and torch.compile. Calls take and return numpy arrays named and shaped as the ONNX graphs' (the
-contract's FLUX_IO_NAMES), so `generate`, `flux_prepare` and the dynamic batcher are unchanged:
-`TorchComponent` also answers the three ONNX Runtime session methods BatchedOnnxRunner uses, and
-that runner merges a batch of Triton requests into one forward pass exactly as on the CPU target.
+the checkpoint's files) and, when a LoRA is fixed to the component (CLIP's), `lora.safetensors`
+with the LoRA's low-rank factors. `TorchComponent.load` builds the module on the configured device
+and dtype, adds `scale * up @ down` to the adapted Linear weights in place on the device (no fused
+copy is written or read), then applies what the runtime asks for the transformer (fused q/k/v, fp8
+Linear layers) and torch.compile. The transformer's LoRA is not part of its version: each call
+names the pipeline version whose LoRA it runs with, and the loaded transformer patches its own
+weights to it in place (`TorchComponent.lora`, serving/torch_lora.py). Calls take and return
+numpy arrays named and shaped as the ONNX graphs' (the contract's FLUX_IO_NAMES), so `generate`,
+`flux_prepare` and the dynamic batcher are unchanged: `TorchComponent` also answers the three ONNX
+Runtime session methods BatchedOnnxRunner uses, and that runner merges a batch of Triton requests
+into one forward pass exactly as on the CPU target.
 
 Nothing here is CUDA-only: CI runs the same code with device=cpu on the local checkpoints.
 """
@@ -33,17 +36,17 @@ from common.torch_runtime import (
     MODULE_CLASSES,
     MODULE_DIR,
     RANDOM_INIT_FILE,
-    LoraFactors,
     TorchRuntime,
     load_lora_factors,
 )
 from contract.specs import FLUX_COMPONENTS, FLUX_IO_NAMES, FLUX_PIPELINE_SLOTS, FLUX_SCALAR_INPUTS, FLUX_TRANSFORMER
+from serving.torch_lora import FUSED_ROWS, LoraSwitch, add_lora
 
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-SEPARATE_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+SEPARATE_PROJECTIONS = tuple(FUSED_ROWS)
 """What diffusers' fuse_qkv_projections leaves beside the fused ones (the fused forward never reads them)."""
 FP8_SKIP = ("norm",)
 """Transformer Linear layers left in the compute dtype: the blocks' modulation (`norm*.linear`)
@@ -93,31 +96,6 @@ def load_module(slot: str, folder: Path, device: torch.device, dtype: torch.dtyp
         key = "dtype" if hasattr(cls, "config_class") else "torch_dtype"  # transformers 5 / diffusers
         module = cls.from_pretrained(folder, **{key: dtype}).to(device)
     return module.eval().requires_grad_(False)
-
-
-def _linear(module: torch.nn.Module, path: str) -> torch.nn.Linear:
-    try:
-        layer = module.get_submodule(path)
-    except AttributeError as e:
-        raise ValueError(f"no layer {path!r} in {type(module).__name__}") from e
-    if not isinstance(layer, torch.nn.Linear):
-        raise ValueError(f"{path!r} is a {type(layer).__name__}, not a Linear layer")
-    return layer
-
-
-@torch.no_grad()
-def add_lora(module: torch.nn.Module, factors: LoraFactors, sign: float = 1.0) -> int:
-    """W += sign * scale * up @ down for every layer, in place on the module's own tensors (the
-    delta in float32 on the weight's device, the sum rounded once to the weight's dtype). sign=-1
-    takes a LoRA out again, up to that rounding. Returns the number of layers changed."""
-    layers = {path: _linear(module, path) for path in factors}  # all checked before any is changed
-    for path, (down, up, scale) in factors.items():
-        weight = layers[path].weight
-        delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
-        if delta.shape != weight.shape:
-            raise ValueError(f"{path}: LoRA delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
-        weight.copy_((weight.float() + delta * (scale * sign)).to(weight.dtype))
-    return len(factors)
 
 
 class Fp8Linear(torch.nn.Module):
@@ -206,8 +184,12 @@ class _Io(NamedTuple):
 class TorchComponent:
     """One FLUX component on a device, called with the contract's batch-major numpy arrays."""
 
-    def __init__(self, name: str, module: torch.nn.Module, runtime: TorchRuntime) -> None:
+    def __init__(
+        self, name: str, module: torch.nn.Module, runtime: TorchRuntime, lora: LoraSwitch | None = None
+    ) -> None:
         self.name, self.module, self.runtime = name, module, runtime
+        self.lora = lora
+        """The transformer's: which LoRA its weights hold, switched per call (None: takes no LoRA)."""
         self.device = torch.device(runtime.device)
         self.dtype: torch.dtype = getattr(torch, runtime.dtype)
         self.input_names, (self.output_name,) = FLUX_IO_NAMES[name]
@@ -241,7 +223,9 @@ class TorchComponent:
                 compile_in_place(module.decoder, runtime)
             facts["compile"] = f"{runtime.compile_mode}/{runtime.compile_backend}"
         log.info("%s loaded in %.1fs: %s", name, time.monotonic() - started, facts)
-        return cls(name, module, runtime)
+        # version_dir is <repository>/<name>/<version>: the pipelines' LoRA files are read from there.
+        lora = LoraSwitch(module, Path(version_dir).parent.parent, name) if name == FLUX_TRANSFORMER else None
+        return cls(name, module, runtime, lora)
 
     # ------------------------------------------------------------------ calls
 

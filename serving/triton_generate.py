@@ -8,6 +8,9 @@ batcher and share forward passes (step-level batching).
 The version folder holds the pipeline's configs and tokenizers (no weights) and
 `components.json`: the component model versions this version was exported with. Calls pin those
 versions, so a request that started before a hot swap finishes on the weights it started with.
+On the gpu-torch target it also holds the transformer LoRA's factors (FUSED_LORA_FILE), and the
+transformer calls name it (FUSED_LORA_PARAMETER): a LoRA swap keeps the transformer's version,
+which patches itself in place per call, so the same holds there.
 
 A LoRA swap loads a new version of this model, so it imports numpy and the contract only (with torch
 and diffusers each instance was slow to start: docs/decisions/numpy-only-generate.md): the tokenizers,
@@ -34,6 +37,8 @@ from contract.specs import (
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
+    FUSED_LORA_FILE,
+    FUSED_LORA_PARAMETER,
     GENERATE,
     HOST_MEMORY_SHARE_PARAMETER,
     TEXT_TOKENS_PARAMETER,
@@ -86,11 +91,17 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         components = json.loads((version_dir / "components.json").read_text())
+        # gpu-torch: this version's transformer LoRA, which every transformer call names, so the
+        # running transformer patches itself to it (serving/torch_lora.py) and no call of this
+        # version ever runs on another version's LoRA.
+        lora = {FUSED_LORA_PARAMETER: f"{args['model_name']}/{args['model_version']}"}
         self.loop = FluxLoop(
             version_dir / "pipeline",
             encode_clip=self._caller(FLUX_TEXT_ENCODER, components),
             encode_t5=self._caller(FLUX_TEXT_ENCODER_2, components),
-            transformer=self._caller(FLUX_TRANSFORMER, components),
+            transformer=self._caller(
+                FLUX_TRANSFORMER, components, lora if (version_dir / FUSED_LORA_FILE).exists() else None
+            ),
             decode_vae=self._caller(FLUX_VAE_DECODER, components),
             prepare=self._preparer(components),
         )
@@ -120,9 +131,10 @@ class TritonPythonModel:
         return prepare
 
     @staticmethod
-    def _caller(model: str, components: dict[str, int]):
+    def _caller(model: str, components: dict[str, int], parameters: dict[str, str] | None = None):
         output_name = FLUX_IO_NAMES[model][1][0]
         version = int(components.get(model, -1))
+        extra = {"parameters": parameters} if parameters else {}
 
         def call(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
             request = pb_utils.InferenceRequest(
@@ -130,6 +142,7 @@ class TritonPythonModel:
                 model_version=version,
                 requested_output_names=[output_name],
                 inputs=[pb_utils.Tensor(name, arr) for name, arr in flux_component_feeds(model, args, kwargs).items()],
+                **extra,
             )
             response = request.exec()
             if response.has_error():

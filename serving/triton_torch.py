@@ -3,7 +3,9 @@ its config names (serving/torch_components.py), with Triton's dynamic batcher me
 generations' calls into one forward pass (serving/onnx_runner.py's merging, unchanged).
 
 Config parameters: those of common.torch_runtime.TorchRuntime (`torch_device`, `torch_dtype`,
-`torch_compile_mode`, `torch_compile_backend`, `torch_fp8`, `torch_fuse_qkv`).
+`torch_compile_mode`, `torch_compile_backend`, `torch_fp8`, `torch_fuse_qkv`). Request parameter of
+`flux_transformer`: contract.specs.FUSED_LORA_PARAMETER, the LoRA the call runs with, patched into
+the loaded weights in place when it is not the applied one (serving/torch_lora.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,30 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from common.torch_runtime import TorchRuntime
+from contract.specs import FUSED_LORA_PARAMETER
 from serving.onnx_runner import BatchedOnnxRunner, config_parameters
 from serving.torch_components import TorchComponent
+from serving.torch_lora import run_without_lora
 
 log = logging.getLogger(__name__)
+
+
+def _fused_lora(request) -> object:
+    """The request's FUSED_LORA_PARAMETER (None when absent; its value is checked where it is used)."""
+    raw = request.parameters() if hasattr(request, "parameters") else ""
+    try:
+        params = json.loads(raw or "{}")
+    except ValueError:
+        return None
+    return params.get(FUSED_LORA_PARAMETER) if isinstance(params, dict) else None
+
+
+def _response(out: dict | Exception):
+    if isinstance(out, ValueError):  # a LoRA the request names that this model cannot use
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(out), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(out, Exception):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"torch failed: {out}"))
+    return pb_utils.InferenceResponse([pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in out.items()])
 
 
 class TritonPythonModel:
@@ -35,16 +57,14 @@ class TritonPythonModel:
         feeds = [
             {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names} for r in requests
         ]
-        try:
-            outputs = self.runner.run(feeds)
-        except Exception as e:  # a bad batch fails its requests, never the model instance
-            log.exception("%s failed", self.component.name)
-            err = pb_utils.TritonError(f"torch failed: {e}")
-            return [pb_utils.InferenceResponse(error=err) for _ in requests]
-        return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in out.items()])
-            for out in outputs
-        ]
+        sources = [_fused_lora(r) for r in requests]
+        # Each group of requests that names one LoRA runs as one batch under it; a bad group or a
+        # bad LoRA fails its own requests, never the model instance.
+        if self.component.lora is not None:
+            outputs = self.component.lora.run(self.runner.run, feeds, sources)
+        else:
+            outputs = run_without_lora(self.runner.run, feeds, sources, self.component.name)
+        return [_response(out) for out in outputs]
 
     def finalize(self) -> None:
         import torch

@@ -1,13 +1,15 @@
 """The gpu-torch target's FLUX component versions: checkpoint folders and LoRA factors, no export step.
 
 A component version holds the checkpoint's own folder for it (`module/`, hard links made by
-publish) and, when a LoRA adapts the component, `lora.safetensors`: the LoRA's low-rank factors per
-Linear layer. They are read with diffusers' loader and folded alphas (export.flux.lora_deltas.
-layer_deltas, the CPU target's patch reader, so Kohya / ai-toolkit / PEFT files mean the same on
-both targets), checked against the module's structure (built on the meta device: no memory), and
-added to the weights in place on the device when the model loads (serving/torch_components.py).
-A LoRA publish therefore writes megabytes, links the base weights, and never traces or saves a
-transformer. A LoRA the factors cannot express (bias or DoRA terms, layers the module lacks) is
+publish). A LoRA becomes its low-rank factors per Linear layer, read with diffusers' loader and
+folded alphas (export.flux.lora_deltas.layer_deltas, the CPU target's patch reader, so Kohya /
+ai-toolkit / PEFT files mean the same on both targets) and checked against the module's structure
+(built on the meta device: no memory). The transformer's factors go into the `generate` /
+`generate_stream` versions (contract.specs.FUSED_LORA_FILE), and the running transformer patches
+them into its weights in place when a call names them (serving/torch_lora.py): its own version
+stays the base's, so a LoRA swap loads no transformer. CLIP's factors stay in its version
+(`lora.safetensors`) and are added at load. A LoRA publish therefore writes megabytes, links the
+base weights, and never traces or saves a transformer. A LoRA the factors cannot express (bias or DoRA terms, layers the module lacks) is
 fused with diffusers and the component saved whole instead, as the CPU target re-exports it.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from common.torch_runtime import LORA_FILE, MODULE_CLASSES, MODULE_DIR, LoraFactors, save_lora_factors
-from contract.specs import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS
+from contract.specs import FLUX_COMPONENTS, FLUX_PIPELINE_SLOTS, FLUX_TRANSFORMER, FUSED_LORA_FILE
 from export.fingerprints import fingerprint
 from export.flux.settings import FluxSettings
 
@@ -43,6 +45,9 @@ class TorchComponentBuild:
     """Relative name in the version -> source file (publish hard-links them)."""
     provenance: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    pipeline_files: dict[str, Path] = field(default_factory=dict)
+    """Files for every `generate` / `generate_stream` version pinning this build: the transformer
+    LoRA's factors (contract.specs.FUSED_LORA_FILE), which the running transformer patches in."""
 
 
 def checkpoint_folder(checkpoint: str | Path) -> Path:
@@ -170,14 +175,23 @@ def torch_components(
                 facts = _built(build_dir, save_fused)
                 out[name] = TorchComponentBuild(_files(build_dir / MODULE_DIR, MODULE_DIR), with_lora, facts)
             else:
+                in_place = name == FLUX_TRANSFORMER
+                method = "lora factors, " + ("patched in place per call" if in_place else "added in place at load")
 
                 def save_factors(staging: Path) -> dict[str, Any]:
                     save_lora_factors(staging / LORA_FILE, factors)
-                    return {"method": "lora factors, added in place at load", "lora_layers": len(factors)}
+                    return {"method": method, "lora_layers": len(factors)}
 
-                facts = _built(build_dir, save_factors)
-                files = _files(folder / slot, MODULE_DIR) | {LORA_FILE: build_dir / LORA_FILE}
-                out[name] = TorchComponentBuild(files, with_lora, facts)
+                # A build made before may record another method: say how it is used now.
+                facts = _built(build_dir, save_factors) | {"method": method}
+                if in_place:
+                    # The transformer's version is the base alone (a LoRA swap neither writes nor
+                    # loads one); the factors travel with the pipeline versions that name them.
+                    pipeline = {FUSED_LORA_FILE: build_dir / LORA_FILE}
+                    out[name] = TorchComponentBuild(_files(folder / slot, MODULE_DIR), base, facts, pipeline)
+                else:
+                    files = _files(folder / slot, MODULE_DIR) | {LORA_FILE: build_dir / LORA_FILE}
+                    out[name] = TorchComponentBuild(files, with_lora, facts)
         if progress is not None:
             progress(name, out[name].report["method"])
     return out

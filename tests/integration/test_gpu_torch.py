@@ -1,16 +1,18 @@
-"""gpu-torch on a real Triton: a new LoRA is hot-swapped in as factors over the same base files.
+"""gpu-torch on a real Triton: a new LoRA is patched into the running transformer in place.
 
 The other public behaviours run on both targets in test_generate.py and test_generate_stream.py
 (`target_triton`). This module swaps a second LoRA into a running gpu-torch Triton of its own (the
-shared one keeps serving the built LoRA for their parity test) and checks what a user and an
-operator see: a new `generate` version, an image equal to diffusers' pipeline with that LoRA fused,
-a transformer version that added only the LoRA's factors (its weights are the same files), and
-T5 and the VAE untouched (no new version, no reload). And the facade, unary and streamed, in
-front of the shared gpu-torch Triton.
+shared one keeps serving the built LoRA for their parity test) while requests run, and checks what
+a user and an operator see: a new `generate` version whose images equal diffusers' pipeline with
+that LoRA fused, the transformer (and T5 and the VAE) with no new version and the same process (no
+reload), and every image made whole by the LoRA of the version it reports. The in-place patch
+itself (storage, rounding, locking) is tested in-process in tests/unit/test_torch_lora.py. And the
+facade, unary and streamed, in front of the shared gpu-torch Triton.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,14 @@ import torch
 
 from client.triton_client import TritonClient
 from common.flux_assets import read_max_sequence_length
-from common.torch_runtime import LORA_FILE, MODULE_DIR
-from contract.specs import FLUX_TEXT_ENCODER_2, FLUX_TRANSFORMER, FLUX_VAE_DECODER, GENERATE, GenerateParams
+from contract.specs import (
+    FLUX_TEXT_ENCODER_2,
+    FLUX_TRANSFORMER,
+    FLUX_VAE_DECODER,
+    FUSED_LORA_FILE,
+    GENERATE,
+    GenerateParams,
+)
 from export.flux.lora import build_local_lora, load_pipeline
 from publish.repository import versions
 from tests.conftest import start_triton
@@ -46,25 +54,101 @@ def swap_triton(swap_repo: Path):
     server.stop()
 
 
-def test_a_new_lora_is_swapped_in_as_factors(swap_repo: Path, swap_triton, tmp_path: Path, monkeypatch) -> None:
+def stub_processes(repo: Path, model: str) -> set[tuple[int, str]]:
+    """(pid, start time) of the python-backend stubs serving `model` from `repo`: a model that
+    Triton reloads gets new ones."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            started = (proc / "stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            continue
+        if "triton_python_backend_stub" in cmdline and f"{repo / model}/" in cmdline:
+            found.add((int(proc.name), started))
+    return found
+
+
+def same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (a LoRA switched out and back in is not bit-identical)."""
+    if a.shape != b.shape:
+        return False
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return bool(diff.max() <= 2 and diff.mean() <= 0.05)
+
+
+class Traffic:
+    """Generations in two threads until stopped: every image with the version that made it."""
+
+    def __init__(self, url: str, params: GenerateParams) -> None:
+        self.url, self.params = url, params
+        self.images: list[tuple[str, np.ndarray]] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.new_seen = threading.Condition()
+        self.threads = [threading.Thread(target=self._loop) for _ in range(2)]
+
+    def _loop(self) -> None:
+        with TritonClient(self.url, timeout_s=300) as client:
+            while not self.stop.is_set():
+                try:
+                    got = client.generate(self.params)
+                except Exception as e:  # recorded: the swap must not fail a request
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                with self.new_seen:
+                    self.images.append((got.model_version, got.image))
+                    self.new_seen.notify_all()
+
+    def count(self, version: str) -> int:
+        return sum(v == version for v, _ in self.images)
+
+
+def test_a_new_lora_is_patched_into_the_running_transformer(
+    swap_repo: Path, swap_triton, tmp_path: Path, monkeypatch
+) -> None:
+    """A second LoRA while requests run: no transformer version or reload, the new images equal
+    diffusers' pipeline with that LoRA fused, and every image is whole on the LoRA of the version
+    that reports it (the transformer switches per call, so old and new requests interleave)."""
     from publish.flux import publish_and_swap
 
     prov = served_provenance()
     checkpoint = Path(prov["checkpoint"])
+    params = GenerateParams(prompt=PROMPT, seed=3, width=64, height=64, steps=3)
     with TritonClient(swap_triton.grpc_url, timeout_s=300) as client:
-        before = client.generate(GenerateParams(prompt=PROMPT, seed=3, width=64, height=64, steps=3))
-        lora = build_local_lora(checkpoint, tmp_path / "lora-b", seed=11, trigger_word="zxq")
-        for key, value in TORCH_ENV.items():
-            monkeypatch.setenv(key, value)
+        before = client.generate(params)
+    stubs = stub_processes(swap_repo, FLUX_TRANSFORMER)
+    assert stubs, "no python-backend stub of flux_transformer found"
+    lora = build_local_lora(checkpoint, tmp_path / "lora-b", seed=11, trigger_word="zxq")
+    for key, value in TORCH_ENV.items():
+        monkeypatch.setenv(key, value)
+    traffic = Traffic(swap_triton.grpc_url, params)
+    for t in traffic.threads:
+        t.start()
+    try:
         swapped = publish_and_swap(swap_repo, swap_triton.http_url, checkpoint=checkpoint, lora=lora, lora_scale=1.0)
-        after = client.generate(GenerateParams(prompt=PROMPT, seed=3, width=64, height=64, steps=3))
-    assert int(swapped["model_version"]) == int(before.model_version) + 1 == int(after.model_version)
-    # Only the transformer (and the pipelines that pin it) changed; T5 and the VAE stayed loaded as they were.
-    assert swapped["components"][FLUX_TEXT_ENCODER_2] == 1 and swapped["components"][FLUX_VAE_DECODER] == 1
-    old, new = (swap_repo / FLUX_TRANSFORMER / str(v) for v in versions(swap_repo, FLUX_TRANSFORMER)[-2:])
-    for f in (old / MODULE_DIR).iterdir():
-        assert (new / MODULE_DIR / f.name).stat().st_ino == f.stat().st_ino  # the same weight files
-    assert (new / LORA_FILE).read_bytes() != (old / LORA_FILE).read_bytes()
+        new = swapped["model_version"]
+        with traffic.new_seen:  # both threads' requests reach the new version
+            assert traffic.new_seen.wait_for(lambda: traffic.count(new) >= 4, timeout=300)
+    finally:
+        traffic.stop.set()
+        for t in traffic.threads:
+            t.join(timeout=300)
+    with TritonClient(swap_triton.grpc_url, timeout_s=300) as client:
+        after = client.generate(params)
+    assert int(new) == int(before.model_version) + 1 == int(after.model_version)
+    # Only the pipelines changed: the transformer kept its version and its process (no reload).
+    assert FLUX_TRANSFORMER not in swapped["created"] and versions(swap_repo, FLUX_TRANSFORMER) == [1]
+    assert {swapped["components"][n] for n in (FLUX_TRANSFORMER, FLUX_TEXT_ENCODER_2, FLUX_VAE_DECODER)} == {1}
+    assert stub_processes(swap_repo, FLUX_TRANSFORMER) == stubs
+    old_factors, new_factors = (swap_repo / GENERATE.name / v / FUSED_LORA_FILE for v in (before.model_version, new))
+    assert old_factors.read_bytes() != new_factors.read_bytes()
+
+    assert traffic.errors == []
+    assert traffic.count(before.model_version) >= 1  # requests of the old version ran beside the swap
+    for version, image in traffic.images:
+        assert version in (before.model_version, new), version
+        assert same_image(image, before.image if version == before.model_version else after.image), version
 
     pipe = load_pipeline(checkpoint, lora, lora_scale=1.0)
     ref = pipe(

@@ -2,8 +2,8 @@
 
 Everything here is the code that runs on the GPU, run with device=cpu on the tiny local FLUX:
 - configs render and parse with Triton's schema, batching like the CPU target's components;
-- a published version links the checkpoint's files and holds only the LoRA's factors, and the
-  loaded transformer equals diffusers' LoRA-fused one exactly (fp32);
+- a published version links the checkpoint's files, the pipelines hold the transformer LoRA's
+  factors, and the loaded transformer patched to them equals diffusers' LoRA-fused one exactly (fp32);
 - a LoRA the factors cannot express falls back to a saved fused module, with the same output;
 - the LoRA is added in place (same storage) and can be taken out again;
 - fp8 Linear layers stay close to the compute dtype; compiled equals eager;
@@ -38,7 +38,9 @@ from contract.specs import (  # noqa: E402
     FLUX_TEXT_ENCODER_2,
     FLUX_TRANSFORMER,
     FLUX_VAE_DECODER,
+    FUSED_LORA_FILE,
     GENERATE,
+    GENERATE_STREAM,
 )
 from export.deployments import flux_deployments  # noqa: E402
 from export.flux.full_size import DEV_PARAMETERS, build_random_flux, meta_modules  # noqa: E402
@@ -52,11 +54,11 @@ from serving.onnx_runner import BatchedOnnxRunner  # noqa: E402
 from serving.torch_components import (  # noqa: E402
     Fp8Linear,
     TorchComponent,
-    add_lora,
     fp8_layers,
     load_module,
     quantize_fp8,
 )
+from serving.torch_lora import add_lora  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -139,14 +141,18 @@ def test_published_versions_link_the_checkpoint_and_hold_only_lora_factors(torch
         slot_dir = tiny_checkpoint / FLUX_PIPELINE_SLOTS[name]
         for f in slot_dir.iterdir():
             assert (version / MODULE_DIR / f.name).stat().st_ino == f.stat().st_ino, f  # a hard link, no copy
-        assert (version / LORA_FILE).exists() == (name == FLUX_TRANSFORMER)  # the tiny LoRA adapts the transformer
+        # The tiny LoRA adapts the transformer only, and its factors travel with the pipelines.
+        assert not (version / LORA_FILE).exists()
         manifest = json.loads((version / "fluxserve_manifest.json").read_text())
         assert manifest["target"] == "gpu-torch"
+    factors = [torch_repo / pipeline / "1" / FUSED_LORA_FILE for pipeline in (GENERATE.name, GENERATE_STREAM.name)]
+    assert factors[0].stat().st_ino == factors[1].stat().st_ino  # one file: one LoRA to the transformer
     assert deployed_target(torch_repo) == "gpu-torch"
 
 
 def test_loaded_components_equal_the_lora_fused_pipeline(torch_repo: Path, fused_pipeline) -> None:
     transformer = TorchComponent.load(FLUX_TRANSFORMER, torch_repo / FLUX_TRANSFORMER / "1", CPU32)
+    assert transformer.lora is not None and transformer.lora.use(f"{GENERATE.name}/1")  # what generate/1 names
     feeds = transformer_inputs(fused_pipeline.transformer, 2, 8, 12, 10, seed=3)
     assert np.array_equal(transformer(feeds), transformer_forward(fused_pipeline.transformer, feeds))
     ids = np.random.default_rng(0).integers(3, 200, (2, 77), dtype=np.int64)
@@ -209,7 +215,7 @@ def test_lora_factors_refuse_layers_the_module_lacks(tiny_checkpoint, tiny_lora)
 
 def test_lora_is_added_in_place_and_taken_out_again(tiny_checkpoint: Path, torch_repo: Path) -> None:
     module = load_module("transformer", tiny_checkpoint / "transformer", torch.device("cpu"), torch.float32)
-    factors = load_lora_factors(torch_repo / FLUX_TRANSFORMER / "1" / LORA_FILE)
+    factors = load_lora_factors(torch_repo / GENERATE.name / "1" / FUSED_LORA_FILE)
     layer = next(iter(factors))
     weight = module.get_submodule(layer).weight
     before, pointer = weight.clone(), weight.data_ptr()
@@ -264,7 +270,15 @@ def test_compiled_transformer_equals_eager(torch_repo: Path) -> None:
     names = [n for n, _ in compiled.module.named_modules()]
     assert any(n.endswith(".to_qkv") for n in names) and not any(n.endswith(".to_q") for n in names)
     feeds = transformer_inputs(eager.module, 1, 8, 8, 10, seed=6)
-    np.testing.assert_allclose(compiled(feeds), eager(feeds), atol=2e-5)
+    base = compiled(feeds)
+    np.testing.assert_allclose(base, eager(feeds), atol=2e-5)
+    # The LoRA patched in place after compiling (into the fused q/k/v rows): the compiled code
+    # reads the same tensors, so it runs the patched weights with no recompilation.
+    for component in (eager, compiled):
+        assert component.lora is not None and component.lora.use(f"{GENERATE.name}/1")
+    patched = compiled(feeds)
+    np.testing.assert_allclose(patched, eager(feeds), atol=2e-5)
+    assert np.abs(patched - base).max() > 1e-3
 
 
 def test_merged_batch_is_one_forward_with_per_request_results(torch_repo: Path) -> None:
