@@ -30,7 +30,14 @@ WRONG_KEY = {"Authorization": "Bearer " + "w" * 40}
 def publish(facade: Facade, name: str, trigger_words: str = "zxq", scale: float = 1.0, serve: bool = True) -> str:
     """Adapter `name` in the facade's adapter store (and, when `serve`, known to the fake Triton);
     returns its sha256."""
-    root = adapters_dir(facade.state.job_settings.model_repository)
+    sha = write_test_adapter(store(facade), name, trigger_words, scale)
+    if serve:
+        facade.fake.adapters[name] = sha
+    return sha
+
+
+def write_test_adapter(root: Path, name: str, trigger_words: str = "zxq", scale: float = 1.0) -> str:
+    """Adapter `name` (one small layer) in the adapter store at `root`; returns its sha256."""
     lora = root.parent / f"{name}.safetensors"
     lora.parent.mkdir(parents=True, exist_ok=True)
     lora.write_bytes(name.encode() * 16)
@@ -49,8 +56,6 @@ def publish(facade: Facade, name: str, trigger_words: str = "zxq", scale: float 
         source=str(lora),
     )
     write_adapter(root, record, {"block.0.attn.to_q": (np.zeros((8, 4)), np.zeros((4, 8)))}, lora)
-    if serve:
-        facade.fake.adapters[name] = sha
     return sha
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from common.adapter_bank import BankGroup, BankLayout
 from contract.specs import FLUX_TRANSFORMER
-from tests.unit.facade.harness import Facade, running_facade
+from tests.unit.facade.harness import running_facade
 from tests.unit.facade.test_http_loras import publish as publish_adapter
 from tests.unit.facade.test_http_train import TRIGGER, Train, dataset, png, zipped
 from training.jobs import ADAPTER_NAME_PARAM
@@ -25,10 +25,10 @@ pytestmark = pytest.mark.anyio
 BANK_RANK = 8
 
 
-def serve_bank(facade: Facade, rank: int = BANK_RANK) -> None:
-    """The test repository's `flux_transformer` serves an adapter bank of rank `rank` (only its
-    layout file: what POST /train reads of it)."""
-    version = facade.state.job_settings.model_repository / FLUX_TRANSFORMER / "1"
+def serve_bank(repository: Path, rank: int = BANK_RANK) -> None:
+    """`repository`'s `flux_transformer` serves an adapter bank of rank `rank` (only its layout
+    file: what POST /train reads of it)."""
+    version = repository / FLUX_TRANSFORMER / "1"
     version.mkdir(parents=True, exist_ok=True)
     BankLayout(rank, "per_layer", (BankGroup("q", ("blocks.0.attn.to_q",), 8, 8),)).save(version)
 
@@ -38,7 +38,7 @@ async def train(tmp_path: Path) -> AsyncIterator[Train]:
     spool = tmp_path / "spool"
     spool.mkdir()
     async with running_facade() as f:
-        serve_bank(f)
+        serve_bank(f.state.job_settings.model_repository)
         t = Train(f, spool)
         t.worker_alive()
         yield t
