@@ -10,13 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.paths import BUILD_DIR
+from export.triton_config import TORCH_TARGET
 from publish.repository import SOURCE_REPOSITORY
 from training.classifier import ClassifierTrainSettings, is_up_to_date, train_classifier
 
 
-def defaults(repo: Path, target: str = "cpu") -> int:
+def defaults(repo: Path, target: str | None = None) -> int:
     """What `make models` runs: train the classifier when its data or settings changed, then export
-    it and the default FLUX (both idempotent: unchanged models keep their version)."""
+    it and the default FLUX (both idempotent: unchanged models keep their version). `target`
+    gpu-torch: the FLUX components in PyTorch (FLUXSERVE_TORCH_), the classifier as on cpu; None:
+    the target the repository was published for (cpu for a new one), so a later `make up` on a
+    gpu-torch repository keeps it."""
     from publish.cli import export_classifier, export_flux
 
     settings = ClassifierTrainSettings()
@@ -47,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sw.add_argument("--out", type=Path, default=BUILD_DIR / "classifier-seeds")
     dflt = sub.add_parser("defaults", help="train the classifier if needed, then export everything `make up` serves")
     dflt.add_argument("--repo", type=Path, default=SOURCE_REPOSITORY, help="Triton model repository")
-    dflt.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    dflt.add_argument(
+        "--target",
+        choices=("cpu", "gpu", TORCH_TARGET),
+        help=f"cpu, gpu (TensorRT) or {TORCH_TARGET} (PyTorch on CUDA; device and dtype: FLUXSERVE_TORCH_*); "
+        "default: the target the repository's generate was published for (cpu for a new one)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("onnx_ir", "onnxscript"):  # a line per rewritten node during every ONNX export
