@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -38,6 +38,7 @@ DEFAULT_MAX_RANK = 16
 DEFAULT_SLOTS = 8
 """Bank slots including the zero slot 0."""
 MAX_SLOTS = 4096
+BANK_INPUT_PREFIXES = ("adapter_a.", "adapter_b.")
 Layout = Literal["per_layer", "grouped"]
 LAYOUTS: tuple[Layout, ...] = ("per_layer", "grouped")
 
@@ -63,11 +64,11 @@ class BankGroup:
 
     @property
     def a_input(self) -> str:
-        return f"adapter_a.{self.name}"
+        return f"{BANK_INPUT_PREFIXES[0]}{self.name}"
 
     @property
     def b_input(self) -> str:
-        return f"adapter_b.{self.name}"
+        return f"{BANK_INPUT_PREFIXES[1]}{self.name}"
 
 
 @dataclass(frozen=True)
@@ -255,12 +256,17 @@ class AdapterBank:
             b_cell[: b.shape[0], :] = b
 
 
-def zero_adapter_feeds(layout: BankLayout, batch: int) -> dict[str, np.ndarray]:
-    """The branch inputs for `batch` rows without any adapter (slot 0, a one-slot zero bank): what
-    a caller that knows nothing of adapters feeds the branch graph to get the plain model."""
-    feeds: dict[str, np.ndarray] = {
-        SLOT_INPUT: np.zeros(batch, np.int64),
-        SCALE_INPUT: np.zeros(batch, np.float32),
-    }
-    feeds |= {name: np.zeros(shape, np.float32) for name, shape in layout.bank_shapes(1).items()}
+def zero_branch_feeds(graph_inputs: Iterable[Any], batch: int) -> dict[str, np.ndarray]:
+    """For a graph's inputs (ONNX Runtime NodeArgs: `name`, `shape`), the branch inputs that make
+    `batch` rows run without any adapter (slot 0, scale 0, a one-slot zero bank); {} for a graph
+    without the branch. What a caller that knows nothing of adapters feeds the branch graph to get
+    the plain model: the in-process pipelines, the int8 parity check."""
+    feeds: dict[str, np.ndarray] = {}
+    for arg in graph_inputs:
+        if arg.name == SLOT_INPUT:
+            feeds[arg.name] = np.zeros(batch, np.int64)
+        elif arg.name == SCALE_INPUT:
+            feeds[arg.name] = np.zeros(batch, np.float32)
+        elif arg.name.startswith(BANK_INPUT_PREFIXES):
+            feeds[arg.name] = np.zeros((1, *(int(d) for d in arg.shape[1:])), np.float32)
     return feeds

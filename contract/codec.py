@@ -20,8 +20,11 @@ from contract.specs import (
     ADAPTER_SHA256_OUTPUT,
     CLASSIFY,
     CLASSIFY_LIMITS,
+    FLUX_ADAPTER_INPUT,
+    FLUX_ADAPTER_SCALE_INPUT,
     FLUX_IO_NAMES,
     FLUX_SCALAR_INPUTS,
+    FLUX_TRANSFORMER,
     GENERATE,
     GENERATE_STREAM,
     LABELS,
@@ -185,6 +188,8 @@ def flux_component_feeds(
     """A FLUX component call's arrays by input name (positional in contract order, or by name),
     shaped for Triton's wire: per-item scalars are [B] to the graph but [B, 1] on the wire."""
     input_names = FLUX_IO_NAMES[model][0]
+    if model == FLUX_TRANSFORMER:  # the adapter branch's inputs, when the caller sends them
+        input_names = (*input_names, *(n for n in (FLUX_ADAPTER_INPUT, FLUX_ADAPTER_SCALE_INPUT) if n in kwargs))
     feeds = dict(zip(input_names, args)) | dict(kwargs)
     return {
         name: np.ascontiguousarray(feeds[name].reshape(-1, 1) if name in FLUX_SCALAR_INPUTS else feeds[name])

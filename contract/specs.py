@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from common.adapter_bank import SCALE_INPUT
 from common.adapter_store import MAX_SCALE as MAX_ADAPTER_SCALE
 from common.adapter_store import InvalidAdapterName, check_name
 from contract.errors import InvalidInputError
@@ -439,6 +440,27 @@ def _flux_spec(name: str) -> ModelSpec:
 
 
 FLUX_COMPONENTS: dict[str, ModelSpec] = {n: _flux_spec(n) for n in FLUX_IO_NAMES}
+
+FLUX_ADAPTER_INPUT = "adapter"
+"""`flux_transformer` with the adapter branch (issue 27): the published adapter each row runs
+with, by name ("" = none); the model loads it from the adapter store into a bank slot."""
+FLUX_ADAPTER_SCALE_INPUT = SCALE_INPUT
+"""... and each row's LoRA scale (the graph's own input of that name)."""
+FLUX_ADAPTER_TRANSFORMER = ModelSpec(
+    name=FLUX_TRANSFORMER,
+    inputs=(
+        *FLUX_COMPONENTS[FLUX_TRANSFORMER].inputs,
+        TensorSpec(FLUX_ADAPTER_INPUT, "TYPE_STRING", (1,), optional=True),
+        TensorSpec(FLUX_ADAPTER_SCALE_INPUT, "TYPE_FP32", (1,), optional=True),
+    ),
+    outputs=FLUX_COMPONENTS[FLUX_TRANSFORMER].outputs,
+    max_batch_size=FLUX_MAX_BATCH,
+)
+"""The CPU target's `flux_transformer` when it serves the adapter branch: the component's inputs
+plus the two above (generate sends them on every call, "" and 0 for rows without an adapter, so
+all calls batch together)."""
+ADAPTER_SLOTS_PARAMETER = "adapter_slots"
+"""flux_transformer (adapter branch): bank slots per instance, slot 0 (no adapter) included."""
 
 
 FLUX_PREPARE = ModelSpec(

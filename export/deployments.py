@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.paths import RECOMMENDED_BATCHING_FILE
@@ -90,6 +91,9 @@ class ExportSettings(BaseSettings):
     """How long a step waits for others to join its batch. Concurrent loops' steps queue behind
     the running forward pass anyway and merge there; a long wait only taxes a lone request every
     step (docs/decisions/flux-transformer-instances.md)."""
+    flux_adapter_slots: int = Field(8, ge=2, le=4096)
+    """Adapter bank slots per transformer instance, slot 0 (no adapter) included (CPU target, with
+    the adapter branch): adapters loaded at once; more distinct ones in a batch wait their turn."""
     flux_component_threads: int = 1
     batching_recommendation: Path = RECOMMENDED_BATCHING_FILE
     """Written by `fluxserve-bench sweep`; the classifier knobs above override it."""

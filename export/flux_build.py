@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from common.flux_assets import copy_loop_assets, read_max_sequence_length
 from contract.cost import CPU_HOST_MEMORY_SHARE
 from contract.specs import (
+    ADAPTER_SLOTS_PARAMETER,
     ATTENTION_HEADS_PARAMETER,
+    FLUX_ADAPTER_TRANSFORMER,
     FLUX_COMPONENTS,
     FLUX_TEXT_ENCODER,
     FLUX_TEXT_ENCODER_2,
@@ -50,6 +52,8 @@ PATCH_PREFIXES = {FLUX_TRANSFORMER: "transformer.", FLUX_TEXT_ENCODER: "text_enc
 
 TRANSFORMER_PRECISION = "transformer_precision"
 """Provenance key: the precision requested for the transformer (auto / fp32 / int8)."""
+ADAPTER_BRANCH = "adapter_branch"
+"""Provenance key: the transformer's adapter branch (issue 27; adapter_branch()), absent without one."""
 
 LARGE_FILE_BYTES = 256 << 20
 """Files above this are fingerprinted by size and mtime: hashing FLUX.1-dev's 24 GB each run is waste."""
@@ -94,12 +98,33 @@ def base_transformer_fingerprint(checkpoint: str | Path) -> str:
     """The identity of a checkpoint's base transformer (its weights and config, as
     source_fingerprint sees them): what an adapter must have been trained on to be served with
     it (common.adapter_bank.BankLayout.base_fingerprint). A hub id is identified by name."""
-    files = source_fingerprint(checkpoint)
-    transformer = {k: v for k, v in files.items() if k.startswith("transformer/")}
-    return fingerprint({"transformer": transformer or files})
+    return _base_fingerprint(source_fingerprint(checkpoint))
+
+
+def _base_fingerprint(checkpoint_files: Mapping[str, str]) -> str:
+    transformer = {k: v for k, v in checkpoint_files.items() if k.startswith("transformer/")}
+    return fingerprint({"transformer": transformer or dict(checkpoint_files)})
+
+
+def adapter_branch(
+    settings: FluxSettings, target: Target, checkpoint_files: Mapping[str, str]
+) -> dict[str, Any] | None:
+    """The transformer's adapter branch as built for `target` (provenance key ADAPTER_BRANCH), or
+    None: the CPU target serves it when settings.adapter_branch; the GPU targets keep the plain graph."""
+    if not settings.adapter_branch or target != "cpu":
+        return None
+    from common.adapter_bank import BANK_FORMAT
+
+    return {
+        "format": BANK_FORMAT,
+        "rank": settings.adapter_rank,
+        "layout": settings.adapter_layout,
+        "base_fingerprint": _base_fingerprint(checkpoint_files),
+    }
 
 
 def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
+    from common.adapter_bank import BANK_FILE
     from export.flux.transformer_precision import PRECISION_FILE, served_dir
     from export.flux.weight_map import WEIGHT_MAP_FILE, WEIGHTS_DIR
 
@@ -116,6 +141,8 @@ def _component_files(onnx_dir: Path, name: str) -> dict[str, Path]:
         files[f"{WEIGHTS_DIR}/{f.name}"] = f
     if (folder / WEIGHT_MAP_FILE).exists():  # the fp32 graph's map: not shipped beside int8
         files[WEIGHT_MAP_FILE] = folder / WEIGHT_MAP_FILE
+    if (export / BANK_FILE).exists():  # the adapter branch's layout (the same for fp32 and int8)
+        files[BANK_FILE] = export / BANK_FILE
     return files
 
 
@@ -137,7 +164,12 @@ def component_provenance(provenance: dict[str, Any], lora_targets: frozenset[str
         FLUX_TEXT_ENCODER_2: base,
         # The precision requested (export.flux.transformer_precision): an fp32-only export is not
         # the base of an int8 one. Absent = fp32, the layout before precisions existed.
-        FLUX_TRANSFORMER: {**transformer, **_precision_provenance(provenance.get(TRANSFORMER_PRECISION, "fp32"))},
+        FLUX_TRANSFORMER: {
+            **transformer,
+            **_precision_provenance(provenance.get(TRANSFORMER_PRECISION, "fp32")),
+            # The branch graph is another graph: neither the base of a plain patch nor reused as one.
+            **({ADAPTER_BRANCH: provenance[ADAPTER_BRANCH]} if provenance.get(ADAPTER_BRANCH) else {}),
+        },
         FLUX_VAE_DECODER: base,
     }
 
@@ -156,16 +188,23 @@ def _export_fused(
     settings: FluxSettings,
     progress: Callable[[str, object], None] | None,
     precision: str = "fp32",
+    branch: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Full export of the components in `todo` (name -> folder) from the LoRA-fused pipeline;
-    the transformer's precision is chosen as export.flux.transformer_precision says."""
+    the transformer's precision is chosen as export.flux.transformer_precision says, and with
+    `branch` (adapter_branch()) the transformer is the adapter-branch graph."""
     from export.flux.lora import load_pipeline
     from export.flux.onnx_export import export_all
 
     report: dict[str, Any] = {}
     pipeline = load_pipeline(checkpoint, lora, lora_scale=lora_scale, weight_name=settings.lora_weight_name)
     for name, onnx_dir in todo.items():
-        (result,) = export_all(pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]).values()
+        if name == FLUX_TRANSFORMER and branch:
+            result = _export_branch(pipeline, onnx_dir, branch, settings, progress)
+        else:
+            (result,) = export_all(
+                pipeline, onnx_dir, progress=progress, opset=settings.onnx_opset, only=[name]
+            ).values()
         facts = {
             "method": "export",
             "max_abs_error": result.max_abs_error,
@@ -179,6 +218,32 @@ def _export_fused(
         (onnx_dir / EXPORT_MARKER).write_text(json.dumps(facts, indent=2))  # written last: marks it complete
         report[name] = {**facts, "onnx_dir": str(onnx_dir), "reused": False}
     return report
+
+
+def _export_branch(
+    pipeline: Any,
+    onnx_dir: Path,
+    branch: Mapping[str, Any],
+    settings: FluxSettings,
+    progress: Callable[[str, object], None] | None,
+) -> Any:
+    """The transformer as the adapter-branch graph, in the plain export's folder and layout."""
+    from export.flux.adapter_bank import export_adapter_transformer
+
+    if progress is not None:
+        progress(FLUX_TRANSFORMER, None)
+    result = export_adapter_transformer(
+        pipeline.transformer,
+        onnx_dir,
+        rank=int(branch["rank"]),
+        layout=branch["layout"],
+        opset=settings.onnx_opset,
+        folder=FLUX_TRANSFORMER,
+        base_fingerprint=str(branch["base_fingerprint"]),
+    )
+    if progress is not None:
+        progress(FLUX_TRANSFORMER, result)
+    return result
 
 
 def _finished(onnx_dir: Path) -> dict[str, Any] | None:
@@ -209,6 +274,7 @@ def export_onnx(
     report: dict[str, Any] = {}
     todo: dict[str, Path] = {}
     precision = provenance.get(FLUX_TRANSFORMER, {}).get(TRANSFORMER_PRECISION, "fp32")
+    branch = provenance.get(FLUX_TRANSFORMER, {}).get(ADAPTER_BRANCH)
     for name, prov in provenance.items():
         onnx_dir = export_root / name / fingerprint(prov)
         if (facts := _finished(onnx_dir)) is not None:
@@ -234,14 +300,14 @@ def export_onnx(
         plain = {n: d for n, d in todo.items() if provenance[n] == base_provenance[n]}
         if missing or plain:  # the base of a patch is exported once per base model
             log.info("exporting %s without the LoRA (bases to patch: %s)", sorted({*missing, *plain}), sorted(missing))
-            done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress, precision)
+            done = _export_fused(checkpoint, None, 1.0, {**missing, **plain}, settings, progress, precision, branch)
             report.update({n: done[n] for n in plain})
         report.update(
             _patch(lora, lora_scale, {n: (base_dirs[n], patchable[n]) for n in patchable}, settings, progress)
         )
         todo = {n: d for n, d in todo.items() if n not in report}
     if todo:
-        report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress, precision))
+        report.update(_export_fused(checkpoint, lora, lora_scale, todo, settings, progress, precision, branch))
     report["total_seconds"] = round(time.monotonic() - started, 1)
     return report
 
@@ -327,7 +393,14 @@ def _onnx_parts(
         )
         for name in FLUX_COMPONENTS
     }
-    return flux_deployments(export_settings), parts, report
+    deps = flux_deployments(export_settings)
+    if provenance.get(ADAPTER_BRANCH):  # the transformer takes each row's adapter and scale
+        dep = deps[FLUX_TRANSFORMER]
+        slots = (export_settings or ExportSettings()).flux_adapter_slots
+        deps[FLUX_TRANSFORMER] = replace(
+            dep, spec=FLUX_ADAPTER_TRANSFORMER, parameters={**dep.parameters, ADAPTER_SLOTS_PARAMETER: str(slots)}
+        )
+    return deps, parts, report
 
 
 def _torch_parts(
@@ -438,6 +511,8 @@ def build_flux(
         # The GPU target builds TensorRT engines from the fp32 graph: the choice is CPU-only.
         TRANSFORMER_PRECISION: s.transformer_precision if target == "cpu" else "fp32",
     }
+    if (branch := adapter_branch(s, target, provenance["checkpoint_files"])) is not None:
+        provenance[ADAPTER_BRANCH] = branch
     targets = lora_targets(lora, s.lora_weight_name) if lora else frozenset()
     pipeline_files: dict[str, Path] = {}
     if target == TORCH_TARGET:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -63,8 +63,8 @@ PrepareFn = Callable[[GenerateParams], Prepared]
 DEFAULT_PROMPT_CACHE_BYTES = 256 << 20
 
 
-def _call(fn: ComponentFn, name: str, *args: np.ndarray) -> np.ndarray:
-    out = fn(*args)
+def _call(fn: ComponentFn, name: str, *args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+    out = fn(*args, **kwargs)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} returned {type(out).__name__}, expected a numpy array")
     return out
@@ -257,7 +257,15 @@ class FluxLoop:
         floats = np.clip(images.astype(np.float32, copy=False) / np.float32(2) + np.float32(0.5), 0, 1)
         return (floats[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
-    def __call__(self, req: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        req: GenerateParams,
+        on_step: Callable[[int, int], None] | None = None,
+        transformer_extra: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """`transformer_extra`: inputs added to every transformer call by name (the adapter branch's
+        `adapter` and `adapter_scale`, serving/adapter_choice.py)."""
+        extra = dict(transformer_extra or {})
         p = self.prepare(req)
         pooled, text = p.pooled_embeds, p.text_embeds
         latents = np.asarray(p.latents, dtype=np.float32)
@@ -274,7 +282,9 @@ class FluxLoop:
         total = len(p.timesteps)
         for i in range(total):
             feeds = fixed | {"hidden_states": latents, "timestep": p.timesteps[i : i + 1]}
-            noise = np.asarray(_call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names)), dtype=np.float32)
+            noise = np.asarray(
+                _call(self.transformer, FLUX_TRANSFORMER, *(feeds[n] for n in names), **extra), dtype=np.float32
+            )
             latents = latents + (p.sigmas[i + 1] - p.sigmas[i]) * noise  # the scheduler's Euler step
             if on_step is not None:
                 on_step(i + 1, total)
@@ -292,6 +302,7 @@ def ort_callables(
     Reads `onnx_dir/<model name>/model.onnx` as written by export.flux.onnx_export.export_all.
     intra_op_threads=0 lets ONNX Runtime pick (all cores).
     """
+    from common.adapter_bank import zero_branch_feeds
     from common.ort_session import make_session
 
     def make(name: str) -> ComponentFn:
@@ -301,10 +312,14 @@ def ort_callables(
         # An exporter may drop an input the graph never reads (guidance without guidance embedding).
         present = {i.name for i in session.get_inputs()}
         input_names = tuple(n for n in input_names if n in present)
+        graph_inputs = session.get_inputs()
 
         def run(*args: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
             feeds = dict(zip(input_names, args)) | kwargs
-            return session.run([output_name], {n: feeds[n] for n in input_names})[0]
+            feeds = {n: feeds[n] for n in input_names}
+            # The transformer with the adapter branch, run here without adapters: slot 0 everywhere.
+            feeds |= zero_branch_feeds(graph_inputs, next(iter(feeds.values())).shape[0])
+            return session.run([output_name], feeds)[0]
 
         return run
 

@@ -44,6 +44,7 @@ from contract.specs import (
     TEXT_TOKENS_PARAMETER,
     GenerateParams,
 )
+from serving.adapter_choice import AdapterResolver
 from serving.flux_loop import PREPARED_FIELDS, FluxLoop, Prepared
 from serving.stop_check import Stopped, stop_check
 
@@ -106,6 +107,10 @@ class TritonPythonModel:
             prepare=self._preparer(components),
         )
         self.memory_guard = _memory_guard(json.loads(args["model_config"]))
+        # Issue 27: requests naming a published adapter, when the pinned transformer has the branch.
+        repository = Path(args["model_repository"]).parent  # args["model_repository"]: this model's folder
+        transformer_dir = repository / FLUX_TRANSFORMER / str(components.get(FLUX_TRANSFORMER, -1))
+        self.adapters = AdapterResolver(repository, transformer_dir)
 
     @staticmethod
     def _preparer(components: dict[str, int]):
@@ -162,6 +167,7 @@ class TritonPythonModel:
             try:
                 req = read_params(get)
                 self.memory_guard(req)
+                req, adapter, transformer_extra = self.adapters.resolve(req)
             except ValueError as e:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
@@ -170,7 +176,7 @@ class TritonPythonModel:
             try:
                 check = _stop_check(request)
                 check()  # cancelled while it queued: never start
-                image = self.loop(req, on_step=check)
+                image = self.loop(req, on_step=check, transformer_extra=transformer_extra)
             except Stopped as e:
                 code = getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNAVAILABLE)
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
@@ -186,5 +192,6 @@ class TritonPythonModel:
                 log.exception("generate failed")
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {e}")))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(GENERATE.outputs[0].name, image)]))
+            tensors = {GENERATE.outputs[0].name: image, **adapter.output_arrays()}
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
         return responses

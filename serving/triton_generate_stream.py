@@ -64,6 +64,7 @@ class TritonPythonModel(UnaryGenerateModel):
         try:
             req = read_params(get)
             self.memory_guard(req)  # initialised by `generate`'s initialize, from this model's config
+            req, adapter, transformer_extra = self.adapters.resolve(req)
         except ValueError as e:
             sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=final)
             return
@@ -79,7 +80,7 @@ class TritonPythonModel(UnaryGenerateModel):
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before it started")
-            image = self.loop(req, on_step=on_step)
+            image = self.loop(req, on_step=on_step, transformer_extra=transformer_extra)
         except Cancelled as e:
             log.info("generate_stream: %s", e)
             # Nobody may be listening any more; the final flag still releases the request.
@@ -91,4 +92,5 @@ class TritonPythonModel(UnaryGenerateModel):
             return
         tensors = progress_tensors(last["step"], last["total"], time.perf_counter() - started)
         tensors.append(pb_utils.Tensor(GENERATE_STREAM.outputs[3].name, image))
+        tensors += [pb_utils.Tensor(k, v) for k, v in adapter.output_arrays().items()]
         sender.send(pb_utils.InferenceResponse(tensors), flags=final)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.flux_assets import DEFAULT_MAX_SEQUENCE_LENGTH
@@ -56,6 +57,14 @@ class FluxSettings(BaseSettings):
     transformer_precision: Literal["auto", "fp32", "int8"] = "auto"
     """CPU target: serve the transformer in int8 when measured close to fp32 and faster (auto), or
     force one (export.flux.transformer_precision). The GPU target always exports fp32."""
+    adapter_branch: bool = False
+    """CPU target: serve the transformer with the adapter branch (issue 27: published LoRAs chosen
+    per request, export.flux.adapter_bank); slot 0, a request without one, is the fused default
+    model. The GPU targets keep the plain graph."""
+    adapter_rank: int = Field(16, ge=1, le=128)
+    """The bank's R: the largest LoRA rank an adapter may have (smaller ranks are zero-padded)."""
+    adapter_layout: Literal["per_layer", "grouped"] = "grouped"
+    """How the bank's layers are packed into graph inputs (`fluxserve-bench adapters` measures both)."""
     weight_patching: bool = True
     """Publish a LoRA by patching the base export's weights (seconds) instead of fusing it and
     re-exporting the component (a full trace); falls back to re-exporting what cannot be patched."""

@@ -186,11 +186,13 @@ def _onnx_forward(path: Path, record: list) -> tuple[Callable[..., tuple[Any]], 
     thread and remembers its last feeds in `record`, its ONNX Runtime session)."""
     import torch
 
+    from common.adapter_bank import zero_branch_feeds
     from common.ort_session import make_session
     from contract.specs import FLUX_IO_NAMES
 
     session = make_session(path, 1, spinning=True)
-    present = {i.name for i in session.get_inputs()}
+    graph_inputs = session.get_inputs()
+    present = {i.name for i in graph_inputs}
     names = [n for n in FLUX_IO_NAMES[FLUX_TRANSFORMER][0] if n in present]
 
     def forward(hidden_states: torch.Tensor, **kw: Any) -> tuple[torch.Tensor]:
@@ -207,6 +209,8 @@ def _onnx_forward(path: Path, record: list) -> tuple[Callable[..., tuple[Any]], 
             "guidance": guidance if guidance is not None else torch.zeros(b),
         }
         feeds = {n: np.ascontiguousarray(values[n].detach().numpy(), dtype=np.float32) for n in names}
+        # The transformer with the adapter branch is measured as a request without one runs it: slot 0.
+        feeds |= zero_branch_feeds(graph_inputs, b)
         record[:] = [feeds]
         return (torch.from_numpy(session.run(None, feeds)[0]),)
 

@@ -12,7 +12,9 @@ What is proven here:
 - int8: the branch MatMuls stay fp32 beside the int8 base MatMuls, slot 0 is the plain int8
   graph and an adapter moves the int8 output as it moves the fp32 one;
 - weight patching: the default LoRA patched into the branch graph stays fused under slot 0, and
-  an adapter adds on top of it (fp32 and int8).
+  an adapter adds on top of it (fp32 and int8);
+- adapters published into the store run by name through the transformer model's slots exactly
+  as loaded straight from their files.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.adapter_bank import BANK_FILE, AdapterBank, AdapterRefused, BankLayout  # noqa: E402
+from common.adapter_bank import BANK_FILE, SCALE_INPUT, AdapterBank, AdapterRefused, BankLayout  # noqa: E402
+from common.adapter_store import adapters_dir  # noqa: E402
 from common.ort_session import make_session  # noqa: E402
-from contract.specs import FLUX_TRANSFORMER  # noqa: E402
+from contract.specs import FLUX_ADAPTER_INPUT, FLUX_TRANSFORMER  # noqa: E402
 from export.flux.adapter_bank import (  # noqa: E402
     AdapterFluxTransformer,
     adapter_from_deltas,
@@ -47,6 +50,8 @@ from export.flux.lora_deltas import LayerDelta, layer_deltas, load_lora_state  #
 from export.flux.onnx_export import BatchMajorFluxTransformer, export_all, transformer_inputs  # noqa: E402
 from export.flux.transformer_precision import INT8_DIR, PRECISION_FILE, quantize_export  # noqa: E402
 from export.flux.weight_patch import patch_export  # noqa: E402
+from publish.adapters import publish_adapter  # noqa: E402
+from serving.adapter_runner import AdapterRunner  # noqa: E402
 from serving.adapter_session import AdapterSession  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -341,3 +346,26 @@ def test_weight_patching_keeps_the_default_lora_fused(
         rel = float(np.linalg.norm(got8[rows] - ref[rows]) / np.linalg.norm(ref[rows]))
         print(f"int8 patched + adapter rows {rows} vs PyTorch fp32: {rel:.4f} relative")
         assert rel < 0.05, (rows, rel)
+
+
+# ----------------------------------------------------------------------------- the store, by name
+
+
+def test_adapters_published_to_the_store_run_by_name(
+    exports, feeds, tiny_lora: Path, second_lora: Path, tmp_path: Path
+):
+    """publish_adapter -> the store -> serving.adapter_runner's slots: the rows equal the session
+    loaded straight from the LoRA files (the store's factors are the bank's, bit for bit)."""
+    repo = tmp_path / "model_repository"
+    version = Path(shutil.copytree(exports["adapters"], repo / FLUX_TRANSFORMER / "1"))
+    publish_adapter(tiny_lora, "first", repository=repo)
+    publish_adapter(second_lora, "second", repository=repo, scale=0.5)
+    runner = AdapterRunner(AdapterSession(version / "model.onnx", slots=3), adapters_dir(repo))
+    names = np.array([[b"first"], [b""], [b"second"], [b"first"]], dtype=np.object_)
+    scales = np.array([1.0, 0.0, 0.5, 0.25], np.float32)
+    (got,) = runner.run(None, feeds | {FLUX_ADAPTER_INPUT: names, SCALE_INPUT: scales})
+    direct = AdapterSession(version / "model.onnx", slots=3)
+    direct.load(1, read_adapter(tiny_lora, direct.layout))
+    direct.load(2, read_adapter(second_lora, direct.layout))
+    assert np.array_equal(got, direct.run(feeds, [1, 0, 2, 1], scales))
+    assert np.abs(got[0] - got[1]).max() > MIN_ADAPTER_EFFECT
