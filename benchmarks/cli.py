@@ -12,6 +12,7 @@ fluxserve-bench wrk [--connections 32] [--duration-s 15]   # /classify facade vs
 fluxserve-bench recovery [--repeats 2]                  # kill -9 of Triton, a stub, the worker: time to ready
 fluxserve-bench gpu [--dry-run] [--configs bf16 bf16-compile fp8-compile]  # the gpu-torch path, 1024², 28 steps
 fluxserve-bench adapters [--rank 16] [--repeats 15] [--no-int8]  # per-request LoRA branch: step cost, memory
+fluxserve-bench adapter-mix [--clients 4 8] [--distinct 0 1 4 8]  # adapters mixed through Triton: images/s, time to serve
 fluxserve-bench report benchmarks/results/latest.json     # print the markdown table again
 fluxserve-bench docs                                       # put the latest tables into docs/benchmarks.md (alias: readme)
 """
@@ -202,6 +203,23 @@ def _adapter_ready(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_mix(args: argparse.Namespace) -> int:
+    from benchmarks.adapter_mix import AdapterMixSettings, adapter_mix, render_markdown
+
+    given = {
+        "clients": tuple(args.clients) if args.clients else None,
+        "distinct": tuple(args.distinct) if args.distinct else None,
+        "requests_per_client": args.requests_per_client,
+        "image_side": args.image_side,
+        "steps": args.steps,
+        "model_repository": args.model_repository,
+        "out": args.out,
+    }
+    s = AdapterMixSettings(log_dir=args.log_dir, **{k: v for k, v in given.items() if v is not None})
+    sys.stdout.write(render_markdown(adapter_mix(s)))
+    return 0
+
+
 def _docs(_args: argparse.Namespace) -> int:
     from benchmarks.docs_page import PAGE, update_page
 
@@ -359,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--out", type=Path, default=ADAPTER_READY_RESULT)
     ar.add_argument("--log-dir", type=Path, default=LOG_DIR)
     ar.set_defaults(fn=_adapter_ready)
+
+    # Defaults live in benchmarks.adapter_mix.AdapterMixSettings.
+    am = sub.add_parser(
+        "adapter-mix", help="adapters mixed per request through Triton: images/s, time to serve, memory"
+    )
+    am.add_argument("--clients", type=int, nargs="+", help="closed-loop clients per point (default 4 8)")
+    am.add_argument("--distinct", type=int, nargs="+", help="distinct adapters per point, 0 = none (default 0 1 4 8)")
+    am.add_argument("--requests-per-client", type=int, help="requests each client sends per point (default 4)")
+    am.add_argument("--image-side", type=int, help="pixels (default 128)")
+    am.add_argument("--steps", type=int, help="denoising steps (default 4)")
+    am.add_argument("--model-repository", type=Path, help="a repository whose transformer has the adapter branch")
+    am.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/adapter_mix.json)")
+    am.add_argument("--log-dir", type=Path, default=LOG_DIR)
+    am.set_defaults(fn=_adapter_mix)
 
     rd = sub.add_parser("docs", aliases=["readme"], help="put the latest measured tables into docs/benchmarks.md")
     rd.set_defaults(fn=_docs)
