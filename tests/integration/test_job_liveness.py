@@ -17,6 +17,7 @@ import pytest
 
 from common.paths import BUILD_DIR
 from tests.conftest import TEST_API_KEY, start_facade
+from tests.small_classifier_data import small_classifier_env
 from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def _answer_without_sending_the_body(url: str) -> bytes:
 
 
 def test_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path: Path) -> None:
-    env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), **LIVENESS_ENV}
+    env = {"FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"), **LIVENESS_ENV, **small_classifier_env(tmp_path)}
     log = BUILD_DIR / "logs" / "test-liveness-worker.log"
     facade = start_facade(UNUSED_TRITON, env)
     try:

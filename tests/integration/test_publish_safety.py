@@ -28,6 +28,7 @@ from publish.publish_journal import JOURNAL
 from publish.repository import MANIFEST, versions
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, require_models, start_facade, start_triton
 from tests.integration.test_job_liveness import LIVENESS_ENV, wait_job
+from tests.small_classifier_data import small_classifier_env
 from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
@@ -146,6 +147,7 @@ def test_a_worker_killed_while_publishing_its_job(repo: Path, triton, tmp_path: 
         "FLUXSERVE_JOBS_JOBS_DIR": str(tmp_path / "jobs"),
         "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(repo),
         "FLUXSERVE_JOBS_TRITON_HTTP_URL": triton.http_url,
+        **small_classifier_env(tmp_path),
         **LIVENESS_ENV,
     }
     facade = start_facade(triton.grpc_url, env)

@@ -21,6 +21,7 @@ from common.paths import BUILD_DIR
 from publish.publish_lock import PublishLockTimeout, redis_lock
 from tests.conftest import PROJECT_ROOT, start_facade
 from tests.integration.test_job_liveness import UNUSED_TRITON, submit, wait_job
+from tests.small_classifier_data import small_classifier_env
 from training.jobs import JobSettings, make_huey
 from training.redis_jobs import PUBLISH_LOCK_KEY, redis_client
 from training.worker import running_worker
@@ -39,8 +40,15 @@ class RedisStack:
             "FLUXSERVE_JOBS_JOBS_DIR": str(root / "jobs"),
             "FLUXSERVE_JOBS_HEARTBEAT_INTERVAL_S": "0.5",
             "FLUXSERVE_JOBS_WORKER_TIMEOUT_S": "5",
+            **small_classifier_env(root),
         }
-        self.settings = JobSettings(**{k.removeprefix("FLUXSERVE_JOBS_").lower(): v for k, v in self.env.items()})
+        self.settings = JobSettings(
+            **{
+                k.removeprefix("FLUXSERVE_JOBS_").lower(): v
+                for k, v in self.env.items()
+                if k.startswith("FLUXSERVE_JOBS_")
+            }
+        )
         self.services = ExitStack()
         self.facade = start_facade(UNUSED_TRITON, self.env)
         self.services.callback(self.facade.stop)

@@ -37,6 +37,7 @@ from contract.specs import (
     GenerateParams,
 )
 from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, start_facade, start_triton
+from tests.small_classifier_data import small_classifier_env
 from training.worker import running_worker
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,9 @@ class Stack:
             "FLUXSERVE_JOBS_MODEL_REPOSITORY": str(self.repo),
             "FLUXSERVE_JOBS_TRITON_HTTP_URL": self.triton.http_url,
             "FLUXSERVE_API_REQUIRED_MODELS": '["classify","generate"]',
+            # Classifier jobs here check the job kind's machinery (train, gate, publish, swap);
+            # the default model's quality is test_classifier_quality's.
+            **small_classifier_env(root),
         }
         self.facade = None
         self.services = ExitStack()
