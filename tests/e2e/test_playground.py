@@ -5,6 +5,8 @@ LoRA from the page and see the served version change. Each pane's screenshot lan
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 
 import pytest
@@ -141,6 +143,50 @@ def test_train_pane_runs_a_job_and_the_new_version_serves(stack, page, tmp_path)
     shoot(page, "playground-train-done")
     # The Generate pane now shows the new version on its images.
     assert int(generate_in_page(page, "zxq, a plain red square", seed=1, steps=2)) == after
+
+
+def test_generate_pane_picks_an_adapter(stack, page) -> None:
+    """The adapter picker (issue 27): filled from GET /loras once an operator key is set, and the
+    chosen adapter and strength go into /generate, whose answer's adapter the caption shows. The
+    answer is the page's own fixture: the model side of adapters is the integration tests'."""
+    from common.adapter_store import adapters_dir
+    from tests.unit.facade.test_http_loras import write_test_adapter
+    from tests.unit.facade.test_http_train import png as png_bytes
+
+    sha = write_test_adapter(adapters_dir(stack.repo), "e2e-dog", trigger_words="sks dog")
+    page.goto(stack.facade.url + "/")
+    assert "operator key" in page.locator("#gen-lora-hint").inner_text()
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("Operator API key").fill(OPERATOR_KEY)
+    page.get_by_role("button", name="Use key").click()
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gen-lora option[value='e2e-dog']").wait_for(state="attached", timeout=30_000)
+    assert page.locator("#gen-lora option").all_inner_texts() == ["none: the default model", "e2e-dog (sks dog)"]
+    page.get_by_role("combobox", name="Adapter (a published LoRA)").select_option("e2e-dog")
+    page.get_by_label("Adapter strength").fill("0.5")
+    sent: list[dict] = []
+    answer = {
+        "images": [base64.b64encode(png_bytes(8)).decode()],
+        "seed": 3,
+        "model_version": "1",
+        "prompt": "sks dog, a dog",
+        "output_format": "png",
+        "timings": {"inference_s": 0.1, "total_s": 0.1},
+        "lora": {"name": "e2e-dog", "sha256": sha, "scale": 0.5},
+    }
+
+    def fulfil(route) -> None:
+        sent.append(route.request.post_data_json)
+        route.fulfill(
+            status=200, content_type="text/event-stream", body=f"event: image\ndata: {json.dumps(answer)}\n\n"
+        )
+
+    page.route("**/generate", fulfil)
+    page.get_by_label("Prompt").fill("a dog")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#gen-results figcaption").filter(has_text="adapter e2e-dog").wait_for(timeout=30_000)
+    assert sent[0]["lora"] == "e2e-dog" and sent[0]["lora_scale"] == 0.5
+    assert not [m for m in page.console_messages if m.startswith(("error", "pageerror"))], page.console_messages
 
 
 def test_keyboard_and_layout(stack, page, browser) -> None:

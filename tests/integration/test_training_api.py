@@ -296,6 +296,41 @@ def test_sse_progress_stream(stack: Stack) -> None:
     assert stack.wait(job_id, {"succeeded"})["result"].get("publish") is None
 
 
+def test_an_adapter_job_is_served_by_name_with_no_new_version(stack: Stack) -> None:
+    """Issue 27: a LoRA job with publish=adapter, through the real worker, is usable by the next
+    request that names it, with no model version change; the answer names the adapter and the
+    hash the job reported; deleted, it is a 404 naming it. The time from `succeeded` to the first
+    image is `fluxserve-bench adapter-ready`'s, not a threshold here."""
+    from common.adapter_bank import AdapterRefused
+    from publish.adapters import served_bank_layout
+    from publish.repository import versions
+
+    try:
+        served_bank_layout(stack.repo)
+    except AdapterRefused as e:
+        pytest.skip(f"the built transformer serves no adapters (rebuild the models with its adapter branch): {e}")
+    served = {m: versions(stack.repo, m) for m in (GENERATE.name, GENERATE_STREAM.name, FLUX_TRANSFORMER)}
+    r = stack.submit(steps=10, publish="adapter", name="red-square")
+    assert r.status_code == 202, r.text
+    job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job
+    adapter = job["result"]["publish"]["adapter"]
+    assert adapter["name"] == "red-square" and len(adapter["sha256"]) == 64
+    image = {"prompt": "a red square", "width": 64, "height": 64, "steps": 2, "seed": 0}
+    with stack.http(300) as http:
+        named = http.post("/generate", json={**image, "lora": "red-square"})
+        assert named.status_code == 200, named.text
+        assert named.json()["lora"] == {"name": "red-square", "sha256": adapter["sha256"], "scale": 1.0}
+        assert named.json()["prompt"] == f"{TRIGGER}, a red square"
+        plain = http.post("/generate", json=image).json()
+        assert plain["lora"] is None and plain["model_version"] == named.json()["model_version"]
+        assert [a["name"] for a in http.get("/loras").json()["loras"]] == ["red-square"]
+        assert http.delete("/loras/red-square").status_code == 200
+        gone = http.post("/generate", json={**image, "lora": "red-square"})
+        assert gone.status_code == 404 and gone.json()["error"]["message"] == "no adapter named 'red-square'"
+    assert {m: versions(stack.repo, m) for m in served} == served
+
+
 def test_cancel_running_and_queued(stack: Stack) -> None:
     running = stack.submit(steps=5000, publish="false").json()["job_id"]
     queued = stack.submit(steps=5000, publish="false").json()["job_id"]
