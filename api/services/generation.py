@@ -207,11 +207,13 @@ class GenerationService:
     async def prompt(self, prompt: str, adapter: AdapterRecord | None = None) -> str:
         """The prompt sent to `generate`: led by the trigger words of the adapter it names, else
         of the serving LoRA (when enabled), unless it has them already, by the rule training
-        applied to its captions. An adapter was trained on captions led by its own words only."""
-        if not self._state.settings.add_trigger_word:
-            return prompt
+        applied to its captions. An adapter was trained on captions led by its own words only, and
+        `generate` leads a prompt with them whatever this facade's setting (serving.adapter_choice):
+        added here too, so the answer's `prompt` is what the model saw."""
         if adapter is not None:
             return with_trigger(prompt, adapter.trigger_words)
+        if not self._state.settings.add_trigger_word:
+            return prompt
         return with_trigger(prompt, await self.trigger_word())
 
     async def trigger_word(self) -> str:

@@ -159,6 +159,19 @@ async def test_generate_with_an_adapter_says_which_made_the_image(facade: Facade
     assert facade.fake.generated[-1].lora_scale == 0
 
 
+async def test_adapter_trigger_words_lead_whatever_the_default_rule(
+    facade_with: Callable[..., AbstractAsyncContextManager[Facade]],
+) -> None:
+    """`generate` leads an adapter request's prompt with its words anyway: the answer says so even
+    when this facade adds none of the default LoRA's."""
+    async with facade_with(add_trigger_word=False) as f:
+        publish(f, "my-dog", trigger_words="sks dog")
+        named = await f.anon.post("/generate", json={"prompt": "on a beach", "lora": "my-dog", **SMALL})
+        assert named.json()["prompt"] == "sks dog, on a beach" == f.fake.generated[-1].prompt
+        plain = await f.anon.post("/generate", json={"prompt": "on a beach", **SMALL})
+        assert plain.json()["prompt"] == "on a beach"
+
+
 async def test_generate_without_an_adapter_is_unchanged(facade: Facade) -> None:
     r = await facade.anon.post("/generate", json={"prompt": "a fox", **SMALL})
     assert r.status_code == 200 and r.json()["lora"] is None
