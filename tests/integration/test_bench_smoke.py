@@ -123,7 +123,9 @@ def test_generate_targets_when_built(smoke) -> None:
 
 def test_swap_benchmark_smoke(tmp_path: Path) -> None:
     """`fluxserve-bench swap` with 2-step jobs: the real worker trains, publishes and swaps, alone
-    and while /generate runs; the result records the switch and no failed request."""
+    and while /generate runs; the result records the switch and no failed request. Without the
+    side-by-side full re-export (a minute here): publishing with weight patching off is
+    test_weight_patch's reference."""
     out = tmp_path / "swap.json"
     cmd = [
         sys.executable,
@@ -134,6 +136,7 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
         "2",
         "--concurrency",
         "1",
+        "--no-full-export",
         "--out",
         str(out),
         "--log-dir",
