@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.workload import GENERATE_PROMPTS, GenerateWorkload
+from common.adapter_bank import zero_branch_feeds
 from common.ort_session import make_session
 from contract.specs import (
     FLUX_COMPONENTS,
@@ -51,6 +52,8 @@ def _served_loop(repo: Path, threads: int):
             feeds = {n: a for n, a in zip(inputs, args) if n in present}
             # Per-item scalars are [B] in the graph (Triton reshapes them the same way).
             feeds = {n: a.reshape(a.shape[0]) if ranks[n] == 1 else a for n, a in feeds.items()}
+            # The transformer with the adapter branch runs as a request without an adapter: slot 0.
+            feeds |= zero_branch_feeds(session.get_inputs(), args[0].shape[0])
             return session.run([output], feeds)[0]
 
         return run

@@ -57,7 +57,7 @@ class FluxSettings(BaseSettings):
     transformer_precision: Literal["auto", "fp32", "int8"] = "auto"
     """CPU target: serve the transformer in int8 when measured close to fp32 and faster (auto), or
     force one (export.flux.transformer_precision). The GPU target always exports fp32."""
-    adapter_branch: bool = False
+    adapter_branch: bool = True
     """CPU target: serve the transformer with the adapter branch (issue 27: published LoRAs chosen
     per request, export.flux.adapter_bank); slot 0, a request without one, is the fused default
     model. The GPU targets keep the plain graph."""

@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 import torch
 
+from common.adapter_bank import BANK_FILE
 from export.flux.lora_deltas import LayerDelta, NotPatchable, layer_deltas, load_lora_state  # noqa: F401 (their old home)
 from export.flux.settings import EXPORT_MARKER
 from export.flux.transformer_precision import INT8_DIR, PRECISION_FILE, served_dir
@@ -133,7 +134,7 @@ def patch_export(base_dir: Path, out_dir: Path, deltas: dict[str, LayerDelta]) -
         # int8 is served: only the int8 graph is written (requantized changed tensors), never
         # the fp32 patch, which nothing would read; later patches start from the base's fp32.
         files = _int8_files(base_dir, new)
-        keep = {INT8_DIR, PRECISION_FILE}
+        keep = {INT8_DIR, PRECISION_FILE, BANK_FILE}  # the adapter branch's layout serves with int8 too
     else:
         files = {b.location: v.contiguous().view(torch.uint8).numpy().tobytes() for b, v in new.values()}
         keep = None

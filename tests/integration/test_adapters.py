@@ -35,8 +35,8 @@ from tests.integration.conftest import served_provenance
 pytestmark = pytest.mark.integration
 
 PROMPT = "a lighthouse on a cliff at dusk"
-SMALL = {"width": 64, "height": 64, "steps": 4, "seed": 11}
-MIN_ADAPTER_EFFECT = 4.0
+SMALL = {"width": 128, "height": 128, "steps": 4, "seed": 11}
+MIN_ADAPTER_EFFECT = 2.0
 """Mean |pixel difference| (0..255) an adapter must make: the random LoRAs move the image far more."""
 
 
@@ -124,7 +124,9 @@ def test_mixed_concurrent_requests_share_transformer_executions(sequential, adap
         results = list(pool.map(one, keys))
     after = [triton_metric(triton.metrics_url, *c) for c in counts]
     inferences, executions = after[0] - before[0], after[1] - before[1]
-    print(f"12 mixed requests in {time.monotonic() - started:.1f}s: {inferences:.0f} inferences in {executions:.0f} executions")
+    print(
+        f"12 mixed requests in {time.monotonic() - started:.1f}s: {inferences:.0f} inferences in {executions:.0f} executions"
+    )
     assert inferences == len(keys) * SMALL["steps"]
     assert inferences / executions >= 1.3
     alone = {k: r.image for k, r in sequential["results"].items()}
@@ -134,6 +136,7 @@ def test_mixed_concurrent_requests_share_transformer_executions(sequential, adap
         # must still be its own adapter's image, far from the others'.
         own = mean_diff(result.image, alone[key])
         others = min(mean_diff(result.image, alone[k]) for k in alone if k != key)
+        print(f"{key}: {own:.2f} from its own adapter's image alone, {others:.2f} from the nearest other")
         assert own < 1.0 < MIN_ADAPTER_EFFECT < others, (key, own, others)
 
 
@@ -151,14 +154,16 @@ def test_stream_serves_the_adapter_too(client: TritonClient, sequential, adapter
     assert (final.lora, final.lora_sha256) == (adapters["B"].name, adapters["B"].sha256)
 
 
-def test_a_new_adapter_serves_at_once_and_a_deleted_one_is_refused(client: TritonClient, served: Path, tmp_path) -> None:
+def test_a_new_adapter_serves_at_once_and_a_deleted_one_is_refused(
+    client: TritonClient, served: Path, tmp_path
+) -> None:
     checkpoint = Path(served_provenance(served)["checkpoint"])
     lora = build_local_lora(checkpoint, tmp_path / "lora-c", rank=2, seed=303)
     name = f"it-c-{secrets.token_hex(3)}"
     started = time.monotonic()
     record = publish_adapter(lora, name, repository=served)
     result = client.generate(params(name, steps=1))
-    print(f"publish -> first image (1 step, 64 px): {time.monotonic() - started:.2f}s")
+    print(f"publish -> first image (1 step): {time.monotonic() - started:.2f}s")
     assert (result.lora, result.lora_sha256) == (name, record.sha256)
     delete_adapter(adapters_dir(served), name)
     with pytest.raises(InvalidInputError, match=f"no adapter named '{name}'"):

@@ -158,14 +158,22 @@ def test_precision_rule() -> None:
     assert served == "fp32" and "latents" in reason
 
 
-def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, tiny_lora: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("branch", [False, True], ids=["plain", "adapter-branch"])
+def test_publish_path_patches_and_ships_the_int8_graph(
+    tiny_checkpoint: Path, tiny_lora: Path, tmp_path: Path, branch: bool
+) -> None:
     """export_onnx as publish_flux calls it with int8 forced: the base is exported once with its
-    int8 graph, the LoRA is patched into it, and the files published are the int8 graph's."""
+    int8 graph, the LoRA is patched into it, and the files published are the int8 graph's (with
+    the adapter branch: and its bank layout, recording the base model)."""
+    from common.adapter_bank import BANK_FILE, BankLayout
     from export.flux.lora import lora_targets
     from export.flux.settings import FluxSettings
     from export.flux_build import (
+        ADAPTER_BRANCH,
         TRANSFORMER_PRECISION,
         _component_files,
+        adapter_branch,
+        base_transformer_fingerprint,
         component_provenance,
         export_onnx,
         source_fingerprint,
@@ -182,6 +190,8 @@ def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, ti
         "onnx_opset": s.onnx_opset,
         TRANSFORMER_PRECISION: "int8",
     }
+    if branch:
+        prov[ADAPTER_BRANCH] = adapter_branch(FluxSettings(adapter_rank=8), "cpu", prov["checkpoint_files"])
     per = {FLUX_TRANSFORMER: component_provenance(prov, lora_targets(tiny_lora))[FLUX_TRANSFORMER]}
     base = {FLUX_TRANSFORMER: component_provenance(prov, frozenset())[FLUX_TRANSFORMER]}
     assert per[FLUX_TRANSFORMER][TRANSFORMER_PRECISION] == "int8"
@@ -193,6 +203,10 @@ def test_publish_path_patches_and_ships_the_int8_graph(tiny_checkpoint: Path, ti
     assert files["model.onnx"] == patched / "model.onnx"
     assert all(p.is_relative_to(patched) for k, p in files.items() if k.startswith(WEIGHTS_DIR))
     assert PRECISION_FILE in files and "weight_map.json" not in files
+    assert (BANK_FILE in files) is branch
+    if branch:
+        layout = BankLayout.load(files[BANK_FILE].parent)
+        assert layout.rank == 8 and layout.base_fingerprint == base_transformer_fingerprint(tiny_checkpoint)
     # The base's fp32 graph is not the same export as an fp32-only one (fingerprints differ).
     fp32_only = component_provenance({**prov, TRANSFORMER_PRECISION: "fp32"}, frozenset())[FLUX_TRANSFORMER]
     assert fp32_only != base[FLUX_TRANSFORMER]
