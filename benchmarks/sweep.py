@@ -4,8 +4,9 @@ Two stages. First the `classify` model's dynamic batching (max_queue_delay_us, p
 sizes) at the current instance layout; then, at the batching chosen, instance layouts (`classify`
 instances, `classifier_onnx` instances, ORT intra-op threads per instance). Each candidate is
 written with the export code's own deployment spec and config writer into a temporary copy of the
-model repository (weights hard-linked, configs rewritten), served by a fresh Triton, and loaded
-with `concurrency` gRPC clients. Best throughput wins; within `tie_tolerance` of the best, the
+model repository (weights hard-linked, configs rewritten), reloaded into the sweep's one Triton
+(explicit model control reloads a model whose config changed), and loaded with `concurrency` gRPC
+clients. Best throughput wins; within `tie_tolerance` of the best, the
 shortest queue delay (batching) or the least CPU per request (layouts) wins. The result goes to
 data/recommended_batching.json (common.paths.RECOMMENDED_BATCHING_FILE), which export/deployments.py reads as the classifier's defaults.
 """
@@ -37,7 +38,9 @@ from common.paths import BUILD_DIR, RECOMMENDED_BATCHING_FILE
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY
 from export.deployments import ExportSettings, classifier_deployments
 from export.triton_config import DynamicBatching, parse_config
+from publish.model_control import load_models
 from publish.repository import write_config
+from runtime.launcher import TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +196,14 @@ async def _load(grpc_url: str, texts: list[str], s: SweepSettings, metrics_url: 
     }
 
 
-def measure_candidate(workdir: Path, cand: Candidate, texts: list[str], s: SweepSettings) -> dict[str, Any]:
+def measure_candidate(
+    triton: TritonServer, workdir: Path, cand: Candidate, texts: list[str], s: SweepSettings
+) -> dict[str, Any]:
+    """`cand`'s configs written and loaded into the sweep's one Triton (explicit model control
+    reloads a model whose config changed, instances included), then measured."""
     write_candidate(workdir, cand)
-    with servers.triton(workdir, servers.CLASSIFY_STACK, s.log_dir, tag="sweep") as triton:
-        m = asyncio.run(_load(triton.grpc_url, texts, s, triton.metrics_url, CpuMeter({"triton": triton.process.pid})))
+    load_models(triton.http_url, [CLASSIFIER_ONNX.name, CLASSIFY.name])
+    m = asyncio.run(_load(triton.grpc_url, texts, s, triton.metrics_url, CpuMeter({"triton": triton.process.pid})))
     log.info(
         "%s: %.1f req/s, p99 %.1f ms, avg batch %s, %d errors, other work %s cores",
         cand.label,
@@ -245,14 +252,14 @@ def _median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _measure_all(
-    workdir: Path, candidates: Sequence[Candidate], texts: list[str], s: SweepSettings
+    triton: TritonServer, workdir: Path, candidates: Sequence[Candidate], texts: list[str], s: SweepSettings
 ) -> dict[Candidate, dict[str, Any]]:
     """Every candidate `s.repeats` times, interleaved (drift hits all alike); medians kept."""
     runs: dict[Candidate, list[dict[str, Any]]] = {c: [] for c in candidates}
     for round_ in range(s.repeats):
         for cand in candidates:
             log.info("sweep round %d/%d: %s", round_ + 1, s.repeats, cand.label)
-            runs[cand].append(measure_candidate(workdir, cand, texts, s))
+            runs[cand].append(measure_candidate(triton, workdir, cand, texts, s))
     return {c: _median_run(r) for c, r in runs.items()}
 
 
@@ -268,10 +275,12 @@ def sweep(s: SweepSettings) -> dict[str, Any]:
         workdir = Path(tmp)
         copy_classifier_models(s.model_repository, workdir)
         candidates = tuple(replace(c, layout=c.layout or current) for c in s.candidates)
-        measured = _measure_all(workdir, candidates, texts, s)
-        best = choose(measured, s.tie_tolerance)
-        layouts = tuple(replace(best, layout=layout) for layout in s.layouts)
-        measured_layouts = _measure_all(workdir, tuple(c for c in layouts if c not in measured), texts, s)
+        with servers.triton(workdir, servers.CLASSIFY_STACK, s.log_dir, tag="sweep") as triton:
+            measured = _measure_all(triton, workdir, candidates, texts, s)
+            best = choose(measured, s.tie_tolerance)
+            layouts = tuple(replace(best, layout=layout) for layout in s.layouts)
+            todo = tuple(c for c in layouts if c not in measured)
+            measured_layouts = _measure_all(triton, workdir, todo, texts, s)
         measured_layouts |= {c: measured[c] for c in layouts if c in measured}
     if measured_layouts:
         best = choose_layout(measured_layouts, s.tie_tolerance)
