@@ -25,4 +25,9 @@ def small_classifier_env(root: Path, per_file: int = 30) -> dict[str, str]:
         _every_kth(src, data / src.name, per_file)
     for src in sorted(HELD_OUT_DIR.glob("*.jsonl")):
         _every_kth(src, data / HELD_OUT_DIR.name / src.name, per_file)
-    return {"FLUXSERVE_CLASSIFIER_DATA_DIR": str(data), "FLUXSERVE_CLASSIFIER_TRAIN_ONLY_DATA": "false"}
+    return {
+        "FLUXSERVE_CLASSIFIER_DATA_DIR": str(data),
+        "FLUXSERVE_CLASSIFIER_TRAIN_ONLY_DATA": "false",
+        # Every epoch asked for runs: the long jobs these tests kill or cancel must still be running.
+        "FLUXSERVE_CLASSIFIER_PATIENCE": "0",
+    }

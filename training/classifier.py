@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -72,6 +73,11 @@ class ClassifierTrainSettings(BaseSettings):
     data_dir: Path = DATA_DIR
     output_dir: Path = CLASSIFIER_MODEL_DIR
     epochs: Epochs = 8
+    patience: int = Field(default=2, ge=0, le=50)
+    """Stop once this many epochs in a row have not beaten the best validation accuracy (0: run every
+    epoch). The learning-rate schedule still spans `epochs`, so every epoch that runs is the full
+    run's epoch, and the model kept is the full run's unless a better one would have come after
+    the stop. The default recipe's best epoch comes early (docs/benchmarks.md, Classifier quality)."""
     batch_size: BatchSize = 16
     learning_rate: LearningRate = 1e-4
     """8 epochs at 1e-4 (best epoch kept by validation accuracy): with the hard cases added, better
@@ -278,6 +284,9 @@ def _fit(
         if val["accuracy"] > best_acc:
             best_acc, best_epoch = val["accuracy"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif settings.patience and epoch - best_epoch >= settings.patience:
+            log.info("no better validation accuracy for %d epochs: stopping after epoch %d", settings.patience, epoch)
+            break
     assert best_state is not None
     model.load_state_dict(best_state)
     return best_epoch
