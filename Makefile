@@ -37,8 +37,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# pytest twice, side by side (tests/run_suite.py): the real-stack tests at normal priority, the
+# in-process tests (tests/unit) at nice 19 in the cores' idle time, their log printed at the end.
 test: lint models
-	$(BIN)/python -m pytest -ra --timeout=900 --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m tests.run_suite $(PYTEST_ARGS)
 
 # The docker compose cpu stack for real (not part of `make test`): Docker engine (installed and
 # started when missing), images, `--scale worker=2`, the smoke suite in tests/compose/, then down.

@@ -33,9 +33,10 @@ TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
 
 REAL_STACK_DIRS = ("integration", "e2e", "compose")
 """Tests that start real servers (Triton, the facade, workers, Redis, a browser) and share them as
-session fixtures: under xdist (`PYTEST_ARGS="-n 2 --dist loadgroup"`) they stay on one worker, in
-order, while the other runs the in-process tests. Not make test's default: on this 2-core machine the
-two workers starved each other (load average 5, 14% of the suite done in 14 minutes)."""
+session fixtures. `make test` runs them in a pytest of their own, beside the in-process tests at
+the lowest CPU priority (tests/run_suite.py, whose REAL_STACK names the same folders); under xdist
+(`-n 2 --dist loadgroup`, not make test's way: on 2 cores the workers starved each other) they stay
+on one worker, in order."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,0 +1,74 @@
+"""`make test`'s pytest: the whole suite as two pytest processes side by side.
+
+The real-stack tests (tests/integration, tests/e2e, tests/compose: real Triton, facade, workers,
+Redis, a browser) run in order at normal priority, with their output on the terminal. The
+in-process tests (tests/unit) run beside them at the lowest CPU priority (nice 19), their output
+kept in build/logs/unit-tests.log and printed at the end. The real-stack tests spend much of their
+time waiting (servers starting, jobs polling, subprocesses), which leaves a core idle often enough
+for the in-process tests to finish within them; at nice 19 they take almost no CPU the real-stack
+tests want, so the checks that count and compare requests under load see the machine they would
+see alone. `xdist -n 2` did the same without the priority, and the workers starved each other
+(docs/benchmarks.md, The test suite).
+
+Arguments are passed to both processes (`make test PYTEST_ARGS="-k chat"`); to run one file, call
+pytest on it directly. The exit status is the first failure's, or 0 (5, "no tests collected", only
+when neither collected anything).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from common.paths import BUILD_DIR, PROJECT_ROOT
+
+REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
+IN_PROCESS = ("tests/unit",)
+UNIT_LOG = BUILD_DIR / "logs" / "unit-tests.log"
+NO_TESTS = 5
+
+
+def _lowest_priority() -> None:
+    os.nice(19)
+
+
+def combined_status(real_stack: int, in_process: int) -> int:
+    """The first failure's status; 'no tests' only when neither part collected any."""
+    failures = [rc for rc in (real_stack, in_process) if rc not in (0, NO_TESTS)]
+    if failures:
+        return failures[0]
+    return NO_TESTS if real_stack == in_process == NO_TESTS else 0
+
+
+def main(argv: list[str]) -> int:
+    pytest = [sys.executable, "-m", "pytest", "-ra", "--timeout=900"]
+    UNIT_LOG.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with UNIT_LOG.open("wb") as log:
+        unit = subprocess.Popen(
+            # Its own temporary folder and no shared cache: the two sessions never touch each other's files.
+            [*pytest, "--durations=10", "-p", "no:cacheprovider", f"--basetemp={BUILD_DIR / 'pytest-unit'}"]
+            + [*argv, *IN_PROCESS],
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_lowest_priority,
+        )
+        try:
+            real = subprocess.call([*pytest, "--durations=25", *argv, *REAL_STACK], cwd=PROJECT_ROOT)
+        finally:
+            in_process = unit.wait()
+    waited = time.monotonic() - started
+    sys.stdout.write(f"\n===== in-process tests (tests/unit, nice 19, {UNIT_LOG}) =====\n")
+    sys.stdout.write(UNIT_LOG.read_text(errors="replace"))
+    sys.stdout.write(
+        f"\n===== both parts done in {waited:.0f} s: real-stack exit {real}, in-process exit {in_process} =====\n"
+    )
+    sys.stdout.flush()
+    return combined_status(real, in_process)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
