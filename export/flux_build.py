@@ -110,8 +110,9 @@ def adapter_branch(
     settings: FluxSettings, target: Target, checkpoint_files: Mapping[str, str]
 ) -> dict[str, Any] | None:
     """The transformer's adapter branch as built for `target` (provenance key ADAPTER_BRANCH), or
-    None: the CPU target serves it when settings.adapter_branch; the GPU targets keep the plain graph."""
-    if not settings.adapter_branch or target != "cpu":
+    None: the CPU (graph) and gpu-torch (hooks, serving/torch_adapters.py) targets serve it when
+    settings.adapter_branch; the TensorRT target keeps the plain graph."""
+    if not settings.adapter_branch or target not in ("cpu", TORCH_TARGET):
         return None
     from common.adapter_bank import BANK_FORMAT
 
@@ -393,14 +394,21 @@ def _onnx_parts(
         )
         for name in FLUX_COMPONENTS
     }
-    deps = flux_deployments(export_settings)
-    if provenance.get(ADAPTER_BRANCH):  # the transformer takes each row's adapter and scale
+    deps = _with_adapter_inputs(flux_deployments(export_settings), provenance, export_settings)
+    return deps, parts, report
+
+
+def _with_adapter_inputs(
+    deps: dict[str, Deployment], provenance: Mapping[str, Any], export_settings: ExportSettings | None
+) -> dict[str, Deployment]:
+    """With the adapter branch, the transformer takes each row's adapter and scale and has its bank slots."""
+    if provenance.get(ADAPTER_BRANCH):
         dep = deps[FLUX_TRANSFORMER]
         slots = (export_settings or ExportSettings()).flux_adapter_slots
         deps[FLUX_TRANSFORMER] = replace(
             dep, spec=FLUX_ADAPTER_TRANSFORMER, parameters={**dep.parameters, ADAPTER_SLOTS_PARAMETER: str(slots)}
         )
-    return deps, parts, report
+    return deps
 
 
 def _torch_parts(
@@ -414,14 +422,24 @@ def _torch_parts(
     torch_settings: TorchTargetSettings | None,
     progress: Callable[[str, object], None] | None,
 ) -> tuple[dict[str, Deployment], ComponentParts, dict[str, Any], dict[str, Path]]:
-    """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export);
-    last, the files the pipeline versions carry (the transformer LoRA it patches in per call)."""
-    from export.flux.torch_export import torch_components
+    """gpu-torch: the checkpoint's component folders, plus LoRA factors (export.flux.torch_export)
+    and, with the adapter branch, the transformer's bank layout; last, the files the pipeline
+    versions carry (the transformer LoRA it patches in per call)."""
+    from export.flux.torch_export import adapter_bank_file, torch_components
     from export.torch_target import torch_flux_deployments
 
     builds = torch_components(checkpoint, lora, scale, targets, provenance, s, progress)
+    if branch := provenance.get(ADAPTER_BRANCH):  # the same layout as the CPU graph's: the store's adapters fit both
+        t = builds[FLUX_TRANSFORMER]
+        name, layout = adapter_bank_file(checkpoint, branch, s)
+        builds[FLUX_TRANSFORMER] = replace(
+            t,
+            files={**t.files, name: layout},
+            provenance={**t.provenance, ADAPTER_BRANCH: branch},
+            report={**t.report, ADAPTER_BRANCH: f"rank {branch['rank']}, {branch['layout']} bank"},
+        )
     parts: ComponentParts = {n: (b.files, b.provenance, {"torch": b.report}) for n, b in builds.items()}
-    deps = torch_flux_deployments(export_settings, torch_settings)
+    deps = _with_adapter_inputs(torch_flux_deployments(export_settings, torch_settings), provenance, export_settings)
     pipeline_files = {rel: src for b in builds.values() for rel, src in b.pipeline_files.items()}
     return deps, parts, {n: b.report for n, b in builds.items()}, pipeline_files
 

@@ -60,7 +60,7 @@ Out = TypeVar("Out")
 
 
 @dataclass(frozen=True)
-class _Target:
+class LinearTarget:
     layer: torch.nn.Module
     """A Linear layer, or one with fp8 weights and per-row `weight_scale` (Fp8Linear)."""
     rows: slice
@@ -77,8 +77,9 @@ def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
         return None
 
 
-def _target(module: torch.nn.Module, path: str) -> _Target:
-    """Where a LoRA of layer `path` lands: that layer, or its rows of the fused q/k/v layer."""
+def linear_target(module: torch.nn.Module, path: str) -> LinearTarget:
+    """Where a LoRA of layer `path` lands: that layer, or its rows of the fused q/k/v layer (also
+    where the adapter branch of that layer adds, serving/torch_adapters.py)."""
     layer = _submodule(module, path)
     if layer is None:
         parent, _, leaf = path.rpartition(".")
@@ -86,11 +87,11 @@ def _target(module: torch.nn.Module, path: str) -> _Target:
         fused = _submodule(module, f"{parent}.{fused_name}") if fused_name else None
         if fused is not None and _is_linear(fused):
             rows = int(fused.out_features) // 3
-            return _Target(fused, slice(third * rows, (third + 1) * rows))
+            return LinearTarget(fused, slice(third * rows, (third + 1) * rows))
         raise ValueError(f"no layer {path!r} in {type(module).__name__}")
     if not _is_linear(layer):
         raise ValueError(f"{path!r} is a {type(layer).__name__}, not a Linear layer")
-    return _Target(layer, slice(0, int(layer.out_features)))
+    return LinearTarget(layer, slice(0, int(layer.out_features)))
 
 
 Part = tuple[slice, torch.Tensor, torch.Tensor, float]
@@ -102,7 +103,7 @@ def _plan(module: torch.nn.Module, remove: LoraFactors, add: LoraFactors) -> lis
     plan: dict[int, tuple[torch.nn.Module, list[Part]]] = {}
     for sign, factors in ((-1.0, remove), (1.0, add)):
         for path, (down, up, scale) in factors.items():
-            t = _target(module, path)
+            t = linear_target(module, path)
             rows = t.rows.stop - t.rows.start
             if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
                 raise ValueError(f"{path}: LoRA factors {tuple(up.shape)} x {tuple(down.shape)} do not chain")

@@ -11,6 +11,9 @@ stays the base's, so a LoRA swap loads no transformer. CLIP's factors stay in it
 (`lora.safetensors`) and are added at load. A LoRA publish therefore writes megabytes, links the
 base weights, and never traces or saves a transformer. A LoRA the factors cannot express (bias or DoRA terms, layers the module lacks) is
 fused with diffusers and the component saved whole instead, as the CPU target re-exports it.
+With the adapter branch (FLUXSERVE_FLUX_ADAPTER_BRANCH) the transformer's version also ships the
+bank layout (`adapter_bank.json`, adapter_bank_file): the same as the CPU export's, computed from the
+module's structure; serving/torch_adapters.py serves the branch from it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,29 @@ def lora_factors(
             )
         out[resolved] = (delta.down, delta.up, delta.scale)
     return out
+
+
+def adapter_bank_file(checkpoint: str | Path, branch: Mapping[str, Any], settings: FluxSettings) -> tuple[str, Path]:
+    """(name in the transformer's version, file) of the adapter branch's bank layout for `branch`
+    (export.flux_build.adapter_branch: rank, layout, base fingerprint): the layers a LoRA may target
+    (export.flux.lora.lora_target_modules, the CPU graph's branch set) of the checkpoint's transformer,
+    read on the meta device. The same layout the CPU export writes, so one adapter store serves both."""
+    from common.adapter_bank import BANK_FILE, BankLayout
+    from export.flux.lora import lora_target_modules
+
+    slot = FLUX_PIPELINE_SLOTS[FLUX_TRANSFORMER]
+    folder = settings.build_dir / "torch" / FLUX_TRANSFORMER / f"bank-{fingerprint(dict(branch))}"
+
+    def save_layout(staging: Path) -> dict[str, Any]:
+        structure = meta_module(slot, checkpoint_folder(checkpoint) / slot)
+        layout = BankLayout.build(
+            lora_target_modules(structure), int(branch["rank"]), branch["layout"], str(branch["base_fingerprint"])
+        )
+        layout.save(staging)
+        return {"layers": len(layout.layers), "slot_bytes_fp32": layout.slot_bytes()}
+
+    _built(folder, save_layout)
+    return BANK_FILE, folder / BANK_FILE
 
 
 def _files(folder: Path, prefix: str) -> dict[str, Path]:
