@@ -456,9 +456,9 @@ FLUX_ADAPTER_TRANSFORMER = ModelSpec(
     outputs=FLUX_COMPONENTS[FLUX_TRANSFORMER].outputs,
     max_batch_size=FLUX_MAX_BATCH,
 )
-"""The CPU target's `flux_transformer` when it serves the adapter branch: the component's inputs
-plus the two above (generate sends them on every call, "" and 0 for rows without an adapter, so
-all calls batch together)."""
+"""The CPU and gpu-torch targets' `flux_transformer` when it serves the adapter branch: the
+component's inputs plus the two above (generate sends them on every call, "" and 0 for rows
+without an adapter, so all calls batch together)."""
 ADAPTER_SLOTS_PARAMETER = "adapter_slots"
 """flux_transformer (adapter branch): bank slots per instance, slot 0 (no adapter) included."""
 

@@ -58,9 +58,10 @@ class FluxSettings(BaseSettings):
     """CPU target: serve the transformer in int8 when measured close to fp32 and faster (auto), or
     force one (export.flux.transformer_precision). The GPU target always exports fp32."""
     adapter_branch: bool = True
-    """CPU target: serve the transformer with the adapter branch (issue 27: published LoRAs chosen
-    per request, export.flux.adapter_bank); slot 0, a request without one, is the fused default
-    model. The GPU targets keep the plain graph."""
+    """CPU and gpu-torch targets: serve the transformer with the adapter branch (issue 27: published
+    LoRAs chosen per request; export.flux.adapter_bank's graph on CPU, serving/torch_adapters.py's
+    hooks on gpu-torch); slot 0, a request without one, is the default model. The TensorRT target
+    keeps the plain graph."""
     adapter_rank: int = Field(16, ge=1, le=128)
     """The bank's R: the largest LoRA rank an adapter may have (smaller ranks are zero-padded)."""
     adapter_layout: Literal["per_layer", "grouped"] = "grouped"
