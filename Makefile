@@ -51,13 +51,14 @@ test-fast: install
 	$(BIN)/python -m pytest -ra -m "not integration and not e2e and not slow" $(PYTEST_ARGS)
 
 # docs/benchmarks.md's measured tables: load through both doors vs the baseline, the classifier's
-# precisions, a training job + hot swap under load, goodput under retries, then the tables spliced
-# into the page.
+# precisions, a training job + hot swap under load, goodput under retries, per-request adapters
+# mixed through Triton, then the tables spliced into the page.
 bench: models
 	$(BIN)/fluxserve-bench run
 	$(BIN)/fluxserve-bench precision
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench goodput
+	$(BIN)/fluxserve-bench adapter-mix
 	$(BIN)/fluxserve-bench docs
 
 bench-smoke: models

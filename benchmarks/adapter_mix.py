@@ -43,6 +43,7 @@ from common.adapter_store import adapters_dir
 from common.paths import PROJECT_ROOT
 from contract.specs import ADAPTER_SLOTS_PARAMETER, FLUX_TRANSFORMER, GENERATE, GenerateParams
 from export.triton_config import parse_config
+from publish.repository import versions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ PROMPT = "a lighthouse on a cliff at dusk"
 class AdapterMixSettings:
     clients: tuple[int, ...] = (4, 8)
     distinct: tuple[int, ...] = (0, 1, 4, 8)
-    requests_per_client: int = 4
+    requests_per_client: int = 6
+    repeats: int = 2
+    """Passes over all points, the order of the adapter counts reversed on every other one (drift
+    on a shared machine then weighs on all points alike); a point's figures pool its passes."""
     image_side: int = 128
     steps: int = 4
     rank: int = 4
@@ -63,13 +67,18 @@ class AdapterMixSettings:
     log_dir: Path = servers.LOG_DIR
 
 
-def _stubs(server_pid: int) -> list[psutil.Process]:
-    """The transformer's python-backend stub processes (one per instance)."""
+def _stubs(server_pid: int, version: int) -> list[psutil.Process]:
+    """The python-backend stub processes (one per instance) of the transformer's `version` (the
+    previous version stays loaded beside it)."""
     out = []
     for p in psutil.Process(server_pid).children(recursive=True):
         try:
             cmd = p.cmdline()
-            if cmd and "triton_python_backend_stub" in cmd[0] and any(f"/{FLUX_TRANSFORMER}/" in a for a in cmd):
+            if (
+                cmd
+                and "triton_python_backend_stub" in cmd[0]
+                and any(f"/{FLUX_TRANSFORMER}/{version}/" in a for a in cmd)
+            ):
                 out.append(p)
         except psutil.NoSuchProcess:
             pass
@@ -116,15 +125,30 @@ def _point(s: AdapterMixSettings, url: str, metrics_url: str, clients: int, name
         latencies = [t for part in pool.map(client, range(clients)) for t in part]
     wall = time.monotonic() - started
     after = _counts(metrics_url)
-    inferences, executions = after[0] - before[0], after[1] - before[1]
     return {
         "clients": clients,
         "distinct_adapters": len(names),
+        "latencies_s": latencies,
+        "wall_s": wall,
+        "inferences": after[0] - before[0],
+        "executions": after[1] - before[1],
+    }
+
+
+def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point's passes as one figure: images over wall time, all latencies, all executions."""
+    latencies = [t for r in runs for t in r["latencies_s"]]
+    wall = sum(r["wall_s"] for r in runs)
+    executions = sum(r["executions"] for r in runs)
+    return {
+        "clients": runs[0]["clients"],
+        "distinct_adapters": runs[0]["distinct_adapters"],
         "images": len(latencies),
         "wall_s": round(wall, 2),
         "images_per_s": round(len(latencies) / wall, 3),
         "latency_median_s": round(statistics.median(latencies), 3),
-        "inferences_per_execution": round(inferences / executions, 2) if executions else None,
+        "inferences_per_execution": round(sum(r["inferences"] for r in runs) / executions, 2) if executions else None,
+        "passes_images_per_s": [round(len(r["latencies_s"]) / r["wall_s"], 3) for r in runs],
     }
 
 
@@ -175,17 +199,18 @@ def _measure(s: AdapterMixSettings, repo: Path, tmp: Path) -> dict[str, Any]:
     names, fresh = _publish_all(s, repo, tmp, max(s.distinct))
     with servers.triton(repo, servers.GENERATE_STACK, s.log_dir, tag="adapter-mix") as triton:
         url, metrics = triton.grpc_url, triton.metrics_url
-        stubs = _stubs(triton.process.pid)
+        stubs = _stubs(triton.process.pid, versions(repo, FLUX_TRANSFORMER)[-1])
         _point(s, url, metrics, max(s.clients), [])  # warm: every instance has run, no adapter loaded
         rss_plain = _rss(stubs)
-        points = []
-        for distinct in s.distinct:
-            chosen = names[:distinct]
-            if chosen:  # load them first: the points measure serving, not first loads
-                _point(s, url, metrics, max(s.clients), chosen)
-            for clients in s.clients:
-                points.append(_point(s, url, metrics, clients, chosen))
-                log.info("adapter-mix: %s", points[-1])
+        _point(s, url, metrics, max(s.clients), names)  # every adapter loaded once: serving, not first loads
+        runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for r in range(s.repeats):
+            for distinct in s.distinct if r % 2 == 0 else tuple(reversed(s.distinct)):
+                for clients in s.clients:
+                    runs.setdefault((clients, distinct), []).append(_point(s, url, metrics, clients, names[:distinct]))
+        points = [_pooled(runs[(c, d)]) for d in s.distinct for c in s.clients]
+        for p in points:
+            log.info("adapter-mix: %s", p)
         rss_loaded = _rss(stubs)
         serve = _time_to_serve(s, repo, url, fresh)
     from publish.adapters import served_bank_layout
@@ -248,8 +273,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"#### Per-request adapters through Triton ({result['started_utc']})",
         "",
         f"`generate` over gRPC, {s['image_side']}×{s['image_side']} px, {s['steps']} steps, "
-        f"{s['requests_per_client']} requests per closed-loop client, each naming the next of the "
-        f"distinct adapters (rank {s['rank']} LoRAs; 0 = none, the same run without adapters). "
+        f"{s['requests_per_client']} requests per closed-loop client and pass ({s['repeats']} passes, pooled), each "
+        f"naming the next of the distinct adapters (rank {s['rank']} LoRAs; 0 = none, the same run without "
+        f"adapters; more distinct adapters than bank slots churn the slots). "
         f"CPU busy with other work at start / end: {result['background_load_at_start']['cpu_busy_fraction']} / "
         f"{result['background_load_at_end']['cpu_busy_fraction']}.",
         "",

@@ -28,6 +28,7 @@ SECTIONS: dict[str, Path] = {
     "recovery": RESULTS / "recovery.md",
     "wrk": RESULTS / "wrk.md",
     "gpu": RESULTS / "gpu.md",  # the latest non-dry `fluxserve-bench gpu` (benchmarks/gpu.py)
+    "adapter-mix": RESULTS / "adapter_mix.md",
 }
 DATE_SECTION = "date"
 """The block at the top of the page that names the date of the runs its tables come from."""

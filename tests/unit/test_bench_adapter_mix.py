@@ -20,7 +20,7 @@ def _point(clients: int, distinct: int, ips: float) -> dict:
 def test_report_rates_each_point_against_the_run_without_adapters() -> None:
     result = {
         "started_utc": "2026-12-07 04:00 UTC",
-        "settings": {"image_side": 128, "steps": 4, "requests_per_client": 4, "rank": 4},
+        "settings": {"image_side": 128, "steps": 4, "requests_per_client": 4, "repeats": 2, "rank": 4},
         "background_load_at_start": {"cpu_busy_fraction": 0.01},
         "background_load_at_end": {"cpu_busy_fraction": 0.02},
         "points": [_point(4, 0, 2.0), _point(8, 0, 4.0), _point(4, 4, 1.8), _point(8, 8, 3.0)],
