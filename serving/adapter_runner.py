@@ -194,9 +194,8 @@ class AdapterRunner:
         scales = np.zeros(batch, np.float32) if scales is None else np.asarray(scales, np.float32).reshape(-1)
         with self._lock:  # one instance runs one execute at a time; the lock guards the table anyway
             records = {n: self.catalog_lookup_loaded(n) for n in dict.fromkeys(n for n in names if n)}
-            keys: list[str | None] = [n for n in names]
             out: np.ndarray | None = None
-            for rows in rounds(keys, self.table.capacity):
+            for rows in rounds(names, self.table.capacity):
                 part = self._run_round(merged, rows, names, scales, records)
                 if out is None:
                     out = np.empty((batch, *part.shape[1:]), part.dtype)
