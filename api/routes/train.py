@@ -232,7 +232,7 @@ async def _prepare(request: Request, state: AppState, folder: Path, job_id: str)
     "/train",
     status_code=202,
     openapi_extra=_OPENAPI,
-    responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (400, 413, 415, 503, 507)}},
+    responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 503, 507)}},
 )
 async def create_job(
     request: Request, state: Annotated[AppState, Depends(get_state)], owner: Annotated[str, Depends(require_operator)]
