@@ -1,14 +1,16 @@
 """`make test`'s pytest: the whole suite as two pytest processes side by side.
 
-The real-stack tests (tests/integration, tests/e2e, tests/compose: real Triton, facade, workers,
-Redis, a browser) run in order at normal priority, with their output on the terminal. The
-in-process tests (tests/unit) run beside them at the lowest CPU priority (nice 19), their output
-kept in build/logs/unit-tests.log and printed at the end. The real-stack tests spend much of their
-time waiting (servers starting, jobs polling, subprocesses), which leaves a core idle often enough
-for the in-process tests to finish within them; at nice 19 they take almost no CPU the real-stack
-tests want, so the checks that count and compare requests under load see the machine they would
-see alone. `xdist -n 2` did the same without the priority, and the workers starved each other
-(docs/benchmarks.md, The test suite).
+The foreground lane (tests/integration, tests/e2e, tests/compose: real Triton, facade, workers,
+Redis, a browser, sharing session fixtures) runs in order at normal priority, its output on the
+terminal. The background lane runs beside it at the lowest CPU priority (nice 19), its output kept
+in build/logs/unit-tests.log and printed at the end: the in-process tests (tests/unit) and the
+benchmark smoke runs (tests/integration/test_bench_*.py: each drives a `fluxserve-bench` command
+that starts its own servers, shares nothing with the other tests and asserts no timing). The
+foreground tests spend much of their time waiting (servers starting, jobs polling, subprocesses),
+which leaves a core idle often enough for the background lane to finish within them; at nice 19 it
+takes almost no CPU the foreground wants, so the checks that count and compare requests under load
+see the machine they would see alone. `xdist -n 2` did the same without the priority, and the
+workers starved each other (docs/benchmarks.md, The test suite).
 
 Arguments are passed to both processes (`make test PYTEST_ARGS="-k chat"`); to run one file, call
 pytest on it directly. The exit status is the first failure's, or 0 (5, "no tests collected", only
@@ -25,7 +27,9 @@ import time
 from common.paths import BUILD_DIR, PROJECT_ROOT
 
 REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
-IN_PROCESS = ("tests/unit",)
+BENCH_SMOKE = ("tests/integration/test_bench_smoke.py", "tests/integration/test_bench_gpu_dry_run.py")
+FOREGROUND = (*REAL_STACK, *(f"--ignore={f}" for f in BENCH_SMOKE))
+BACKGROUND = ("tests/unit", *BENCH_SMOKE)
 UNIT_LOG = BUILD_DIR / "logs" / "unit-tests.log"
 NO_TESTS = 5
 
@@ -50,21 +54,21 @@ def main(argv: list[str]) -> int:
         unit = subprocess.Popen(
             # Its own temporary folder and no shared cache: the two sessions never touch each other's files.
             [*pytest, "--durations=10", "-p", "no:cacheprovider", f"--basetemp={BUILD_DIR / 'pytest-unit'}"]
-            + [*argv, *IN_PROCESS],
+            + [*argv, *BACKGROUND],
             cwd=PROJECT_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_lowest_priority,
         )
         try:
-            real = subprocess.call([*pytest, "--durations=25", *argv, *REAL_STACK], cwd=PROJECT_ROOT)
+            real = subprocess.call([*pytest, "--durations=25", *argv, *FOREGROUND], cwd=PROJECT_ROOT)
         finally:
             in_process = unit.wait()
     waited = time.monotonic() - started
-    sys.stdout.write(f"\n===== in-process tests (tests/unit, nice 19, {UNIT_LOG}) =====\n")
+    sys.stdout.write(f"\n===== background lane ({', '.join(BACKGROUND)}; nice 19; {UNIT_LOG}) =====\n")
     sys.stdout.write(UNIT_LOG.read_text(errors="replace"))
     sys.stdout.write(
-        f"\n===== both parts done in {waited:.0f} s: real-stack exit {real}, in-process exit {in_process} =====\n"
+        f"\n===== both parts done in {waited:.0f} s: foreground exit {real}, background exit {in_process} =====\n"
     )
     sys.stdout.flush()
     return combined_status(real, in_process)

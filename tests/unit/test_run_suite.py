@@ -1,18 +1,33 @@
-"""make test's two-part pytest (tests/run_suite.py): which folders each part runs, and the status."""
+"""make test's two lanes (tests/run_suite.py): every test file runs in exactly one, and the exit status."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from tests.conftest import REAL_STACK_DIRS
-from tests.run_suite import IN_PROCESS, NO_TESTS, REAL_STACK, combined_status
+from tests.run_suite import BACKGROUND, BENCH_SMOKE, FOREGROUND, NO_TESTS, REAL_STACK, combined_status
+
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 
 
-def test_the_two_parts_cover_every_test_folder_once() -> None:
-    tests = Path(__file__).resolve().parents[1]
-    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.rglob("test_*.py"))}
-    parts = [Path(f).name for f in REAL_STACK + IN_PROCESS]
-    assert sorted(parts) == sorted(folders)
+def _files(args: tuple[str, ...]) -> set[Path]:
+    """The test files a pytest with these arguments collects from (folders, files, --ignore)."""
+    ignored = {ROOT / a.removeprefix("--ignore=") for a in args if a.startswith("--ignore=")}
+    found: set[Path] = set()
+    for a in args:
+        if a.startswith("--"):
+            continue
+        path = ROOT / a
+        found |= set(path.rglob("test_*.py")) if path.is_dir() else {path}
+    return found - ignored
+
+
+def test_every_test_file_runs_in_exactly_one_lane() -> None:
+    fg, bg = _files(FOREGROUND), _files(BACKGROUND)
+    assert fg | bg == set(TESTS.rglob("test_*.py"))
+    assert not fg & bg
+    assert {ROOT / f for f in BENCH_SMOKE} <= bg and all((ROOT / f).exists() for f in BENCH_SMOKE)
     assert {Path(f).name for f in REAL_STACK} == set(REAL_STACK_DIRS)
 
 
