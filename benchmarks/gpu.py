@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.servers import LOG_DIR
+from common.adapter_bank import BankLayout
 from common.paths import BUILD_DIR, PROJECT_ROOT
 from contract.specs import (
     FLUX_COMPONENTS,
@@ -255,15 +256,19 @@ def build_and_publish(s: GpuBenchSettings, run: Run) -> tuple[Path, Path, dict[s
     return checkpoint, repo, pins
 
 
-def override_config(s: GpuBenchSettings, config: str, name: str) -> str:
-    """The JSON config Triton loads `name` with for `config` (what `--target gpu-torch` would render)."""
+def override_config(s: GpuBenchSettings, config: str, name: str, adapter_branch: bool = False) -> str:
+    """The JSON config Triton loads `name` with for `config` (what `--target gpu-torch` would render;
+    `adapter_branch`: the published transformer serves it, so its config keeps the adapter inputs)."""
     from google.protobuf import json_format
 
     from export.deployments import ExportSettings
+    from export.flux_build import with_adapter_inputs
     from export.torch_target import torch_flux_deployments
     from export.triton_config import render_config
 
-    dep = torch_flux_deployments(ExportSettings(generate_instances=max(s.clients)), torch_settings(s, config))[name]
+    export_settings = ExportSettings(generate_instances=max(s.clients))
+    deps = torch_flux_deployments(export_settings, torch_settings(s, config))
+    dep = with_adapter_inputs(deps, adapter_branch, export_settings)[name]
     return json_format.MessageToJson(render_config(dep, "gpu-torch"), preserving_proto_field_name=True)
 
 
@@ -280,6 +285,9 @@ class InProcess:
         from common.flux_assets import read_max_sequence_length
 
         self.s, self.repo, self.pins = s, repo, pins
+        self.adapter_branch = BankLayout.exists(repo / FLUX_TRANSFORMER / str(pins[FLUX_TRANSFORMER]))
+        """The published transformer serves the adapter branch (FLUXSERVE_FLUX_ADAPTER_BRANCH): Triton
+        runs it with no adapter named; the in-process pipeline runs the plain module."""
         has_lora = (repo / GENERATE.name / str(pins[GENERATE.name]) / FUSED_LORA_FILE).exists()
         self.lora_source = f"{GENERATE.name}/{pins[GENERATE.name]}" if has_lora else None
         self.lora_patch_s: dict[str, float] = {}
@@ -437,14 +445,17 @@ def triton_control(http_url: str):
     return triton_http.InferenceServerClient(http_url, connection_timeout=10.0, network_timeout=1800.0)
 
 
-def measure_triton(server: Any, s: GpuBenchSettings, config: str, run: Run) -> dict[str, Any]:
+def measure_triton(
+    server: Any, s: GpuBenchSettings, config: str, run: Run, adapter_branch: bool = False
+) -> dict[str, Any]:
     from client.control_key import control_headers
 
     control = triton_control(server.http_url)
     try:
         with run.phase(f"triton-load:{config}"):
             for name in RELOADED:
-                control.load_model(name, config=override_config(s, config, name), headers=control_headers())
+                config_json = override_config(s, config, name, adapter_branch)
+                control.load_model(name, config=config_json, headers=control_headers())
         with run.phase(f"triton-warmup:{config}") as rec:
             # Every batch size the load points will merge: a compiled model compiles each once.
             rec["rounds"] = [closed_loop(server.grpc_url, s, c, c, s.warmup_steps)["images"] for c in (1, *s.clients)]
@@ -583,7 +594,7 @@ def _config(s: GpuBenchSettings, run: Run, name: str, inproc: InProcess, server:
     try:
         with run.phase(f"inprocess:{name}"):
             record["inprocess"] = inproc.measure(name)
-        record["triton"] = measure_triton(server, s, name, run)
+        record["triton"] = measure_triton(server, s, name, run, inproc.adapter_branch)
     except Exception as e:  # a config that fails (a compiler, a kernel) must not cost the others
         log.exception("config %s failed", name)
         record["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -612,6 +623,7 @@ def gpu_bench(s: GpuBenchSettings) -> dict[str, Path]:
             server = stack.enter_context(triton(repo, models, s.log_dir, tag="bench-gpu"))
         with run.phase("inprocess-encoders"):
             inproc = InProcess(s, checkpoint, repo, pins)
+        run.facts["adapter_branch"] = inproc.adapter_branch
         longest = 0.0
         for name in s.configs:
             if CONFIGS[name].get("fp8") and not ok:

@@ -394,15 +394,16 @@ def _onnx_parts(
         )
         for name in FLUX_COMPONENTS
     }
-    deps = _with_adapter_inputs(flux_deployments(export_settings), provenance, export_settings)
+    deps = with_adapter_inputs(flux_deployments(export_settings), bool(provenance.get(ADAPTER_BRANCH)), export_settings)
     return deps, parts, report
 
 
-def _with_adapter_inputs(
-    deps: dict[str, Deployment], provenance: Mapping[str, Any], export_settings: ExportSettings | None
+def with_adapter_inputs(
+    deps: dict[str, Deployment], adapter_branch: bool, export_settings: ExportSettings | None = None
 ) -> dict[str, Deployment]:
-    """With the adapter branch, the transformer takes each row's adapter and scale and has its bank slots."""
-    if provenance.get(ADAPTER_BRANCH):
+    """`deps` with, when `adapter_branch`, the transformer taking each row's adapter and scale and
+    its bank slots: the one rule for that config (the export, and what re-renders it: the GPU check)."""
+    if adapter_branch:
         dep = deps[FLUX_TRANSFORMER]
         slots = (export_settings or ExportSettings()).flux_adapter_slots
         deps[FLUX_TRANSFORMER] = replace(
@@ -439,7 +440,8 @@ def _torch_parts(
             report={**t.report, ADAPTER_BRANCH: f"rank {branch['rank']}, {branch['layout']} bank"},
         )
     parts: ComponentParts = {n: (b.files, b.provenance, {"torch": b.report}) for n, b in builds.items()}
-    deps = _with_adapter_inputs(torch_flux_deployments(export_settings, torch_settings), provenance, export_settings)
+    deps = torch_flux_deployments(export_settings, torch_settings)
+    deps = with_adapter_inputs(deps, bool(provenance.get(ADAPTER_BRANCH)), export_settings)
     pipeline_files = {rel: src for b in builds.values() for rel, src in b.pipeline_files.items()}
     return deps, parts, {n: b.report for n, b in builds.items()}, pipeline_files
 

@@ -6,8 +6,10 @@ What only a real Triton shows: `generate` reads the store and sends each row's a
 `flux_transformer`, whose bank slots load it on first use; the same seed with A, B and none gives
 three different images and A again gives A's; no model version changes; requests mixing A, B and
 none share transformer executions (Triton's own counters) and each gets its own adapter's image;
-an unknown name is refused naming it. The slot/LRU logic is tests/unit/test_adapter_runner.py's,
-the branch's numerics tests/unit/test_adapter_bank.py's.
+an unknown name is refused naming it. Each test runs on both targets (`target_triton`: the built
+CPU repository, then the session's gpu-torch one, whose transformer serves the branch in PyTorch).
+The slot/LRU logic is tests/unit/test_adapter_runner.py's, the branch's numerics
+tests/unit/test_adapter_bank.py's (ONNX) and tests/unit/test_torch_adapters.py's (gpu-torch).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(triton) -> Path:
-    """The session repository, which must serve the adapter branch (the default CPU build)."""
-    repo = repository(triton)
+def served(target_triton) -> Path:
+    """The target's session repository, which must serve the adapter branch (the default build)."""
+    repo = repository(target_triton)
     transformer = repo / FLUX_TRANSFORMER / str(versions(repo, FLUX_TRANSFORMER)[-1])
     if not BankLayout.exists(transformer):
         pytest.fail(f"{transformer} has no adapter branch: build the models with FLUXSERVE_FLUX_ADAPTER_BRANCH=true")
@@ -73,8 +75,8 @@ def adapters(served: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def client(triton) -> Iterator[TritonClient]:
-    with TritonClient(triton.grpc_url, timeout_s=300) as c:
+def client(target_triton) -> Iterator[TritonClient]:
+    with TritonClient(target_triton.grpc_url, timeout_s=300) as c:
         yield c
 
 
@@ -107,12 +109,13 @@ def test_same_seed_three_adapters_three_images(sequential, adapters, client: Tri
     assert (versions(served, GENERATE.name), versions(served, FLUX_TRANSFORMER)) == sequential["versions"]
 
 
-def test_mixed_concurrent_requests_share_transformer_executions(sequential, adapters, triton) -> None:
+def test_mixed_concurrent_requests_share_transformer_executions(sequential, adapters, target_triton) -> None:
     """12 requests mixing A, B and none at once: all answer, rows with different adapters share
     forward passes (inference/execution >= 1.3 in the burst), and each image is its own adapter's."""
     keys = ["A", "B", "none"] * 4
     names = {"A": adapters["A"].name, "B": adapters["B"].name, "none": None}
     counts = [("nv_inference_count", FLUX_TRANSFORMER), ("nv_inference_exec_count", FLUX_TRANSFORMER)]
+    triton = target_triton
     before = [triton_metric(triton.metrics_url, *c) for c in counts]
 
     def one(key: str):

@@ -261,6 +261,19 @@ def test_gpu_torch_export_ships_the_cpu_exports_bank_layout(torch_repo: Path, ti
     assert config.parameters["runtime"].string_value == "torch"
 
 
+def test_the_gpu_checks_reloaded_transformer_config_keeps_the_adapter_inputs(torch_repo: Path) -> None:
+    """fluxserve-bench gpu reloads the transformer per config with a config it renders itself: it
+    must take the inputs `generate` sends to a transformer with the branch."""
+    from benchmarks.gpu import GpuBenchSettings, override_config
+
+    published = parse_config((torch_repo / FLUX_TRANSFORMER / "config.pbtxt").read_text())
+    for branch in (True, False):
+        rendered = json.loads(override_config(GpuBenchSettings(device="cpu"), "bf16", FLUX_TRANSFORMER, branch))
+        inputs = {i["name"] for i in rendered["input"]}
+        assert (inputs == {i.name for i in published.input}) is branch, inputs
+        assert ({FLUX_ADAPTER_INPUT, SCALE_INPUT} <= inputs) is branch
+
+
 def test_gpu_torch_export_without_the_branch_keeps_the_plain_transformer(
     tmp_path: Path, tiny_checkpoint, tiny_lora
 ) -> None:
