@@ -53,6 +53,10 @@ class TorchAdapterBank:
         self.tensors = {
             name: torch.zeros(shape, device=device, dtype=dtype) for name, shape in layout.bank_shapes(slots).items()
         }
+        for tensor in self.tensors.values():
+            # Written in place only, so its address never changes: CUDA graphs (torch.compile's
+            # reduce-overhead) read it where it lies instead of copying it into the graph per step.
+            torch._dynamo.mark_static_address(tensor)
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot < self.slots:
