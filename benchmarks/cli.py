@@ -125,6 +125,7 @@ def _overload(args: argparse.Namespace) -> int:
         duration_s=args.duration_s,
         multipliers=tuple(args.multipliers),
         endpoints=tuple(args.endpoints),
+        connections=args.connections,
         out=args.out,
         log_dir=args.log_dir,
     )
@@ -313,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--duration-s", type=float, default=30.0, help="seconds per load point")
     ov.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 5.0, 10.0])
     ov.add_argument("--endpoints", nargs="+", choices=["generate", "classify"], default=["generate", "classify"])
+    ov.add_argument(
+        "--connections",
+        type=int,
+        default=2048,
+        help="the load generator's keep-alive connections (independent clients)",
+    )
     ov.add_argument("--model-repository", type=Path)
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)

@@ -46,8 +46,11 @@ class OverloadSettings:
     generate_side: int = 128
     generate_steps: int = 4
     connections: int = 256
-    """Keep-alive connections the load generator may open: a fleet of clients behind a proxy,
-    not one new TCP connection per arrival (which measures the kernel's accept queue)."""
+    """Keep-alive connections the load generator may open, reused oldest-idle first: a fleet of
+    clients behind a proxy, not one new TCP connection per arrival (which measures the kernel's
+    accept queue). When every one is busy an arrival waits for one, and then goes out the moment a
+    503 comes back on it, which the facade paces as an immediate retry (api/shedding.py): at 10x
+    the open loop then behaves as a closed one. `--connections` sets more (independent clients)."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
