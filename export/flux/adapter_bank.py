@@ -81,7 +81,7 @@ class AdapterFluxTransformer(BatchMajorFluxTransformer):
     def __init__(self, transformer: torch.nn.Module, layout: BankLayout) -> None:
         super().__init__(transformer)
         self.layout = layout
-        self._rows: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._rows: tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
         modules = dict(transformer.named_modules())
         missing = [p for p in layout.layers if not isinstance(modules.get(p), torch.nn.Linear)]
         if missing:
@@ -90,28 +90,40 @@ class AdapterFluxTransformer(BatchMajorFluxTransformer):
 
     def _hook(self, path: str):
         group, index = self.layout.locate(path)
-        per_layer = self.layout.layout == "per_layer"
 
         def add_branch(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             if self._rows is None:  # called outside forward (plain use of the transformer)
                 return out
-            slot, scale, banks = self._rows
-            a_bank, b_bank = banks[group.a_input], banks[group.b_input]
-            if per_layer:
-                rows = slot
-            else:  # row `slot * L + index` of the bank flattened to (S * L, in, R)
-                a_bank = a_bank.reshape(-1, group.in_features, self.layout.rank)
-                b_bank = b_bank.reshape(-1, self.layout.rank, group.out_features)
-                rows = slot * len(group.layers) + index
+            scale, banks = self._rows
+            a_bank, b_bank, base = banks[group.name]  # per_layer: base = slot; grouped: slot * L
+            rows = base if index == 0 else base + index
             a = a_bank.index_select(0, rows)  # (B, in, R)
             b = b_bank.index_select(0, rows)  # (B, R, out)
             x = args[0]
-            batch = x.shape[0]
+            if x.dim() != 3:  # FLUX's targeted Linears all see (B, T, in); anything else, flattened
+                x = x.reshape(x.shape[0], -1, group.in_features)
             # The scale multiplies the (B, T, R) product, R columns instead of `out`.
-            low = torch.bmm(x.reshape(batch, -1, group.in_features), a) * scale.reshape(batch, 1, 1)
-            return out + torch.bmm(low, b).reshape(out.shape)
+            return out + torch.bmm(torch.bmm(x, a) * scale, b).reshape(out.shape)
 
         return add_branch
+
+    def _prepared_banks(
+        self, slot: torch.Tensor, banks: list[torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, once per call (not per layer: fewer graph nodes, a faster export): its A and
+        B banks as (rows, in, R) and (rows, R, out), and each batch row's first row in them. The
+        grouped layout flattens (S, L, ...) to (S * L, ...): layer i of slot s is row s * L + i."""
+        named = dict(zip(self.layout.bank_inputs(), banks))
+        out = {}
+        for g in self.layout.groups:
+            a, b = named[g.a_input], named[g.b_input]
+            if self.layout.layout == "per_layer":
+                out[g.name] = (a, b, slot)
+            else:
+                rank = self.layout.rank
+                flat_a, flat_b = a.reshape(-1, g.in_features, rank), b.reshape(-1, rank, g.out_features)
+                out[g.name] = (flat_a, flat_b, slot * len(g.layers))
+        return out
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -137,7 +149,7 @@ class AdapterFluxTransformer(BatchMajorFluxTransformer):
         adapter_scale: torch.Tensor,
         banks: list[torch.Tensor],
     ) -> torch.Tensor:
-        self._rows = (adapter_slot, adapter_scale, dict(zip(self.layout.bank_inputs(), banks)))
+        self._rows = (adapter_scale.reshape(-1, 1, 1), self._prepared_banks(adapter_slot, banks))
         try:
             return super().forward(
                 hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
