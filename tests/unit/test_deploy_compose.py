@@ -2,7 +2,7 @@
 services keep the deployment's promises: only the facade publishes a port, on loopback; Triton is
 health-checked on /v2/health/ready and the facade waits for it; workers can be scaled; Redis gets
 its password from the env file and persists to a volume; one model repository and one job folder
-are shared."""
+are shared; the adapter store is mounted where each service looks for it, in the mode it needs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import yaml
 
 from client.control_key import MIN_KEY_CHARS
 from common.secret_strength import secret_problem
+from tests.adapter_store_mounts import STORE_MODES, adapter_store_path, repository_path, workdir
 from tests.conftest import PROJECT_ROOT
 
 EXAMPLE_ENV = PROJECT_ROOT / "deploy" / "compose" / "env.example"
@@ -113,6 +114,24 @@ def test_triton_is_health_checked_and_awaited(rendered: tuple[str, dict]) -> Non
         assert "triton" in triton["networks"]["default"]["aliases"]
 
 
+def mounts(service: dict) -> dict[str, str]:
+    """Mount target -> source, whichever form the compose CLI renders (v1 strings, v2 mappings)."""
+    return {target: source for target, (source, _) in mount_modes(service).items()}
+
+
+def mount_modes(service: dict) -> dict[str, tuple[str, str]]:
+    """Mount target -> (source, "ro" or "rw")."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            source, target, *options = v.split(":")
+            read_only = "ro" in ",".join(options).split(",")
+        else:
+            source, target, read_only = v["source"], v["target"], bool(v.get("read_only"))
+        out[target] = (source, "ro" if read_only else "rw")
+    return out
+
+
 def test_workers_scale_and_share_the_repository_and_job_folders(rendered: tuple[str, dict]) -> None:
     profile, config = rendered
     names = PROFILES[profile]
@@ -120,18 +139,101 @@ def test_workers_scale_and_share_the_repository_and_job_folders(rendered: tuple[
     worker = services[names["worker"]]
     assert "container_name" not in worker and not worker.get("ports")  # `--scale worker=2` works
 
-    def mounts(service: dict) -> dict[str, str]:
-        out = {}
-        for v in service.get("volumes", []):
-            source, target = v.split(":")[:2] if isinstance(v, str) else (v["source"], v["target"])
-            out[target] = source
-        return out
-
     for name in (names["api"], names["worker"], names["export"]):
         m = mounts(services[name])
         assert m["/app/model_repository"] == "models" and m["/app/build"] == "build", name
     assert mounts(services[names["triton"]])["/app/model_repository"] == "models"
     assert {"models", "build", "redis-data"} <= set(config["volumes"])
+
+
+# ----------------------------------------------------------------------------- adapter store (issue 27)
+
+
+def adapter_store_problems(profile: str, config: dict) -> list[str]:
+    """What keeps the adapter store from working in the rendered `config`: a service that needs the
+    store without the `adapters` volume at `adapters_dir` of its own repository path, or in the wrong
+    mode; its repository not where the `models` volume is; the store mounted where it is not needed."""
+    names = PROFILES[profile]
+    services = _profile_services(profile, config)
+    problems = []
+    for role, mode in STORE_MODES.items():
+        name = names[role]
+        service = services[name]
+        repo = repository_path(role, service["image"], service.get("environment") or {}, service.get("command"))
+        mounted = mount_modes(service)
+        if mounted.get(repo, ("", ""))[0] != "models":
+            problems.append(f"{name}: its repository {repo} is not the `models` volume")
+        store = adapter_store_path(repo)
+        if store not in mounted:
+            problems.append(f"{name}: no adapter store at {store}")
+        elif mounted[store] != ("adapters", mode):
+            problems.append(f"{name}: {store} is {mounted[store]}, not ('adapters', {mode!r})")
+    for name, service in services.items():
+        if name not in {names[role] for role in STORE_MODES}:
+            if "adapters" in {source for source, _ in mount_modes(service).values()}:
+                problems.append(f"{name}: mounts the adapter store it does not use")
+    if "adapters" not in (config.get("volumes") or {}):
+        problems.append("no `adapters` volume")
+    return problems
+
+
+def test_adapter_store_is_shared_where_each_service_looks_for_it(rendered: tuple[str, dict]) -> None:
+    """The workers publish into the store (rw), the facade lists and deletes (rw), Triton's
+    transformer reads it (ro); the export job and Redis never see it."""
+    profile, config = rendered
+    assert adapter_store_problems(profile, config) == []
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["worker unmounted", "api read-only", "triton read-write", "export mounted", "repository moved"],
+)
+def test_adapter_store_check_catches_a_broken_mount(rendered: tuple[str, dict], breakage: str) -> None:
+    profile, config = rendered
+    names = PROFILES[profile]
+    broken = yaml.safe_load(yaml.safe_dump(config))
+    services = broken["services"]
+
+    def volumes(role: str) -> list:
+        return services[names[role]].setdefault("volumes", [])
+
+    def is_store(v: object) -> bool:
+        return (v if isinstance(v, str) else v["source"]).startswith("adapters")
+
+    def remount(role: str, read_only: bool) -> None:
+        vols = volumes(role)
+        store = next(v for v in vols if is_store(v))
+        vols.remove(store)
+        vols.append({"type": "volume", "source": "adapters", "target": "/app/adapters", "read_only": read_only})
+
+    if breakage == "worker unmounted":
+        services[names["worker"]]["volumes"] = [v for v in volumes("worker") if not is_store(v)]
+    elif breakage == "api read-only":
+        remount("api", True)
+    elif breakage == "triton read-write":
+        remount("triton", False)
+    elif breakage == "export mounted":
+        volumes("export").append("adapters:/app/adapters:rw")
+    else:  # the worker told of another repository, its mounts left as they were
+        services[names["worker"]].setdefault("environment", {})["FLUXSERVE_JOBS_MODEL_REPOSITORY"] = "/srv/repo"
+    assert adapter_store_problems(profile, broken)
+
+
+def test_app_image_owns_the_mount_points_of_the_writable_volumes(rendered: tuple[str, dict]) -> None:
+    """An empty named volume takes the owner of the image's folder at its mount point; a folder the
+    image lacks mounts root-owned, and the unprivileged workers could not publish into it."""
+    profile, config = rendered
+    dockerfile = (PROJECT_ROOT / "deploy" / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    chown = re.search(r"chown -R app:app ([^&;\n]+)", dockerfile)
+    assert chown, "the runtime stage chowns no folder to the app user"
+    root = workdir(PROJECT_ROOT / "deploy" / "docker" / "Dockerfile", "runtime")
+    owned = {str(root / p) for p in chown.group(1).split()}
+    names = PROFILES[profile]
+    services = _profile_services(profile, config)
+    for role in ("api", "worker", "export"):
+        for target, (source, mode) in mount_modes(services[names[role]]).items():
+            if mode == "rw" and source in config["volumes"]:
+                assert target in owned, (names[role], target)
 
 
 def test_containers_have_read_only_root_filesystems(rendered: tuple[str, dict]) -> None:
