@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # pytest twice, side by side (tests/run_suite.py): the real-stack tests at normal priority, the
-# in-process tests and the benchmark smoke runs at nice 19 in the cores' idle time, their log
+# in-process tests (tests/unit) at nice 19 in the cores' idle time, their log
 # (build/logs/unit-tests.log) printed at the end.
 test: lint models
 	$(BIN)/python -m tests.run_suite $(PYTEST_ARGS)

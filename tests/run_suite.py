@@ -3,10 +3,10 @@
 The foreground lane (tests/integration, tests/e2e, tests/compose: real Triton, facade, workers,
 Redis, a browser, sharing session fixtures) runs in order at normal priority, its output on the
 terminal. The background lane runs beside it at the lowest CPU priority (nice 19), its output kept
-in build/logs/unit-tests.log and printed at the end: the in-process tests (tests/unit) and the
-benchmark smoke runs (tests/integration/test_bench_*.py: each drives a `fluxserve-bench` command
-that starts its own servers, shares nothing with the other tests and asserts no timing). The
-foreground tests spend much of their time waiting (servers starting, jobs polling, subprocesses),
+in build/logs/unit-tests.log and printed at the end: the in-process tests (tests/unit). The
+benchmark smoke runs stay in the foreground: run beside the training-job tests, the swap
+benchmark's worker shares build/'s ONNX exports and their retention sweep with them, and a publish
+there failed. The foreground tests spend much of their time waiting (servers starting, jobs polling, subprocesses),
 which leaves a core idle often enough for the background lane to finish within them; at nice 19 it
 takes almost no CPU the foreground wants, so the checks that count and compare requests under load
 see the machine they would see alone. `xdist -n 2` did the same without the priority, and the
@@ -27,9 +27,8 @@ import time
 from common.paths import BUILD_DIR, PROJECT_ROOT
 
 REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
-BENCH_SMOKE = ("tests/integration/test_bench_smoke.py", "tests/integration/test_bench_gpu_dry_run.py")
-FOREGROUND = (*REAL_STACK, *(f"--ignore={f}" for f in BENCH_SMOKE))
-BACKGROUND = ("tests/unit", *BENCH_SMOKE)
+FOREGROUND = REAL_STACK
+BACKGROUND = ("tests/unit",)
 UNIT_LOG = BUILD_DIR / "logs" / "unit-tests.log"
 NO_TESTS = 5
 
