@@ -56,13 +56,17 @@ def test_triton_counted_exactly_the_measured_requests(smoke) -> None:
     config = parse_config((PROJECT_ROOT / "model_repository" / CLASSIFY.name / "config.pbtxt").read_text())
     inline = INLINE_ENCODER_PARAMETER in config.parameters  # the CPU default: no BLS to classifier_onnx
     for name in ("facade-classify", "triton-classify"):
+        # Through the facade, a /readyz with no success in the last 10 s sends one probe text
+        # (api/readiness.py): on a slow machine one may fall inside the measured window.
+        probes = 1 if name == "facade-classify" else 0
         for run in result["targets"][name]["runs"]:
             classify, onnx = run["triton"]["classify"], run["triton"]["classifier_onnx"]
-            assert classify["requests"] == SMOKE_REQUESTS and classify["failures"] == 0, (name, run["triton"])
+            assert SMOKE_REQUESTS <= classify["requests"] <= SMOKE_REQUESTS + probes, (name, run["triton"])
+            assert classify["failures"] == 0, (name, run["triton"])
             # One text per request: the encoder saw every text once, in however many batches.
             encoder = classify if inline else onnx
-            assert encoder["inferences"] == SMOKE_REQUESTS
-            assert 1 <= encoder["executions"] <= SMOKE_REQUESTS
+            assert SMOKE_REQUESTS <= encoder["inferences"] <= SMOKE_REQUESTS + probes
+            assert 1 <= encoder["executions"] <= SMOKE_REQUESTS + probes
             if inline:
                 assert onnx["inferences"] == 0, (name, onnx)
             assert classify["avg_queue_us"] is not None and classify["avg_compute_infer_us"] > 0
