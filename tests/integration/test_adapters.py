@@ -37,7 +37,7 @@ from tests.integration.conftest import served_provenance
 pytestmark = pytest.mark.integration
 
 PROMPT = "a lighthouse on a cliff at dusk"
-SMALL = {"width": 128, "height": 128, "steps": 4, "seed": 11}
+SMALL = {"width": 256, "height": 256, "steps": 8, "seed": 11}
 MIN_ADAPTER_EFFECT = 2.0
 """Mean |pixel difference| (0..255) an adapter must make: the random LoRAs move the image far more."""
 
