@@ -5,6 +5,8 @@ anything is queued: checked in-process in tests/unit/facade/test_http_train.py."
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.integration
 TRIGGER = "zxq"
 UNCHANGED_BY_LORA = (FLUX_TEXT_ENCODER, FLUX_TEXT_ENCODER_2, FLUX_VAE_DECODER)
 RED = (220, 30, 30)
+BLUE = (30, 30, 220)
 SWAP_PROMPT = "a red square"
 MAX_PATCH_LATENT_ERROR = 1e-4
 """Patched vs re-exported transformer outputs agree to 1e-5 per call (tests/unit/test_weight_patch.py);
@@ -296,11 +299,13 @@ def test_sse_progress_stream(stack: Stack) -> None:
     assert stack.wait(job_id, {"succeeded"})["result"].get("publish") is None
 
 
-def test_an_adapter_job_is_served_by_name_with_no_new_version(stack: Stack) -> None:
-    """Issue 27: a LoRA job with publish=adapter, through the real worker, is usable by the next
-    request that names it, with no model version change; the answer names the adapter and the
-    hash the job reported; deleted, it is a 404 naming it. The time from `succeeded` to the first
-    image is `fluxserve-bench adapter-ready`'s, not a threshold here."""
+def test_two_adapter_jobs_are_served_side_by_side_with_no_new_version(stack: Stack) -> None:
+    """Issue 27: two LoRA jobs with publish=adapter (one trained on red squares, one on blue), through
+    the real worker, are usable by the next request that names them, with no model version change:
+    the same seed with A, B and none gives three different images and A again gives A's; the answer
+    names the adapter and the hash its job reported; deleted, one is a 404 naming it while the other
+    still serves. The time from `succeeded` to the first image is `fluxserve-bench adapter-ready`'s,
+    not a threshold here."""
     from common.adapter_bank import AdapterRefused
     from publish.adapters import served_bank_layout
     from publish.repository import versions
@@ -310,25 +315,48 @@ def test_an_adapter_job_is_served_by_name_with_no_new_version(stack: Stack) -> N
     except AdapterRefused as e:
         pytest.skip(f"the built transformer serves no adapters (rebuild the models with its adapter branch): {e}")
     served = {m: versions(stack.repo, m) for m in (GENERATE.name, GENERATE_STREAM.name, FLUX_TRANSFORMER)}
-    r = stack.submit(steps=10, publish="adapter", name="red-square")
-    assert r.status_code == 202, r.text
-    job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
-    assert job["status"] == "succeeded", job
-    adapter = job["result"]["publish"]["adapter"]
-    assert adapter["name"] == "red-square" and len(adapter["sha256"]) == 64
-    image = {"prompt": "a red square", "width": 64, "height": 64, "steps": 2, "seed": 0}
+    datasets = {"red-square": red_zip(), "blue-square": solid_color_zip(4, 64, BLUE, caption="a plain blue square")}
+    # Both queued at once: the worker takes them one after the other.
+    submitted = {
+        name: stack.submit(steps=10, publish="adapter", name=name, zip=data) for name, data in datasets.items()
+    }
+    sha256 = {}
+    for name, r in submitted.items():
+        assert r.status_code == 202, r.text
+        job = stack.wait(r.json()["job_id"], {"succeeded", "failed", "cancelled"})
+        assert job["status"] == "succeeded", job
+        adapter = job["result"]["publish"]["adapter"]
+        assert adapter["name"] == name and len(adapter["sha256"]) == 64
+        sha256[name] = adapter["sha256"]
+    image = {"prompt": "a square", "width": 64, "height": 64, "steps": 2, "seed": 0}
     with stack.http(300) as http:
-        named = http.post("/generate", json={**image, "lora": "red-square"})
-        assert named.status_code == 200, named.text
-        assert named.json()["lora"] == {"name": "red-square", "sha256": adapter["sha256"], "scale": 1.0}
-        assert named.json()["prompt"] == f"{TRIGGER}, a red square"
-        plain = http.post("/generate", json=image).json()
-        assert plain["lora"] is None and plain["model_version"] == named.json()["model_version"]
-        assert [a["name"] for a in http.get("/loras").json()["loras"]] == ["red-square"]
+        answers = {}
+        for key in ("red-square", "blue-square", None, "red-square again"):
+            lora = key.split()[0] if key else None
+            r = http.post("/generate", json={**image, **({"lora": lora} if lora else {})})
+            assert r.status_code == 200, r.text
+            answers[key] = r.json()
+            expected = {"name": lora, "sha256": sha256[lora], "scale": 1.0} if lora else None
+            assert answers[key]["lora"] == expected
+        assert answers["red-square"]["prompt"] == f"{TRIGGER}, a square"
+        assert len({a["model_version"] for a in answers.values()}) == 1
+        pixels = {k: decoded_image(a["images"][0]) for k, a in answers.items()}
+        for a, b in (("red-square", "blue-square"), ("red-square", None), ("blue-square", None)):
+            assert np.abs(pixels[a] - pixels[b]).mean() > 1.0, f"{a} and {b} gave the same image"
+        assert np.abs(pixels["red-square"] - pixels["red-square again"]).max() <= 1.0
+        assert sorted(a["name"] for a in http.get("/loras").json()["loras"]) == ["blue-square", "red-square"]
         assert http.delete("/loras/red-square").status_code == 200
         gone = http.post("/generate", json={**image, "lora": "red-square"})
         assert gone.status_code == 404 and gone.json()["error"]["message"] == "no adapter named 'red-square'"
+        still = http.post("/generate", json={**image, "lora": "blue-square"})
+        assert still.status_code == 200, still.text
+        assert np.abs(decoded_image(still.json()["images"][0]) - pixels["blue-square"]).max() <= 1.0
+        assert http.delete("/loras/blue-square").status_code == 200
     assert {m: versions(stack.repo, m) for m in served} == served
+
+
+def decoded_image(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.float32)
 
 
 def test_cancel_running_and_queued(stack: Stack) -> None:
