@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(fn=_swap)
 
     from benchmarks.overload import RESULT_FILE as OVERLOAD_RESULT
+    from benchmarks.overload import OverloadSettings
 
     ov = sub.add_parser("overload", help="open-loop load at multiples of capacity: shedding, latency, abandoned work")
     ov.add_argument("--duration-s", type=float, default=30.0, help="seconds per load point")
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument(
         "--connections",
         type=int,
-        default=2048,
+        default=OverloadSettings().connections,
         help="the load generator's keep-alive connections (independent clients)",
     )
     ov.add_argument("--model-repository", type=Path)

@@ -119,6 +119,27 @@ class FastHttpPool:
         await self._release(conn)
         return response
 
+    async def warm(self, n: int) -> None:
+        """Open connections until `n` (at most `max_connections`) are open, all idle. Reused
+        oldest-idle first, they spread an open loop's arrivals over `n` clients, each sending one
+        request every n / rate seconds, instead of over the few a lazily grown pool would hold,
+        each reused the moment it frees (which the facade rightly treats as a client retrying at
+        once, api/shedding.py)."""
+        loop = asyncio.get_running_loop()
+        alive = [c for c in self._idle if not c.closed]  # the server closes idle ones after its keep-alive
+        self._open -= len(self._idle) - len(alive)
+        self._idle = collections.deque(alive)
+        missing = max(0, min(n, self.max_connections) - self._open)
+        self._open += missing
+        results = await asyncio.gather(
+            *(loop.create_connection(_Connection, self.host, self.port) for _ in range(missing)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                self._open -= 1
+            else:
+                self._idle.append(result[1])
+
     async def _acquire(self) -> _Connection:
         while True:
             while self._idle:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "overload.json"
 
 
+WARM_REUSE_S = 2.0
+"""An open-loop point opens rate x this many connections first (at most `connections`)."""
+
+
 @dataclass(frozen=True)
 class OverloadSettings:
     duration_s: float = 30.0
@@ -45,12 +49,15 @@ class OverloadSettings:
     client_timeout_s: float = 60.0
     generate_side: int = 128
     generate_steps: int = 4
-    connections: int = 256
-    """Keep-alive connections the load generator may open, reused oldest-idle first: a fleet of
-    clients behind a proxy, not one new TCP connection per arrival (which measures the kernel's
-    accept queue). When every one is busy an arrival waits for one, and then goes out the moment a
-    503 comes back on it, which the facade paces as an immediate retry (api/shedding.py): at 10x
-    the open loop then behaves as a closed one. `--connections` sets more (independent clients)."""
+    connections: int = 4096
+    """Keep-alive connections of the load generator: a fleet of clients behind a proxy, not one new
+    TCP connection per arrival (which measures the kernel's accept queue). Before each point it
+    opens rate x WARM_REUSE_S of them (at most this many), reused oldest-idle first, so each
+    carries one arrival every so often, as an independent client would. When every one is busy an
+    arrival waits for one, and then goes out the moment a 503 comes back on it, which the facade
+    paces as an immediate retry (api/shedding.py): the open loop then behaves as a closed one.
+    At 10x /classify (about 10,000 arrivals a second) 4,096 carry one arrival every 0.4 s. Keep it
+    below the facade's `max_connections` (8,192), which closes any connection beyond."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
@@ -162,8 +169,16 @@ async def _lone(endpoint: Endpoint, n: int) -> float:
                 await endpoint.pool.close()
     finally:
         endpoint.pool = pooled
-    served = endpoint.reset().served_s
-    return statistics.median(served) if served else float("nan")
+    out = endpoint.reset()
+    if len(out.served_s) < n:
+        log.warning(
+            "lone requests: %d of %d served (%d refused, failed: %s)",
+            len(out.served_s),
+            n,
+            len(out.rejected_s),
+            out.failed,
+        )
+    return statistics.median(out.served_s) if out.served_s else float("nan")
 
 
 async def _capacity(model: str, facade_url: str, s: OverloadSettings) -> float:
@@ -193,6 +208,9 @@ async def _bench_endpoint(
         points = []
         for m in s.multipliers:
             rate = capacity_rps * m
+            # Every connection the point may use is open before it starts, each reused about every
+            # WARM_REUSE_S (within uvicorn's 5 s keep-alive): independent clients, see `connections`.
+            await endpoint.pool.warm(int(rate * WARM_REUSE_S))
             before = scrape(metrics_url)
             stats = await open_loop(
                 endpoint,

@@ -77,3 +77,41 @@ def test_a_dropped_connection_and_a_silent_server_fail_that_request_only() -> No
         server.close()
 
     asyncio.run(main())
+
+
+def test_warm_opens_connections_up_front_and_requests_take_the_oldest_idle_first() -> None:
+    """An open loop's arrivals spread over every warmed connection in turn (independent clients,
+    none reused the moment it frees); one the server closed while idle is replaced, not counted."""
+    served_on: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(writers)
+        writers.append(writer)
+        try:
+            while True:
+                await _read_request(reader)
+                served_on.append(number)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server, port = await _serve(handler)
+        pool = FastHttpPool("127.0.0.1", port, max_connections=3)
+        await pool.warm(5)  # capped at max_connections
+        for _ in range(6):
+            assert (await pool.request(pool.post_bytes("/", b"x"), timeout_s=10)).status == 200
+        assert len(writers) == 3
+        assert served_on == [served_on[0], served_on[1], served_on[2]] * 2 and len(set(served_on)) == 3
+        writers[served_on[0]].close()  # the server drops the next one in line while it is idle
+        async with asyncio.timeout(5):  # the client sees the close on its next loop turns
+            while not pool._idle[0].closed:
+                await asyncio.sleep(0.01)
+        await pool.warm(3)
+        assert len(writers) == 4 and pool._open == 3
+        await pool.close()
+        server.close()
+
+    asyncio.run(main())
