@@ -236,10 +236,17 @@ def write_adapter(
     return final
 
 
-def delete_adapter(root: Path, name: str) -> AdapterRecord:
+def delete_adapter(root: Path, name: str) -> AdapterRecord | None:
     """Remove adapter `name` (renamed away first, so readers see it whole or gone); returns its
-    record. AdapterNotFound when there is none."""
-    record = read_adapter_record(root, name)
+    record, or None when its folder holds no readable record (written by another version, or
+    damaged: it must still be removable, and its name free again). AdapterNotFound when there is
+    no such folder."""
+    check_name(name)
+    try:
+        record: AdapterRecord | None = read_adapter_record(root, name)
+    except AdapterStoreError as e:  # AdapterNotFound included: a folder without its record
+        log.warning("adapter store %s: deleting %s without a readable record (%s)", root, name, e)
+        record = None
     doomed = Path(root) / f"{_DELETING_PREFIX}{name}-{secrets.token_hex(4)}"
     try:
         os.rename(Path(root) / name, doomed)

@@ -77,9 +77,13 @@ async def get_lora(name: Name, state: Annotated[AppState, Depends(get_state)]) -
 
 @router.delete("/loras/{name}", response_model=LoraInfo, responses=ERRORS)
 async def remove_lora(name: Name, state: Annotated[AppState, Depends(get_state)]) -> LoraInfo | JSONResponse:
-    """Removes the adapter; the answer is its record as it was."""
+    """Removes the adapter; the answer is its record as it was, or only its name when the record
+    could not be read (a damaged adapter is removable too, and its name free again)."""
     root = adapters_dir(state.job_settings.model_repository)
     try:
-        return lora_info(await run_in_threadpool(delete_adapter, root, name))
+        record = await run_in_threadpool(delete_adapter, root, name)
     except AdapterStoreError as e:
         return adapter_error(e)
+    if record is None:
+        return JSONResponse({"name": name, "deleted": True, "detail": "its record could not be read"})
+    return lora_info(record)

@@ -117,6 +117,24 @@ def test_write_read_list_delete(tmp_path: Path, lora_file: Path) -> None:
     assert [p.name for p in root.iterdir()] == ["a-first"]  # nothing staged or half-deleted is left
 
 
+def test_an_adapter_without_a_readable_record_is_deleted_and_its_name_free(tmp_path: Path, lora_file: Path) -> None:
+    root = tmp_path / "adapters"
+    for name, damage in (("garbled", "{not json"), ("recordless", None)):
+        folder = write_adapter(root, _record(name), _factors(1), lora_file)
+        if damage is None:
+            (folder / RECORD_FILE).unlink()
+        else:
+            (folder / RECORD_FILE).write_text(damage)
+        with pytest.raises(AdapterStoreError):
+            read_adapter_record(root, name)
+        assert delete_adapter(root, name) is None
+        assert not folder.exists()
+        write_adapter(root, _record(name), _factors(2), lora_file)  # the name is free again
+        assert read_adapter_record(root, name).name == name
+    with pytest.raises(InvalidAdapterName):
+        delete_adapter(root, "../outside")
+
+
 def test_a_taken_name_is_refused_and_the_first_adapter_kept(tmp_path: Path, lora_file: Path) -> None:
     root = tmp_path / "adapters"
     write_adapter(root, _record("dog", owner="alice"), _factors(1), lora_file)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.adapter_store import AdapterRecord, adapters_dir, utc_now_iso, write_adapter
+from common.adapter_store import RECORD_FILE, AdapterRecord, adapters_dir, utc_now_iso, write_adapter
 from contract.specs import IMAGE_REQUEST, LABELS
 from tests.unit.facade.fake_triton import FakeTriton
 from tests.unit.facade.harness import KEY, SSE, Facade, sse_events
@@ -127,6 +127,16 @@ async def test_delete_needs_the_operator_key_and_removes_the_adapter(facade: Fac
     # Deleted means unknown to requests from now on.
     r = await facade.http.post("/generate", json={"prompt": "a dog", "lora": "my-dog", **SMALL})
     assert r.status_code == 404 and facade.fake.calls["generate"] == 0
+
+
+async def test_a_damaged_adapter_is_deleted_by_name(facade: Facade) -> None:
+    publish(facade, "broken")
+    (store(facade) / "broken" / RECORD_FILE).write_text("{")
+    assert (await facade.http.get("/loras/broken")).status_code == 422
+    r = await facade.http.delete("/loras/broken")
+    assert r.status_code == 200 and r.json()["name"] == "broken", r.text
+    assert not (store(facade) / "broken").exists()
+    assert (await facade.http.get("/loras/broken")).status_code == 404
 
 
 async def test_listing_needs_the_operator_key_as_reading_jobs_does(facade: Facade) -> None:
