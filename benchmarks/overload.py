@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import uvloop
 
+from api.settings import ApiSettings
+from api.slow_clients import raise_open_file_limit
 from benchmarks.fast_http import FastHttpPool
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.metrics_scrape import scrape
@@ -49,15 +51,18 @@ class OverloadSettings:
     client_timeout_s: float = 60.0
     generate_side: int = 128
     generate_steps: int = 4
-    connections: int = 4096
+    connections: int = ApiSettings.model_fields["max_connections"].default - 192
     """Keep-alive connections of the load generator: a fleet of clients behind a proxy, not one new
     TCP connection per arrival (which measures the kernel's accept queue). Before each point it
     opens rate x WARM_REUSE_S of them (at most this many), reused oldest-idle first, so each
     carries one arrival every so often, as an independent client would. When every one is busy an
     arrival waits for one, and then goes out the moment a 503 comes back on it, which the facade
-    paces as an immediate retry (api/shedding.py): the open loop then behaves as a closed one.
-    At 10x /classify (about 10,000 arrivals a second) 4,096 carry one arrival every 0.4 s. Keep it
-    below the facade's `max_connections` (8,192), which closes any connection beyond."""
+    paces as an immediate retry (api/shedding.py, held up to `shed_max_hold_s`, 0.5 s): the open
+    loop has become a closed one that can send at most connections / 0.5 s a second. Below the
+    arrival rate it never catches up again: at 10x /classify (about 10,000 arrivals a second) 4,096
+    connections ran 28 s behind after one hiccup in a 30 s point, 8,000 kept every refusal within
+    0.6 s. So: as many as the facade accepts (its `max_connections`, beyond which it closes them),
+    less room for the lone requests and the metrics scrapes."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""
     capacity_concurrency: dict[str, int] = field(default_factory=lambda: {GENERATE.name: 8, CLASSIFY.name: 32})
@@ -260,6 +265,9 @@ async def _bench_endpoint(
 
 def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
     s = s or OverloadSettings()
+    limit = raise_open_file_limit(s.connections + 256)
+    if limit < s.connections + 256:
+        log.warning("open files limited to %d: fewer than %d connections will open", limit, s.connections)
     result: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
         "endpoints": [],
