@@ -200,9 +200,11 @@ def _measure(s: AdapterMixSettings, repo: Path, tmp: Path) -> dict[str, Any]:
     with servers.triton(repo, servers.GENERATE_STACK, s.log_dir, tag="adapter-mix") as triton:
         url, metrics = triton.grpc_url, triton.metrics_url
         stubs = _stubs(triton.process.pid, versions(repo, FLUX_TRANSFORMER)[-1])
-        _point(s, url, metrics, max(s.clients), [])  # warm: every instance has run, no adapter loaded
+        for clients in s.clients:  # warm: every instance has run the runs' batch sizes, no adapter loaded
+            _point(s, url, metrics, clients, [])
         rss_plain = _rss(stubs)
         _point(s, url, metrics, max(s.clients), names)  # every adapter loaded once: serving, not first loads
+        rss_adapters = _rss(stubs)
         runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
         for r in range(s.repeats):
             for distinct in s.distinct if r % 2 == 0 else tuple(reversed(s.distinct)):
@@ -227,6 +229,7 @@ def _measure(s: AdapterMixSettings, repo: Path, tmp: Path) -> dict[str, Any]:
             "rank": layout.rank,
             "layout": layout.layout,
             "rss_no_adapter_bytes": rss_plain,
+            "rss_adapters_loaded_bytes": rss_adapters,
             "rss_slots_filled_bytes": rss_loaded,
         },
     }
@@ -291,7 +294,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     t = result["time_to_serve"]
     m = result["memory"]
     mib = 1 << 20
+    loading = [(b - a) / mib for a, b in zip(m["rss_no_adapter_bytes"], m.get("rss_adapters_loaded_bytes", []))]
     growth = [(b - a) / mib for a, b in zip(m["rss_no_adapter_bytes"], m["rss_slots_filled_bytes"])]
+    full_bank = m["adapter_slots"] * m["slot_bytes"] / mib
     lines += [
         "",
         f"Time to serve: publish_adapter (convert + write the store) {t['publish_s']} s, then the first image "
@@ -299,10 +304,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{t['no_adapter_image_s']} s): publish to first image {t['publish_to_first_image_s']} s, of which "
         f"loading the adapter on first use about {t['first_use_over_warm_s']} s. No model load, no new version.",
         "",
-        f"Memory: a bank slot holds {m['slot_bytes'] / mib:.2f} MiB (rank {m['rank']}, {m['layout']}); each of "
-        f"the {m['transformer_instances']} transformer instances grew by "
-        f"{', '.join(f'{g:.1f}' for g in growth)} MiB between a warm-up without adapters and the runs that "
-        f"filled its slots ({m['adapter_slots']} adapter slots per instance, slot 0 is none).",
+        f"Memory: a bank slot holds {m['slot_bytes'] / mib:.2f} MiB (rank {m['rank']}, {m['layout']}), "
+        f"{m['adapter_slots']} adapter slots per instance (slot 0 is none): {full_bank:.1f} MiB when all are "
+        f"filled. Each of the {m['transformer_instances']} transformer instances grew, from a warm-up without "
+        f"adapters at every client count, by {', '.join(f'{g:.1f}' for g in loading) or '–'} MiB once "
+        f"every adapter had been loaded once, and by "
+        f"{', '.join(f'{g:.1f}' for g in growth)} MiB after all the runs.",
         "",
     ]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ import uvloop
 
 from api.settings import ApiSettings
 from api.slow_clients import raise_open_file_limit
+from benchmarks.cpu import CpuMeter, cpu_delta
 from benchmarks.fast_http import FastHttpPool
 from benchmarks.load import closed_loop, open_loop
 from benchmarks.metrics_scrape import scrape
@@ -200,8 +201,18 @@ async def _capacity(model: str, facade_url: str, s: OverloadSettings) -> float:
     return cap.throughput_rps
 
 
+def _cores(meter: CpuMeter, before: dict[str, float], wall_s: float, sent: int) -> dict[str, float]:
+    """Cores each side kept busy during a point: the load generator, the facade, Triton with its stubs."""
+    used = cpu_delta(before, meter.snapshot(), wall_s, sent)["cpu_s"]
+    assert isinstance(used, dict)
+    groups = {"load_generator": 0.0, "facade": 0.0, "triton": 0.0}
+    for label, seconds in used.items():
+        groups[label.split(":")[0]] = groups.get(label.split(":")[0], 0.0) + seconds
+    return {k: round(v / wall_s, 2) for k, v in groups.items()}
+
+
 async def _bench_endpoint(
-    model: str, facade_url: str, metrics_url: str, capacity_rps: float, s: OverloadSettings
+    model: str, facade_url: str, metrics_url: str, capacity_rps: float, s: OverloadSettings, meter: CpuMeter
 ) -> dict[str, Any]:
     endpoint = Endpoint(model, facade_url, s)
     endpoint.pool = FastHttpPool.for_url(facade_url, max_connections=s.connections)
@@ -217,6 +228,7 @@ async def _bench_endpoint(
             # WARM_REUSE_S (within uvicorn's 5 s keep-alive): independent clients, see `connections`.
             await endpoint.pool.warm(int(rate * WARM_REUSE_S))
             before = scrape(metrics_url)
+            cpu_before, started = meter.snapshot(), time.monotonic()
             stats = await open_loop(
                 endpoint,
                 rate,
@@ -225,6 +237,7 @@ async def _bench_endpoint(
                 max_in_flight=100_000,
                 drain_timeout_s=s.client_timeout_s + 5,
             )
+            cores = _cores(meter, cpu_before, time.monotonic() - started, stats.sent)
             out = endpoint.reset()
             idle_s = await _wait_idle(metrics_url, model, s.idle_timeout_s)
             work = _work(scrape(metrics_url), model) - _work(before, model)
@@ -236,6 +249,7 @@ async def _bench_endpoint(
                     "offered_rps": round(rate, 2),
                     "sent": stats.sent,
                     "sender_late_p99_ms": _pct(stats.send_late_s, 99),
+                    "cores_busy": cores,
                     "served": len(out.served_s),
                     "rejected": len(out.rejected_s),
                     "failed": sum(out.failed.values()),
@@ -280,7 +294,8 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
             capacity = {model: uvloop.run(_capacity(model, unbounded.url, s)) for model in s.endpoints}
         with facade(server.grpc_url, required, s.log_dir) as api:  # the production settings
             for model in s.endpoints:
-                bench = _bench_endpoint(model, api.url, server.metrics_url, capacity[model], s)
+                meter = CpuMeter({"facade": api.proc.pid, "triton": server.process.pid})
+                bench = _bench_endpoint(model, api.url, server.metrics_url, capacity[model], s, meter)
                 result["endpoints"].append(uvloop.run(bench))
     s.out.parent.mkdir(parents=True, exist_ok=True)
     s.out.write_text(json.dumps(result, indent=2))
@@ -292,8 +307,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     """docs/benchmarks.md's overload table."""
     lines = [
         "| endpoint | load | offered req/s | served | rejected (503) | failed | served p50 / p99 ms | p99 vs lone | "
-        "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned | load generator late p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned | load generator late p99 ms | "
+        "cores busy: load generator / facade / Triton |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ep in result["endpoints"]:
         for p in ep["points"]:
@@ -302,6 +318,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{p['offered_rps']} | {p['served']} | {p['rejected']} | {p['failed']} | {p['served_p50_ms']} / "
                 f"{p['served_p99_ms']} | {p['p99_vs_lone']}x | {p['reject_p50_ms']} / {p['reject_max_ms']} | "
                 f"{p['lone_after_ms']} ms ({p['lone_after_vs_lone']}x) | {p['idle_after_s']} | "
-                f"{p['abandoned_work_share'] * 100:.1f}% | {p.get('sender_late_p99_ms')} |"
+                f"{p['abandoned_work_share'] * 100:.1f}% | {p.get('sender_late_p99_ms')} | {_cores_cell(p)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _cores_cell(point: dict[str, Any]) -> str:
+    cores = point.get("cores_busy")
+    if not cores:
+        return "–"
+    return " / ".join(f"{cores.get(k, 0.0):.2f}" for k in ("load_generator", "facade", "triton"))

@@ -39,6 +39,7 @@ def test_report_rates_each_point_against_the_run_without_adapters() -> None:
             "rank": 16,
             "layout": "grouped",
             "rss_no_adapter_bytes": [100 << 20, 110 << 20],
+            "rss_adapters_loaded_bytes": [118 << 20, 129 << 20],
             "rss_slots_filled_bytes": [121 << 20, 131 << 20],
         },
     }
@@ -47,4 +48,5 @@ def test_report_rates_each_point_against_the_run_without_adapters() -> None:
     assert "| 8 | 8 | 3.0 | 0.75× |" in text
     assert "| 8 | 0 | 4.0 | 1.00× |" in text
     assert "publish to first image 1.3 s" in text
-    assert "a bank slot holds 3.00 MiB" in text and "grew by 21.0, 21.0 MiB" in text
+    assert "a bank slot holds 3.00 MiB" in text and "21.0 MiB when all are filled" in text
+    assert "by 18.0, 19.0 MiB once every adapter had been loaded once, and by 21.0, 21.0 MiB after all" in text

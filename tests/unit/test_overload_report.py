@@ -24,6 +24,7 @@ def test_overload_table_has_one_row_per_load_point() -> None:
         "lone_after_vs_lone": 1.1,
         "idle_after_s": 0.0,
         "abandoned_work_share": 0.02,
+        "cores_busy": {"load_generator": 0.81, "facade": 0.95, "triton": 0.24},
     }
     result = {
         "endpoints": [
@@ -38,6 +39,7 @@ def test_overload_table_has_one_row_per_load_point() -> None:
     table = render_markdown(result).splitlines()
     assert len(table) == 2 + 2
     assert "| 10x |" in table[2] and "2.0%" in table[2] and "1650" in table[2]
+    assert table[2].endswith("| 0.81 / 0.95 / 0.24 |")
 
 
 def test_recovery_table_has_every_fault() -> None:
