@@ -60,6 +60,7 @@ bench: models
 	$(BIN)/fluxserve-bench swap
 	$(BIN)/fluxserve-bench goodput
 	$(BIN)/fluxserve-bench adapter-mix
+	$(BIN)/fluxserve-bench adapter-ready
 	$(BIN)/fluxserve-bench docs
 
 bench-smoke: models

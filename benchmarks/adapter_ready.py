@@ -191,7 +191,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         ("**ready: `succeeded` → first image, less a warm generation** (goal ≤ 2 s)", "ready_s"),
     ]
     lines = [
-        f"Adapter job to first image, {result['started_utc']} (`fluxserve-bench adapter-ready`)",
+        f"#### An adapter job to its first image ({result['started_utc']})",
+        "",
+        "`fluxserve-bench adapter-ready`: one LoRA job with `publish=adapter` through the real Triton, facade "
+        "and worker, then `/generate` naming the adapter as soon as a poll sees the job `succeeded`.",
         "",
         "| | seconds |",
         "|---|---|",

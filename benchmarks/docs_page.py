@@ -29,6 +29,7 @@ SECTIONS: dict[str, Path] = {
     "wrk": RESULTS / "wrk.md",
     "gpu": RESULTS / "gpu.md",  # the latest non-dry `fluxserve-bench gpu` (benchmarks/gpu.py)
     "adapter-mix": RESULTS / "adapter_mix.md",
+    "adapter-ready": RESULTS / "adapter_ready.md",
 }
 DATE_SECTION = "date"
 """The block at the top of the page that names the date of the runs its tables come from."""

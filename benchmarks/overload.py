@@ -58,11 +58,10 @@ class OverloadSettings:
     opens rate x WARM_REUSE_S of them (at most this many), reused oldest-idle first, so each
     carries one arrival every so often, as an independent client would. When every one is busy an
     arrival waits for one, and then goes out the moment a 503 comes back on it, which the facade
-    paces as an immediate retry (api/shedding.py, held up to `shed_max_hold_s`, 0.5 s): the open
-    loop has become a closed one that can send at most connections / 0.5 s a second. Below the
-    arrival rate it never catches up again: at 10x /classify (about 10,000 arrivals a second) 4,096
-    connections ran 28 s behind after one hiccup in a 30 s point, 8,000 kept every refusal within
-    0.6 s. So: as many as the facade accepts (its `max_connections`, beyond which it closes them),
+    paces as an immediate retry (api/shedding.py, held up to `shed_max_hold_s`): the open loop has
+    become a closed one that can send at most connections / shed_max_hold_s a second, and below the
+    arrival rate it never catches up (docs/benchmarks.md, Goodput under immediate retries, has the
+    runs). So: as many as the facade accepts (its `max_connections`, beyond which it closes them),
     less room for the lone requests and the metrics scrapes."""
     capacity_s: float = 10.0
     """Closed-loop run that measures capacity (requests per second) for each endpoint."""

@@ -23,3 +23,6 @@ def test_ready_is_succeeded_to_first_image_less_a_warm_generation() -> None:
     page = render_markdown({"started_utc": "2026-01-01 00:00 UTC", **got})
     assert "| **ready: `succeeded` → first image, less a warm generation** (goal ≤ 2 s) | 1.25 |" in page
     assert "`bench-ready`" in page
+    assert page.startswith(
+        "#### An adapter job to its first image (2026-01-01 00:00 UTC)"
+    )  # dated for docs/benchmarks.md
