@@ -53,7 +53,7 @@ test-fast: install
 
 # docs/benchmarks.md's measured tables: load through both doors vs the baseline, the classifier's
 # precisions, a training job + hot swap under load, goodput under retries, per-request adapters
-# mixed through Triton, then the tables spliced into the page.
+# mixed through Triton and an adapter job's time to its first image, then the tables spliced into the page.
 bench: models
 	$(BIN)/fluxserve-bench run
 	$(BIN)/fluxserve-bench precision
