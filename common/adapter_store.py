@@ -162,6 +162,21 @@ def list_adapters(root: Path) -> list[AdapterRecord]:
     return sorted(out, key=lambda r: (r.created, r.name))
 
 
+VERSION_SEPARATOR = "@"
+"""Between an adapter's name and its sha256 where a version is named (a transformer row's `adapter`,
+serving.adapter_runner); names are slugs and never hold it."""
+
+
+def version_key(name: str, sha256: str) -> str:
+    return f"{name}{VERSION_SEPARATOR}{sha256}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """(name, sha256 or None) of `name` or `name@sha256`."""
+    name, _, sha256 = key.partition(VERSION_SEPARATOR)
+    return name, sha256 or None
+
+
 def adapter_exists(root: Path, name: str) -> bool:
     return _record_path(root, name).is_file()
 

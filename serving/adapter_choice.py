@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.adapter_bank import AdapterRefused, BankLayout
-from common.adapter_store import AdapterRecord, adapters_dir, read_adapter_record
+from common.adapter_store import AdapterRecord, adapters_dir, read_adapter_record, version_key
 from common.trigger_word import with_trigger
 from contract.specs import (
     ADAPTER_OUTPUT,
@@ -38,8 +38,10 @@ class AdapterChoice:
     scale: float = 0.0
 
     def transformer_inputs(self) -> dict[str, np.ndarray]:
-        """The adapter branch's inputs for a one-row transformer call, as sent over BLS ([1, 1])."""
-        name = self.record.name if self.record is not None else ""
+        """The adapter branch's inputs for a one-row transformer call, as sent over BLS ([1, 1]).
+        The adapter is named with its version (`name@sha256`, serving.adapter_runner), so every step
+        runs the weights this answer names, even if the name is published again meanwhile."""
+        name = version_key(self.record.name, self.record.sha256) if self.record is not None else ""
         return {
             FLUX_ADAPTER_INPUT: np.array([[name.encode("utf-8")]], dtype=np.object_),
             FLUX_ADAPTER_SCALE_INPUT: np.array([[self.scale if self.record is not None else 0.0]], dtype=np.float32),

@@ -8,8 +8,12 @@ name per row, "" for none) and `adapter_scale` (its scale). The model owns a ban
   free slot on first use, or into the least recently used slot no row of the current batch uses;
 - a batch naming more distinct adapters than there are slots runs in rounds: the rows of later
   rounds wait for a slot (they are never dropped, and a round never evicts an adapter it uses);
-- a republished name (a new sha256 under the same name) is reloaded; a deleted adapter already
-  in a slot finishes the generations using it, a deleted one not loaded is an error.
+- a row may name the version it began with, `<name>@<sha256>` (serving.adapter_choice sends it):
+  slots hold versions, so a generation that began before the name was deleted and published again
+  finishes on the weights it began with (while they are in a slot; evicted, its next step fails,
+  rather than finishing on other weights than its answer names), and new generations load the new
+  version beside it. A bare name means the current version; a deleted adapter already in a slot
+  finishes the generations using it, a deleted one not loaded is an error.
 
 Requests naming an unknown adapter, or one made for another base model, fail on their own
 (ValueError, Triton's INVALID_ARG); the others run. Rows with different adapters share one
@@ -37,6 +41,8 @@ from common.adapter_store import (
     check_name,
     read_adapter_record,
     read_factors,
+    split_key,
+    version_key,
 )
 from contract.specs import FLUX_ADAPTER_INPUT
 
@@ -146,6 +152,10 @@ class AdapterCatalog:
         return fit_factors(read_factors(self.root, record.name), self.layout)
 
 
+class AdapterReplaced(AdapterStoreError):
+    """A row names a version of an adapter that is neither the stored one nor in a slot."""
+
+
 def _row_names(feeds: Mapping[str, np.ndarray], rows: int) -> list[str | None]:
     """The `adapter` input as one name (or None) per row; absent: no adapter anywhere."""
     raw = feeds.get(FLUX_ADAPTER_INPUT)
@@ -172,7 +182,6 @@ class AdapterRunner:
         self.layout: BankLayout = session.layout
         self.catalog = AdapterCatalog(store_root, self.layout)
         self.table = SlotTable(session.bank.slots - 1)
-        self._sha: dict[str, str] = {}  # adapter name -> sha256 of what its slot holds
         self._lock = threading.Lock()
         self.loads = 0
         """Adapters loaded into a slot since start (a measure of slot churn)."""
@@ -193,10 +202,12 @@ class AdapterRunner:
         scales = merged.get(SCALE_INPUT)
         scales = np.zeros(batch, np.float32) if scales is None else np.asarray(scales, np.float32).reshape(-1)
         with self._lock:  # one instance runs one execute at a time; the lock guards the table anyway
-            records = {n: self.catalog_lookup_loaded(n) for n in dict.fromkeys(n for n in names if n)}
+            resolved = {n: self._resolve(n) for n in dict.fromkeys(n for n in names if n)}
+            keys = [resolved[n][0] if n else None for n in names]
+            records = dict(resolved.values())
             out: np.ndarray | None = None
-            for rows in rounds(names, self.table.capacity):
-                part = self._run_round(merged, rows, names, scales, records)
+            for rows in rounds(keys, self.table.capacity):
+                part = self._run_round(merged, rows, keys, scales, records)
                 if out is None:
                     out = np.empty((batch, *part.shape[1:]), part.dtype)
                 out[rows] = part
@@ -205,46 +216,58 @@ class AdapterRunner:
 
     # -- slots --------------------------------------------------------------------------
 
-    def catalog_lookup_loaded(self, name: str) -> AdapterRecord | None:
-        """The record to use for `name`; None when it was deleted but its slot still holds it."""
+    def _loaded_version(self, name: str) -> str | None:
+        """The slot key of the most recently used loaded version of `name`, if any."""
+        prefix = version_key(name, "")
+        return next((k for k in reversed(self.table.loaded()) if k.startswith(prefix)), None)
+
+    def _resolve(self, requested: str) -> tuple[str, AdapterRecord | None]:
+        """(slot key, the record to load it from, or None when it can only run from its slot).
+        AdapterNotFound for a name neither stored nor loaded, AdapterReplaced for a version
+        neither stored nor loaded."""
+        name, wanted = split_key(requested)
         try:
-            return self.catalog.lookup(name)
+            record: AdapterRecord | None = self.catalog.lookup(name)
         except AdapterNotFound:
-            if self.table.slot_of(name) is not None:
-                return None  # a generation that began before the delete finishes on it
-            raise
+            record = None
+        if record is not None and wanted in (None, record.sha256):
+            return version_key(name, record.sha256), record
+        loaded = version_key(name, wanted) if wanted else self._loaded_version(name)
+        if loaded is not None and self.table.slot_of(loaded) is not None:
+            return loaded, None  # a generation that began before a delete (or a republish) finishes on it
+        if record is None:
+            raise AdapterNotFound(name)
+        raise AdapterReplaced(
+            f"adapter {name!r} was replaced (sha256 {record.sha256[:12]}) after this generation began "
+            f"with {wanted[:12] if wanted else '?'}; send the request again"
+        )
 
     def _run_round(
         self,
         merged: Feeds,
         rows: list[int],
-        names: list[str | None],
+        keys: list[str | None],
         scales: np.ndarray,
         records: Mapping[str, AdapterRecord | None],
     ) -> np.ndarray:
-        wanted = [n for n in dict.fromkeys(names[i] for i in rows) if n]
-        for name in wanted:  # a republished name: its slot holds stale factors
-            record = records[name]
-            if record is not None and self._sha.get(name) not in (None, record.sha256):
-                self.table.forget(name)
+        wanted = [k for k in dict.fromkeys(keys[i] for i in rows) if k]
         slots, to_load = self.table.assign(wanted)
-        for name, slot in to_load.items():
-            record = records[name]
-            if record is None:  # evicted meanwhile and deleted: nothing left to load
-                self.table.forget(name)
-                raise AdapterNotFound(name)
+        for key, slot in to_load.items():
+            record = records[key]
+            if record is None:  # evicted by an earlier round and gone from the store: nothing to load
+                self.table.forget(key)
+                raise AdapterNotFound(split_key(key)[0])
             try:
                 self.session.load(slot, self.catalog.weights(record))
             except Exception:
-                self.table.forget(name)
+                self.table.forget(key)
                 raise
-            self._sha[name] = record.sha256
             self.loads += 1
-            log.info("adapter %s (sha256 %s) loaded into slot %d", name, record.sha256[:12], slot)
+            log.info("adapter %s (sha256 %s) loaded into slot %d", record.name, record.sha256[:12], slot)
         index = np.asarray(rows)
         feeds = {n: merged[n][index] for n in self.session.step_inputs}
-        row_slots = [slots[names[i]] if names[i] else 0 for i in rows]
-        row_scales = [float(scales[i]) if names[i] else 0.0 for i in rows]
+        row_slots = [slots[keys[i]] if keys[i] else 0 for i in rows]
+        row_scales = [float(scales[i]) if keys[i] else 0.0 for i in rows]
         return self.session.run(feeds, row_slots, row_scales)
 
     def check_request(self, feeds: Mapping[str, np.ndarray]) -> None:
@@ -253,7 +276,8 @@ class AdapterRunner:
         rows = np.asarray(feeds["hidden_states"]).shape[0]
         for name in dict.fromkeys(n for n in _row_names(feeds, rows) if n):
             try:
-                self.catalog_lookup_loaded(name)
+                with self._lock:  # the slot table is read
+                    self._resolve(name)
             except AdapterStoreError as e:
                 raise ValueError(str(e)) from None
 

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from common.adapter_bank import SCALE_INPUT, AdapterWeights, BankGroup, BankLayout
-from common.adapter_store import AdapterRecord, delete_adapter, utc_now_iso, write_adapter
+from common.adapter_store import (
+    AdapterRecord,
+    delete_adapter,
+    read_adapter_record,
+    split_key,
+    utc_now_iso,
+    write_adapter,
+)
 from contract.specs import (
     ADAPTER_OUTPUT,
     ADAPTER_SHA256_OUTPUT,
@@ -159,7 +166,7 @@ def test_lru_eviction_and_more_adapters_than_slots_wait_in_rounds(store: Path) -
     assert len(session.runs) == 2  # rows a, b, none, a first; then c and d
     assert out[:, -1, -1].tolist() == [ident(1), ident(2), ident(3), 0.0, ident(4), ident(1)]
     # every row was answered by the adapter it named, although 4 adapters shared 2 slots
-    assert sorted(run.table.loaded()) == ["c", "d"]
+    assert sorted(split_key(k)[0] for k in run.table.loaded()) == ["c", "d"]  # slots hold versions
     (again,) = run.run(None, merged)
     assert np.array_equal(again[:, -1, -1], out[:, -1, -1])
 
@@ -184,14 +191,35 @@ def test_republished_name_is_reloaded_and_a_deleted_loaded_adapter_finishes(stor
     # a generation that began before the delete keeps its slot ...
     run.check_request(request("a"))
     assert run.run(None, request("a"))[0][0, -1, -1] == ident(1)
-    # ... a new one with the name republished gets the new adapter
+    # ... a new one with the name republished gets the new adapter, in a slot of its own
     publish(store, "a", 5.0)
     assert run.run(None, request("a"))[0][0, -1, -1] == ident(5)
-    assert [s for s, _ in session.loads] == [1, 1]
+    assert [s for s, _ in session.loads] == [1, 2]
     # deleted and not loaded: refused
     delete_adapter(store, "c")
     with pytest.raises(ValueError, match="no adapter named 'c'"):
         run.check_request(request("c"))
+
+
+def test_a_generation_runs_the_version_it_began_with_across_a_republish(store: Path) -> None:
+    run, session = runner(store, slots=3)  # two adapter slots
+    first = read_adapter_record(store, "a").sha256
+    began = f"a@{first}"
+    assert run.run(None, request(began))[0][0, -1, -1] == ident(1)
+    delete_adapter(store, "a")
+    publish(store, "a", 5.0)  # the same name, other weights, while that generation is under way
+    newer = read_adapter_record(store, "a").sha256
+    mixed = step(2) | {
+        FLUX_ADAPTER_INPUT: np.array([[began.encode()], [f"a@{newer}".encode()]], dtype=np.object_),
+        SCALE_INPUT: np.ones(2, np.float32),
+    }
+    (out,) = run.run(None, mixed)  # its next step and a new generation's, in one batch
+    assert out[:, -1, -1].tolist() == [ident(1), ident(5)]
+    assert run.run(None, request("a"))[0][0, -1, -1] == ident(5)  # a bare name: the stored version
+    run.run(None, request("b"))  # evicts the old version, the least recently used
+    assert run.table.slot_of(began) is None
+    with pytest.raises(ValueError, match="'a' was replaced"):  # refused, not run on other weights
+        run.check_request(request(began))
 
 
 def test_requests_without_adapter_inputs_run_slot_zero(store: Path) -> None:
@@ -218,7 +246,9 @@ def test_generate_resolves_the_named_adapter(tmp_path: Path) -> None:
 
     req, choice, extra = resolver.resolve(GenerateParams.build(prompt="a dog", lora="dog"))
     assert req.prompt == "zxq dog, a dog" and choice.scale == pytest.approx(0.8)
-    assert extra[FLUX_ADAPTER_INPUT].tolist() == [[b"dog"]] and extra[SCALE_INPUT].dtype == np.float32
+    dog = read_adapter_record(tmp_path / "adapters", "dog")
+    assert extra[FLUX_ADAPTER_INPUT].tolist() == [[f"dog@{dog.sha256}".encode()]]  # the version it began with
+    assert extra[SCALE_INPUT].dtype == np.float32
     out = choice.output_arrays()
     assert out[ADAPTER_OUTPUT].tolist() == [b"dog"] and len(out[ADAPTER_SHA256_OUTPUT][0]) == 64
     req, choice, extra = resolver.resolve(GenerateParams.build(prompt="zxq DOG runs", lora="dog", lora_scale=0))
