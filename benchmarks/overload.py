@@ -206,7 +206,8 @@ def _cores(meter: CpuMeter, before: dict[str, float], wall_s: float, sent: int) 
     assert isinstance(used, dict)
     groups = {"load_generator": 0.0, "facade": 0.0, "triton": 0.0}
     for label, seconds in used.items():
-        groups[label.split(":")[0]] = groups.get(label.split(":")[0], 0.0) + seconds
+        group = label.split(":")[0]  # a server's children count as the server (benchmarks.cpu)
+        groups[group] = groups.get(group, 0.0) + seconds
     return {k: round(v / wall_s, 2) for k, v in groups.items()}
 
 

@@ -237,9 +237,10 @@ class AdapterRunner:
             return loaded, None  # a generation that began before a delete (or a republish) finishes on it
         if record is None:
             raise AdapterNotFound(name)
+        assert wanted is not None  # a bare name with a stored record returned above
         raise AdapterReplaced(
             f"adapter {name!r} was replaced (sha256 {record.sha256[:12]}) after this generation began "
-            f"with {wanted[:12] if wanted else '?'}; send the request again"
+            f"with {wanted[:12]}; send the request again"
         )
 
     def _run_round(

@@ -31,7 +31,7 @@ REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
 SELF_CONTAINED = ("tests/integration/test_bench_gpu_dry_run.py", "tests/integration/test_sweep_smoke.py")
 """Real-stack tests that start their own servers in their own scratch folders and assert no
 timings or load ratios: the lowest priority costs them time only, so they run in the background
-lane and take about 170 s off the foreground's critical path (docs/benchmarks.md, The test suite)."""
+lane, off the foreground's critical path (docs/benchmarks.md, The test suite, has the times)."""
 FOREGROUND = (*REAL_STACK, *(f"--ignore={f}" for f in SELF_CONTAINED))
 BACKGROUND = ("tests/unit", *SELF_CONTAINED)
 UNIT_LOG = BUILD_DIR / "logs" / "unit-tests.log"

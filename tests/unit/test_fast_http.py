@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -22,22 +23,32 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
     return await reader.readexactly(length)
 
 
-def test_keep_alive_requests_reuse_one_connection_and_read_status_headers_body() -> None:
-    connections = []
+def _keep_alive(respond: Callable[[bytes, int], bytes], connections: list[asyncio.StreamWriter]):
+    """A handler that answers every request of a connection with `respond(body, connection number)`
+    until the client goes; each connection's writer is appended to `connections`."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(connections)
         connections.append(writer)
         try:
             while True:
-                body = await _read_request(reader)
-                status = b"503 Service Unavailable\r\nRetry-After: 2" if body == b"busy" else b"200 OK"
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                writer.write(respond(await _read_request(reader), number))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
+    return handler
+
+
+def test_keep_alive_requests_reuse_one_connection_and_read_status_headers_body() -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    def respond(body: bytes, _: int) -> bytes:
+        status = b"503 Service Unavailable\r\nRetry-After: 2" if body == b"busy" else b"200 OK"
+        return b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
     async def main() -> None:
-        server, port = await _serve(handler)
+        server, port = await _serve(_keep_alive(respond, connections))
         pool = FastHttpPool("127.0.0.1", port, max_connections=1)
         for body in (b'{"a": 1}', b"busy", b"x" * 100_000):
             r = await pool.request(pool.post_bytes("/classify", body), timeout_s=10)
@@ -85,20 +96,12 @@ def test_warm_opens_connections_up_front_and_requests_take_the_oldest_idle_first
     served_on: list[int] = []
     writers: list[asyncio.StreamWriter] = []
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        number = len(writers)
-        writers.append(writer)
-        try:
-            while True:
-                await _read_request(reader)
-                served_on.append(number)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    def respond(_: bytes, number: int) -> bytes:
+        served_on.append(number)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     async def main() -> None:
-        server, port = await _serve(handler)
+        server, port = await _serve(_keep_alive(respond, writers))
         pool = FastHttpPool("127.0.0.1", port, max_connections=3)
         await pool.warm(5)  # capped at max_connections
         for _ in range(6):
