@@ -35,6 +35,7 @@ import psutil
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.triton_port import TritonPort
+from api.worker_pool import share
 from contract.cost import (
     MAX_CONTRACT_COST_MPS,
     TransformerShape,
@@ -304,15 +305,21 @@ class ModelFacts:
 class Admission:
     """The facade's admission control for /generate and /classify (one per app)."""
 
-    def __init__(self, settings: AdmissionSettings, model_facts: Callable[[], Awaitable[ModelFacts]]) -> None:
+    def __init__(
+        self, settings: AdmissionSettings, model_facts: Callable[[], Awaitable[ModelFacts]], workers: int = 1
+    ) -> None:
         self.settings = settings
+        self.workers = workers
+        """Facade processes sharing the deployment (api.worker_pool): the deployment-wide bounds
+        (Triton slots, the memory budget) are divided among them, and the initial rates too; each
+        process measures its own capacity, which is its share."""
         self._model_facts = model_facts
         self._facts: tuple[float, ModelFacts] | None = None
         self.generate = CostQueue(
             "generation",
             "megapixel-steps",
             settings.generate_max_wait_s,
-            settings.generate_initial_rate_mps,
+            settings.generate_initial_rate_mps / workers,
             settings.rate_smoothing,
             half_life_s=settings.capacity_half_life_s,
             sample_s=settings.generate_sample_s,
@@ -321,9 +328,10 @@ class Admission:
             "classification",
             "texts",
             settings.classify_max_wait_s,
-            settings.classify_initial_rate_texts,
+            settings.classify_initial_rate_texts / workers,
             settings.rate_smoothing,
-            floor=settings.classify_floor_texts,
+            # One full batch across the processes: Triton's dynamic batcher merges their calls.
+            floor=settings.classify_floor_texts / workers,
             half_life_s=settings.capacity_half_life_s,
         )
         self.memory = MemoryBudget()
@@ -334,7 +342,8 @@ class Admission:
         if self._facts is None or time.monotonic() - self._facts[0] > self.settings.model_facts_ttl_s:
             self._facts = (time.monotonic(), await self._model_facts())
             slots = self.settings.generate_triton_slots
-            self.dispatch.resize(slots if slots is not None else self._facts[1].triton_slots)
+            slots = slots if slots is not None else self._facts[1].triton_slots
+            self.dispatch.resize(None if slots is None else share(slots, self.workers))
         return self._facts[1]
 
     def max_cost_mps(self, facts: ModelFacts) -> float:
@@ -344,8 +353,8 @@ class Admission:
 
     def memory_budget_bytes(self, facts: ModelFacts) -> int | None:
         if self.settings.generate_memory_budget_mb is not None:
-            return int(self.settings.generate_memory_budget_mb * 2**20)
-        return None if facts.on_gpu else self._host_memory_bytes // 2
+            return int(self.settings.generate_memory_budget_mb * 2**20) // self.workers
+        return None if facts.on_gpu else self._host_memory_bytes // 2 // self.workers
 
     @asynccontextmanager
     async def generation(self, width: int, height: int, steps: int, images: int) -> AsyncIterator[None]:

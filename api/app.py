@@ -30,6 +30,7 @@ from api.shedding import EarlyShed, ShedRoute
 from api.slow_clients import guarded_protocol, raise_open_file_limit
 from api.state import AppState
 from api.triton_port import TritonFactory
+from api.worker_pool import CONFIG_ERROR_EXIT, listening_socket, per_worker, supervise, worker_index
 from client.control_key import control_key
 from client.triton_client import AsyncTritonClient
 from common.secret_strength import SecretConfigError
@@ -45,7 +46,8 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: ApiSettings | None = None, triton: TritonFactory = AsyncTritonClient) -> FastAPI:
     """The facade. `triton` makes its Triton clients: the real gRPC client, or a fake that satisfies
     api.triton_port.TritonPort (the in-process tests drive the whole app against one)."""
-    settings = settings or ApiSettings()
+    # One of several facade processes enforces its share of every limit (api.worker_pool).
+    settings = per_worker(settings or ApiSettings())
     control_key()  # sent to read model configs: a placeholder FLUXSERVE_TRITON_CONTROL_KEY is refused at start
     job_settings = JobSettings()
     # Training jobs: records in the job store, the queue in huey; the facade only enqueues.
@@ -124,10 +126,12 @@ connections to finish before it cancels what is left."""
 
 
 def serve(settings: ApiSettings) -> None:
-    """Run the facade until SIGINT/SIGTERM (`python -m api.app`, `make up`)."""
+    """Run the facade until SIGINT/SIGTERM (`python -m api.app`, `make up`): alone, or as one of
+    the processes api.worker_pool starts, on a socket the others bind too."""
     import uvicorn
 
     app = create_app(settings)
+    settings = app.state.fluxserve.settings  # this process's share of the limits
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
@@ -157,18 +161,21 @@ def serve(settings: ApiSettings) -> None:
             # thousands of clients must not be refused at connect (uvicorn's default is 2048).
             backlog=4096,
         )
-    ).run()
+    ).run(sockets=None if worker_index() is None else [listening_socket(settings.host, settings.port)])
 
 
 def main() -> None:
     configure_logging()
     try:
-        serve(ApiSettings())
+        settings = ApiSettings()
+        if settings.workers > 1 and worker_index() is None:
+            raise SystemExit(supervise(settings))
+        serve(settings)
     except KeyboardInterrupt:  # uvicorn re-raises the stop signal after a clean shutdown
         pass
     except SecretConfigError as e:  # the message names the variable or file to fix: no traceback
         log.error("not starting: %s", e)
-        raise SystemExit(2) from None
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.worker_pool import METRICS_DIR_ENV
 
 
 class ApiMetrics:
@@ -32,6 +36,17 @@ class ApiMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves. Under several facade processes (api.worker_pool sets
+        METRICS_DIR_ENV, so every process writes its values to files there) the sum of all
+        of them, whichever process answers; else this app's registry."""
+        folder = os.environ.get(METRICS_DIR_ENV)
+        if not folder:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, folder)
+        return generate_latest(merged)
 
     def counter(self, route: str, method: str, status: int) -> Callable[[], None]:
         """The `inc` of one request counter child, bound once (for a path that must stay cheap)."""

@@ -21,6 +21,10 @@ class ApiSettings(BaseSettings):
 
     host: str = ENDPOINTS.host
     port: int = ENDPOINTS.api_port
+    workers: int = Field(1, ge=1)
+    """Facade processes behind the one port (api/worker_pool.py: SO_REUSEPORT, each with its share
+    of every limit). One facade is one event loop; more take more cores under a storm of small
+    requests (docs/benchmarks.md has what 2 did on 2 cores)."""
     triton_grpc_url: str = f"{ENDPOINTS.host}:{ENDPOINTS.triton_grpc_port}"
     triton_metrics_url: str | None = f"http://{ENDPOINTS.host}:{ENDPOINTS.triton_metrics_port}/metrics"
     """Triton's metrics, read at each /metrics scrape that presents the operator key for the prompt cache's

@@ -63,7 +63,9 @@ class AppState:
     def __post_init__(self) -> None:
         self.auth_failures = FailedAuthLimiter(self.settings.auth_failure_burst, self.settings.auth_failure_refill_s)
         a = self.admission_settings
-        self.pacer = RefusalPacer(a.shed_refusal_budget_per_s, a.shed_max_hold_s, a.shed_retry_window_s)
+        # The refusal budget is the deployment's: each of several facade processes paces its share.
+        budget = a.shed_refusal_budget_per_s / self.settings.workers
+        self.pacer = RefusalPacer(budget, a.shed_max_hold_s, a.shed_retry_window_s)
 
     async def open(self) -> None:
         s = self.settings
@@ -77,7 +79,7 @@ class AppState:
                 s.classify_calls_inflight,
                 self.metrics.classify_call_texts.observe,
             )
-        self.admission = Admission(self.admission_settings, lambda: deployed_model_facts(self.triton))
+        self.admission = Admission(self.admission_settings, lambda: deployed_model_facts(self.triton), s.workers)
         self.stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.loop_lag = LoopLag()

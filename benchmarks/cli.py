@@ -126,6 +126,7 @@ def _overload(args: argparse.Namespace) -> int:
         multipliers=tuple(args.multipliers),
         endpoints=tuple(args.endpoints),
         connections=args.connections,
+        facade_env=dict(kv.split("=", 1) for kv in args.facade_env),
         out=args.out,
         log_dir=args.log_dir,
     )
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=OverloadSettings().connections,
         help="the load generator's keep-alive connections (independent clients)",
     )
+    ov.add_argument("--facade-env", nargs="*", default=[], metavar="NAME=VALUE", help="an experiment's facade settings")
     ov.add_argument("--model-repository", type=Path)
     ov.add_argument("--out", type=Path, default=OVERLOAD_RESULT)
     ov.add_argument("--log-dir", type=Path, default=LOG_DIR)

@@ -71,6 +71,8 @@ class OverloadSettings:
     widely (docs/benchmarks.md, "Measurements behind smaller choices")."""
     warmup_requests: int = 3
     idle_timeout_s: float = 120.0
+    facade_env: dict[str, str] = field(default_factory=dict)
+    """An experiment's facade settings (both facades); empty: make up's defaults."""
     model_repository: Path = MODEL_REPOSITORY
     out: Path = RESULT_FILE
     log_dir: Path = LOG_DIR
@@ -290,9 +292,9 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
     with triton(s.model_repository, [*CLASSIFY_STACK, *GENERATE_STACK], s.log_dir, tag="overload") as server:
         # uvloop (as the facade runs): the generator's own per-request cost halves, so at 10x it
         # is less late and adds less of its own delay to the latencies it measures.
-        with facade(server.grpc_url, required, s.log_dir, extra_env=CAPACITY_ENV) as unbounded:
+        with facade(server.grpc_url, required, s.log_dir, extra_env={**s.facade_env, **CAPACITY_ENV}) as unbounded:
             capacity = {model: uvloop.run(_capacity(model, unbounded.url, s)) for model in s.endpoints}
-        with facade(server.grpc_url, required, s.log_dir) as api:  # the production settings
+        with facade(server.grpc_url, required, s.log_dir, extra_env=s.facade_env) as api:  # production settings
             for model in s.endpoints:
                 meter = CpuMeter({"facade": api.proc.pid, "triton": server.process.pid})
                 bench = _bench_endpoint(model, api.url, server.metrics_url, capacity[model], s, meter)
@@ -304,8 +306,10 @@ def overload(s: OverloadSettings | None = None) -> dict[str, Any]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """docs/benchmarks.md's overload table."""
-    lines = [
+    """docs/benchmarks.md's overload table (headed by the facade settings an experiment changed)."""
+    changed = result.get("settings", {}).get("facade_env")
+    lines = [f"The facade's settings changed for this run: {changed}", ""] if changed else []
+    lines += [
         "| endpoint | load | offered req/s | served | rejected (503) | failed | served p50 / p99 ms | p99 vs lone | "
         "rejection p50 / max ms | lone after (vs lone) | idle after s | work on abandoned | load generator late p99 ms | "
         "cores busy: load generator / facade / Triton |",

@@ -19,6 +19,7 @@ from api.app import serve
 from api.keys import ensure_key_file
 from api.request_id import configure_logging
 from api.settings import ApiSettings
+from api.worker_pool import supervise
 from runtime.launcher import TritonServer, TritonStartError
 from runtime.supervisor import Supervisor, TritonChild, worker_child
 
@@ -65,7 +66,12 @@ def main() -> int:
         # uvicorn handles SIGINT/SIGTERM itself (in-flight generations end with 503), then re-raises
         # the signal once it has shut down: that is the request to stop, not an error to print.
         try:
-            serve(api_settings)
+            if api_settings.workers > 1:  # several facade processes behind the port (api.worker_pool)
+                status = supervise(api_settings)
+                if status:
+                    return status
+            else:
+                serve(api_settings)
         except KeyboardInterrupt:
             pass
         log.info("stopping the training worker and Triton")

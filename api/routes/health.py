@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import optional_operator
 from api.errors import retry_after
@@ -60,4 +60,4 @@ async def metrics(
     recently sent prompt P (scrape with `authorization: {credentials: <key>}` to get them)."""
     s = state.settings
     extra = await fetch_prompt_cache_metrics(s.triton_metrics_url, s.triton_metrics_timeout_s) if operator else ""
-    return Response(generate_latest(state.metrics.registry) + extra.encode(), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition() + extra.encode(), media_type=CONTENT_TYPE_LATEST)

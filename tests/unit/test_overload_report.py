@@ -40,6 +40,9 @@ def test_overload_table_has_one_row_per_load_point() -> None:
     assert len(table) == 2 + 2
     assert "| 10x |" in table[2] and "2.0%" in table[2] and "1650" in table[2]
     assert table[2].endswith("| 0.81 / 0.95 / 0.24 |")
+    # A run with facade settings changed describes another service: the table says so above itself.
+    changed = render_markdown({**result, "settings": {"facade_env": {"FLUXSERVE_API_WORKERS": "2"}}}).splitlines()
+    assert "FLUXSERVE_API_WORKERS" in changed[0] and changed[2:] == table
 
 
 def test_recovery_table_has_every_fault() -> None:

@@ -1,0 +1,157 @@
+"""Several facade processes behind one port (FLUXSERVE_API_WORKERS, api/worker_pool.py), for real.
+
+What only real processes show: the kernel spreads connections across the processes (SO_REUSEPORT),
+/metrics sums what all of them served whichever answers, a killed process is replaced while the
+other keeps serving, a stop signal stops them all, and a process that cannot start stops the
+supervisor with its reason instead of a restart loop. One supervisor for the module (a start
+costs a few seconds per process on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import psutil
+import pytest
+
+from api.worker_pool import WORKER_ENV
+from common.paths import PROJECT_ROOT
+from runtime import processes
+from tests.conftest import TEST_API_KEY
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+CONNECTIONS = 16
+"""Each its own TCP connection: with 2 processes, all 16 on one is a 1-in-32,768 chance."""
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"not within {timeout_s:.0f}s: {what}")
+
+
+def workers_of(supervisor: psutil.Process) -> list[psutil.Process]:
+    return [p for p in supervisor.children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def classify_total(url: str) -> float:
+    """/classify requests the facade counted (all processes' counts, as /metrics merges them)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fluxserve_http_requests_total{") and 'route="/classify"' in line
+    )
+
+
+@pytest.fixture(scope="module")
+def pool(triton) -> Iterator[processes.HttpServer]:
+    env = {
+        "FLUXSERVE_API_KEYS": f"tests:{TEST_API_KEY}",
+        "FLUXSERVE_API_WORKERS": str(WORKERS),
+        "FLUXSERVE_API_REQUIRED_MODELS": '["classify"]',
+    }
+    server = processes.start_facade(triton.grpc_url, env, "/readyz")
+    supervisor = psutil.Process(server.proc.pid)
+    wait_for(lambda: len(workers_of(supervisor)) == WORKERS, 60, f"{WORKERS} facade processes")
+    yield server
+    server.stop()
+
+
+def test_connections_spread_over_the_processes_and_metrics_sum_them(pool: processes.HttpServer) -> None:
+    supervisor = psutil.Process(pool.proc.pid)
+    port = int(pool.url.rsplit(":", 1)[1])
+    before = classify_total(pool.url)
+    clients = [httpx.Client(base_url=pool.url, timeout=60) for _ in range(CONNECTIONS)]
+    try:
+        answers = [
+            c.post("/classify", json={"text": f"make an image of you in Paris {i}"}) for i, c in enumerate(clients)
+        ]
+        assert [r.status_code for r in answers] == [200] * CONNECTIONS, [
+            r.text for r in answers if r.status_code != 200
+        ]
+        # The connections are still open (keep-alive): each process holds some of them.
+        holders = {
+            w.pid
+            for w in workers_of(supervisor)
+            for c in w.net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+        }
+        assert len(holders) == WORKERS, holders
+    finally:
+        for c in clients:
+            c.close()
+    # Each process counted its own requests; any of them reports the sum.
+    assert classify_total(pool.url) == before + CONNECTIONS
+
+
+def test_a_killed_process_is_replaced_while_the_other_serves(pool: processes.HttpServer) -> None:
+    supervisor = psutil.Process(pool.proc.pid)
+    victim = workers_of(supervisor)[0]
+    before = classify_total(pool.url)
+    victim.kill()
+    victim.wait(10)
+    # The survivor answers at once, on new connections (the victim's were reset with it).
+    for i in range(4):
+        r = httpx.post(f"{pool.url}/classify", json={"text": f"see you tomorrow {i}"}, timeout=60)
+        assert r.status_code == 200, r.text
+    replaced = wait_for(
+        lambda: len(ws := workers_of(supervisor)) == WORKERS and victim.pid not in {w.pid for w in ws},
+        60,
+        "a new process in place of the killed one",
+    )
+    assert replaced
+    wait_for(lambda: httpx.get(f"{pool.url}/healthz", timeout=5).status_code == 200, 60, "healthz")
+    # The killed process's counts are kept (Prometheus' multiprocess files outlive it).
+    assert classify_total(pool.url) >= before + 4
+
+
+def test_sigterm_stops_every_process(triton) -> None:
+    env = {"FLUXSERVE_API_KEYS": f"tests:{TEST_API_KEY}", "FLUXSERVE_API_WORKERS": str(WORKERS)}
+    server = processes.start_facade(triton.grpc_url, env, "/healthz")
+    supervisor = psutil.Process(server.proc.pid)
+    workers = wait_for(lambda: len(ws := workers_of(supervisor)) == WORKERS and ws, 60, "both processes")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, alive
+
+
+def _supervisor(extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "FLUXSERVE_API_KEYS": f"tests:{TEST_API_KEY}",
+        "FLUXSERVE_API_WORKERS": str(WORKERS),
+        **extra_env,
+    }
+    env.pop(WORKER_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "api.app"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_taken_port_stops_the_supervisor_with_the_reason() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = _supervisor({"FLUXSERVE_API_PORT": str(taken.getsockname()[1])})
+    assert done.returncode == 1 and "cannot listen on" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_refused_secret_stops_the_supervisor_without_restarts() -> None:
+    done = _supervisor({"FLUXSERVE_API_PORT": str(processes.free_port()), "FLUXSERVE_TRITON_CONTROL_KEY": "changeme"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "not starting" in done.stderr and "starting another" not in done.stderr, done.stderr[-2000:]
