@@ -26,7 +26,7 @@ from api.routes import health, inference, loras, playground, train
 from api.services.classification import ClassificationService
 from api.services.generation import GenerationService
 from api.settings import ApiSettings
-from api.shedding import EarlyShed, ShedRoute
+from api.shedding import EarlyShed, Shedder, ShedRoute
 from api.slow_clients import guarded_protocol, raise_open_file_limit
 from api.state import AppState
 from api.triton_port import TritonFactory
@@ -99,8 +99,7 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(
-        EarlyShed,
+    state.shedder = Shedder(
         admission=lambda: state.admission,
         lag_s=state.lag_s,
         routes={
@@ -109,6 +108,7 @@ def create_app(settings: ApiSettings | None = None, triton: TritonFactory = Asyn
         },
         pacer=state.pacer,
     )
+    app.add_middleware(EarlyShed, shedder=state.shedder)
     install_error_handlers(app)
     # Routes are matched in order: the high-rate one (/classify) first. Every route that runs a
     # model is on the inference router, behind the inference key.
@@ -156,6 +156,9 @@ def serve(settings: ApiSettings) -> None:
                 settings.body_timeout_s,
                 settings.body_min_bytes_per_s,
                 settings.max_connections,
+                # Refusals in the protocol, before uvicorn builds a request for the app (the same
+                # decision EarlyShed makes; a storm's refusals are most of what the loop does).
+                app.state.fluxserve.shedder,
             ),
             # Connections wait in the kernel's queue while the loop is busy; a burst of
             # thousands of clients must not be refused at connect (uvicorn's default is 2048).

@@ -37,6 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.admission import Admission, CostQueue
 from api.errors import error_messages
 
+MIN_HOLD_S = 0.001
+"""A shorter hold is answered at once (a timer costs more than it paces)."""
 LAG_INTERVAL_S = 0.01
 LAG_SMOOTHING = 0.5
 """Weight of the newest lag sample: high, so that the signal drops as soon as the loop catches up."""
@@ -92,24 +94,34 @@ class RefusalPacer:
             return 0.0
         return min(self.max_hold_s, self.pending / self.budget_per_s)
 
-    async def held(self, client: object = None, lag_s: float = 0.0) -> None:
-        """Wait this refusal's turn if it is an immediate retry of `client` (the scope's client
-        address; None: not tracked, never held); the caller answers afterwards. `lag_s`, how late
-        the event loop runs, is taken off the gap: a retry that arrived at once was read late."""
-        now = time.monotonic()
+    def begin(self, client: object, lag_s: float) -> float | None:
+        """This refusal's hold: None when it is not an immediate retry of `client` (answer at once),
+        else seconds to hold it (counted as pending until `end`). `lag_s`, how late the event loop
+        runs, is taken off the gap: a retry that arrived at once was read late."""
         last = self._refused_at.pop(client, None) if client is not None else None
-        if last is not None and now - last - lag_s < self.retry_window_s:
-            self.pending += 1
-            try:
-                delay = self.hold_s()
-                if delay >= 0.001:
-                    await asyncio.sleep(delay)
-            finally:
-                self.pending -= 1
+        if last is None or time.monotonic() - last - lag_s >= self.retry_window_s:
+            return None
+        self.pending += 1
+        return self.hold_s()
+
+    def end(self, client: object, hold: float | None) -> None:
+        """The refusal with `begin`'s `hold` has been answered (or its client went away)."""
+        if hold is not None:
+            self.pending -= 1
         if client is not None:
             if len(self._refused_at) >= self.MAX_TRACKED:
                 self._refused_at.clear()
             self._refused_at[client] = time.monotonic()
+
+    async def held(self, client: object = None, lag_s: float = 0.0) -> None:
+        """Wait this refusal's turn if it is an immediate retry of `client` (the scope's client
+        address; None: not tracked, never held); the caller answers afterwards."""
+        hold = self.begin(client, lag_s)
+        try:
+            if hold is not None and hold >= MIN_HOLD_S:
+                await asyncio.sleep(hold)
+        finally:
+            self.end(client, hold)
 
 
 @dataclass(frozen=True)
@@ -127,50 +139,66 @@ def should_shed(queue: CostQueue, lag_s: float) -> bool:
     return not queue.has_room(queue.typical_cost, lag_s)
 
 
-class _Answers:
-    """The refusal's response messages, built once per (route, Retry-After seconds)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int], tuple[dict, dict]] = {}
-
-    def get(self, path: str, queue: CostQueue) -> tuple[dict, dict]:
-        seconds = max(1, min(60, round(queue.retry_after_s())))
-        key = (path, seconds)
-        found = self._cache.get(key)
-        if found is None:
-            message = f"{queue.name} is at capacity; retry after {seconds}s"
-            found = error_messages(503, "unavailable", message, {"Retry-After": str(seconds)})
-            self._cache[key] = found
-        return found
-
-
-class EarlyShed:
-    """Wraps the whole ASGI app: POSTs to `routes` are answered 503 + Retry-After when
-    `should_shed` says so, after the pacer's hold, without reading the body."""
+class Shedder:
+    """The refusal decision and its answers, shared by the two places that refuse: the HTTP
+    protocol's fast path (api/slow_clients.py, before uvicorn builds an ASGI request) and
+    `EarlyShed` (the ASGI app's outermost layer, for what reaches it: other servers, the in-process
+    tests, a request pipelined behind another)."""
 
     def __init__(
         self,
-        app: ASGIApp,
         admission: Callable[[], Admission | None],
         lag_s: Callable[[], float],
         routes: dict[str, ShedRoute],
         pacer: RefusalPacer,
     ) -> None:
-        self.app, self.admission, self.lag_s, self.routes, self.pacer = app, admission, lag_s, routes, pacer
-        self._answers = _Answers()
+        self.admission, self.lag_s, self.routes, self.pacer = admission, lag_s, routes, pacer
+        self._answers: dict[tuple[str, int], tuple[dict, dict, bytes]] = {}
+
+    def refusing(self, method: str, path: str) -> CostQueue | None:
+        """The route's queue when a request to `path` is to be refused now (and counts it), else None."""
+        route = self.routes.get(path)
+        if route is None or method != "POST":
+            return None
+        admission = self.admission()
+        if admission is None:
+            return None
+        queue = route.queue(admission)
+        if not should_shed(queue, self.lag_s()):
+            return None
+        route.count()
+        return queue
+
+    def answer(self, path: str, queue: CostQueue) -> tuple[dict, dict, bytes]:
+        """The refusal as ASGI messages (start, body) and as HTTP/1.1 bytes from the status line's
+        end to the body's end, less the server's default headers (date, server) and `connection`;
+        built once per (route, Retry-After seconds)."""
+        seconds = max(1, min(60, round(queue.retry_after_s())))
+        key = (path, seconds)
+        found = self._answers.get(key)
+        if found is None:
+            message = f"{queue.name} is at capacity; retry after {seconds}s"
+            start, body = error_messages(503, "unavailable", message, {"Retry-After": str(seconds)})
+            head = b"".join(name + b": " + value + b"\r\n" for name, value in start["headers"])
+            found = (start, body, head + b"\r\n" + body["body"])
+            self._answers[key] = found
+        return found
+
+
+class EarlyShed:
+    """Wraps the whole ASGI app: POSTs to the shedder's routes are answered 503 + Retry-After when
+    it says so, after the pacer's hold, without reading the body."""
+
+    def __init__(self, app: ASGIApp, shedder: Shedder) -> None:
+        self.app, self.shedder = app, shedder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is not None and scope["method"] == "POST":
-            admission = self.admission()
-            if admission is not None:
-                queue = route.queue(admission)
-                lag_s = self.lag_s()
-                if should_shed(queue, lag_s):
-                    route.count()
-                    await self.pacer.held(scope.get("client"), lag_s)
-                    start, body = self._answers.get(scope["path"], queue)
-                    await send(start)
-                    await send(body)
-                    return
+        if scope["type"] == "http":
+            queue = self.shedder.refusing(scope["method"], scope.get("path", ""))
+            if queue is not None:
+                await self.shedder.pacer.held(scope.get("client"), self.shedder.lag_s())
+                start, body, _ = self.shedder.answer(scope["path"], queue)
+                await send(start)
+                await send(body)
+                return
         await self.app(scope, receive, send)

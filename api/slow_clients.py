@@ -15,6 +15,15 @@ httptools protocol (the one `make up` runs) with three limits:
   client sees its connection reset, and can retry), so descriptors cannot run out.
 
 Idle keep-alive connections between requests are uvicorn's own `timeout_keep_alive` (5 s).
+
+The protocol also makes the facade's early refusals (issue 24), given a `Shedder`
+(api/shedding.py): when a POST to a shed route arrives and the shedder refuses it, the 503 is
+written here, from bytes built once, as soon as the headers are in: no ASGI scope, no task, no
+middleware, no body read (what of it arrives is dropped; the connection stays usable). Under a
+storm, refusals are most of what the event loop does, and through uvicorn's request cycle and the
+app's layers they cost more than twice as much (docs/benchmarks.md, "Under overload"). A request
+pipelined behind one still in flight takes the usual path (its answer must wait its turn), where
+EarlyShed makes the same decision.
 Only uvicorn's documented protocol hooks are overridden; tests/unit/test_slow_clients.py starts a
 real uvicorn with it, so an incompatible uvicorn fails there.
 """
@@ -26,6 +35,8 @@ import logging
 import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.shedding import MIN_HOLD_S, Shedder
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +51,42 @@ class _Limits:
         self.refused_connections = 0
 
 
+class _Refusal:
+    """Stands in for uvicorn's request cycle while a refusal is held or written: the protocol's
+    callbacks find what they look for, and the request's body is dropped as it arrives."""
+
+    __slots__ = ("response_complete", "keep_alive", "disconnected", "more_body")
+
+    class _NoEvent:
+        def set(self) -> None:
+            pass
+
+    message_event = _NoEvent()
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.response_complete, self.keep_alive, self.disconnected, self.more_body = False, keep_alive, False, True
+
+    @property
+    def body(self) -> bytes:
+        return b""
+
+    @body.setter
+    def body(self, _: bytes) -> None:
+        pass
+
+
+STATUS_LINE = b"HTTP/1.1 503 Service Unavailable\r\n"
+
+
 def guarded_protocol(
-    header_timeout_s: float, body_timeout_s: float, body_min_bytes_per_s: float, max_connections: int
+    header_timeout_s: float,
+    body_timeout_s: float,
+    body_min_bytes_per_s: float,
+    max_connections: int,
+    shedder: Shedder | None = None,
 ) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the limits above (pass it as `uvicorn.Config(http=...)`)."""
+    """uvicorn's httptools protocol with the limits above, and the early refusals of `shedder`
+    when given (pass it as `uvicorn.Config(http=...)`)."""
     limits = _Limits(header_timeout_s, body_timeout_s, body_min_bytes_per_s, max_connections)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -70,6 +113,8 @@ def guarded_protocol(
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if shedder is not None and (self.cycle is None or self.cycle.response_complete) and self._refused():
+                return
             super().on_headers_complete()
             length = self._content_length()
             if length or self._chunked():
@@ -79,6 +124,44 @@ def guarded_protocol(
         def on_message_complete(self) -> None:
             self._disarm()
             super().on_message_complete()
+            if isinstance(self.cycle, _Refusal) and self.cycle.response_complete:
+                # The body ended after its refusal was written, which stopped uvicorn's keep-alive
+                # timer: the next request's headers get the usual time, else the connection closes.
+                self._arm(limits.header_timeout_s)
+
+        def _refused(self) -> bool:
+            """Refuse this request now if the shedder says so (True), writing the 503 at once or
+            after the pacer's hold; False: it goes on to the app."""
+            assert shedder is not None
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            queue = shedder.refusing(self.parser.get_method().decode("latin-1"), path)
+            if queue is None:
+                return False
+            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+            refusal = self.cycle = _Refusal(keep_alive)  # type: ignore[assignment]
+            answer = shedder.answer(path, queue)[2]
+            hold = shedder.pacer.begin(self.client, shedder.lag_s())
+            if hold is not None and hold >= MIN_HOLD_S:
+                self.loop.call_later(hold, self._answer_refusal, refusal, answer, hold)
+            else:
+                self._answer_refusal(refusal, answer, hold)
+            return True
+
+        def _answer_refusal(self, refusal: _Refusal, answer: bytes, hold: float | None) -> None:
+            assert shedder is not None
+            shedder.pacer.end(self.client, hold)
+            if self.transport.is_closing():  # the client left during the hold
+                return
+            refusal.response_complete = True
+            head = [STATUS_LINE]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            if not refusal.keep_alive:
+                head.append(b"connection: close\r\n")
+            self.transport.write(b"".join(head) + answer)
+            if refusal.keep_alive:
+                self.on_response_complete()  # uvicorn's own: pipelined requests, the keep-alive timer
+            else:
+                self.transport.close()
 
         def _content_length(self) -> int:
             for name, value in self.headers:

@@ -22,7 +22,7 @@ from api.keys import KeyRing
 from api.metrics import ApiMetrics
 from api.readiness import Readiness
 from api.settings import ApiSettings
-from api.shedding import LoopLag, RefusalPacer
+from api.shedding import LoopLag, RefusalPacer, Shedder
 from api.triton_port import TritonFactory, TritonPort
 from api.upload_gate import UploadSlots
 from client.triton_client import AsyncTritonClient
@@ -54,6 +54,8 @@ class AppState:
     admission: Admission | None = None
     loop_lag: LoopLag | None = None
     admission_settings: AdmissionSettings = field(default_factory=AdmissionSettings)
+    shedder: Shedder | None = None
+    """The early refusal's decision and answers (api/shedding.py), built by create_app."""
     pacer: RefusalPacer = field(init=False)
     """Holds the 503s of clients that retry at once (api/shedding.py), built from admission_settings."""
     stopping: asyncio.Event | None = None

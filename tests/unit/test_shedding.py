@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
 import httpx
 import pytest
+import uvicorn
 
 from api.admission import Admission, AdmissionSettings, CostQueue
-from api.shedding import EarlyShed, RefusalPacer, ShedRoute
+from api.shedding import EarlyShed, RefusalPacer, Shedder, ShedRoute
 
 
 def test_pacer_holds_immediate_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,14 +64,13 @@ def _stack(queue: CostQueue, pacer: RefusalPacer) -> tuple[EarlyShed, _Inner, li
     admission.classify = queue
     counted: list[int] = []
     inner = _Inner()
-    shed = EarlyShed(
-        inner,
+    shedder = Shedder(
         admission=lambda: admission,
         lag_s=lambda: 0.0,
         routes={"/classify": ShedRoute(lambda a: a.classify, lambda: counted.append(1))},
         pacer=pacer,
     )
-    return shed, inner, counted
+    return EarlyShed(inner, shedder), inner, counted
 
 
 def test_full_queue_is_refused_before_the_app_and_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,8 +106,8 @@ def test_full_queue_is_refused_before_the_app_and_the_body(monkeypatch: pytest.M
 def test_refusal_answers_are_built_once() -> None:
     queue = CostQueue("classification", "texts", max_wait_s=0.1, initial_rate=100.0, smoothing=0.3)
     shed, _, _ = _stack(queue, RefusalPacer(0.0, 0.0))
-    first = shed._answers.get("/classify", queue)
-    assert shed._answers.get("/classify", queue) is first  # no per-refusal allocation
+    first = shed.shedder.answer("/classify", queue)
+    assert shed.shedder.answer("/classify", queue) is first  # no per-refusal allocation
 
 
 def test_lone_request_is_never_shed() -> None:
@@ -117,3 +119,109 @@ def test_lone_request_is_never_shed() -> None:
             return await client.post("/classify", json={"text": "hi"})
 
     assert asyncio.run(run()).status_code == 200 and inner.calls == 1 and counted == []
+
+
+# The same refusals in the HTTP protocol (api/slow_clients.py), against a real uvicorn.
+
+
+class _RecordingPacer(RefusalPacer):
+    """Records each refusal's hold (None: answered at once)."""
+
+    def __init__(self, budget_per_s: float) -> None:
+        super().__init__(budget_per_s, max_hold_s=0.5, retry_window_s=60.0)
+        self.holds: list[float | None] = []
+
+    def begin(self, client: object, lag_s: float) -> float | None:
+        hold = super().begin(client, lag_s)
+        self.holds.append(hold)
+        return hold
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:] if line)
+    headers = {k.lower(): v for k, v in headers.items()}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return int(head[0].split()[1]), headers, body
+
+
+async def _protocol_scenario(queue: CostQueue, pacer: _RecordingPacer) -> dict[str, object]:
+    from api.slow_clients import guarded_protocol
+
+    shed, inner, counted = _stack(queue, pacer)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    protocol = guarded_protocol(10.0, 10.0, 1e6, 64, shed.shedder)
+    reached: list[str] = []  # requests that reached the ASGI app at all
+
+    async def app(scope, receive, send) -> None:
+        reached.append(f"{scope['method']} {scope['path']}")
+        await shed(scope, receive, send)
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    post = b"POST /classify?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 13\r\n\r\n"
+    out: dict[str, object] = {}
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post + b'{"text":"hi"}')
+        out["refused"] = await _read_answer(reader)
+        writer.write(post + b'{"text":"hi"}')  # retried at once on the same connection: held
+        out["retried"] = await _read_answer(reader)
+        writer.write(post)  # the body comes after its refusal, then the next request
+        out["before_body"] = await _read_answer(reader)
+        writer.write(b'{"text":"hi"}GET /classify HTTP/1.1\r\nHost: a\r\n\r\n')
+        out["after"] = await _read_answer(reader)
+        # Pipelined behind a request in flight: the app's turn, in order (EarlyShed decides there).
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" + post + b'{"text":"hi"}')
+        out["pipelined"] = [await _read_answer(reader), await _read_answer(reader)]
+        writer.close()
+        # HTTP/1.0: answered, then closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /classify HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        out["http10"] = await _read_answer(reader)
+        out["http10_closed"] = await reader.read() == b""
+        writer.close()
+        # A client that leaves while its refusal is held: the pacer lets it go.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post + b'{"text":"hi"}')
+        await _read_answer(reader)
+        writer.write(post + b'{"text":"hi"}')
+        while pacer.pending == 0:
+            await asyncio.sleep(0.005)
+        writer.close()
+        while pacer.pending:
+            await asyncio.sleep(0.005)
+        out["pending_after_leaving"] = pacer.pending
+    finally:
+        server.should_exit = True
+        await task
+    out["app_calls"], out["counted"], out["reached"] = inner.calls, len(counted), reached
+    return out
+
+
+def test_the_protocol_refuses_before_the_app_and_keeps_the_connection() -> None:
+    queue = CostQueue("classification", "texts", max_wait_s=0.1, initial_rate=100.0, smoothing=0.3, floor=2.0)
+    for _ in range(10):
+        queue.admit(1.0)  # full: every POST /classify is refused
+    pacer = _RecordingPacer(budget_per_s=20.0)
+    out = asyncio.run(_protocol_scenario(queue, pacer))
+    status, headers, body = out["refused"]  # type: ignore[misc]
+    assert status == 503 and int(headers["retry-after"]) >= 1 and "date" in headers
+    assert json.loads(body)["error"]["type"] == "unavailable"
+    assert out["retried"][0] == 503 and out["before_body"][0] == 503  # type: ignore[index]
+    assert out["after"][0] == 200 and out["after"][2] == b"ok"  # type: ignore[index]
+    # The body that came late was dropped, not read as a request; the connection stayed in step.
+    # Pipelined behind a request in flight, the POST took the app's path, where EarlyShed refused it.
+    assert [a[0] for a in out["pipelined"]] == [200, 503]  # type: ignore[union-attr]
+    assert out["http10"][0] == 503 and out["http10_closed"]  # type: ignore[index]
+    assert out["pending_after_leaving"] == 0
+    # Held: the immediate retries (0.05 s each at 20 a second); answered at once: the first refusals.
+    assert pacer.holds[:3] == [None, pytest.approx(0.05), pytest.approx(0.05)]
+    # Only the GETs and the pipelined POST reached the ASGI app; every refusal was counted.
+    assert out["reached"] == ["GET /classify", "GET /x", "POST /classify"]
+    assert out["app_calls"] == 2 and out["counted"] == 7
