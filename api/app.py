@@ -9,6 +9,7 @@ per kind (api.services: generation, classification), which the routes only adapt
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,25 @@ from training.tasks import register_tasks
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 """POST /train bodies may exceed the upload limit by this much: boundaries and the form fields."""
+
+
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The garbage collector's thresholds in a serving facade (Python's are 700, 10, 10). Under a
+/classify storm the defaults ran a young collection every few hundred allocations and a full one
+every few seconds, each walking every live connection's objects while the event loop, and every
+request in flight, waited; fewer, larger collections spend a fraction of that time
+(docs/benchmarks.md, "Under overload", has the figures). Garbage with cycles waits longer to be
+freed: a bounded amount, as each generation still runs every so many allocations."""
+
+
+def freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, the app, the clients: objects that live as long as the
+    process) out of the collector's full collections, which walked them all while the event loop
+    waited, and set GC_THRESHOLDS. For a serving process only: frozen objects are never freed, so
+    not in a test process that opens many apps."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app(settings: ApiSettings | None = None, triton: TritonFactory = AsyncTritonClient) -> FastAPI:
@@ -134,6 +154,10 @@ def serve(settings: ApiSettings) -> None:
     settings = app.state.fluxserve.settings  # this process's share of the limits
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets=sockets)  # the lifespan has opened the clients
+            freeze_startup_objects()
+
         def handle_exit(self, sig: int, frame: object) -> None:
             app.state.fluxserve.begin_shutdown()  # end in-flight work now, with an answer
             super().handle_exit(sig, frame)

@@ -5,10 +5,12 @@ Admission control (api.admission) decides inside the handler, after FastAPI has 
 validated the body, resolved dependencies and checked the key. Under clients that retry at once
 (load balancers, wrk, a busy fleet: closed loop, Retry-After ignored) every refusal comes straight
 back, so what a refusal costs is taken from serving, again and again. So the same decision is made
-here first, on what is queued, in a few microseconds: `EarlyShed` wraps the whole application
-(outermost, before request ids, metrics and the Host check), answers with bytes built once per
-route and Retry-After value, and counts the refusal in one pre-bound counter: no logging, no
-label lookups, no body read (uvicorn discards the unread rest; the connection stays usable).
+here first, on what is queued, in a few microseconds, by one `Shedder`: in the facade's HTTP
+protocol as soon as a request's headers are in (api/slow_clients.py: no ASGI request is built at
+all), and by `EarlyShed`, which wraps the whole application (outermost, before request ids, metrics
+and the Host check) for what reaches it. Both answer with bytes built once per route and
+Retry-After value and count the refusal in one pre-bound counter: no logging, no label lookups, no
+body read (the unread rest is discarded; the connection stays usable).
 
 The decision: a route's cost queue (api.admission.CostQueue) has room for a typical request,
 where the room shrinks by how late the event loop is (`LoopLag`: how long a request that has just
