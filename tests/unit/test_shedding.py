@@ -186,6 +186,14 @@ async def _protocol_scenario(queue: CostQueue, pacer: _RecordingPacer) -> dict[s
         out["http10"] = await _read_answer(reader)
         out["http10_closed"] = await reader.read() == b""
         writer.close()
+        # A chunked body, then "Connection: close": the chunks are dropped, then answered and closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /classify HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        out["chunked"] = await _read_answer(reader)
+        writer.write(b"5\r\nhello\r\n0\r\n\r\nPOST /classify HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        out["close"] = await _read_answer(reader)
+        out["close_closed"] = await reader.read() == b""
+        writer.close()
         # A client that leaves while its refusal is held: the pacer lets it go.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post + b'{"text":"hi"}')
@@ -219,9 +227,10 @@ def test_the_protocol_refuses_before_the_app_and_keeps_the_connection() -> None:
     # Pipelined behind a request in flight, the POST took the app's path, where EarlyShed refused it.
     assert [a[0] for a in out["pipelined"]] == [200, 503]  # type: ignore[union-attr]
     assert out["http10"][0] == 503 and out["http10_closed"]  # type: ignore[index]
+    assert out["chunked"][0] == 503 and out["close"][0] == 503 and out["close_closed"]  # type: ignore[index]
     assert out["pending_after_leaving"] == 0
     # Held: the immediate retries (0.05 s each at 20 a second); answered at once: the first refusals.
     assert pacer.holds[:3] == [None, pytest.approx(0.05), pytest.approx(0.05)]
     # Only the GETs and the pipelined POST reached the ASGI app; every refusal was counted.
     assert out["reached"] == ["GET /classify", "GET /x", "POST /classify"]
-    assert out["app_calls"] == 2 and out["counted"] == 7
+    assert out["app_calls"] == 2 and out["counted"] == 9
