@@ -78,6 +78,113 @@ class _Refusal:
 STATUS_LINE = b"HTTP/1.1 503 Service Unavailable\r\n"
 
 
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """The protocol; `guarded_protocol` makes a subclass with its own `guard` and `shedder`."""
+
+    guard: _Limits
+    shedder: Shedder | None = None
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.guard.max_connections:
+            self.guard.refused_connections += 1
+            if self.guard.refused_connections % 1000 == 1:  # a burst is one line, not thousands
+                log.warning("over %d connections: closing new ones", self.guard.max_connections)
+            transport.close()
+            return
+        self._arm(self.guard.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self.guard.header_timeout_s)  # the next request on a kept-alive connection
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        if self.shedder is not None and (self.cycle is None or self.cycle.response_complete) and self._refused():
+            return
+        super().on_headers_complete()
+        length = self._content_length()
+        if length or self._chunked():
+            # A chunked body declares no length: it gets the base time only.
+            self._arm(self.guard.body_timeout_s + length / self.guard.body_min_bytes_per_s)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+        if isinstance(self.cycle, _Refusal) and self.cycle.response_complete:
+            # The body ended after its refusal was written, which stopped uvicorn's keep-alive
+            # timer: the next request's headers get the usual time, else the connection closes.
+            self._arm(self.guard.header_timeout_s)
+
+    def _refused(self) -> bool:
+        """Refuse this request now if the shedder says so (True), writing the 503 at once or
+        after the pacer's hold; False: it goes on to the app."""
+        shedder = self.shedder
+        assert shedder is not None
+        path = self.url.split(b"?", 1)[0].decode("latin-1")
+        queue = shedder.refusing(self.parser.get_method().decode("latin-1"), path)
+        if queue is None:
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        refusal = self.cycle = _Refusal(keep_alive)  # type: ignore[assignment]
+        answer = shedder.answer(path, queue)[2]
+        hold = shedder.pacer.begin(self.client, shedder.lag_s())
+        if hold is not None and hold >= MIN_HOLD_S:
+            self.loop.call_later(hold, self._answer_refusal, refusal, answer, hold)
+        else:
+            self._answer_refusal(refusal, answer, hold)
+        return True
+
+    def _answer_refusal(self, refusal: _Refusal, answer: bytes, hold: float | None) -> None:
+        shedder = self.shedder
+        assert shedder is not None
+        shedder.pacer.end(self.client, hold)
+        if self.transport.is_closing():  # the client left during the hold
+            return
+        refusal.response_complete = True
+        head = [STATUS_LINE]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        if not refusal.keep_alive:
+            head.append(b"connection: close\r\n")
+        self.transport.write(b"".join(head) + answer)
+        if refusal.keep_alive:
+            self.on_response_complete()  # uvicorn's own: pipelined requests, the keep-alive timer
+        else:
+            self.transport.close()
+
+    def _content_length(self) -> int:
+        for name, value in self.headers:
+            if name == b"content-length":
+                try:
+                    return max(0, int(value))
+                except ValueError:
+                    return 0
+        return 0
+
+    def _chunked(self) -> bool:
+        return any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.guard.closed_slow += 1
+            self.transport.close()
+
+
 def guarded_protocol(
     header_timeout_s: float,
     body_timeout_s: float,
@@ -86,111 +193,10 @@ def guarded_protocol(
     shedder: Shedder | None = None,
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the limits above, and the early refusals of `shedder`
-    when given (pass it as `uvicorn.Config(http=...)`)."""
-    limits = _Limits(header_timeout_s, body_timeout_s, body_min_bytes_per_s, max_connections)
-
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        guard = limits
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                limits.refused_connections += 1
-                if limits.refused_connections % 1000 == 1:  # a burst is one line, not thousands
-                    log.warning("over %d connections: closing new ones", limits.max_connections)
-                transport.close()
-                return
-            self._arm(limits.header_timeout_s)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm(limits.header_timeout_s)  # the next request on a kept-alive connection
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            if shedder is not None and (self.cycle is None or self.cycle.response_complete) and self._refused():
-                return
-            super().on_headers_complete()
-            length = self._content_length()
-            if length or self._chunked():
-                # A chunked body declares no length: it gets the base time only.
-                self._arm(limits.body_timeout_s + length / limits.body_min_bytes_per_s)
-
-        def on_message_complete(self) -> None:
-            self._disarm()
-            super().on_message_complete()
-            if isinstance(self.cycle, _Refusal) and self.cycle.response_complete:
-                # The body ended after its refusal was written, which stopped uvicorn's keep-alive
-                # timer: the next request's headers get the usual time, else the connection closes.
-                self._arm(limits.header_timeout_s)
-
-        def _refused(self) -> bool:
-            """Refuse this request now if the shedder says so (True), writing the 503 at once or
-            after the pacer's hold; False: it goes on to the app."""
-            assert shedder is not None
-            path = self.url.split(b"?", 1)[0].decode("latin-1")
-            queue = shedder.refusing(self.parser.get_method().decode("latin-1"), path)
-            if queue is None:
-                return False
-            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-            refusal = self.cycle = _Refusal(keep_alive)  # type: ignore[assignment]
-            answer = shedder.answer(path, queue)[2]
-            hold = shedder.pacer.begin(self.client, shedder.lag_s())
-            if hold is not None and hold >= MIN_HOLD_S:
-                self.loop.call_later(hold, self._answer_refusal, refusal, answer, hold)
-            else:
-                self._answer_refusal(refusal, answer, hold)
-            return True
-
-        def _answer_refusal(self, refusal: _Refusal, answer: bytes, hold: float | None) -> None:
-            assert shedder is not None
-            shedder.pacer.end(self.client, hold)
-            if self.transport.is_closing():  # the client left during the hold
-                return
-            refusal.response_complete = True
-            head = [STATUS_LINE]
-            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-            if not refusal.keep_alive:
-                head.append(b"connection: close\r\n")
-            self.transport.write(b"".join(head) + answer)
-            if refusal.keep_alive:
-                self.on_response_complete()  # uvicorn's own: pipelined requests, the keep-alive timer
-            else:
-                self.transport.close()
-
-        def _content_length(self) -> int:
-            for name, value in self.headers:
-                if name == b"content-length":
-                    try:
-                        return max(0, int(value))
-                    except ValueError:
-                        return 0
-            return 0
-
-        def _chunked(self) -> bool:
-            return any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers)
-
-        def _arm(self, seconds: float) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _too_slow(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                limits.closed_slow += 1
-                self.transport.close()
-
-    return GuardedHttpToolsProtocol
+    when given (pass it as `uvicorn.Config(http=...)`): a class of its own, so that each server's
+    counters are its own."""
+    guard = _Limits(header_timeout_s, body_timeout_s, body_min_bytes_per_s, max_connections)
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"guard": guard, "shedder": shedder})
 
 
 def raise_open_file_limit(wanted: int) -> int:
