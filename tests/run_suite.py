@@ -28,7 +28,11 @@ import time
 from common.paths import BUILD_DIR, PROJECT_ROOT
 
 REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
-SELF_CONTAINED = ("tests/integration/test_bench_gpu_dry_run.py", "tests/integration/test_sweep_smoke.py")
+SELF_CONTAINED = (
+    "tests/integration/test_bench_gpu_dry_run.py",
+    "tests/integration/test_sweep_smoke.py",
+    "tests/integration/test_facade_workers.py",
+)
 """Real-stack tests that start their own servers in their own scratch folders and assert no
 timings or load ratios: the lowest priority costs them time only, so they run in the background
 lane, off the foreground's critical path (docs/benchmarks.md, The test suite, has the times)."""
