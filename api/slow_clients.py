@@ -49,6 +49,8 @@ class _Limits:
         self.body_min_bytes_per_s, self.max_connections = body_min_bytes_per_s, max_connections
         self.closed_slow = 0
         self.refused_connections = 0
+        self.refusal_head: tuple[list[tuple[bytes, bytes]], bytes] | None = None
+        """(uvicorn's default-headers list, the refusal's status line and those headers)."""
 
 
 class _Refusal:
@@ -147,15 +149,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():  # the client left during the hold
             return
         refusal.response_complete = True
-        head = [STATUS_LINE]
-        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        if not refusal.keep_alive:
-            head.append(b"connection: close\r\n")
-        self.transport.write(b"".join(head) + answer)
+        close = b"" if refusal.keep_alive else b"connection: close\r\n"
+        self.transport.write(self._status_and_defaults() + close + answer)
         if refusal.keep_alive:
             self.on_response_complete()  # uvicorn's own: pipelined requests, the keep-alive timer
         else:
             self.transport.close()
+
+    def _status_and_defaults(self) -> bytes:
+        """The status line and the server's default headers (date, server), built again only when
+        uvicorn replaces that list (once a second, for the date), not per refusal."""
+        defaults = self.server_state.default_headers
+        cached = self.guard.refusal_head
+        if cached is None or cached[0] is not defaults:
+            head = STATUS_LINE + b"".join(name + b": " + value + b"\r\n" for name, value in defaults)
+            cached = self.guard.refusal_head = (defaults, head)
+        return cached[1]
 
     def _content_length(self) -> int:
         for name, value in self.headers:

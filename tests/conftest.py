@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # production's 30: after a reload or a killed stub, Triton waits out the whole timeout for an
 # instance that never reports unloaded, and no test sends work that takes longer than 5 s to finish.
 os.environ.setdefault("FLUXSERVE_TRITON_EXIT_TIMEOUT_S", "5")
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.25) -> object:
+    """`condition()`'s first truthy value, polled every `every_s`; the test fails naming `what`
+    when none comes within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    pytest.fail(f"not within {timeout_s:.0f}s: {what}")
+
 
 TEST_API_KEY = "test-" + secrets.token_urlsafe(24)
 """The operator key every facade the tests start accepts (as FLUXSERVE_API_KEYS `tests:<key>`)."""

@@ -17,8 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -27,7 +26,7 @@ import pytest
 from api.worker_pool import WORKER_ENV
 from common.paths import PROJECT_ROOT
 from runtime import processes
-from tests.conftest import TEST_API_KEY
+from tests.conftest import TEST_API_KEY, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +37,6 @@ START_S = 300.0
 """Waits for processes to start, at nice 19 beside the foreground lane."""
 NO_TRITON = "127.0.0.1:9"
 """Nothing listens there: the facade starts and answers /healthz and /metrics without Triton."""
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"not within {timeout_s:.0f}s: {what}")
 
 
 def workers_of(supervisor: psutil.Process) -> list[psutil.Process]:

@@ -34,7 +34,7 @@ from common.paths import BUILD_DIR
 from contract.errors import InvalidInputError
 from contract.specs import FLUX_TRANSFORMER, GENERATE, GenerateParams
 from runtime import processes
-from tests.conftest import PROJECT_ROOT, Facade, free_port, require_models
+from tests.conftest import PROJECT_ROOT, Facade, free_port, require_models, wait_for
 
 # This machine is shared and often far past saturation: generous start-up bounds (not timings).
 STARTUP_TIMEOUT_S = 600.0
@@ -47,16 +47,6 @@ LONG = {"prompt": PROMPT, "width": 256, "height": 256, "steps": 100, "seed": 1}
 
 def start_facade(grpc_url: str, env: dict[str, str], ready_path: str = "/healthz") -> Facade:
     return processes.start_facade(grpc_url, env, ready_path, timeout_s=STARTUP_TIMEOUT_S)
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.25) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    pytest.fail(f"not within {timeout_s:.0f}s: {what}")
 
 
 class Stats:
