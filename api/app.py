@@ -9,7 +9,6 @@ per kind (api.services: generation, classification), which the routes only adapt
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +33,7 @@ from api.triton_port import TritonFactory
 from api.worker_pool import CONFIG_ERROR_EXIT, listening_socket, per_worker, supervise, worker_index
 from client.control_key import control_key
 from client.triton_client import AsyncTritonClient
+from common.collector import freeze_startup_objects
 from common.secret_strength import SecretConfigError
 from training.jobs import JobSettings, make_huey
 from training.stores import job_store
@@ -42,25 +42,6 @@ from training.tasks import register_tasks
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 """POST /train bodies may exceed the upload limit by this much: boundaries and the form fields."""
-
-
-GC_THRESHOLDS = (20_000, 20, 20)
-"""The garbage collector's thresholds in a serving facade (Python's are 700, 10, 10). Under a
-/classify storm the defaults ran a young collection every few hundred allocations and a full one
-every few seconds, each walking every live connection's objects while the event loop, and every
-request in flight, waited; fewer, larger collections spend a fraction of that time
-(docs/benchmarks.md, "Under overload", has the figures). Garbage with cycles waits longer to be
-freed: a bounded amount, as each generation still runs every so many allocations."""
-
-
-def freeze_startup_objects() -> None:
-    """Leave what start-up made (modules, the app, the clients: objects that live as long as the
-    process) out of the collector's full collections, which walked them all while the event loop
-    waited, and set GC_THRESHOLDS. For a serving process only: frozen objects are never freed, so
-    not in a test process that opens many apps."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def create_app(settings: ApiSettings | None = None, triton: TritonFactory = AsyncTritonClient) -> FastAPI:
