@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import psutil
@@ -113,6 +114,33 @@ class AdmissionSettings(BaseSettings):
     """How long the deployed model's facts (target, transformer shape) are cached."""
 
 
+class Entry:
+    """Room held for one request that the door (api/shedding.py, in the HTTP protocol) let in, from
+    then until its handler admits it (`CostQueue.admit` takes the room over) or it ends first.
+
+    Without it, every request of a burst read in one turn of the event loop saw the same room and
+    passed the door, and all but a few were then refused further in, through the ASGI stack: at 10x
+    capacity more requests were refused there than were served (docs/benchmarks.md, "Under
+    overload")."""
+
+    __slots__ = ("queue", "cost", "open")
+
+    def __init__(self, queue: CostQueue, cost: float) -> None:
+        self.queue, self.cost, self.open = queue, cost, True
+        queue.entering += cost
+
+    def close(self) -> None:
+        """Give the room back (once)."""
+        if self.open:
+            self.open = False
+            self.queue.entering = max(0.0, self.queue.entering - self.cost)
+
+
+ENTRY: ContextVar[Entry | None] = ContextVar("fluxserve_admission_entry", default=None)
+"""The request's Entry, in the context of the task that serves it (the HTTP protocol sets it as
+uvicorn creates that task); None when the request came another way (the in-process tests)."""
+
+
 class CostQueue:
     """Work admitted and not yet finished, in cost units, with a capacity estimate."""
 
@@ -135,6 +163,8 @@ class CostQueue:
         """Moving average of admitted requests' cost: what api/shedding.py assumes of a request
         whose body it has not read."""
         self.in_flight = 0.0
+        self.entering = 0.0
+        """Room held for requests let in at the door and not yet admitted (`Entry`)."""
         self._peak, self._peak_at = initial_rate, time.monotonic()
         self._mark: float | None = None
         self._done_since_mark = 0.0
@@ -155,9 +185,10 @@ class CostQueue:
         return self.in_flight / capacity if capacity > 0 else float("inf")
 
     def has_room(self, cost: float, lag_s: float = 0.0) -> bool:
-        """True when `cost` more may be admitted now (always when nothing is in flight: a lone
-        request is served, however long it takes)."""
-        return self.in_flight == 0 or self.in_flight + cost <= self.limit(lag_s)
+        """True when `cost` more may be admitted now, beside what is admitted and what is on its way
+        in (always when there is neither: a lone request is served, however long it takes)."""
+        ahead = self.in_flight + self.entering
+        return ahead == 0 or ahead + cost <= self.limit(lag_s)
 
     def retry_after_s(self) -> float:
         """When the work ahead will have drained to the limit, at the estimated capacity."""
@@ -166,7 +197,11 @@ class CostQueue:
         return max(1.0, excess / capacity) if capacity > 0 else 1.0
 
     def admit(self, cost: float) -> None:
-        """Count `cost` in, or raise OverloadedError."""
+        """Count `cost` in, or raise OverloadedError. The room the door held for this request, if
+        any, is its own, not work ahead of it."""
+        entry = ENTRY.get()
+        if entry is not None and entry.queue is self:
+            entry.close()
         if not self.has_room(cost):
             raise OverloadedError(
                 f"{self.name} is at capacity: about {self.estimated_wait_s():.1f}s of work is ahead "

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.admission import Admission, CostQueue
+from api.admission import ENTRY, Admission, CostQueue, Entry
 from api.errors import error_messages
 
 MIN_HOLD_S = 0.001
@@ -171,6 +171,16 @@ class Shedder:
         route.count()
         return queue
 
+    def entry(self, method: str, path: str) -> Entry | None:
+        """Room for a typical request to `path`, held from the door (which has just let it in) until
+        its handler admits it; None for a request not shed here."""
+        route = self.routes.get(path) if method == "POST" else None
+        admission = self.admission() if route is not None else None
+        if route is None or admission is None:
+            return None
+        queue = route.queue(admission)
+        return Entry(queue, queue.typical_cost)
+
     def answer(self, path: str, queue: CostQueue) -> tuple[dict, dict, bytes]:
         """The refusal as ASGI messages (start, body) and as HTTP/1.1 bytes from the status line's
         end to the body's end, less the server's default headers (date, server) and `connection`;
@@ -195,7 +205,8 @@ class EarlyShed:
         self.app, self.shedder = app, shedder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        # A request the protocol's door let in holds its room (ENTRY) and is not judged again here.
+        if scope["type"] == "http" and ENTRY.get() is None:
             queue = self.shedder.refusing(scope["method"], scope.get("path", ""))
             if queue is not None:
                 await self.shedder.pacer.held(scope.get("client"), self.shedder.lag_s())

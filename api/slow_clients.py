@@ -36,6 +36,7 @@ import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from api.admission import ENTRY, Entry
 from api.shedding import MIN_HOLD_S, Shedder
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     guard: _Limits
     shedder: Shedder | None = None
     _deadline: asyncio.TimerHandle | None = None
+    _entry: Entry | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -99,7 +101,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._leave()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._leave()
+        super().on_response_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -107,9 +114,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        if self.shedder is not None and (self.cycle is None or self.cycle.response_complete) and self._refused():
-            return
-        super().on_headers_complete()
+        if self.shedder is not None and (self.cycle is None or self.cycle.response_complete):
+            method = self.parser.get_method().decode("latin-1")
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            if self._refused(method, path):
+                return
+            self._enter(method, path)
+        else:
+            super().on_headers_complete()
         length = self._content_length()
         if length or self._chunked():
             # A chunked body declares no length: it gets the base time only.
@@ -123,13 +135,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # timer: the next request's headers get the usual time, else the connection closes.
             self._arm(self.guard.header_timeout_s)
 
-    def _refused(self) -> bool:
+    def _refused(self, method: str, path: str) -> bool:
         """Refuse this request now if the shedder says so (True), writing the 503 at once or
         after the pacer's hold; False: it goes on to the app."""
         shedder = self.shedder
         assert shedder is not None
-        path = self.url.split(b"?", 1)[0].decode("latin-1")
-        queue = shedder.refusing(self.parser.get_method().decode("latin-1"), path)
+        queue = shedder.refusing(method, path)
         if queue is None:
             return False
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
@@ -141,6 +152,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._answer_refusal(refusal, answer, hold)
         return True
+
+    def _enter(self, method: str, path: str) -> None:
+        """Let the request in, holding its room until its handler admits it: the task uvicorn
+        creates for it inherits ENTRY (api.admission.Entry)."""
+        assert self.shedder is not None
+        entry = self._entry = self.shedder.entry(method, path)
+        token = ENTRY.set(entry)
+        try:
+            super().on_headers_complete()
+        finally:
+            ENTRY.reset(token)
+
+    def _leave(self) -> None:
+        if self._entry is not None:
+            self._entry.close()
+            self._entry = None
 
     def _answer_refusal(self, refusal: _Refusal, answer: bytes, hold: float | None) -> None:
         shedder = self.shedder

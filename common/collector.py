@@ -3,9 +3,9 @@
 CPython's default thresholds (700, 10, 10) run a young collection every few hundred allocations
 and a full one every few seconds; each full collection walks every live object (every open
 connection's protocol, transport and buffers) while the event loop waits. Under a storm of
-8,000 connections that stopped the facade's loop, and every request in flight with it, for up to
-144 ms at a time; in the load generator the same pauses read answers late and so added to the
-latencies it measured (docs/benchmarks.md, "Under overload", has both).
+thousands of connections that stopped the facade's loop, and every request in flight with it; in
+the load generator the same pauses read answers late and so added to the latencies it measured
+(docs/benchmarks.md, "Under overload", has both).
 """
 
 from __future__ import annotations

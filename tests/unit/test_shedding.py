@@ -234,3 +234,98 @@ def test_the_protocol_refuses_before_the_app_and_keeps_the_connection() -> None:
     # Only the GETs and the pipelined POST reached the ASGI app; every refusal was counted.
     assert out["reached"] == ["GET /classify", "GET /x", "POST /classify"]
     assert out["app_calls"] == 2 and out["counted"] == 9
+
+
+async def _burst_scenario(queue: CostQueue) -> dict[str, object]:
+    """Five requests on five connections in one turn of the event loop, with room for one."""
+    from api.slow_clients import guarded_protocol
+
+    release = asyncio.Event()
+    reached: list[str] = []  # requests that reached the ASGI application at all
+    handled: list[bytes] = []
+
+    async def handler(scope, receive, send) -> None:
+        body = (await receive())["body"]
+        handled.append(body)
+        if body == b"bad":  # ends before its admission, as a 422 does
+            status = 422
+        else:
+            async with queue.admitted(1.0):
+                await release.wait()
+            status = 200
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    shedder = Shedder(
+        lambda: admission,
+        lambda: 0.0,
+        {"/classify": ShedRoute(lambda a: a.classify, lambda: None)},
+        RefusalPacer(0.0, 0.0),
+    )
+    admission = Admission(AdmissionSettings(), model_facts=None)  # type: ignore[arg-type]
+    admission.classify = queue
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    protocol = guarded_protocol(10.0, 10.0, 1e6, 64, shedder)
+    shed = EarlyShed(handler, shedder)
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+        await shed(scope, receive, send)
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    out: dict[str, object] = {}
+
+    def post(body: bytes) -> bytes:
+        return b"POST /classify HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        for _, writer in conns:
+            writer.write(post(b"ok"))  # no await between: the server reads all five in one turn
+        statuses = [(await _read_answer(reader))[0] for reader, _ in conns[1:]]
+        while not handled:  # the one let in is admitted, and holds its place
+            await asyncio.sleep(0.005)
+        out["refused_at_once"], out["reached"] = list(statuses), list(reached)
+        out["entering_while_admitted"] = queue.entering
+        release.set()
+        statuses.insert(0, (await _read_answer(conns[0][0]))[0])
+        out["statuses"] = statuses
+        reader, writer = conns[0]
+        writer.write(post(b"bad"))  # let in, then ends without being admitted
+        out["bad"] = (await _read_answer(reader))[0]
+        out["entering_after_bad"] = queue.entering
+        writer.write(post(b"ok"))  # let in; its client leaves before the answer
+        while len(handled) < 3:
+            await asyncio.sleep(0.005)
+        writer.close()
+        while queue.in_flight > 1.0:
+            await asyncio.sleep(0.005)
+        out["entering_after_leaving"] = queue.entering
+        for _, w in conns[1:]:
+            w.close()
+    finally:
+        release.set()
+        server.should_exit = True
+        await task
+    return out
+
+
+def test_a_burst_is_judged_at_the_door_one_by_one() -> None:
+    """Each request the door lets in holds its room until its handler admits it, so a burst read in
+    one turn sees the room shrink: the rest are refused at the door, none further in."""
+    queue = CostQueue("classification", "texts", max_wait_s=0.0, initial_rate=0.0, smoothing=0.3, floor=2.0)
+    queue.admit(1.0)  # in flight: room for one more text
+    queue.typical_cost = 1.0
+    out = asyncio.run(_burst_scenario(queue))
+    assert out["refused_at_once"] == [503, 503, 503, 503]
+    assert out["reached"] == ["/classify"]  # only the one let in reached the application
+    assert out["entering_while_admitted"] == 0.0  # its handler took its room over
+    assert out["statuses"] == [200, 503, 503, 503, 503]
+    assert out["bad"] == 422 and out["entering_after_bad"] == 0.0
+    assert out["entering_after_leaving"] == 0.0 and queue.in_flight == 1.0
