@@ -8,8 +8,8 @@ Two checks, both before any work reaches Triton:
 * per moment (503 + Retry-After): work admitted but not finished is counted in cost units
   (megapixel-steps for /generate, images not requests; texts for /classify). A request is admitted
   while the work ahead of it fits what the server clears within `max_wait_s` at its measured
-  capacity, and never less than `floor` (one full batch: a batcher that may not fill its batches
-  serves less than it could). Beyond that it is refused at once (api/shedding.py refuses before
+  capacity, and never less than `floor` (half a `classify` call: a batcher kept from filling its
+  batches serves less than it could). Beyond that it is refused at once (api/shedding.py refuses before
   the body is read), instead of queueing into a timeout.
 
 The capacity estimate samples completed cost over busy time (time with work in flight), so it
@@ -95,8 +95,12 @@ class AdmissionSettings(BaseSettings):
     """Accepted /classify requests should answer within 250 ms at any load (issue 24): this bound
     on the queue ahead, plus the service time and the facade's own delay under a storm, stays below
     that (docs/decisions/admission-and-pacing.md has the figures behind the value)."""
-    classify_floor_texts: float = CLASSIFY_LIMITS.max_texts_per_request
-    """Texts always admitted while fewer are in flight: one full `classify` call."""
+    classify_floor_texts: float = CLASSIFY_LIMITS.max_texts_per_request // 2
+    """Texts always admitted while fewer are in flight, whatever the estimate and the loop's lag:
+    half a full `classify` call, which keeps Triton's classifier busy. Where the time bound admits
+    fewer (a slow machine, a storm that starves Triton of CPU), the floor is what sets the queue, so
+    a full call let accepted p99 run past 250 ms at 10x capacity
+    (docs/decisions/admission-and-pacing.md)."""
     classify_initial_rate_texts: float = 200.0
     rate_smoothing: float = 0.3
     """Weight of the newest throughput sample in the moving average."""
@@ -365,7 +369,7 @@ class Admission:
             settings.classify_max_wait_s,
             settings.classify_initial_rate_texts / workers,
             settings.rate_smoothing,
-            # One full batch across the processes: Triton's dynamic batcher merges their calls.
+            # The floor across the processes: Triton's dynamic batcher merges their calls.
             floor=settings.classify_floor_texts / workers,
             half_life_s=settings.capacity_half_life_s,
         )

@@ -14,7 +14,7 @@ body read (the unread rest is discarded; the connection stays usable).
 
 The decision: a route's cost queue (api.admission.CostQueue) has room for a typical request,
 where the room shrinks by how late the event loop is (`LoopLag`: how long a request that has just
-arrived waits before the facade reads it), but never below one full batch: under a storm the loop
+arrived waits before the facade reads it), but never below the floor: under a storm the loop
 is late because of the storm, and a bound that shrank to nothing would refuse the work that keeps
 the server busy. A lone request is always served.
 
