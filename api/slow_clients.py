@@ -88,6 +88,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     shedder: Shedder | None = None
     _deadline: asyncio.TimerHandle | None = None
     _entry: Entry | None = None
+    _entered_whole = False
+    """The request that holds `_entry` has arrived whole (its body too)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,6 +109,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._leave()
         super().on_response_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._entry is not None and not self._entered_whole:
+            # The room is for the moment between the door and the handler. A request whose body
+            # is still to come gives it back: clients that trickle their bodies (or wait for
+            # 100-continue) must not keep others out for the body's whole allowance.
+            self._leave()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -129,6 +139,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._entered_whole = True
         super().on_message_complete()
         if isinstance(self.cycle, _Refusal) and self.cycle.response_complete:
             # The body ended after its refusal was written, which stopped uvicorn's keep-alive
@@ -158,6 +169,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         creates for it inherits ENTRY (api.admission.Entry)."""
         assert self.shedder is not None
         entry = self._entry = self.shedder.entry(method, path)
+        self._entered_whole = False
         token = ENTRY.set(entry)
         try:
             super().on_headers_complete()

@@ -300,8 +300,14 @@ async def _burst_scenario(queue: CostQueue) -> dict[str, object]:
         writer.write(post(b"bad"))  # let in, then ends without being admitted
         out["bad"] = (await _read_answer(reader))[0]
         out["entering_after_bad"] = queue.entering
+        writer.write(post(b"ok")[:-2])  # let in, but its body trickles: it holds no room meanwhile
+        while len(reached) < 3:
+            await asyncio.sleep(0.005)
+        out["entering_while_trickling"] = queue.entering
+        writer.write(b"ok")
+        out["trickled"] = (await _read_answer(reader))[0]
         writer.write(post(b"ok"))  # let in; its client leaves before the answer
-        while len(handled) < 3:
+        while len(handled) < 4:
             await asyncio.sleep(0.005)
         writer.close()
         while queue.in_flight > 1.0:
@@ -328,4 +334,5 @@ def test_a_burst_is_judged_at_the_door_one_by_one() -> None:
     assert out["entering_while_admitted"] == 0.0  # its handler took its room over
     assert out["statuses"] == [200, 503, 503, 503, 503]
     assert out["bad"] == 422 and out["entering_after_bad"] == 0.0
+    assert out["entering_while_trickling"] == 0.0 and out["trickled"] == 200
     assert out["entering_after_leaving"] == 0.0 and queue.in_flight == 1.0
