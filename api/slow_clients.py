@@ -88,8 +88,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     shedder: Shedder | None = None
     _deadline: asyncio.TimerHandle | None = None
     _entry: Entry | None = None
-    _entered_whole = False
-    """The request that holds `_entry` has arrived whole (its body too)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -112,7 +110,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._entry is not None and not self._entered_whole:
+        if self._entry is not None and self.cycle.more_body:
             # The room is for the moment between the door and the handler. A request whose body
             # is still to come gives it back: clients that trickle their bodies (or wait for
             # 100-continue) must not keep others out for the body's whole allowance.
@@ -139,7 +137,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
-        self._entered_whole = True
         super().on_message_complete()
         if isinstance(self.cycle, _Refusal) and self.cycle.response_complete:
             # The body ended after its refusal was written, which stopped uvicorn's keep-alive
@@ -169,7 +166,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         creates for it inherits ENTRY (api.admission.Entry)."""
         assert self.shedder is not None
         entry = self._entry = self.shedder.entry(method, path)
-        self._entered_whole = False
         token = ENTRY.set(entry)
         try:
             super().on_headers_complete()

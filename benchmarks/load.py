@@ -106,10 +106,10 @@ async def closed_loop(request: RequestFn, concurrency: int, duration_s: float, m
             else:
                 stats.latencies_s.append(time.perf_counter() - t0)
 
-    started = time.perf_counter()
-    with collector_tuned():
+    with collector_tuned():  # before the clock starts: its collection is not the server's time
+        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    stats.wall_s = time.perf_counter() - started
+        stats.wall_s = time.perf_counter() - started
     return stats
 
 
@@ -128,19 +128,6 @@ async def open_loop(
     arrival is dropped (counted, and as an error), which bounds memory when a server stalls.
     Requests still running `drain_timeout_s` after the last arrival are cancelled as errors.
     """
-    with collector_tuned():
-        return await _open_loop(request, rate_rps, duration_s, max_requests, max_in_flight, drain_timeout_s, seed)
-
-
-async def _open_loop(
-    request: RequestFn,
-    rate_rps: float,
-    duration_s: float,
-    max_requests: int,
-    max_in_flight: int,
-    drain_timeout_s: float,
-    seed: int,
-) -> LoadStats:
     stats = LoadStats("open", None, rate_rps)
     rng = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
@@ -157,28 +144,29 @@ async def _open_loop(
         else:
             stats.latencies_s.append(time.perf_counter() - scheduled)
 
-    started = time.perf_counter()
-    next_t = started
-    while stats.sent + stats.dropped < max_requests:
-        next_t += rng.expovariate(rate_rps)
-        if next_t - started > duration_s:
-            break
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if len(tasks) >= max_in_flight:
-            stats.dropped += 1
-            stats.record_error(RuntimeError(f"dropped: {max_in_flight} requests in flight"))
-            continue
-        task = asyncio.create_task(one(stats.sent, next_t))
-        stats.sent += 1
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        _, pending = await asyncio.wait(set(tasks), timeout=drain_timeout_s)
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+    with collector_tuned():
+        started = time.perf_counter()
+        next_t = started
+        while stats.sent + stats.dropped < max_requests:
+            next_t += rng.expovariate(rate_rps)
+            if next_t - started > duration_s:
+                break
+            delay = next_t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(tasks) >= max_in_flight:
+                stats.dropped += 1
+                stats.record_error(RuntimeError(f"dropped: {max_in_flight} requests in flight"))
+                continue
+            task = asyncio.create_task(one(stats.sent, next_t))
+            stats.sent += 1
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=drain_timeout_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
     stats.wall_s = time.perf_counter() - started
     return stats

@@ -6,14 +6,18 @@ the one `make models` builds (the test target depends on it); fixtures that chan
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from common.paths import MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401  (tests import them from here)
 from runtime import processes
@@ -39,6 +43,23 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every
             return value
         time.sleep(every_s)
     pytest.fail(f"not within {timeout_s:.0f}s: {what}")
+
+
+@asynccontextmanager
+async def uvicorn_serving(app: object, http: type) -> AsyncIterator[int]:
+    """A real uvicorn serving `app` with the protocol class `http` on a free loopback port (yielded),
+    in the running event loop, for protocol tests (api/slow_clients.py)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), http=http, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield config.port
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 TEST_API_KEY = "test-" + secrets.token_urlsafe(24)

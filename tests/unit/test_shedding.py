@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import httpx
 import pytest
-import uvicorn
 
 from api.admission import Admission, AdmissionSettings, CostQueue
 from api.shedding import EarlyShed, RefusalPacer, Shedder, ShedRoute
+from tests.conftest import uvicorn_serving
 
 
 def test_pacer_holds_immediate_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,9 +148,6 @@ async def _protocol_scenario(queue: CostQueue, pacer: _RecordingPacer) -> dict[s
     from api.slow_clients import guarded_protocol
 
     shed, inner, counted = _stack(queue, pacer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     protocol = guarded_protocol(10.0, 10.0, 1e6, 64, shed.shedder)
     reached: list[str] = []  # requests that reached the ASGI app at all
 
@@ -159,14 +155,9 @@ async def _protocol_scenario(queue: CostQueue, pacer: _RecordingPacer) -> dict[s
         reached.append(f"{scope['method']} {scope['path']}")
         await shed(scope, receive, send)
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
     post = b"POST /classify?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 13\r\n\r\n"
     out: dict[str, object] = {}
-    try:
+    async with uvicorn_serving(app, protocol) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post + b'{"text":"hi"}')
         out["refused"] = await _read_answer(reader)
@@ -205,9 +196,6 @@ async def _protocol_scenario(queue: CostQueue, pacer: _RecordingPacer) -> dict[s
         while pacer.pending:
             await asyncio.sleep(0.005)
         out["pending_after_leaving"] = pacer.pending
-    finally:
-        server.should_exit = True
-        await task
     out["app_calls"], out["counted"], out["reached"] = inner.calls, len(counted), reached
     return out
 
@@ -264,9 +252,6 @@ async def _burst_scenario(queue: CostQueue) -> dict[str, object]:
     )
     admission = Admission(AdmissionSettings(), model_facts=None)  # type: ignore[arg-type]
     admission.classify = queue
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     protocol = guarded_protocol(10.0, 10.0, 1e6, 64, shedder)
     shed = EarlyShed(handler, shedder)
 
@@ -274,51 +259,45 @@ async def _burst_scenario(queue: CostQueue) -> dict[str, object]:
         reached.append(scope["path"])
         await shed(scope, receive, send)
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
     out: dict[str, object] = {}
 
     def post(body: bytes) -> bytes:
         return b"POST /classify HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
-    try:
-        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-        for _, writer in conns:
-            writer.write(post(b"ok"))  # no await between: the server reads all five in one turn
-        statuses = [(await _read_answer(reader))[0] for reader, _ in conns[1:]]
-        while not handled:  # the one let in is admitted, and holds its place
-            await asyncio.sleep(0.005)
-        out["refused_at_once"], out["reached"] = list(statuses), list(reached)
-        out["entering_while_admitted"] = queue.entering
-        release.set()
-        statuses.insert(0, (await _read_answer(conns[0][0]))[0])
-        out["statuses"] = statuses
-        reader, writer = conns[0]
-        writer.write(post(b"bad"))  # let in, then ends without being admitted
-        out["bad"] = (await _read_answer(reader))[0]
-        out["entering_after_bad"] = queue.entering
-        writer.write(post(b"ok")[:-2])  # let in, but its body trickles: it holds no room meanwhile
-        while len(reached) < 3:
-            await asyncio.sleep(0.005)
-        out["entering_while_trickling"] = queue.entering
-        writer.write(b"ok")
-        out["trickled"] = (await _read_answer(reader))[0]
-        writer.write(post(b"ok"))  # let in; its client leaves before the answer
-        while len(handled) < 4:
-            await asyncio.sleep(0.005)
-        writer.close()
-        while queue.in_flight > 1.0:
-            await asyncio.sleep(0.005)
-        out["entering_after_leaving"] = queue.entering
-        for _, w in conns[1:]:
-            w.close()
-    finally:
-        release.set()
-        server.should_exit = True
-        await task
+    async with uvicorn_serving(app, protocol) as port:
+        try:  # a handler left waiting would hold up the server's shutdown
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+            for _, writer in conns:
+                writer.write(post(b"ok"))  # no await between: the server reads all five in one turn
+            statuses = [(await _read_answer(reader))[0] for reader, _ in conns[1:]]
+            while not handled:  # the one let in is admitted, and holds its place
+                await asyncio.sleep(0.005)
+            out["refused_at_once"], out["reached"] = list(statuses), list(reached)
+            out["entering_while_admitted"] = queue.entering
+            release.set()
+            statuses.insert(0, (await _read_answer(conns[0][0]))[0])
+            out["statuses"] = statuses
+            reader, writer = conns[0]
+            writer.write(post(b"bad"))  # let in, then ends without being admitted
+            out["bad"] = (await _read_answer(reader))[0]
+            out["entering_after_bad"] = queue.entering
+            writer.write(post(b"ok")[:-2])  # let in, but its body trickles: it holds no room meanwhile
+            while len(reached) < 3:
+                await asyncio.sleep(0.005)
+            out["entering_while_trickling"] = queue.entering
+            writer.write(b"ok")
+            out["trickled"] = (await _read_answer(reader))[0]
+            writer.write(post(b"ok"))  # let in; its client leaves before the answer
+            while len(handled) < 4:
+                await asyncio.sleep(0.005)
+            writer.close()
+            while queue.in_flight > 1.0:
+                await asyncio.sleep(0.005)
+            out["entering_after_leaving"] = queue.entering
+            for _, w in conns[1:]:
+                w.close()
+        finally:
+            release.set()
     return out
 
 

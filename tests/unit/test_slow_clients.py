@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-
-import uvicorn
 
 from api.slow_clients import guarded_protocol
+from tests.conftest import uvicorn_serving
 
 
 async def _app(scope, receive, send) -> None:
@@ -39,17 +36,9 @@ async def _closed(reader: asyncio.StreamReader, within_s: float) -> bool:
 
 
 async def _scenario() -> dict[str, object]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     protocol = guarded_protocol(header_timeout_s=0.3, body_timeout_s=0.3, body_min_bytes_per_s=1e6, max_connections=4)
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, log_config=None, lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
     out: dict[str, object] = {}
-    try:
+    async with uvicorn_serving(_app, protocol) as port:
         # Headers trickled and never finished: closed, without an answer.
         r1, w1 = await asyncio.open_connection("127.0.0.1", port)
         w1.write(b"POST /x HTTP/1.1\r\nHost: a\r\n")
@@ -75,10 +64,6 @@ async def _scenario() -> dict[str, object]:
         out["guard"] = (protocol.guard.closed_slow, protocol.guard.refused_connections)
         for w in (w1, w2, w3, w4, w5, w6):  # held until here: a dropped writer closes its socket
             w.close()
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     return out
 
 
