@@ -14,6 +14,7 @@ tests/unit/test_adapter_bank.py's (ONNX) and tests/unit/test_torch_adapters.py's
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 
 from client.triton_client import TritonClient
 from common.adapter_bank import BankLayout
-from common.adapter_store import AdapterRecord, adapters_dir, delete_adapter
+from common.adapter_store import AdapterNotFound, AdapterRecord, adapters_dir, delete_adapter
 from contract.errors import InvalidInputError
 from contract.specs import FLUX_TRANSFORMER, GENERATE, GenerateParams
 from export.flux.lora import build_local_lora
@@ -177,3 +178,40 @@ def test_a_new_adapter_serves_at_once_and_a_deleted_one_is_refused(
     delete_adapter(adapters_dir(served), name)
     with pytest.raises(InvalidInputError, match=f"no adapter named '{name}'"):
         client.generate(params(name, steps=1))
+
+
+REPUBLISH_STEPS = 40
+"""Steps of the generation a republish must land inside: many times the publish's own time at 128²."""
+
+
+def test_a_republished_name_serves_its_new_weights_and_a_generation_under_way_keeps_the_old(
+    client: TritonClient, served: Path, target_triton, tmp_path
+) -> None:
+    """The same name published again (deleted, then published with other weights) while a stream
+    with it is under way: that stream finishes on the weights it began with and names their hash,
+    and the next request gets the new weights, with no model load."""
+    checkpoint = Path(served_provenance(served)["checkpoint"])
+    old_lora, new_lora = (build_local_lora(checkpoint, tmp_path / f"lora-{s}", rank=2, seed=s) for s in (404, 505))
+    name = f"it-r-{secrets.token_hex(3)}"
+    old = publish_adapter(old_lora, name, repository=served)
+    try:
+        alone = client.generate(params(name, steps=REPUBLISH_STEPS))
+        stream = client.generate_stream(params(name, steps=REPUBLISH_STEPS))
+        next(stream)  # its first step has run, on the old weights' slot
+        delete_adapter(adapters_dir(served), name)
+        new = publish_adapter(new_lora, name, repository=served)
+        republished = triton_metric(target_triton.metrics_url, "nv_inference_count", FLUX_TRANSFORMER)
+        final = list(stream)[-1][1]
+        after = triton_metric(target_triton.metrics_url, "nv_inference_count", FLUX_TRANSFORMER)
+        print(f"{after - republished:.0f} of the stream's {REPUBLISH_STEPS} steps ran after the republish")
+        # the condition the test is about: steps of that stream ran after the new weights were in the store
+        assert after > republished, "the stream ended before the republish: raise REPUBLISH_STEPS"
+        assert final is not None and (final.lora, final.lora_sha256) == (name, old.sha256) != (name, new.sha256)
+        assert np.array_equal(final.image, alone.image)
+        fresh = client.generate(params(name, steps=REPUBLISH_STEPS))
+        assert (fresh.lora, fresh.lora_sha256) == (name, new.sha256)
+        assert mean_diff(fresh.image, alone.image) > MIN_ADAPTER_EFFECT
+        assert fresh.model_version == alone.model_version
+    finally:
+        with contextlib.suppress(AdapterNotFound):  # gone already when the republish failed
+            delete_adapter(adapters_dir(served), name)
