@@ -4,11 +4,11 @@ The foreground lane (tests/integration, tests/e2e, tests/compose: real Triton, f
 Redis, a browser, sharing session fixtures) runs in order at normal priority, its output on the
 terminal. The background lane runs beside it at the lowest CPU priority (nice 19), its output kept
 in build/logs/unit-tests.log and printed at the end: the in-process tests (tests/unit) and the
-two real-stack checks that bring their own servers and scratch folders and compare no timings
-(SELF_CONTAINED). The other benchmark smoke runs stay in the foreground: run beside the training-job tests, the swap
-benchmark's worker shares build/'s ONNX exports and their retention sweep with them, and a publish
-there failed. The foreground tests spend much of their time waiting (servers starting, jobs polling, subprocesses),
-which leaves a core idle often enough for the background lane to finish within them; at nice 19 it
+real-stack checks that bring their own servers and scratch folders and compare no timings
+(SELF_CONTAINED). The swap benchmark's smoke run stays in the foreground (test_swap_smoke.py): run
+beside the training-job tests, its worker shares build/'s ONNX exports and their retention sweep
+with them, and a publish there failed. The foreground tests spend much of their time waiting
+(servers starting, jobs polling, subprocesses), which leaves a core idle often enough for the background lane to finish within them; at nice 19 it
 takes almost no CPU the foreground wants, so the checks that count and compare requests under load
 see the machine they would see alone. `xdist -n 2` did the same without the priority, and the
 workers starved each other (docs/benchmarks.md, The test suite).
@@ -29,6 +29,7 @@ from common.paths import BUILD_DIR, PROJECT_ROOT
 
 REAL_STACK = ("tests/integration", "tests/e2e", "tests/compose")
 SELF_CONTAINED = (
+    "tests/integration/test_bench_smoke.py",
     "tests/integration/test_bench_gpu_dry_run.py",
     "tests/integration/test_sweep_smoke.py",
     "tests/integration/test_facade_workers.py",
