@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.overload import render_markdown
+from benchmarks.overload import generator_bound, render_markdown
 
 
 def test_overload_table_has_one_row_per_load_point() -> None:
@@ -43,6 +43,37 @@ def test_overload_table_has_one_row_per_load_point() -> None:
     # A run with facade settings changed describes another service: the table says so above itself.
     changed = render_markdown({**result, "settings": {"facade_env": {"FLUXSERVE_API_WORKERS": "2"}}}).splitlines()
     assert "FLUXSERVE_API_WORKERS" in changed[0] and changed[2:] == table
+
+
+def test_a_point_the_load_generator_could_not_offer_is_marked() -> None:
+    """Latencies count from each arrival's scheduled time: where the generator ran late, or sent
+    fewer than it was to, the row carries its backlog and says so."""
+    point = {"multiplier": 20.0, "offered_rps": 100.0, "sent": 1500, "sender_late_p99_ms": 20.0}
+    assert not generator_bound(point, duration_s=15)
+    assert generator_bound({**point, "sender_late_p99_ms": 2216.0}, duration_s=15)
+    assert generator_bound({**point, "sent": 1000}, duration_s=15)  # two thirds of the arrivals
+    row = {
+        **point,
+        "generator_bound": True,
+        "served": 1,
+        "rejected": 2,
+        "failed": 0,
+        "served_p50_ms": 1.0,
+        "served_p99_ms": 2.0,
+        "p99_vs_lone": 1.0,
+        "reject_p50_ms": 1.0,
+        "reject_max_ms": 1.0,
+        "lone_after_ms": 1.0,
+        "lone_after_vs_lone": 1.0,
+        "idle_after_s": 0.0,
+        "abandoned_work_share": 0.0,
+    }
+    result = {"endpoints": [{"model": "classify", "lone_ms": 5.0, "capacity_rps": 5.0, "points": [row]}]}
+    table = render_markdown(result).splitlines()
+    assert "| 20x † |" in table[2] and table[-1].startswith("† The load generator could not offer this load")
+    assert "†" not in render_markdown(
+        {**result, "endpoints": [{**result["endpoints"][0], "points": [point | row | {"generator_bound": False}]}]}
+    )
 
 
 def test_recovery_table_has_every_fault() -> None:
