@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +20,20 @@ import pytest
 
 from contract.specs import GENERATE
 from publish.repository import versions
-from tests.conftest import MODEL_REPOSITORY, require_models, start_triton
+from tests.conftest import MODEL_REPOSITORY, PROJECT_ROOT, require_models, start_triton
 
 TARGETS = ("cpu", "gpu-torch")
 TORCH_ENV = {"FLUXSERVE_TORCH_DEVICE": "cpu", "FLUXSERVE_TORCH_DTYPE": "float32"}
+
+
+def fluxserve_bench(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`fluxserve-bench <args>` as a user runs it (its own process, the project root, no hub), which
+    must succeed; its output for the caller."""
+    cmd = [sys.executable, "-m", "benchmarks.cli", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def served_provenance(repo: Path = MODEL_REPOSITORY) -> dict:

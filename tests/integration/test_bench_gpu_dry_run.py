@@ -11,14 +11,11 @@ pipeline's (a wrong served pipeline differs by tens of levels).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks.gpu import CONFIGS
-from common.paths import PROJECT_ROOT
+from tests.integration.conftest import fluxserve_bench
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +26,8 @@ CLIENTS = (1, 2, 4)
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench-gpu")
-    cmd = [sys.executable, "-m", "benchmarks.cli", "gpu", "--dry-run", "--out", str(out), "--work-dir", str(out / "w")]
-    cmd += ["--configs", *CONFIG_NAMES]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    args = ("gpu", "--dry-run", "--out", str(out), "--work-dir", str(out / "w"), "--configs", *CONFIG_NAMES)
+    proc = fluxserve_bench(*args, timeout_s=900)
     return json.loads((out / "gpu-cpu-dry-run.json").read_text()), proc.stdout
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import pytest
 from common.paths import PROJECT_ROOT
 from contract.specs import CLASSIFY, INLINE_ENCODER_PARAMETER
 from export.triton_config import parse_config
+from tests.integration.conftest import fluxserve_bench
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +29,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     if not (PROJECT_ROOT / "model_repository" / CLASSIFY.name / "config.pbtxt").exists():
         pytest.fail("classify is not built: run `make models` (make test does it)")
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "benchmarks.cli", "run", "--smoke", "--out", str(out), "--log-dir", str(out / "logs")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    fluxserve_bench("run", "--smoke", "--out", str(out), "--log-dir", str(out / "logs"), timeout_s=600)
     return json.loads((out / "latest.json").read_text()), out
 
 

@@ -5,13 +5,11 @@ which are in the foreground too, so the two never run at once."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from common.paths import PROJECT_ROOT
+from tests.integration.conftest import fluxserve_bench
 
 pytestmark = pytest.mark.integration
 
@@ -22,23 +20,12 @@ def test_swap_benchmark_smoke(tmp_path: Path) -> None:
     side-by-side full re-export (a minute here): publishing with weight patching off is
     test_weight_patch's reference."""
     out = tmp_path / "swap.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.cli",
+    fluxserve_bench(
         "swap",
-        "--train-steps",
-        "2",
-        "--concurrency",
-        "1",
-        "--no-full-export",
-        "--out",
-        str(out),
-        "--log-dir",
-        str(tmp_path / "logs"),
-    ]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        *("--train-steps", "2", "--concurrency", "1", "--no-full-export"),
+        *("--out", str(out), "--log-dir", str(tmp_path / "logs")),
+        timeout_s=900,
+    )
     result = json.loads(out.read_text())
     alone, loaded = result["alone"], result["under_load"]
     load = loaded["generate_load"]

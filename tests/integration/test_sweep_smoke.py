@@ -8,14 +8,12 @@ reads no shared build folder, so `make test` runs it in the background lane (tes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from common.paths import PROJECT_ROOT
 from contract.specs import CLASSIFIER_ONNX, CLASSIFY
+from tests.integration.conftest import fluxserve_bench
 
 pytestmark = pytest.mark.integration
 
@@ -27,28 +25,12 @@ def test_sweep_smoke(tmp_path: Path) -> None:
     from export.triton_config import render_config
 
     out = tmp_path / "rec.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.cli",
+    fluxserve_bench(
         "sweep",
-        "--candidates",
-        "0",
-        "2000:4,8",
-        "--layouts",
-        "2,1,2",
-        "1,1,1",
-        "--duration-s",
-        "2",
-        "--concurrency",
-        "4",
-        "--out",
-        str(out),
-        "--log-dir",
-        str(tmp_path / "logs"),
-    ]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        *("--candidates", "0", "2000:4,8", "--layouts", "2,1,2", "1,1,1"),
+        *("--duration-s", "2", "--concurrency", "4", "--out", str(out), "--log-dir", str(tmp_path / "logs")),
+        timeout_s=600,
+    )
     rec = json.loads(out.read_text())
     assert set(rec["measured"]) == {"delay=0us preferred=[]", "delay=2000us preferred=[4, 8]"}
     for m in rec["measured"].values():
