@@ -21,7 +21,6 @@ folder the supervisor owns, and /metrics from any of them sums all (api.metrics)
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.settings import ApiSettings
+from common.child_process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ CONFIG_ERROR_EXIT = 2
 """api.app's exit status for a refused configuration (a placeholder secret): restarting cannot help."""
 STOP_WAIT_S = 15.0
 """After SIGTERM, how long a worker may take to finish (its own grace is api.app.STOP_GRACE_S)."""
-PR_SET_PDEATHSIG = 1
-"""linux/prctl.h"""
 POLL_S = 0.2
 """How often the supervisor looks for a dead worker (a supervisor's heartbeat, not a test's wait)."""
 
@@ -94,12 +92,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
-    """In the new worker, before it runs: SIGTERM when the supervisor dies, even by SIGKILL, so
-    no facade process is left serving without one (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def worker_env(settings: ApiSettings) -> dict[str, str]:
     """What the workers must be told beyond the environment they inherit (from which they read
     the rest of their settings, as a lone facade does): the address to bind and Triton's, which a
@@ -138,7 +130,7 @@ class WorkerPool:
         }
         # A process group of its own: Ctrl-C in a terminal reaches only the supervisor, which
         # sends one SIGTERM (uvicorn takes a second signal as "stop now", dropping in-flight work).
-        return subprocess.Popen(self.command, env=env, process_group=0, preexec_fn=_die_with_parent)
+        return subprocess.Popen(self.command, env=env, process_group=0, preexec_fn=die_with_parent)
 
     def stop(self, *_: object) -> None:
         """Safe from a signal handler: the main loop does the stopping."""

@@ -35,6 +35,7 @@ import tritonclient.http as triton_http
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client.control_key import ControlKeyError, ensure_control_key, restricted_api_flags
+from common.child_process import die_with_parent
 from common.paths import BUILD_DIR, MODEL_REPOSITORY, PROJECT_ROOT
 from contract.specs import ENDPOINTS
 from publish.publish_journal import recover_repository
@@ -67,19 +68,6 @@ class TritonSettings(BaseSettings):
 
 class TritonStartError(RuntimeError):
     """Triton exited or did not become ready; the message carries Triton's own error lines."""
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: Linux sends it SIGTERM when the launching process dies, so a
-    launcher that is killed outright (SIGKILL, or SIGTERM without handlers) does not leave Triton
-    and its stubs behind holding ports and shared memory."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not glibc/Linux: best effort only
-        pass
 
 
 def _pytriton_server_dir() -> Path:
@@ -252,7 +240,7 @@ class TritonServer:
             env=server_environment(),
             start_new_session=True,
             cwd=PROJECT_ROOT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log_fh.close()
         self.wait_ready()

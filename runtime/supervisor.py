@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from common.child_process import die_with_parent
 from runtime.launcher import PROJECT_ROOT, TritonServer, TritonStartError
 
 log = logging.getLogger("fluxserve.supervisor")
@@ -113,7 +114,8 @@ class ProcessChild:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self.log_path.open("ab")
         try:
-            # Its own session: Ctrl-C reaches only the stack, which stops children in order.
+            # Its own session: Ctrl-C reaches only the stack, which stops children in order. A
+            # stack killed outright (kill -9) takes the child with it instead of orphaning it.
             self.process = subprocess.Popen(
                 self.argv,
                 cwd=PROJECT_ROOT,
@@ -121,6 +123,7 @@ class ProcessChild:
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             if out is not None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
+
+from common.paths import PROJECT_ROOT
 from runtime.supervisor import Backoff, ProcessChild, Supervisor
 
 
@@ -28,3 +33,27 @@ def test_dead_child_is_restarted_and_stop_leaves_nothing() -> None:
     finally:
         sup.stop(timeout_s=2)
     assert child.process.poll() is not None
+
+
+def test_a_child_does_not_outlive_a_stack_killed_outright(tmp_path: Path) -> None:
+    """`make up` killed with kill -9 has no chance to stop its children: the training worker must
+    end with it, not stay behind taking jobs (seen before the fix: orphaned workers)."""
+    script = (
+        "import os, signal, sys\n"
+        "from runtime.supervisor import ProcessChild\n"
+        "from pathlib import Path\n"
+        "child = ProcessChild('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+        f"                     log_path=Path({str(tmp_path / 'child.log')!r}))\n"
+        "child.start()\n"
+        "print(child.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    orphan = int(proc.stdout.split()[0])
+    try:
+        psutil.Process(orphan).wait(timeout=30)  # returns once it is gone (reaped by whoever adopted it)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        psutil.Process(orphan).kill()
+        raise AssertionError("the child outlived its killed parent") from None
